@@ -1,0 +1,3 @@
+from hpa_nb.cli import main
+
+raise SystemExit(main())

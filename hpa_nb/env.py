@@ -1,0 +1,157 @@
+"""Where the code runs (Kaggle, TPU VM, elsewhere) and where its data comes from."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+COMPETITION = "hpa-single-cell-image-classification"
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+
+# The default sample: big enough for every class to show up and for a quick model to learn
+# something, small enough to generate in seconds on 2 CPU cores.
+DEFAULT_SAMPLE = {"images": 240, "size": 256, "seed": 0, "bit_depth": 8, "test_images": 16}
+
+
+def on_kaggle(environ: Mapping[str, str] = os.environ) -> bool:
+    """True inside a Kaggle kernel (interactive or batch)."""
+    return bool(environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def on_tpu_vm(environ: Mapping[str, str] = os.environ) -> bool:
+    """True on a TPU VM such as Kaggle's TpuV5E8 (it sets ISTPUVM=1)."""
+    return environ.get("ISTPUVM") == "1" or bool(environ.get("TPU_ACCELERATOR_TYPE"))
+
+
+def tensorflow_sees_tpu() -> bool:
+    """Whether this TensorFlow build can drive a TPU (only `tensorflow-tpu` can)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        version("tensorflow-tpu")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def select_backend(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> str:
+    """Choose the Keras backend before Keras is imported, and return it.
+
+    An explicit ``KERAS_BACKEND`` always wins. On a TPU VM whose TensorFlow cannot see the
+    TPU (Kaggle's v5e-8 image ships tensorflow-cpu, JAX and Keras 3), use JAX. Otherwise
+    TensorFlow. Once Keras is imported the choice is fixed, so this only reports it.
+    """
+    if "keras" in sys.modules and "KERAS_BACKEND" not in environ:
+        return "tensorflow"
+    if "KERAS_BACKEND" not in environ and on_tpu_vm(environ) and not tensorflow_sees_tpu():
+        environ["KERAS_BACKEND"] = "jax"
+    return environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def working_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where outputs go: ``HPA_OUT`` if set, else /kaggle/working on Kaggle, else ./out."""
+    if environ.get("HPA_OUT"):
+        return Path(environ["HPA_OUT"]).expanduser()
+    return KAGGLE_WORKING if on_kaggle(environ) else Path("out")
+
+
+def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("HPA_CACHE", Path.home() / ".cache" / "hpa_nb")).expanduser()
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data folder in the competition layout, and why it was chosen."""
+
+    path: Path
+    kind: str  # "HPA_DATA_DIR", "kaggle" or "sample"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.path} ({self.reason})"
+
+
+def find_competition_dir(input_root: Path = KAGGLE_INPUT, max_depth: int = 5) -> Path | None:
+    """The folder holding train.csv under /kaggle/input, however deeply Kaggle mounted it.
+
+    Kaggle has moved its mounts (``/kaggle/input/<slug>``, ``/kaggle/input/competitions/<slug>``),
+    so search instead of hard-coding. A folder named after the competition wins over others.
+    """
+    if not input_root.is_dir():
+        return None
+    found: list[Path] = []
+    root_depth = len(input_root.parts)
+    for folder, subfolders, files in os.walk(input_root, followlinks=True):
+        depth = len(Path(folder).parts) - root_depth
+        if "train.csv" in files:
+            found.append(Path(folder))
+            subfolders.clear()  # the image folders below are huge: never walk them
+        elif depth >= max_depth:
+            subfolders.clear()
+        else:
+            subfolders[:] = sorted(d for d in subfolders if d not in ("train", "test", "train_tfrecords"))
+    if not found:
+        return None
+    return sorted(found, key=lambda path: (COMPETITION not in str(path), len(path.parts), str(path)))[0]
+
+
+def default_sample_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    spec = DEFAULT_SAMPLE
+    name = f"sample-n{spec['images']}-s{spec['size']}-seed{spec['seed']}-b{spec['bit_depth']}"
+    return cache_dir(environ) / name
+
+
+def ensure_default_sample(environ: Mapping[str, str] = os.environ) -> Path:
+    """Generate the default sample into the cache on first use, atomically, and return its folder."""
+    target = default_sample_dir(environ)
+    if (target / "train.csv").is_file():
+        return target
+    from hpa_nb.sample import write_sample
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        write_sample(staging, **DEFAULT_SAMPLE)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race: keep theirs
+            if not (target / "train.csv").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_data(environ: Mapping[str, str] = os.environ, input_root: Path = KAGGLE_INPUT) -> DataSource:
+    """The one data discovery every notebook and command uses.
+
+    Order: ``HPA_DATA_DIR`` if set; else the competition data when on Kaggle; else the
+    default sample, generated into ``HPA_CACHE`` (default ``~/.cache/hpa_nb``) on first use.
+    """
+    explicit = environ.get("HPA_DATA_DIR")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"HPA_DATA_DIR={explicit} is not a folder")
+        return DataSource(path, "HPA_DATA_DIR", "set in the environment")
+    if on_kaggle(environ):
+        found = find_competition_dir(input_root)
+        if found is not None:
+            return DataSource(found, "kaggle", f"train.csv found under {input_root}")
+    sample = ensure_default_sample(environ)
+    why = "no HPA_DATA_DIR and no competition data attached" if on_kaggle(environ) else "no HPA_DATA_DIR, not on Kaggle"
+    return DataSource(sample, "sample", f"{why}: using the synthetic default sample")
+
+
+def gcs_path() -> str | None:
+    """The competition's GCS path, for a TF TPU that cannot read local files; None where unavailable."""
+    try:
+        from kaggle_datasets import KaggleDatasets  # only exists inside Kaggle kernels
+    except ImportError:
+        return None
+    return KaggleDatasets().get_gcs_path(COMPETITION)
