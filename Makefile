@@ -31,5 +31,9 @@ bench: $(VENV)/.installed
 	$(PY) -m hpa_nb bench loader
 	$(PY) -m hpa_nb bench train
 
+# Self-contained Kaggle kernels: build/kaggle/<name>/ per notebook (commit build/kaggle/03_train/).
+kaggle: $(VENV)/.installed
+	$(PY) -m hpa_nb kaggle build
+
 clean:
-	rm -rf $(OUT) build .pytest_cache
+	rm -rf $(OUT) build/kaggle-push .pytest_cache

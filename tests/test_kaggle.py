@@ -1,0 +1,491 @@
+"""Kaggle kernels: metadata, self-contained bundles, the official CLI's push request, and the Kaggle runtime.
+
+The push tests drive the official `kaggle` package's own `KaggleApi.kernels_push` with its one network
+call (`KernelsApiClient.save_kernel`) intercepted, so they check what Kaggle would actually receive.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from hpa_nb import cli, kaggle
+from hpa_nb.env import COMPETITION, find_competition_dir, find_data, on_kaggle, on_tpu_vm, select_backend, working_dir
+
+SECRETS = {"kaggle.json key": "kjson0secret0key0123456789", "KAGGLE_KEY": "env0secret0key0987654321",
+           "KAGGLE_API_TOKEN": "KGAT_token0secret0abcdef"}
+
+# Stand-ins for the lead's notebooks: same shape (header, `parameters` cell, `import hpa_nb`), tiny work.
+STANDIN_TRAIN = '''\
+# %% [markdown]
+# # Stand-in training notebook
+# A header cell, as the real notebooks have.
+
+# %% tags=["parameters"]
+QUICK = False
+EPOCHS = 30
+
+# %%
+import json
+import sys
+
+import hpa_nb
+from hpa_nb.env import find_data, working_dir
+from hpa_nb.labels import parse_label
+
+source = find_data()
+print(source)
+
+# %% [markdown]
+# Read the labels and leave a probe in the working folder.
+
+# %%
+import csv
+
+with open(source.path / "train.csv", newline="") as handle:
+    labels = [parse_label(row["Label"], row["ID"]) for row in csv.DictReader(handle)]
+out = working_dir()
+out.mkdir(parents=True, exist_ok=True)
+probe = {"hpa_nb": hpa_nb.__file__, "sys_path": sys.path, "kind": source.kind, "images": len(labels),
+         "quick": QUICK, "epochs": EPOCHS}
+(out / "probe.json").write_text(json.dumps(probe))
+'''
+
+STANDIN_OTHER = '''\
+# %% [markdown]
+# # Stand-in {name}
+
+# %% tags=["parameters"]
+QUICK = False
+
+# %%
+import hpa_nb
+print(hpa_nb.N_CLASSES)
+'''
+
+
+@pytest.fixture()
+def clean_home(tmp_path, monkeypatch) -> Path:
+    """A HOME and environment without any Kaggle credentials."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for key in list(os.environ):
+        if key.startswith("KAGGLE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    return home
+
+
+def write_notebooks(folder: Path, names=tuple(kaggle.KERNELS)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        text = STANDIN_TRAIN if name == "03_train" else STANDIN_OTHER.format(name=name)
+        (folder / f"{name}.py").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def standin_notebooks(tmp_path_factory) -> Path:
+    return write_notebooks(tmp_path_factory.mktemp("notebooks"))
+
+
+@pytest.fixture(scope="module")
+def standin_bundles(tmp_path_factory, standin_notebooks) -> Path:
+    out = tmp_path_factory.mktemp("bundles")
+    kaggle.build_all(out_dir=out, notebooks_dir=standin_notebooks)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kaggle_api(tmp_path_factory):
+    """The official KaggleApi, imported and run without credentials or network; returns push(folder)."""
+    config = tmp_path_factory.mktemp("kaggle_config")
+    with pytest.MonkeyPatch.context() as patch:
+        # Importing `kaggle` authenticates and creates its config folder: keep both away from the real HOME.
+        for key in list(os.environ):
+            if key.startswith("KAGGLE_"):
+                patch.delenv(key)
+        patch.setenv("HOME", str(config))
+        patch.setenv("KAGGLE_CONFIG_DIR", str(config))
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints auth help when there are no credentials
+            from kaggle.api import kaggle_api_extended
+    with pytest.MonkeyPatch.context() as patch:
+        import requests
+        from kagglesdk.kernels.services.kernels_api_service import KernelsApiClient
+        from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelResponse
+
+        captured = []
+
+        def save_kernel(self, request=None):
+            captured.append(request)
+            return ApiSaveKernelResponse()
+
+        def no_network(*args, **kwargs):
+            raise AssertionError("kernels_push tried to reach the network")
+
+        patch.setattr(KernelsApiClient, "save_kernel", save_kernel)
+        patch.setattr(kaggle_api_extended.KaggleApi, "authenticate", lambda self: None)
+        patch.setattr(requests.Session, "send", no_network)
+
+        def push(folder: Path):
+            api = kaggle_api_extended.KaggleApi()
+            api.authenticate()  # as the CLI does before a command; patched to need no credentials
+            captured.clear()
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                api.kernels_push(str(folder))
+            assert len(captured) == 1
+            return captured[0], printed.getvalue()
+
+        push.slugify = kaggle_api_extended.slugify  # the slug rule kaggle itself applies to titles
+        yield push
+
+
+def bootstrap_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if kaggle.BOOTSTRAP_TAG in cell.metadata.get("tags", [])]
+
+
+# --- metadata -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [*kaggle.KERNELS, "06_cell_crops"])
+def test_kernel_metadata_for_every_notebook(name, kaggle_api):
+    metadata = kaggle.kernel_metadata(name)
+    owner, slug = metadata["id"].split("/")
+    assert owner == "USERNAME" and slug == "hpa-" + name.replace("_", "-")
+    assert kaggle_api.slugify(metadata["title"]) == slug  # else Kaggle files the kernel under another URL
+    assert metadata["language"] == "python" and metadata["kernel_type"] == "notebook"
+    assert metadata["competition_sources"] == [COMPETITION]
+    assert metadata["is_private"] is True
+    assert metadata["code_file"] == f"{name}.ipynb"
+    assert "docker_image" not in metadata and "docker_image_pinning_type" not in metadata
+
+
+def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
+    shapes = {name: kaggle.kernel_metadata(name).get("machine_shape") for name in kaggle.KERNELS}
+    assert shapes == {"01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8", "04_evaluate": None,
+                      "05_submission": None}
+    assert {name for name in kaggle.KERNELS if kaggle.kernel_metadata(name)["enable_tpu"]} == {"03_train"}
+    assert not any(kaggle.kernel_metadata(name)["enable_gpu"] for name in kaggle.KERNELS)
+    assert kaggle.kernel_metadata("03_train")["enable_internet"] is True  # ImageNet weights download
+    assert kaggle.kernel_metadata("05_submission")["enable_internet"] is False  # code-competition rule
+
+
+def test_kernel_metadata_takes_username_and_offline_sources():
+    metadata = kaggle.kernel_metadata("04_evaluate", "alice", enable_internet=False,
+                                      dataset_sources=["alice/imagenet-weights"])
+    assert metadata["id"] == "alice/hpa-04-evaluate"
+    assert metadata["kernel_sources"] == ["alice/hpa-03-train"]
+    assert metadata["enable_internet"] is False
+    assert metadata["dataset_sources"] == ["alice/imagenet-weights"]
+    metadata["competition_sources"].append("mutated")
+    assert kaggle.kernel_metadata("04_evaluate")["competition_sources"] == [COMPETITION]
+    with pytest.raises(ValueError, match="a/b"):
+        kaggle.kernel_metadata("03_train", "a/b")
+
+
+def test_root_metadata_is_the_training_kernel():
+    committed = json.loads(kaggle.ROOT_METADATA.read_text())
+    owner = committed["id"].split("/")[0]  # a user may have put their name in; the rest must match
+    assert committed == kaggle.root_metadata(owner)
+    assert committed["code_file"] == "build/kaggle/03_train/03_train.ipynb"
+    assert committed["machine_shape"] == "TpuV5E8" and committed["enable_tpu"] is True
+
+
+def test_committed_bundle_folder_is_tracked_by_git():
+    if shutil.which("git") is None or not (kaggle.REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "build/kaggle/03_train/03_train.ipynb"],
+                             cwd=kaggle.REPO_ROOT, check=False)
+    assert ignored.returncode == 1, "build/kaggle/ is git-ignored: the committed bundle would be lost"
+
+
+# --- bundles --------------------------------------------------------------------------------
+def test_build_is_deterministic_and_embeds_exactly_the_package(tmp_path, standin_notebooks):
+    first = kaggle.build_bundle("03_train", tmp_path / "a", notebooks_dir=standin_notebooks)
+    second = kaggle.build_bundle("03_train", tmp_path / "b", notebooks_dir=standin_notebooks)
+    assert sorted(path.name for path in first.iterdir()) == ["03_train.ipynb", "kernel-metadata.json"]
+    for file in ("03_train.ipynb", "kernel-metadata.json"):
+        assert (first / file).read_bytes() == (second / file).read_bytes()
+    _, members = kaggle.bundle_fingerprint((first / "03_train.ipynb").read_text())
+    expected = {f"hpa_nb/{path.name}": path.read_bytes() for path in kaggle.PACKAGE_DIR.glob("*.py")}
+    assert members == expected
+
+
+def test_bundle_is_the_notebook_plus_one_first_code_cell(standin_bundles, standin_notebooks):
+    import jupytext
+
+    bundled = nbformat.read(standin_bundles / "03_train" / "03_train.ipynb", as_version=4)
+    original = jupytext.read(standin_notebooks / "03_train.py")
+    code_cells = [cell for cell in bundled.cells if cell.cell_type == "code"]
+    assert bootstrap_cells(bundled) == code_cells[:1]
+    rest = [cell for cell in bundled.cells if cell not in code_cells[:1]]
+    assert [(c.cell_type, c.source, c.metadata) for c in rest] == \
+           [(c.cell_type, c.source, c.metadata) for c in original.cells]
+
+
+def test_staleness_check_sees_notebook_and_package_changes(tmp_path, standin_notebooks):
+    package = tmp_path / "hpa_nb"
+    shutil.copytree(kaggle.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(standin_notebooks, notebooks)
+    build = tmp_path / "build"
+    kaggle.build_all(["03_train", "01_eda"], out_dir=build, notebooks_dir=notebooks, package_dir=package)
+    check = lambda: kaggle.stale_bundles(build, notebooks, package)  # noqa: E731
+    assert check() == []
+
+    with (package / "labels.py").open("a") as handle:
+        handle.write("\n# changed\n")
+    assert [line for line in check() if "03_train" in line and "stale" in line]
+    kaggle.build_all(out_dir=build, notebooks_dir=notebooks, package_dir=package)
+    assert check() == []
+
+    (notebooks / "01_eda.py").write_text(STANDIN_OTHER.format(name="edited"))
+    assert [line for line in check() if "01_eda" in line]
+    shutil.rmtree(build / "03_train")
+    assert any("03_train is missing" in line for line in check())
+
+
+def test_committed_bundles_are_current():
+    if not kaggle.notebook_names():
+        pytest.skip("no notebooks/*.py yet")
+    problems = kaggle.stale_bundles()
+    assert problems == [], "run `make kaggle` and commit build/kaggle/: " + "; ".join(problems)
+
+
+def test_bundles_never_contain_credentials_or_other_files(tmp_path, clean_home, monkeypatch, standin_notebooks):
+    (clean_home / ".kaggle").mkdir()
+    (clean_home / ".kaggle" / "kaggle.json").write_text(
+        json.dumps({"username": "alice", "key": SECRETS["kaggle.json key"]}))
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
+    monkeypatch.setenv("KAGGLE_API_TOKEN", SECRETS["KAGGLE_API_TOKEN"])
+    package = tmp_path / "hpa_nb"
+    shutil.copytree(kaggle.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "kaggle.json").write_text(json.dumps({"key": SECRETS["kaggle.json key"]}))
+    (package / "notes.txt").write_text(SECRETS["KAGGLE_KEY"])
+    (package / "sub").mkdir()
+    (package / "sub" / "x.py").write_text(f"KEY = {SECRETS['KAGGLE_KEY']!r}\n")
+
+    folder = kaggle.build_bundle("03_train", tmp_path / "out", "alice", standin_notebooks, package)
+    assert sorted(path.name for path in folder.iterdir()) == ["03_train.ipynb", "kernel-metadata.json"]
+    _, members = kaggle.bundle_fingerprint((folder / "03_train.ipynb").read_text())
+    assert sorted(members) == sorted(f"hpa_nb/{path.name}" for path in kaggle.PACKAGE_DIR.glob("*.py"))
+    everything = b"".join([*(path.read_bytes() for path in folder.iterdir()), *members.values()])
+    for what, secret in SECRETS.items():
+        assert secret.encode() not in everything, f"{what} leaked into the bundle"
+
+
+# --- what kaggle kernels push sends ---------------------------------------------------------
+@pytest.mark.parametrize("name", list(kaggle.KERNELS))
+def test_official_push_request_for_each_bundle(name, kaggle_api, standin_bundles):
+    request, printed = kaggle_api(standin_bundles / name)
+    expected = kaggle.kernel_metadata(name)
+    assert request.slug == expected["id"] == f"USERNAME/hpa-{name.replace('_', '-')}"
+    assert "does not resolve" not in printed
+    assert request.new_title == expected["title"]
+    assert request.language == "python" and request.kernel_type == "notebook"
+    assert request.to_dict().get("machineShape") == expected.get("machine_shape")  # absent means CPU
+    assert request.enable_tpu is (name == "03_train")
+    assert request.enable_internet is expected["enable_internet"]
+    assert request.competition_data_sources == [COMPETITION]
+    assert request.kernel_data_sources == expected["kernel_sources"]
+    assert not request.docker_image and "dockerImage" not in request.to_dict()
+    notebook = nbformat.reads(request.text, as_version=4)
+    nbformat.validate(notebook)
+    assert len(bootstrap_cells(notebook)) == 1
+
+
+def test_plain_push_from_the_repository_root(kaggle_api):
+    if not (kaggle.NOTEBOOKS_DIR / f"{kaggle.ROOT_KERNEL}.py").is_file():
+        pytest.skip("notebooks/03_train.py not written yet, so there is no committed bundle to push")
+    request, printed = kaggle_api(kaggle.REPO_ROOT)
+    assert request.slug.endswith("/hpa-03-train") and "does not resolve" not in printed
+    assert request.machine_shape == "TpuV5E8" and request.enable_tpu is True
+    assert request.competition_data_sources == [COMPETITION] and not request.docker_image
+    assert len(bootstrap_cells(nbformat.reads(request.text, as_version=4))) == 1
+
+
+def run_papermill(notebook_text: str, run_dir: Path, data: Path, *parameters: str) -> subprocess.CompletedProcess:
+    """Execute a notebook with papermill in run_dir, with the repository neither on PYTHONPATH nor the cwd."""
+    run_dir.mkdir()
+    (run_dir / "in.ipynb").write_text(notebook_text)
+    environ = {key: value for key, value in os.environ.items()
+               if key not in ("PYTHONPATH", "KERAS_BACKEND") and not key.startswith("KAGGLE_")}
+    environ.update(HPA_DATA_DIR=str(data), HOME=str(run_dir))
+    return subprocess.run(
+        [sys.executable, "-m", "papermill", "in.ipynb", "out.ipynb", *parameters, "-k", "python3",
+         "--language", "python", "--cwd", str(run_dir), "--no-progress-bar"],
+        cwd=run_dir, env=environ, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_bundled_notebook_runs_with_the_repository_off_sys_path(tmp_path, kaggle_api, standin_bundles,
+                                                               standin_notebooks):
+    import jupytext
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("ID,Label\na,0|5\nb,18\nc,8|16\n")
+    request, _ = kaggle_api(standin_bundles / "03_train")  # exactly the text Kaggle would receive
+    completed = run_papermill(request.text, tmp_path / "bundled", data, "-p", "QUICK", "True", "-p", "EPOCHS", "1")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    probe = json.loads((tmp_path / "bundled" / "out" / "probe.json").read_text())
+    assert probe["kind"] == "HPA_DATA_DIR" and probe["images"] == 3
+    assert probe["quick"] is True and probe["epochs"] == 1
+    assert Path(probe["hpa_nb"]).parent.parent.name.startswith("hpa_nb_src-")
+    repo = kaggle.REPO_ROOT.resolve()
+    assert not [entry for entry in probe["sys_path"] if entry and Path(entry).resolve() == repo]
+
+    # Control: the same notebook without the bootstrap cannot import hpa_nb here, so the run above
+    # owes its hpa_nb to the embedded copy alone.
+    plain = jupytext.writes(jupytext.read(standin_notebooks / "03_train.py"), fmt="ipynb")
+    completed = run_papermill(plain, tmp_path / "plain", data, "-p", "QUICK", "True")
+    assert completed.returncode != 0 and "No module named 'hpa_nb'" in completed.stderr
+
+
+def test_bootstrap_replaces_an_already_imported_hpa_nb(tmp_path):
+    cell = kaggle.bootstrap_source()
+    script = tmp_path / "rerun.py"
+    script.write_text(textwrap.dedent("""\
+        import sys
+        import hpa_nb.labels  # the repository's copy, as if a kernel had imported it before
+        cell = open(sys.argv[1]).read()
+        for _ in range(2):  # a notebook cell can be run twice
+            exec(cell, {})
+        import hpa_nb.labels
+        print(hpa_nb.labels.__file__)
+    """))
+    (tmp_path / "cell.py").write_text(cell)
+    environ = {**os.environ, "PYTHONPATH": str(kaggle.REPO_ROOT)}
+    completed = subprocess.run([sys.executable, str(script), str(tmp_path / "cell.py")], cwd=tmp_path, env=environ,
+                               capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    labels_file = Path(completed.stdout.strip().splitlines()[-1])
+    assert labels_file.parent.parent.name.startswith("hpa_nb_src-")
+    assert labels_file.read_bytes() == (kaggle.PACKAGE_DIR / "labels.py").read_bytes()
+
+
+# --- push / status / output through the kaggle CLI ------------------------------------------
+@pytest.fixture()
+def fake_kaggle_cli(tmp_path, monkeypatch) -> Path:
+    """A `kaggle` executable first on PATH that records its arguments; returns the record file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "kaggle-argv.json"
+    script = bin_dir / "kaggle"
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        json.dump(sys.argv[1:], open({str(record)!r}, "w"))
+        print("fake kaggle ok")
+    """))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return record
+
+
+def test_push_builds_with_the_username_and_calls_the_cli(tmp_path, clean_home, fake_kaggle_cli, monkeypatch,
+                                                       capfd, standin_notebooks):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
+    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks)
+    assert json.loads(fake_kaggle_cli.read_text()) == ["kernels", "push", "-p", str(folder)]
+    assert json.loads((folder / "kernel-metadata.json").read_text())["id"] == "alice/hpa-03-train"
+    printed = capfd.readouterr()
+    assert "fake kaggle ok" in printed.out
+    assert SECRETS["KAGGLE_KEY"] not in printed.out + printed.err
+
+
+def test_status_and_output_use_the_credentials_username(tmp_path, clean_home, fake_kaggle_cli, monkeypatch, capsys):
+    (clean_home / ".kaggle").mkdir()
+    (clean_home / ".kaggle" / "kaggle.json").write_text(
+        json.dumps({"username": "bob", "key": SECRETS["kaggle.json key"]}))
+    assert cli.main(["kaggle", "status", "04_evaluate"]) == 0
+    assert json.loads(fake_kaggle_cli.read_text()) == ["kernels", "status", "bob/hpa-04-evaluate"]
+    assert cli.main(["kaggle", "output", "--username", "carol", "--out", str(tmp_path / "got")]) == 0
+    assert json.loads(fake_kaggle_cli.read_text()) == ["kernels", "output", "carol/hpa-03-train", "-p",
+                                                       str(tmp_path / "got")]
+    assert SECRETS["kaggle.json key"] not in "".join(capsys.readouterr())
+
+
+def test_missing_credentials_is_one_line_exit_2(clean_home, fake_kaggle_cli, capsys):
+    assert cli.main(["kaggle", "status", "--username", "alice"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no Kaggle credentials") and "\n" not in err
+    assert not fake_kaggle_cli.exists()
+
+
+def test_access_token_counts_as_credentials_but_needs_a_username(clean_home, fake_kaggle_cli, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", SECRETS["KAGGLE_API_TOKEN"])
+    assert kaggle.credential_source() == "KAGGLE_API_TOKEN"
+    with pytest.raises(ValueError, match="--username"):
+        kaggle.find_username(root_metadata_path=clean_home / "absent.json")
+    assert cli.main(["kaggle", "status", "--username", "alice"]) == 0
+    assert SECRETS["KAGGLE_API_TOKEN"] not in "".join(capsys.readouterr())
+
+
+def test_missing_cli_is_one_line_exit_2(tmp_path, clean_home, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # no kaggle beside it
+    monkeypatch.setattr(kaggle.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["kaggle", "push", "03_train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the kaggle CLI is not installed: pip install kaggle (see requirements-dev.txt)"
+
+
+def test_build_check_reports_stale_bundles(monkeypatch, capsys):
+    monkeypatch.setattr(kaggle, "stale_bundles", lambda: ["build/kaggle/03_train/03_train.ipynb is stale"])
+    assert cli.main(["kaggle", "build", "--check"]) == 2
+    assert "run `make kaggle`" in capsys.readouterr().err
+
+
+# --- the Kaggle runtime (hpa_nb.env) --------------------------------------------------------
+def test_kaggle_and_tpu_vm_detection():
+    assert on_kaggle({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}) and on_kaggle({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"})
+    assert not on_kaggle({})
+    assert on_tpu_vm({"ISTPUVM": "1"}) and not on_tpu_vm({"KAGGLE_KERNEL_RUN_TYPE": "Batch"})
+    assert working_dir({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}) == Path("/kaggle/working")
+    assert working_dir({}) == Path("out")
+
+
+def test_competition_data_found_under_nested_kaggle_mounts(tmp_path):
+    input_root = tmp_path / "input"
+    competition = input_root / "competitions" / COMPETITION
+    decoy = input_root / "some-other-dataset"
+    for folder in (competition / "train", decoy):
+        folder.mkdir(parents=True)
+    (competition / "train.csv").write_text("ID,Label\n")
+    (decoy / "train.csv").write_text("ID,Label\n")
+    assert find_competition_dir(input_root) == competition
+    source = find_data({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, input_root=input_root)
+    assert (source.kind, source.path) == ("kaggle", competition)
+    assert find_competition_dir(tmp_path / "missing") is None
+
+
+def test_select_backend_picks_jax_on_a_tpu_vm(monkeypatch):
+    monkeypatch.delitem(sys.modules, "keras", raising=False)  # as in a fresh kernel
+    environ = {"ISTPUVM": "1"}
+    assert select_backend(environ) == "jax" and environ["KERAS_BACKEND"] == "jax"
+    assert select_backend({"ISTPUVM": "1", "KERAS_BACKEND": "tensorflow"}) == "tensorflow"
+    assert select_backend({}) == "tensorflow"
+
+
+@pytest.mark.slow
+def test_import_hpa_nb_makes_keras_use_jax_on_a_tpu_vm(tmp_path):
+    environ = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
+    environ.update(ISTPUVM="1", PYTHONPATH=str(kaggle.REPO_ROOT))
+    completed = subprocess.run([sys.executable, "-c", "import hpa_nb, keras; print(keras.backend.backend())"],
+                               cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=180, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().splitlines()[-1] == "jax"
