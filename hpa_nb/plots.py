@@ -1,0 +1,453 @@
+"""Figures for the notebooks and the evaluate command.
+
+Interactive charts are plotly ``go.Figure``s (saved as HTML; PNG too where kaleido is
+installed). Image grids are matplotlib ``Figure``s built without pyplot, so they never open a
+window, need no display, and show exactly once when a notebook cell returns them. The model
+diagram is a visualkeras PNG. Classes are always shown by name, never by index.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure
+from plotly.subplots import make_subplots
+
+from hpa_nb import metrics as metrics_module
+from hpa_nb.labels import LABEL_NAMES, N_CLASSES, class_weights, label_counts, names_of
+
+TEMPLATE = "plotly_white"
+COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "auc": "#2ca02c", "ap": "#9467bd", "weight": "#d62728"}
+CHANNEL_NAMES = ("red", "green", "blue", "yellow")
+# Each stain in its own colour, black for no signal: easier to read than greyscale side by side.
+CHANNEL_COLORMAPS = {name: LinearSegmentedColormap.from_list(name, ["black", color])
+                     for name, color in zip(CHANNEL_NAMES, ("red", "lime", "blue", "yellow"))}
+MAX_CURVE_POINTS = 1000  # an LR curve needs no more points than a screen has pixels
+
+_png_note_shown = False
+
+
+def _styled(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None,
+            height: int = 450) -> go.Figure:
+    """The one look every plotly figure here shares."""
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.01), height=height,
+                      margin=dict(l=60, r=30, t=70, b=60), hoverlabel=dict(namelength=-1))
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def _label_array(labels: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(labels, np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != N_CLASSES:
+        raise ValueError(f"labels must be an [images, {N_CLASSES}] multi-hot matrix, got shape {matrix.shape}")
+    return matrix
+
+
+# --- saving ---------------------------------------------------------------------------------
+def _can_write_png() -> bool:
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the suffix: kaleido and matplotlib pick the format from it.
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, include_plotlyjs: bool | str = "cdn") -> list[Path]:
+    """Save a figure next to `path` (its suffix is ignored) and return the files written.
+
+    A plotly figure becomes ``.html`` (loading plotly.js from its CDN unless
+    ``include_plotlyjs=True``, which embeds it for offline viewing: ~4 MB a file) and also
+    ``.png`` when kaleido is installed; without kaleido the PNG is skipped with a one-time note.
+    A matplotlib figure or a PIL image becomes ``.png``.
+    """
+    global _png_note_shown
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in {".html", ".png"} else base
+    written: list[Path] = []
+    if isinstance(fig, go.Figure):
+        html = base.with_name(base.name + ".html")
+        _atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs=include_plotlyjs))
+        written.append(html)
+        if _can_write_png():
+            png = base.with_name(base.name + ".png")
+            _atomic_write(png, lambda p: fig.write_image(p))
+            written.append(png)
+        elif not _png_note_shown:
+            print("note: kaleido is not installed, so plotly figures are saved as HTML only")
+            _png_note_shown = True
+        return written
+    png = base.with_name(base.name + ".png")
+    if isinstance(fig, Figure):
+        _atomic_write(png, lambda p: fig.savefig(p, dpi=100, bbox_inches="tight"))
+    elif hasattr(fig, "save"):  # a PIL image, as visualkeras returns
+        _atomic_write(png, lambda p: fig.save(p, format="PNG"))
+    else:
+        raise TypeError(f"cannot save a {type(fig).__name__}; expected a plotly, matplotlib or PIL figure")
+    return [png]
+
+
+# --- the data -------------------------------------------------------------------------------
+def class_distribution(labels: np.ndarray, max_weight: float = 20.0) -> go.Figure:
+    """Images per class (bars) and the positive class weight training uses (markers, right axis)."""
+    matrix = _label_array(labels)
+    counts = label_counts(matrix)
+    weights = class_weights(matrix, max_weight=max_weight)
+    share = counts / max(len(matrix), 1)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(
+        x=list(LABEL_NAMES), y=counts, name="images", marker_color=COLORS["train"],
+        customdata=np.c_[share * 100, weights],
+        hovertemplate="%{x}<br>%{y} images (%{customdata[0]:.1f}%)<br>class weight %{customdata[1]:.2f}"
+                      "<extra></extra>"), secondary_y=False)
+    fig.add_trace(go.Scatter(
+        x=list(LABEL_NAMES), y=weights, name="class weight", mode="markers+lines",
+        marker=dict(color=COLORS["weight"], size=8), line=dict(dash="dot"),
+        hovertemplate="%{x}<br>class weight %{y:.2f}<extra></extra>"), secondary_y=True)
+    _styled(fig, f"Label distribution over {len(matrix)} images, with class weights", height=520)
+    # Legend above the plot and a wider right margin: the right axis needs the room.
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      margin=dict(r=80))
+    fig.update_xaxes(tickangle=-45)
+    fig.update_yaxes(title_text="images with the label", secondary_y=False)
+    fig.update_yaxes(title_text=f"positive class weight (1–{max_weight:g})", secondary_y=True, showgrid=False)
+    return fig
+
+
+def labels_per_image(labels: np.ndarray) -> go.Figure:
+    """How many images carry 1, 2, 3, ... labels."""
+    per_image = _label_array(labels).sum(axis=1).astype(int)
+    values, counts = np.unique(per_image, return_counts=True)
+    fig = go.Figure(go.Bar(x=values, y=counts, marker_color=COLORS["train"], text=counts, textposition="outside",
+                           hovertemplate="%{y} images with %{x} labels<extra></extra>"))
+    fig.update_xaxes(dtick=1)
+    return _styled(fig, "Labels per image", "labels on the image", "images", height=380)
+
+
+def label_cooccurrence(labels: np.ndarray, normalize: bool = False) -> go.Figure:
+    """Images sharing each pair of labels (diagonal: images with the label).
+
+    With ``normalize=True`` each row is divided by its diagonal: the cell (row A, column B)
+    is then the fraction of A's images that also carry B.
+    """
+    matrix = _label_array(labels)
+    together = matrix.T @ matrix
+    counts = np.diag(together)
+    values = together / np.maximum(counts[:, None], 1) if normalize else together
+    hover = [[f"{LABEL_NAMES[row]} & {LABEL_NAMES[col]}: {int(together[row, col])} images"
+              + (f" ({values[row, col]:.0%} of {LABEL_NAMES[row]})" if normalize else "")
+              for col in range(N_CLASSES)] for row in range(N_CLASSES)]
+    fig = go.Figure(go.Heatmap(
+        z=values, x=list(LABEL_NAMES), y=list(LABEL_NAMES), text=hover, hoverinfo="text",
+        colorscale="Blues", colorbar=dict(title="fraction" if normalize else "images")))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(tickangle=-45)
+    title = "Label co-occurrence" + (" (row-normalised: P(column | row))" if normalize else " (images)")
+    return _styled(fig, title, height=720)
+
+
+def image_properties(root: str | os.PathLike, ids: Iterable[str], folder: str = "train",
+                     channel: str = "red") -> pd.DataFrame:
+    """Width, height and bit depth of each image, read from one channel's PNG header (no pixel decoding)."""
+    from PIL import Image
+
+    rows = []
+    for image_id in ids:
+        path = Path(root) / folder / f"{image_id}_{channel}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"image {image_id}: {path} does not exist")
+        with Image.open(path) as image:
+            # Pillow opens 16-bit greyscale PNGs as "I;16" (or "I"), 8-bit ones as "L".
+            bit_depth = 16 if image.mode.startswith("I") else 1 if image.mode == "1" else 8
+            rows.append({"ID": image_id, "width": image.width, "height": image.height,
+                         "bit_depth": bit_depth, "mode": image.mode})
+    return pd.DataFrame(rows, columns=["ID", "width", "height", "bit_depth", "mode"])
+
+
+def image_sizes(properties: pd.DataFrame) -> go.Figure:
+    """Images per size and bit depth, from `image_properties`."""
+    groups = (properties.assign(size=properties["width"].astype(str) + "×" + properties["height"].astype(str))
+              .groupby(["size", "bit_depth"]).size().reset_index(name="images"))
+    fig = go.Figure()
+    for bit_depth, frame in groups.groupby("bit_depth"):
+        fig.add_trace(go.Bar(x=frame["size"], y=frame["images"], name=f"{bit_depth}-bit",
+                             hovertemplate="%{x} px, " + f"{bit_depth}-bit: " + "%{y} images<extra></extra>"))
+    fig.update_layout(barmode="group")
+    return _styled(fig, f"Image sizes and bit depths ({len(properties)} images)", "width × height (px)", "images",
+                   height=380)
+
+
+# --- training -------------------------------------------------------------------------------
+def _schedule_values(schedule: Callable[[Any], Any], steps: np.ndarray) -> np.ndarray:
+    """Evaluate a schedule on all steps at once when it broadcasts (Keras schedules do), else step by step."""
+    try:
+        values = np.asarray(schedule(steps), np.float64)
+        if values.shape == steps.shape:
+            return values
+    except Exception:  # noqa: BLE001  a plain Python schedule may not accept arrays
+        pass
+    return np.array([float(np.asarray(schedule(int(step)))) for step in steps])
+
+
+def lr_schedule(schedule: Callable[[Any], Any], steps: int | Sequence[int],
+                steps_per_epoch: int | None = None) -> go.Figure:
+    """The learning rate a schedule gives at each optimizer step.
+
+    `schedule` is any callable step → learning rate, a Keras ``LearningRateSchedule``
+    included. `steps` is the number of steps or the steps themselves. With `steps_per_epoch`
+    the x axis counts epochs.
+    """
+    all_steps = np.arange(steps) if isinstance(steps, (int, np.integer)) else np.asarray(list(steps))
+    if all_steps.size == 0:
+        raise ValueError("lr_schedule needs at least one step")
+    if all_steps.size > MAX_CURVE_POINTS:
+        all_steps = np.unique(np.linspace(all_steps[0], all_steps[-1], MAX_CURVE_POINTS).round().astype(int))
+    values = _schedule_values(schedule, all_steps)
+    x_values = all_steps / steps_per_epoch if steps_per_epoch else all_steps
+    x_title = "epoch" if steps_per_epoch else "optimizer step"
+    fig = go.Figure(go.Scatter(x=x_values, y=values, mode="lines", line=dict(color=COLORS["train"], width=3),
+                               customdata=all_steps,
+                               hovertemplate="step %{customdata}<br>learning rate %{y:.3g}<extra></extra>"))
+    fig.update_yaxes(exponentformat="e")
+    return _styled(fig, f"Learning-rate schedule (peak {values.max():.3g}, final {values[-1]:.3g})",
+                   x_title, "learning rate", height=380)
+
+
+def _history_frame(history: pd.DataFrame | Mapping[str, Sequence[float]] | str | os.PathLike) -> pd.DataFrame:
+    if isinstance(history, (str, os.PathLike)):
+        return pd.read_csv(history)
+    if isinstance(history, pd.DataFrame):
+        return history
+    return pd.DataFrame(dict(history))
+
+
+def training_history(history: pd.DataFrame | Mapping[str, Sequence[float]] | str | os.PathLike) -> go.Figure:
+    """Loss and AUC per epoch, training and validation, side by side.
+
+    `history` is RUN/history.csv (a path or its DataFrame) or a Keras ``History.history`` dict.
+    Keras names the AUC metric ``auc``, ``auc_1``, ... depending on the session: any column
+    containing "auc" is used.
+    """
+    frame = _history_frame(history)
+    if "epoch" in frame:
+        epochs = frame["epoch"].to_numpy() + (1 if frame["epoch"].min() == 0 else 0)
+    else:
+        epochs = np.arange(1, len(frame) + 1)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "ROC AUC"), horizontal_spacing=0.1)
+    panels = {1: re.compile(r"^(val_)?loss$"), 2: re.compile(r"^(val_)?.*auc.*$", re.IGNORECASE)}
+    for column_index, pattern in panels.items():
+        for name in (c for c in frame.columns if pattern.match(c)):
+            subset = "val" if name.startswith("val_") else "train"
+            fig.add_trace(go.Scatter(
+                x=epochs, y=frame[name], name=f"{name} ({'validation' if subset == 'val' else 'training'})",
+                mode="lines+markers", line=dict(color=COLORS[subset], dash="solid" if subset == "train" else "dash"),
+                hovertemplate=f"{name}" + "<br>epoch %{x}: %{y:.4f}<extra></extra>"), row=1, col=column_index)
+    if not any(panels[2].match(c) for c in frame.columns):
+        fig.add_annotation(text="no AUC recorded", showarrow=False, row=1, col=2, x=0.5, y=0.5,
+                           xref="x2 domain", yref="y2 domain")
+    fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None)
+    fig.update_yaxes(title_text="training loss (as configured)", row=1, col=1)
+    fig.update_yaxes(title_text="ROC AUC", row=1, col=2)
+    return _styled(fig, f"Training history ({len(frame)} epochs)", height=420)
+
+
+# --- evaluation -----------------------------------------------------------------------------
+def per_class_scores(metrics: Mapping[str, Any]) -> go.Figure:
+    """ROC AUC and average precision per class, from `hpa_nb.metrics.image_metrics` (or metrics.json).
+
+    Classes absent from the evaluated images have no bar and are marked "absent".
+    """
+    classes = metrics["classes"]
+    names = [entry["name"] for entry in classes]
+    fig = go.Figure()
+    for key, label, color in (("roc_auc", "ROC AUC", COLORS["auc"]), ("average_precision", "AP", COLORS["ap"])):
+        values = [np.nan if entry[key] is None else entry[key] for entry in classes]
+        fig.add_trace(go.Bar(
+            y=names, x=values, name=label, orientation="h", marker_color=color,
+            customdata=[[entry["support"], "n/a" if entry["f1"] is None else f"{entry['f1']:.3f}"]
+                        for entry in classes],
+            hovertemplate="%{y}<br>" + label + " %{x:.3f}<br>support %{customdata[0]}, F1 %{customdata[1]}"
+                          "<extra></extra>"))
+    for entry in classes:
+        if entry["roc_auc"] is None and entry["average_precision"] is None:
+            fig.add_annotation(y=entry["name"], x=0.02, text="absent", showarrow=False, xanchor="left",
+                               font=dict(color="grey"))
+    fig.add_vline(x=0.5, line_dash="dot", line_color="grey", annotation_text="chance AUC",
+                  annotation_position="top")
+    fig.update_layout(barmode="group", bargap=0.25)
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(autorange="reversed")
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    title = f"Per-class scores (macro AUC {shown(metrics['macro_roc_auc'])}, mAP {shown(metrics['map'])})"
+    return _styled(fig, title, "score", None, height=160 + 32 * len(classes))
+
+
+def precision_recall_curves(y_true: np.ndarray, y_score: np.ndarray,
+                            class_names: Sequence[str] = LABEL_NAMES) -> go.Figure:
+    """One precision–recall curve per class present (legend: its AP), plus the micro-average."""
+    truth = np.asarray(y_true)
+    score = np.asarray(y_score, np.float64)
+    fig = go.Figure()
+    curves = [(name, truth[:, index], score[:, index]) for index, name in enumerate(class_names)]
+    curves.append(("micro-average", truth.ravel(), score.ravel()))
+    for name, column_truth, column_score in curves:
+        if not np.any(column_truth):
+            continue  # no positive: no curve
+        precision, recall, thresholds = metrics_module.precision_recall_curve(column_truth, column_score)
+        average = metrics_module.average_precision(column_truth, column_score)
+        micro = name == "micro-average"
+        fig.add_trace(go.Scatter(
+            x=recall, y=precision, name=f"{name} (AP {average:.2f})", mode="lines", line_shape="hv",
+            line=dict(color="black", dash="dash", width=3) if micro else dict(width=1.5),
+            customdata=np.r_[thresholds, np.nan],
+            hovertemplate=name + "<br>recall %{x:.2f}, precision %{y:.2f}<br>threshold %{customdata:.3f}"
+                                 "<extra></extra>"))
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(range=[0, 1.05])
+    return _styled(fig, "Precision–recall curves", "recall", "precision", height=560)
+
+
+# --- image grids (matplotlib) ---------------------------------------------------------------
+def _enable_notebook_display() -> None:
+    """Let a notebook show a returned Figure as an image.
+
+    IPython registers its PNG formatter for Figures only once pyplot has loaded the inline
+    backend, and these figures stay outside pyplot (so a cell shows each exactly once, and no
+    display or GUI backend is ever needed): register it here if nothing has yet.
+    """
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    if shell is None or Figure in shell.display_formatter.formatters["image/png"].type_printers:
+        return
+    from IPython.core.pylabtools import select_figure_formats
+
+    select_figure_formats(shell, {"png"}, bbox_inches="tight")
+
+
+def _display_scaled(channel: np.ndarray, stretch: bool) -> np.ndarray:
+    """Map a 0–255 channel to 0–1; with `stretch`, its 99.5th percentile becomes 1 (dim stains become visible)."""
+    top = np.percentile(channel, 99.5) if stretch else 255.0
+    return np.clip(channel / max(float(top), 1e-6), 0.0, 1.0)
+
+
+def _composite(image: np.ndarray, stretch: bool) -> np.ndarray:
+    """RGB composite of the first three channels (yellow left out, as the competition's RGB models see it)."""
+    return np.stack([_display_scaled(image[..., c], stretch) for c in range(3)], axis=-1)
+
+
+def _label_names(label: Any) -> list[str]:
+    if isinstance(label, str):
+        from hpa_nb.labels import parse_label
+
+        return names_of(parse_label(label))
+    return names_of(np.asarray(label, np.float32))
+
+
+def channel_grid(images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] | None = None,
+                 stretch: bool = True) -> Figure:
+    """Each image's channels (red, green, blue and yellow when present) and its RGB composite, one row per image.
+
+    `images` is ``[N, S, S, 3 or 4]`` on the 0–255 scale, in the channel order red, green,
+    blue, yellow; `labels` are multi-hot rows or train.csv strings such as ``"8|5"``. Each row
+    is titled with the image ID and its label names. With `stretch` each panel is contrast-
+    stretched to its own 99.5th percentile.
+    """
+    _enable_notebook_display()
+    batch = np.asarray(images, np.float32)
+    if batch.ndim != 4 or batch.shape[-1] not in (3, 4):
+        raise ValueError(f"images must be [N, height, width, 3 or 4], got shape {batch.shape}")
+    channels = CHANNEL_NAMES[:batch.shape[-1]]
+    columns = len(channels) + 1
+    figure = Figure(figsize=(2.6 * columns, 3.0 * len(batch)), layout="constrained")
+    rows = figure.subfigures(len(batch), 1, squeeze=False)[:, 0]
+    for row, image, label, index in zip(rows, batch, labels, range(len(batch))):
+        image_id = ids[index] if ids is not None else f"image {index}"
+        row.suptitle(f"{image_id}: {', '.join(_label_names(label)) or 'no label'}", fontsize=11, fontweight="bold")
+        axes = row.subplots(1, columns)
+        for axis, channel_index, name in zip(axes, range(len(channels)), channels):
+            axis.imshow(_display_scaled(image[..., channel_index], stretch), cmap=CHANNEL_COLORMAPS[name],
+                        vmin=0, vmax=1)
+            axis.set_title(name, fontsize=10)
+        axes[-1].imshow(_composite(image, stretch))
+        axes[-1].set_title("composite (R, G, B)", fontsize=10)
+        for axis in axes:
+            axis.set_axis_off()
+    return figure
+
+
+def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
+                    ids: Sequence[str] | None = None, top_k: int = 3, columns: int = 4,
+                    stretch: bool = True) -> Figure:
+    """RGB composites titled with the true labels and the `top_k` predicted classes with their probabilities.
+
+    A predicted class that is also a true label is marked ✓; the title is green when the
+    top prediction is right, red otherwise.
+    """
+    _enable_notebook_display()
+    batch = np.asarray(images, np.float32)
+    truth = np.asarray(y_true, np.float32)
+    score = np.asarray(y_score, np.float32)
+    if not len(batch) == len(truth) == len(score):
+        raise ValueError(f"{len(batch)} images, {len(truth)} label rows and {len(score)} score rows must match")
+    columns = max(1, min(columns, len(batch)))
+    rows = max(1, -(-len(batch) // columns))
+    figure = Figure(figsize=(3.6 * columns, 4.2 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for index, axis in enumerate(axes):
+        axis.set_axis_off()
+        if index >= len(batch):
+            continue
+        axis.imshow(_composite(batch[index], stretch))
+        ranked = np.argsort(-score[index])[:top_k]
+        predicted = [f"{'✓ ' if truth[index, c] else ''}{LABEL_NAMES[c]} {score[index, c]:.2f}" for c in ranked]
+        heading = ids[index] if ids is not None else f"image {index}"
+        true_names = ", ".join(names_of(truth[index])) or "no label"
+        axis.set_title(f"{heading}\ntrue: {true_names}\npredicted: " + "\n".join(predicted), fontsize=8,
+                       color="green" if truth[index, ranked[0]] else "firebrick", loc="left")
+    figure.suptitle("Sample predictions (top classes with probabilities)", fontsize=12, fontweight="bold")
+    return figure
+
+
+# --- the model ------------------------------------------------------------------------------
+def model_diagram(model: Any, path: str | os.PathLike | None = None, **layered_view_options: Any) -> Any:
+    """A visualkeras layered view of `model` as a PIL image (saved as PNG when `path` is given), or None.
+
+    visualkeras cannot draw every model (nested models, some Keras versions); then this
+    prints one warning line and returns None instead of failing the notebook.
+    """
+    # legend_text_spacing_offset=0: any other value makes visualkeras 0.1.4 warn that it is deprecated.
+    options = {"legend": True, "spacing": 20, "legend_text_spacing_offset": 0, **layered_view_options}
+    try:
+        import visualkeras
+
+        image = visualkeras.layered_view(model, **options)
+        if path is not None:
+            save_figure(image, path)
+        return image
+    except Exception as exc:  # noqa: BLE001  a diagram is a nicety; never let it stop a run
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"warning: visualkeras could not draw the model diagram ({type(exc).__name__}: {message}); skipped")
+        return None

@@ -1,0 +1,153 @@
+"""evaluate: held-out IDs reproduced exactly, files written, predictions.csv round trip, TTA, CLI errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hpa_nb import cli
+from hpa_nb.evaluate import (DIHEDRAL_TRANSFORMS, evaluate, format_table, predict, read_predictions,
+                             write_predictions)
+from hpa_nb.labels import LABEL_NAMES, N_CLASSES, label_matrix
+from hpa_nb.metrics import f1_score
+
+IMAGE_SIZE = 32
+VAL_FRACTION = 0.25
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_sample) -> Path:
+    """A run folder as `train` writes it, minus the training (scores need only be honest, not good).
+
+    split.csv comes from the very function `hpa_nb.train.train` uses, so a test passing here means
+    evaluate reproduces the IDs training held out; a full training run would cost half a minute.
+    """
+    import hpa_nb.model
+    from hpa_nb.train import TrainConfig, _split
+
+    run = tmp_path_factory.mktemp("run")
+    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(run), image_size=IMAGE_SIZE,
+                                       batch_size=4, val_fraction=VAL_FRACTION, seed=SEED)
+    _split(small_sample, run, config, reuse=False)
+    (run / "config.json").write_text(json.dumps({**config.to_json(), "backend": "tensorflow"}))
+    hpa_nb.model.build("tiny", IMAGE_SIZE, "rgb", weights=None).save(run / "model.keras")
+    pd.DataFrame({"epoch": [0], "loss": [0.7], "auc": [0.5], "val_loss": [0.7], "val_auc": [0.5]}).to_csv(
+        run / "history.csv", index=False)
+    return run
+
+
+def _val_ids(run: Path) -> list[str]:
+    frame = pd.read_csv(run / "split.csv", dtype={"ID": str})
+    return frame.loc[frame["subset"] == "val", "ID"].tolist()
+
+
+def test_cli_evaluates_exactly_the_held_out_images(run_dir, small_sample, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(run_dir), "--data", str(small_sample), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "support" in printed and LABEL_NAMES[17] in printed and "macro ROC AUC" in printed
+
+    ids, probabilities = read_predictions(out / "predictions.csv")
+    assert sorted(ids) == sorted(_val_ids(run_dir))
+    assert probabilities.shape == (len(ids), N_CLASSES) and np.all((probabilities >= 0) & (probabilities <= 1))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["images"] == len(ids)
+    assert [entry["name"] for entry in metrics["classes"]] == list(LABEL_NAMES)
+    absent = [entry for entry in metrics["classes"] if entry["support"] == 0]
+    assert absent, "10 held-out images cannot hold all 19 classes"
+    assert all(entry["roc_auc"] is None and entry["f1"] is None for entry in absent)
+    assert set(metrics["thresholds"]) == set(LABEL_NAMES)
+    for name in ("per_class_scores.html", "precision_recall.html", "training_history.html"):
+        assert (out / name).is_file()
+
+
+def test_a_changed_split_is_refused(run_dir, small_sample, tmp_path):
+    altered = tmp_path / "run"
+    altered.mkdir()
+    for name in ("model.keras", "config.json"):
+        (altered / name).write_bytes((run_dir / name).read_bytes())
+    frame = pd.read_csv(run_dir / "split.csv", dtype={"ID": str})
+    frame.loc[frame["subset"] == "val", "subset"] = ["train"] + ["val"] * (len(_val_ids(run_dir)) - 1)
+    frame.to_csv(altered / "split.csv", index=False)
+    with pytest.raises(ValueError, match="differs from .*split.csv.*data folder changed"):
+        evaluate(altered, small_sample, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_split_all_with_tta_and_given_thresholds_scores_every_labelled_image(run_dir, small_sample, tmp_path):
+    thresholds = tmp_path / "val_metrics.json"
+    thresholds.write_text(json.dumps({"thresholds": {name: 0.5 for name in LABEL_NAMES}}))
+    result = evaluate(run_dir, small_sample, tmp_path / "all", split="all", tta=True, batch_size=16,
+                      thresholds=thresholds)
+    labels = pd.read_csv(small_sample / "train.csv", dtype={"ID": str})
+    assert sorted(result.ids) == sorted(labels["ID"])
+    expected = label_matrix(labels["ID"], labels["Label"])[[labels["ID"].tolist().index(i) for i in result.ids]]
+    np.testing.assert_array_equal(result.y_true, expected)
+    assert result.metrics["tta"] is True and len(result.metrics["tta_transforms"]) == 8
+    assert result.metrics["macro_roc_auc"] is not None
+    assert set(result.metrics["thresholds"].values()) == {0.5}
+    assert result.metrics["classes"][0]["f1"] == pytest.approx(
+        f1_score(result.y_true[:, 0], result.y_score[:, 0] >= 0.5))
+    assert list(result.table().index) == list(LABEL_NAMES)
+
+
+def test_a_thresholds_file_without_thresholds_is_refused(run_dir, small_sample, tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"map": 0.5}))
+    with pytest.raises(ValueError, match="no per-class thresholds"):
+        evaluate(run_dir, small_sample, tmp_path / "out", split="all", thresholds=tmp_path / "metrics.json")
+
+
+class _CornerModel:
+    """Predicts every class as the image's top-left pixel, so TTA's effect is known exactly."""
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        return np.repeat(batch[:, 0, 0, :1], N_CLASSES, axis=1)
+
+
+def test_tta_averages_the_eight_symmetries_of_the_square():
+    image = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    outputs = {name: transform(image) for name, transform in DIHEDRAL_TRANSFORMS.items()}
+    assert len({array.tobytes() for array in outputs.values()}) == 8
+    dataset = [(image, np.zeros((1, N_CLASSES), np.float32), np.array([b"a"]))]
+    _, _, plain = predict(_CornerModel(), dataset)
+    _, _, averaged = predict(_CornerModel(), dataset, tta=True)
+    assert plain[0, 0] == 0.0
+    # Each corner (0, 3, 12, 15) comes to the top left under two of the eight symmetries.
+    assert averaged[0, 0] == pytest.approx((0 + 3 + 12 + 15) / 4)
+
+
+def test_predictions_round_trip_keeps_ids_columns_and_order(tmp_path):
+    rng = np.random.default_rng(1)
+    ids = ["b", "a", "c-3", "000123"]
+    probabilities = rng.random((4, N_CLASSES)).astype(np.float32)
+    probabilities[0, 0] = 3e-9  # tiny values keep their precision
+    path = write_predictions(tmp_path / "predictions.csv", ids, probabilities)
+    assert pd.read_csv(path).columns.tolist() == ["ID", *LABEL_NAMES]
+    read_ids, read_probabilities = read_predictions(path)
+    assert read_ids == ids
+    np.testing.assert_allclose(read_probabilities, probabilities, rtol=1e-6)
+    pd.read_csv(path)[["ID", *reversed(LABEL_NAMES)]].to_csv(tmp_path / "shuffled.csv", index=False)
+    with pytest.raises(ValueError, match="out of order"):
+        read_predictions(tmp_path / "shuffled.csv")
+    with pytest.raises(ValueError, match="4 IDs"):
+        write_predictions(tmp_path / "bad.csv", ids, probabilities[:, :5])
+
+
+def test_table_marks_undefined_scores():
+    from hpa_nb.metrics import image_metrics
+
+    truth = np.zeros((4, N_CLASSES), np.float32)
+    truth[[0, 1], 0] = 1
+    table = format_table(image_metrics(truth, np.linspace(0, 1, 4 * N_CLASSES).reshape(4, N_CLASSES)))
+    nucleoli_row = next(line for line in table.splitlines() if line.startswith("Nucleoli "))
+    assert nucleoli_row.split()[-4:] == ["–"] * 4
+
+
+def test_cli_missing_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: run folder") and "nope" in error[0]
