@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test install install-dev kaggle bench clean
+.PHONY: run test install notebooks kaggle bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,30 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
+# The notebooks in order on the default sample (QUICK sizes off Kaggle): executed copies and every
+# artifact (run folder, plots, metrics, submission) land under $(OUT)/.
 run: $(VENV)/.installed
-	$(PY) -m hpa_nb sample --out $(OUT)/sample
-	$(PY) -m hpa_nb train --quick --data $(OUT)/sample --out $(OUT)/run
-	$(PY) -m hpa_nb evaluate --model $(OUT)/run --data $(OUT)/sample --out $(OUT)/eval
+	@mkdir -p $(OUT)/notebooks
+	@for notebook in notebooks/[0-9][0-9]_*.ipynb; do \
+	  echo "== $$notebook"; \
+	  HPA_OUT=$(CURDIR)/$(OUT) $(PY) -m papermill --cwd notebooks -k python3 --progress-bar \
+	    $$notebook $(OUT)/notebooks/$$(basename $$notebook) || exit 1; \
+	done
+	@echo "executed notebooks and artifacts are in $(OUT)/"
 
+# Unit tests, then nbval over the committed notebooks (fresh outputs into a throw-away HPA_OUT).
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
+
+# After editing notebooks/*.py: refresh each .ipynb from its .py, re-execute it in place on the
+# default sample (the committed outputs), and rebuild the Kaggle bundles.
+notebooks: $(VENV)/.installed
+	$(PY) -m jupytext --sync notebooks/[0-9][0-9]_*.py
+	@for notebook in notebooks/[0-9][0-9]_*.ipynb; do \
+	  HPA_OUT=$(CURDIR)/$(OUT) $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=1800 $$notebook || exit 1; \
+	done
+	$(PY) -m hpa_nb kaggle build
 
 bench: $(VENV)/.installed
 	$(PY) -m hpa_nb bench loader

@@ -3,7 +3,12 @@
 Importing the package first picks the Keras backend (JAX on a TPU VM where TensorFlow
 cannot see the TPU), so ``import hpa_nb`` belongs before ``import keras``.
 """
-from hpa_nb.env import select_backend as _select_backend
+import os as _os
+
+# TensorFlow's C++ INFO/WARNING lines would otherwise fill every notebook cell that touches tf.data.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from hpa_nb.env import select_backend as _select_backend  # noqa: E402
 
 _select_backend()
 

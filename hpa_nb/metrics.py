@@ -211,7 +211,9 @@ def _class_set(labels) -> set[int]:
 
 
 def _scores_by_class(scores) -> dict[int, float]:
-    if isinstance(scores, dict):
+    from collections.abc import Mapping
+
+    if isinstance(scores, Mapping):
         return {int(c): float(v) for c, v in scores.items()}
     values = np.asarray(scores, np.float64).ravel()
     if values.size != len(LABEL_NAMES):

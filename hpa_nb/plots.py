@@ -34,6 +34,18 @@ MAX_CURVE_POINTS = 1000  # an LR curve needs no more points than a screen has pi
 _png_note_shown = False
 
 
+def _compact_notebook_renderer() -> None:
+    """Keep notebooks small: plotly.js from its CDN, not 4 MB embedded in every committed notebook."""
+    import plotly.io as pio
+
+    parts = pio.renderers.default.split("+")
+    if "notebook" in parts:
+        pio.renderers.default = "+".join("notebook_connected" if part == "notebook" else part for part in parts)
+
+
+_compact_notebook_renderer()
+
+
 def _styled(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None,
             height: int = 450) -> go.Figure:
     """The one look every plotly figure here shares."""
@@ -340,11 +352,13 @@ def _enable_notebook_display() -> None:
     display or GUI backend is ever needed): register it here if nothing has yet.
     """
     shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
-    if shell is None or Figure in shell.display_formatter.formatters["image/png"].type_printers:
+    formatters = shell.display_formatter.formatters if shell is not None else {}
+    if shell is None or any(Figure in formatters[kind].type_printers for kind in ("image/png", "image/jpeg")):
         return
     from IPython.core.pylabtools import select_figure_formats
 
-    select_figure_formats(shell, {"png"}, bbox_inches="tight")
+    # JPEG: noisy microscopy panels compress ~10x better than PNG, which keeps committed notebooks small.
+    select_figure_formats(shell, {"jpeg"}, bbox_inches="tight", pil_kwargs={"quality": 85})
 
 
 def _display_scaled(channel: np.ndarray, stretch: bool) -> np.ndarray:

@@ -165,13 +165,14 @@ def test_model_diagram_draws_a_png_and_survives_a_visualkeras_failure(tmp_path, 
     assert not (tmp_path / "broken.png").exists()
 
 
-def test_image_grids_display_as_png_in_a_notebook_without_pyplot(sample_images):
+def test_image_grids_display_as_one_jpeg_in_a_notebook_without_pyplot(sample_images):
     from IPython.core.interactiveshell import InteractiveShell
 
     shell = InteractiveShell.instance()
     try:
         figure = plots.channel_grid(sample_images[:1], ["0"])
         formatted, _ = shell.display_formatter.format(figure)
-        assert "image/png" in formatted
+        assert "image/jpeg" in formatted and "image/png" not in formatted
+        assert formatted["image/jpeg"].startswith("/9j/")  # base64 of a JPEG stream (FF D8 FF)
     finally:
         InteractiveShell.clear_instance()
