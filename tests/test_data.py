@@ -1,0 +1,439 @@
+"""hpa_nb.data: every image exactly once, with its own channels and label, from every layout; bad input named."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tf = pytest.importorskip("tensorflow")
+
+from hpa_nb import data  # noqa: E402
+from hpa_nb.labels import N_CLASSES, label_matrix, parse_label  # noqa: E402
+
+COLORS = ("red", "green", "blue", "yellow")
+IMAGE_SIZE = 16
+SIZES = (20, 24, 32)  # mixed sizes in one data set, all resized to IMAGE_SIZE
+
+
+def planted(index: int, channel: int) -> int:
+    """A value unique to (image, channel), so a channel from the wrong image is caught."""
+    return 1 + 4 * index + channel
+
+
+def image_id(index: int) -> str:
+    return f"{index:04d}abcd-ef01-11e8-b2b9-ac1f6b6435d{index % 10}"
+
+
+def label_text(index: int) -> str:
+    return f"{index % N_CLASSES}|{(index * 7 + 3) % N_CLASSES}"
+
+
+def png_bytes(value: int, size: int, bit_depth: int) -> bytes:
+    array = np.full((size, size), value, np.uint8) if bit_depth == 8 else np.full((size, size), value * 257, np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def record(image_name: str, png: bytes, target: str) -> bytes:
+    feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+               "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_name.encode()])),
+               "target": tf.train.Feature(bytes_list=tf.train.BytesList(value=[target.encode()]))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_dataset(root: Path, count: int = 12, bit_depth: int = 8, files: int = 3, pngs: bool = True,
+                  tfrecords: bool = True, seed: int = 0) -> Path:
+    """A competition-layout data set whose channels carry planted values; colour order varies per image."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    if pngs:
+        (root / "train").mkdir(exist_ok=True)
+    rows = ["ID,Label"]
+    per_file: list[list[bytes]] = [[] for _ in range(files)]
+    for index in range(count):
+        size = SIZES[index % len(SIZES)]
+        rows.append(f"{image_id(index)},{label_text(index)}")
+        colors = list(COLORS)
+        rng.shuffle(colors)
+        for color in colors:
+            png = png_bytes(planted(index, COLORS.index(color)), size, bit_depth)
+            if pngs:
+                (root / "train" / f"{image_id(index)}_{color}.png").write_bytes(png)
+            per_file[index % files].append(record(f"{image_id(index)}_{color}", png, label_text(index)))
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    if tfrecords:
+        (root / "train_tfrecords").mkdir(exist_ok=True)
+        for number, records in enumerate(per_file):
+            with tf.io.TFRecordWriter(str(root / "train_tfrecords" / f"{number:02d}-{len(records)}.tfrec")) as writer:
+                for serialized in records:
+                    writer.write(serialized)
+    return root
+
+
+def collect(dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """ID → (image, label); fails on an ID seen twice."""
+    seen = {}
+    for image, label, image_id_bytes in dataset.as_numpy_iterator():
+        key = image_id_bytes.decode()
+        assert key not in seen, f"{key} came out twice"
+        seen[key] = (image, label)
+    return seen
+
+
+def assert_all_planted(seen: dict, count: int, channels: int) -> None:
+    assert sorted(seen) == sorted(image_id(i) for i in range(count))
+    for index in range(count):
+        image, label = seen[image_id(index)]
+        assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, channels) and image.dtype == np.float32
+        expected = np.array([planted(index, c) for c in range(channels)], np.float32)
+        np.testing.assert_allclose(image.min(axis=(0, 1)), expected, atol=0.01)
+        np.testing.assert_allclose(image.max(axis=(0, 1)), expected, atol=0.01)
+        np.testing.assert_array_equal(label, parse_label(label_text(index)))
+
+
+@pytest.fixture(scope="module")
+def planted8(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("planted8"), count=12, bit_depth=8)
+
+
+@pytest.fixture(scope="module")
+def planted16(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("planted16"), count=6, bit_depth=16, files=2)
+
+
+# --- every image once, its own channels and label --------------------------------------------
+@pytest.mark.parametrize("channels, deterministic", [("rgb", True), ("rgby", False)])
+def test_tfrecords_yield_every_image_once_with_its_own_channels(planted8, channels, deterministic):
+    dataset = data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, channels, with_id=True,
+                                  deterministic=deterministic)
+    assert_all_planted(collect(dataset), 12, len(channels))
+
+
+def test_tfrecords_deterministic_order_repeats(planted8):
+    first = [i for _, _, i in data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
+    again = [i for _, _, i in data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
+    assert first == again and len(first) == 12
+
+
+def test_png_dir_yields_every_image_once_in_csv_order(planted8):
+    dataset = data.read_png_dir(planted8, IMAGE_SIZE, "rgby", with_id=True)
+    order = [i.decode() for _, _, i in dataset.as_numpy_iterator()]
+    assert order == [image_id(i) for i in range(12)]
+    assert_all_planted(collect(dataset), 12, 4)
+
+
+@pytest.mark.parametrize("reader", ["tfrecords", "png"])
+def test_16_bit_pngs_come_out_on_the_0_255_scale(planted16, reader):
+    dataset = (data.read_tfrecords(planted16 / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True)
+               if reader == "tfrecords" else data.read_png_dir(planted16, IMAGE_SIZE, "rgby", with_id=True))
+    assert_all_planted(collect(dataset), 6, 4)
+
+
+def test_16_bit_values_between_8_bit_steps_are_divided_by_257(tmp_path):
+    root = write_dataset(tmp_path, count=1, tfrecords=False)
+    for color in COLORS:  # all channels 8 px: an image's channels must share one size
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / "train" / f"{image_id(0)}_{color}.png")
+    array = np.full((8, 8), 1000, np.uint16)
+    array[0, 0] = 65535
+    Image.fromarray(array).save(root / "train" / f"{image_id(0)}_green.png")
+    image, _ = next(iter(data.read_png_dir(root, 8, "rgb")))
+    assert image.numpy()[0, 0, 1] == pytest.approx(255.0)
+    assert image.numpy()[4, 4, 1] == pytest.approx(1000 / 257, abs=1e-3)
+
+
+def test_labels_without_images_of_other_ids_are_ignored_by_the_id_filter(planted8):
+    wanted = [image_id(i) for i in (1, 5, 7)]
+    for dataset in (data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True, ids=wanted),
+                    data.read_png_dir(planted8, IMAGE_SIZE, with_id=True, ids=wanted),
+                    data.open_dataset(planted8, IMAGE_SIZE, with_id=True, ids=wanted)):
+        assert sorted(collect(dataset)) == sorted(wanted)
+
+
+def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys):
+    root = write_dataset(tmp_path / "d", count=4, files=2)
+    assert len(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True))) == 4
+    assert "competition TFRecords" in capsys.readouterr().out
+    data.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
+    capsys.readouterr()
+    seen = collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
+    assert "compact shards" in capsys.readouterr().out
+    assert_all_planted(seen, 4, 4)
+    png_only = write_dataset(tmp_path / "p", count=4, tfrecords=False)
+    assert len(collect(data.open_dataset(png_only, IMAGE_SIZE, with_id=True))) == 4
+    assert "PNG folder" in capsys.readouterr().out
+
+
+# --- bad input: named, or skipped and counted ---------------------------------------------------
+def read_all(dataset) -> list:
+    return list(dataset.as_numpy_iterator())
+
+
+def error_of(dataset) -> str:
+    with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.DataLossError)) as caught:
+        read_all(dataset)
+    return data.error_message(caught.value)
+
+
+def rewrite_records(path: Path, change) -> None:
+    """Rewrite a TFRecord file with `change(list of (name, png, target))` applied."""
+    parsed = []
+    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        example = tf.train.Example.FromString(raw)
+        values = {key: example.features.feature[key].bytes_list.value[0] for key in ("image_name", "image", "target")}
+        parsed.append([values["image_name"].decode(), values["image"], values["target"].decode()])
+    parsed = change(parsed)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for name, png, target in parsed:
+            writer.write(record(name, png, target))
+
+
+def first_file(root: Path) -> Path:
+    return sorted((root / "train_tfrecords").glob("*.tfrec"))[0]
+
+
+def corrupt_png(png: bytes) -> bytes:
+    damaged = bytearray(png)
+    damaged[len(damaged) // 2:] = b"\x00" * (len(damaged) - len(damaged) // 2)
+    return bytes(damaged)
+
+
+def set_field(index: int, field: int, value):
+    def change(rows):
+        rows[index][field] = value(rows[index][field]) if callable(value) else value
+        return rows
+    return change
+
+
+BAD_RECORDS = {
+    "corrupt png": (set_field(1, 1, corrupt_png), "does not decode"),
+    "unknown colour": (set_field(2, 0, lambda name: name.rsplit("_", 1)[0] + "_purple"), "unknown colour suffix 'purple'"),
+    "repeated colour": (set_field(0, 0, lambda name: name.rsplit("_", 1)[0] + "_" + (
+        "red" if not name.endswith("_red") else "green")), "need red, green, blue, yellow once each"),
+    "label out of range": (lambda rows: [[n, p, "3|19" if i < 4 else t] for i, (n, p, t) in enumerate(rows)],
+                           "'3|19' is not in 0..18"),
+    "missing record": (lambda rows: rows[1:], "a record is missing"),
+    "missing last record": (lambda rows: rows[:-1], "expected 4: a record is missing"),
+    "mixed images": (lambda rows: rows[:3] + [rows[4]] + [rows[3]] + rows[5:], "missing or out of order"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_tfrecords_raise_naming_file_and_id(tmp_path, case):
+    change, expected = BAD_RECORDS[case]
+    root = write_dataset(tmp_path, count=6, files=2, pngs=False)
+    bad_file = first_file(root)
+    rewrite_records(bad_file, change)
+    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", deterministic=False))
+    assert expected in message
+    assert any(image_id(i) in message for i in (0, 2, 4))
+    if case != "corrupt png":
+        assert str(bad_file) in message
+    assert "node" not in message and "\n" not in message
+
+
+def test_truncated_tfrecord_raises_naming_the_file(tmp_path):
+    root = write_dataset(tmp_path, count=6, files=2, pngs=False)
+    bad_file = first_file(root)
+    contents = bad_file.read_bytes()
+    bad_file.write_bytes(contents[: len(contents) - 100])
+    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE))
+    assert str(bad_file) in message and "truncated" in message
+
+
+def test_skip_bad_skips_only_the_bad_images_and_counts_them(tmp_path, capsys):
+    root = write_dataset(tmp_path, count=6, files=2, pngs=False)
+    rewrite_records(first_file(root), set_field(1, 1, corrupt_png))  # image 0 of file 0
+    log = data.SkipLog()
+    seen = collect(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True, skip_bad=log))
+    assert log.count == 1 and image_id(0) in log.problems[0]
+    assert sorted(seen) == sorted(image_id(i) for i in range(1, 6))
+    assert "warning: skipped" in capsys.readouterr().err
+
+
+def test_png_dir_bad_input_is_named(tmp_path):
+    root = write_dataset(tmp_path, count=4, tfrecords=False)
+    (root / "train" / f"{image_id(1)}_blue.png").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{image_id(1)}_blue.png"):
+        data.read_png_dir(root, IMAGE_SIZE)
+    log = data.SkipLog(echo=False)
+    assert len(read_all(data.read_png_dir(root, IMAGE_SIZE, skip_bad=log))) == 3 and log.count == 1
+
+    with (root / "train.csv").open("a") as stream:
+        stream.write("deadbeef-no-images,1\n")
+    with pytest.raises(FileNotFoundError, match="deadbeef-no-images.*no images"):
+        data.read_png_dir(root, IMAGE_SIZE, ids=["deadbeef-no-images"])
+
+    (root / "train" / f"{image_id(2)}_purple.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="purple"):
+        data.read_png_dir(root, IMAGE_SIZE, ids=[image_id(2)])
+
+    (root / "train" / f"{image_id(3)}_red.png").write_bytes(corrupt_png((root / "train" / f"{image_id(3)}_red.png").read_bytes()))
+    message = error_of(data.read_png_dir(root, IMAGE_SIZE, ids=[image_id(3)]))
+    assert image_id(3) in message and "does not decode" in message
+
+
+def test_bad_label_in_csv_names_the_id(tmp_path):
+    root = write_dataset(tmp_path, count=3, tfrecords=False)
+    text = (root / "train.csv").read_text().replace(f"{image_id(1)},{label_text(1)}", f"{image_id(1)},4|25")
+    (root / "train.csv").write_text(text)
+    with pytest.raises(ValueError, match=f"{image_id(1)}.*25"):
+        data.load_labels(root)
+    assert list(data.load_labels(root, skip_bad=data.SkipLog(echo=False))["ID"]) == [image_id(0), image_id(2)]
+
+
+# --- shards ------------------------------------------------------------------------------
+def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
+    out = root / "shards"
+    real_replace = data.os.replace
+    committed = []
+
+    def dying_replace(source, target):
+        if str(target).endswith(".tfrec"):
+            if len(committed) == 2:
+                raise KeyboardInterrupt  # killed while the third shard is being finished
+            committed.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(data.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    monkeypatch.setattr(data.os, "replace", real_replace)
+    assert not (out / data.MANIFEST).exists()
+    assert sorted(p.name for p in out.glob("*.tfrec")) == ["shard-00000.tfrec", "shard-00001.tfrec"]
+    # what a SIGKILL would leave: a half-written temporary shard, and a shard without its ID list
+    (out / ".shard-00002.tfrec.x.tmp").write_bytes(b"half a shard")
+    (out / "shard-00009.tfrec").write_bytes(b"renamed, but its ID list was never written")
+    assert collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)) and True  # no manifest: not read as shards
+
+    manifest = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    assert manifest["count"] == 10 and [s["count"] for s in manifest["shards"]] == [3, 3, 3, 1]
+    assert not list(out.glob("*.tmp")) and not (out / "shard-00009.tfrec").exists()
+    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)), 10, 3)
+    again = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    assert again["shards"] == manifest["shards"]
+    with pytest.raises(ValueError, match="already holds shards"):
+        data.write_shards(root, out, size=IMAGE_SIZE * 2, channels="rgb", images_per_shard=3, progress=False)
+
+
+def test_shards_from_tfrecords_and_png_encoding_keep_every_image(tmp_path):
+    root = write_dataset(tmp_path, count=5, files=2, pngs=False)
+    manifest = data.write_shards(root, size=IMAGE_SIZE, channels="rgby", encoding="png", progress=False)
+    assert manifest["encoding"] == "png" and manifest["count"] == 5
+    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True)), 5, 4)
+    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, "rgb", with_id=True)), 5, 3)
+
+
+def test_shard_cli_names_bad_input_in_one_line_or_skips_it(tmp_path, capsys):
+    from hpa_nb import cli
+
+    root = write_dataset(tmp_path, count=4, files=2, pngs=False)
+    rewrite_records(first_file(root), set_field(2, 0, lambda name: name.rsplit("_", 1)[0] + "_purple"))
+    assert cli.main(["shard", "--src", str(root), "--out", str(tmp_path / "s"), "--size", "16"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # the rest is the progress bar
+    assert len(errors) == 1 and "purple" in errors[0] and image_id(0) in errors[0] and "Traceback" not in err
+    assert cli.main(["shard", "--src", str(root), "--out", str(tmp_path / "s"), "--size", "16", "--skip-bad"]) == 0
+    assert "skipped 1" in capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / data.MANIFEST).read_text())["count"] == 3
+
+
+# --- split ----------------------------------------------------------------------------------
+def test_split_is_deterministic_and_stratified():
+    rng = np.random.default_rng(3)
+    count = 300
+    matrix = np.zeros((count, N_CLASSES), np.float32)
+    matrix[np.arange(count), rng.integers(0, 5, count)] = 1  # common classes
+    matrix[rng.random((count, N_CLASSES)) < 0.05] = 1
+    for rare, members in zip(range(10, 19), ([0, 1], [2, 3, 4], [5, 6], [7, 8], [9, 10], [11, 12, 13], [14, 15], [16, 17], [18, 19])):
+        matrix[:, rare] = 0
+        matrix[members, rare] = 1
+    matrix[20, 9] = 1  # a class with one image
+    ids = [f"id{i}" for i in range(count)]
+    train, val = data.split(ids, matrix, 0.2, seed=7)
+    assert (train, val) == data.split(ids, matrix, 0.2, seed=7)
+    assert data.split(ids, matrix, 0.2, seed=8) != (train, val)
+    assert sorted(train + val) == sorted(ids) and not set(train) & set(val)
+    assert abs(len(val) - 60) <= 6
+    index = {image_id: i for i, image_id in enumerate(ids)}
+    train_counts = matrix[[index[i] for i in train]].sum(axis=0)
+    val_counts = matrix[[index[i] for i in val]].sum(axis=0)
+    total = matrix.sum(axis=0)
+    for label in range(N_CLASSES):
+        if total[label] >= 2:
+            assert train_counts[label] >= 1 and val_counts[label] >= 1, f"class {label} is on one side only"
+        if total[label] >= 20:
+            assert abs(val_counts[label] / total[label] - 0.2) < 0.1
+
+
+def test_split_rejects_bad_fraction():
+    with pytest.raises(ValueError):
+        data.split(["a", "b"], np.zeros((2, N_CLASSES)), 1.0, 0)
+
+
+# --- training and evaluation pipelines ----------------------------------------------------------
+def test_training_dataset_is_static_infinite_and_repeatable(planted8):
+    ids = [image_id(i) for i in range(10)]
+
+    def first_batches(seed):
+        dataset = data.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, seed=seed)
+        assert dataset.element_spec[0].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+        return [(x.numpy(), y.numpy()) for x, y in dataset.take(6)]  # 24 images: more than one epoch of 10
+
+    first, again, other = first_batches(1), first_batches(1), first_batches(2)
+    for (x1, y1), (x2, y2) in zip(first, again):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+    for images, labels in first:
+        assert images.min() >= 0 and images.max() <= 255
+        assert labels.shape == (4, N_CLASSES)
+
+
+def test_training_dataset_without_augment_keeps_each_image_with_its_label_and_workers_split(planted8):
+    ids = [image_id(i) for i in range(12)]
+    by_label = {tuple(parse_label(label_text(i))): planted(i, 0) for i in range(12)}  # labels are unique here
+    seen_per_worker = []
+    for worker in range(2):
+        dataset = data.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=2, seed=0, augment=False,
+                                        cache=worker == 1, num_workers=2, worker_index=worker)
+        seen = set()
+        for images, labels in dataset.take(6).as_numpy_iterator():
+            for image, label in zip(images, labels):
+                expected = by_label[tuple(label)]
+                assert image[..., 0].min() == pytest.approx(expected, abs=0.01)
+                seen.add(expected)
+        seen_per_worker.append(seen)
+    assert not seen_per_worker[0] & seen_per_worker[1]
+
+
+def test_eval_dataset_is_ordered_and_keeps_the_last_partial_batch(planted8):
+    ids = [image_id(i) for i in range(7)]
+    batches = list(data.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3).as_numpy_iterator())
+    assert [len(b[0]) for b in batches] == [3, 3, 1]
+    again = list(data.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3).as_numpy_iterator())
+    assert [list(b[2]) for b in batches] == [list(b[2]) for b in again]
+    assert sorted(i.decode() for b in batches for i in b[2]) == sorted(ids)
+
+
+def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
+    frame = data.load_labels(small_sample)
+    ids = list(frame["ID"])
+    pngs = collect(data.read_png_dir(small_sample, 32, "rgby", with_id=True))
+    assert sorted(pngs) == sorted(ids)
+    expected = dict(zip(ids, label_matrix(ids, frame["Label"])))
+    for key, (_, label) in pngs.items():
+        np.testing.assert_array_equal(label, expected[key])
+    records = sorted((small_sample / "train_tfrecords").glob("*.tfrec"))
+    if records:
+        from_records = collect(data.read_tfrecords(records, 32, "rgby", with_id=True, deterministic=False))
+        assert sorted(from_records) == sorted(ids)
+        for key, (image, label) in from_records.items():
+            np.testing.assert_allclose(image, pngs[key][0], atol=1e-3)
+            np.testing.assert_array_equal(label, expected[key])
