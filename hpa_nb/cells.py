@@ -738,3 +738,32 @@ def plot_cells(
     ax.set_title(title or f"{len(cell_ids_of(mask))} cells")
     ax.axis("off")
     return ax
+
+
+def overlay_figure(data_dir: Path, ids: Sequence[str], classifier: Classifier | None = None,
+                   image_size: int | None = None, channels: str = "rgb", rule: ScoreRule = ScoreRule(),
+                   method: str = "classical", top: int = 2):
+    """One column per image: the segmentation (white outlines; ground truth in cyan where the sample has
+    masks) and, given a classifier, each cell's `top` classes and confidences underneath.
+    """
+    from matplotlib.figure import Figure
+
+    from hpa_nb.plots import FIGURE_DPI, show_figures_inline
+
+    show_figures_inline()
+    rows = 2 if classifier is not None else 1
+    figure = Figure(figsize=(5.0 * len(ids), 5.0 * rows), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(rows, len(ids), squeeze=False)
+    for column, image_id in enumerate(ids):
+        pixels = read_channels(image_folder(data_dir, image_id), image_id)
+        mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method=method)
+        has_truth = (Path(data_dir) / "masks" / f"{image_id}.png").is_file()
+        truth = read_mask(data_dir, image_id) if has_truth else None
+        title = f"{image_id[:8]}: {len(cell_ids_of(mask))} cells found"
+        if truth is not None:
+            title += f", {len(cell_ids_of(truth))} true"
+        plot_cells(pixels, mask, truth=truth, ax=axes[0, column], title=title)
+        if classifier is not None:
+            predictions = predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule)
+            plot_cells(pixels, mask, predictions, top=top, ax=axes[1, column], title="top classes per cell")
+    return figure

@@ -56,7 +56,225 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote sample to {args.out}")
 
 
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_sample_parser]
+# --- submit -------------------------------------------------------------------------------
+def _submit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="segment the test images, score each cell and write submission.csv")
+    p.add_argument("--model", type=Path, required=True, help="training run folder (model.keras, config.json)")
+    p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
+    p.add_argument("--segmentation", choices=("classical", "hpacellseg"), default="classical")
+    p.add_argument("--hpacellseg-weights", type=Path, default=None,
+                   help="folder with nuclei-model.pth and cell-model.pth (for --segmentation hpacellseg)")
+    p.add_argument("--combine", choices=("arithmetic", "geometric"), default="arithmetic",
+                   help="how image-level and cell-crop probabilities are combined")
+    p.add_argument("--image-weight", type=float, default=0.7, help="weight of the image-level probability (0..1)")
+    p.add_argument("--crop", choices=("frame", "tight"), default="frame",
+                   help="a cell shown in the whole image's frame, or its own square crop")
+    p.add_argument("--negative", choices=("complement", "model"), default="complement",
+                   help="Negative = max(Negative, 1 - max other) ('complement') or as predicted")
+    p.add_argument("--confidence-floor", type=float, default=0.0, help="omit a cell's classes scoring below this")
+    p.add_argument("--batch-size", type=int, default=32, help="cell crops per classifier batch")
+    p.set_defaults(handler=_submit)
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from hpa_nb.cells import ScoreRule
+    from hpa_nb.env import working_dir
+    from hpa_nb.submit import submit
+
+    rule = ScoreRule(combine=args.combine, image_weight=args.image_weight, negative=args.negative, crop=args.crop)
+    out = args.out or working_dir() / "submission.csv"
+    options = {}
+    if args.segmentation == "hpacellseg" and args.hpacellseg_weights:
+        folder = args.hpacellseg_weights
+        options = {"nuclei_model": str(folder / "nuclei-model.pth"), "cell_model": str(folder / "cell-model.pth")}
+    written = submit(args.model, _data_dir(args.data), out, method=args.segmentation, rule=rule,
+                     confidence_floor=args.confidence_floor, batch_size=args.batch_size, **options)
+    print(f"wrote {written}")
+
+
+# --- kaggle -------------------------------------------------------------------------------
+def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kaggle", help="build self-contained Kaggle kernels; push them and fetch results with the kaggle CLI")
+    actions = p.add_subparsers(dest="kaggle_action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="write build/kaggle/<name>/ for every notebooks/*.py (or NAME ...)")
+    build.add_argument("names", nargs="*", metavar="NAME", help="notebooks to bundle, e.g. 03_train (default: all)")
+    build.add_argument("--check", action="store_true", help="build nothing; exit 2 if a committed bundle is stale")
+    push = actions.add_parser("push", help="build NAME with your kernel id, then `kaggle kernels push -p`")
+    status = actions.add_parser("status", help="`kaggle kernels status` of NAME's kernel")
+    output = actions.add_parser("output", help="`kaggle kernels output` of NAME's kernel into --out")
+    for action in (push, status, output):
+        action.add_argument("name", nargs="?", default="03_train", metavar="NAME", help="notebook name (default 03_train)")
+        action.add_argument("--username", help="Kaggle username (default: KAGGLE_USERNAME, kaggle.json, or kernel-metadata.json)")
+    push.add_argument("--no-internet", action="store_true", help="run offline (attach the weights with --dataset/--model)")
+    push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
+    push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
+                      help="attach a Kaggle model (repeatable)")
+    output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
+    p.set_defaults(handler=_kaggle)
+
+
+def _kaggle(args: argparse.Namespace) -> None:
+    from hpa_nb import kaggle
+
+    if args.kaggle_action == "build" and args.check:
+        problems = kaggle.stale_bundles()
+        if problems:
+            raise UserError(f"{len(problems)} stale Kaggle bundle(s), run `make kaggle`: " + "; ".join(problems))
+        print("Kaggle bundles are up to date")
+    elif args.kaggle_action == "build":
+        for folder in kaggle.build_all(args.names or None):
+            print(f"wrote {folder}")
+        print(f"wrote {kaggle.write_root_metadata()}")
+    elif args.kaggle_action == "push":
+        folder = kaggle.push(args.name, args.username, enable_internet=False if args.no_internet else None,
+                             dataset_sources=args.dataset, model_sources=args.model)
+        print(f"pushed {folder}")
+    elif args.kaggle_action == "status":
+        kaggle.status(args.name, args.username)
+    else:
+        print(f"downloaded to {kaggle.output(args.name, args.out, args.username)}")
+
+
+# --- evaluate -----------------------------------------------------------------------------
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a training run on held-out images: predictions.csv, metrics.json, plots")
+    p.add_argument("--model", type=Path, required=True, metavar="RUN",
+                   help="training run folder (model.keras, config.json, split.csv)")
+    p.add_argument("--data", help="labelled competition-layout folder (default: the run's data_dir from config.json)")
+    p.add_argument("--out", type=Path, default=None, help="folder to write (default: RUN/eval_SPLIT)")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the run's held-out images (default); all: every image in the folder's train.csv")
+    p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips and rotations (8x work)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's batch size)")
+    p.add_argument("--thresholds", type=Path, default=None, metavar="METRICS_JSON",
+                   help="score F1 at the per-class thresholds of an earlier evaluation "
+                        "(e.g. RUN/eval_val/metrics.json) instead of tuning them on these images")
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from hpa_nb.evaluate import evaluate, format_table
+
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"run folder {args.model} does not exist")
+    result = evaluate(args.model, _data_dir(args.data) if args.data else None, args.out, split=args.split,
+                      tta=args.tta, batch_size=args.batch_size, thresholds=args.thresholds)
+    print(format_table(result.metrics))
+    print(f"wrote {', '.join(str(path) for path in result.files)}")
+
+
+# --- shard + bench (data) -----------------------------------------------------------------
+def _shard_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="write compact training shards (one uint8 record per image)")
+    p.add_argument("--src", default=None, help="data folder in the competition layout (default: discovered)")
+    p.add_argument("--out", type=Path, default=None, help="shard folder (default: SRC/shards, where readers look)")
+    p.add_argument("--size", type=int, default=512, help="image side in px, resized once")
+    p.add_argument("--channels", choices=("rgb", "rgby"), default="rgby")
+    p.add_argument("--encoding", choices=("raw", "png"), default="raw",
+                   help="raw: fastest to read; png: smaller on disk (raw rgby 512 px is 1 MiB an image)")
+    p.add_argument("--images-per-shard", type=int, default=None, help="default: about 150 MB per shard")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
+    p.set_defaults(handler=_shard)
+
+
+def _shard(args: argparse.Namespace) -> None:
+    from hpa_nb.data import write_shards
+
+    manifest = write_shards(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
+                            encoding=args.encoding, images_per_shard=args.images_per_shard, skip_bad=args.skip_bad)
+    print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure the input pipeline (loader) or training steps (train)")
+    p.add_argument("kind", choices=("loader", "train"))
+    p.add_argument("--data", default=None, help="data folder (default: discovered)")
+    p.add_argument("--image-size", type=int, default=256, help="output (training) image size in px")
+    p.add_argument("--channels", choices=("rgb", "rgby"), default="rgb")
+    p.add_argument("--size", type=int, default=None,
+                   help="loader: benchmark a temporary sample of images this large instead of --data "
+                        "(e.g. 1024: realistic PNG decode cost; the default sample's are 256 px)")
+    p.add_argument("--images", type=int, default=48, help="loader: images in the --size sample")
+    p.add_argument("--seconds", type=float, default=10.0, help="loader: time budget per reader")
+    p.add_argument("--backbone", default="tiny", help="train: the model to time (from scratch)")
+    p.add_argument("--batch-size", type=int, default=16, help="train: per replica")
+    p.add_argument("--steps", type=int, default=10, help="train: timed steps per feed, after warm-up")
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    {"loader": _bench_loader, "train": _bench_train}[args.kind](args)
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    from hpa_nb.bench import train  # written by the "model" developer
+
+    train(_data_dir(args.data), image_size=args.image_size, channels=args.channels,
+          backbone=args.backbone, batch_size=args.batch_size, steps=args.steps)
+
+
+def _bench_loader(args: argparse.Namespace) -> None:
+    from hpa_nb.bench import loader
+
+    data_dir = None if args.size else _data_dir(args.data)
+    loader(data_dir, image_size=args.image_size, channels=args.channels, generate_size=args.size,
+           images=args.images, seconds=args.seconds)
+
+
+# --- train (model) ------------------------------------------------------------------------
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a multi-label classifier and write a run folder",
+                       description="Options left out take the TrainConfig defaults, or the quick values with "
+                                   "--quick; options given always win (--quick --epochs 1).")
+    p.add_argument("--data", default=None, help="data folder (default: discovered; off Kaggle the default sample)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: out/run, /kaggle/working/run)")
+    p.add_argument("--quick", action="store_true", help="tiny CNN from scratch, 64 px, 5 epochs: CI and smoke runs")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    p.add_argument("--image-size", type=int, help="square input side in px")
+    p.add_argument("--channels", choices=("rgb", "rgby"))
+    p.add_argument("--backbone", help="efficientnetb0..b7, efficientnetv2b0..b3, efficientnetv2s or tiny")
+    p.add_argument("--weights", help="imagenet, none, or a backbone weights file (.h5 / .weights.h5)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per replica; the global batch is this x replicas")
+    p.add_argument("--steps-per-epoch", type=int, help="default: one pass over the training split")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-lr", type=float, help="peak learning rate for a global batch of 64 (scaled linearly)")
+    p.add_argument("--loss", choices=("bce", "focal"))
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (on val_auc)")
+    p.set_defaults(handler=_train)
+
+
+TRAIN_OPTIONS = ("image_size", "channels", "backbone", "weights", "epochs", "batch_size", "steps_per_epoch",
+                 "val_fraction", "seed", "max_lr", "loss", "patience")
+
+
+def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from hpa_nb.env import working_dir
+    from hpa_nb.train import CONFIG_FILE, TrainConfig, load_config, train
+
+    explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
+    if isinstance(explicit.get("weights"), str) and explicit["weights"].lower() == "none":
+        explicit["weights"] = None
+    out = args.out or working_dir() / "run"
+    explicit["out_dir"] = str(out)
+    if args.data or not (args.resume and (out / CONFIG_FILE).is_file()):
+        explicit["data_dir"] = str(_data_dir(args.data))
+    if args.resume and (out / CONFIG_FILE).is_file():  # the saved options, with the ones given now on top
+        config = dataclasses.replace(load_config(out), resume=True, **explicit)
+    elif args.quick:
+        config = TrainConfig.quick_variant(resume=args.resume, **explicit)
+    else:
+        config = TrainConfig(resume=args.resume, **explicit)
+    result = train(config)
+    print(f"trained {config.backbone} into {result.run_dir}: "
+          + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items()))
+
+
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_sample_parser, _submit_parser, _kaggle_parser, _evaluate_parser, _shard_parser, _bench_parser, _train_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +296,15 @@ def _is_user_error(exc: BaseException) -> bool:
         return False
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as one line; a TensorFlow error loses its graph-node and op noise."""
+    if "tensorflow" in sys.modules and "OpError" in {cls.__name__ for cls in type(exc).__mro__}:
+        from hpa_nb.data import error_message
+
+        return error_message(exc)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -88,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         if os.environ.get("HPA_DEBUG") or not _is_user_error(exc):
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = _one_line(exc)
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

@@ -545,6 +545,18 @@ def open_dataset(root: str | Path, image_size: int, channels: str = "rgb", with_
     return _read(layout, image_size, channels, with_id, deterministic, log)
 
 
+def take_images(dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The first `count` elements of an unbatched ``(image, label, id)`` dataset as numpy (notebook previews)."""
+    images, labels, ids = [], [], []
+    for image, label, image_id in dataset.take(count).as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+        ids.append(image_id.decode())
+    if not images:
+        raise ValueError("the dataset yielded no images")
+    return np.stack(images), np.stack(labels), ids
+
+
 # --- training and evaluation pipelines ----------------------------------------------------------
 def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
                      batch_size: int = 32, seed: int = 0, augment: bool = True, cache: bool = False,

@@ -29,6 +29,7 @@ CHANNEL_NAMES = ("red", "green", "blue", "yellow")
 # Each stain in its own colour, black for no signal: easier to read than greyscale side by side.
 CHANNEL_COLORMAPS = {name: LinearSegmentedColormap.from_list(name, ["black", color])
                      for name, color in zip(CHANNEL_NAMES, ("red", "lime", "blue", "yellow"))}
+FIGURE_DPI = 80  # image grids: sharp enough on screen, small enough to commit
 MAX_CURVE_POINTS = 1000  # an LR curve needs no more points than a screen has pixels
 
 _png_note_shown = False
@@ -344,8 +345,8 @@ def precision_recall_curves(y_true: np.ndarray, y_score: np.ndarray,
 
 
 # --- image grids (matplotlib) ---------------------------------------------------------------
-def _enable_notebook_display() -> None:
-    """Let a notebook show a returned Figure as an image.
+def show_figures_inline() -> None:
+    """Let a notebook show a returned matplotlib Figure as an image (called by every grid function).
 
     IPython registers its PNG formatter for Figures only once pyplot has loaded the inline
     backend, and these figures stay outside pyplot (so a cell shows each exactly once, and no
@@ -389,13 +390,13 @@ def channel_grid(images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] |
     is titled with the image ID and its label names. With `stretch` each panel is contrast-
     stretched to its own 99.5th percentile.
     """
-    _enable_notebook_display()
+    show_figures_inline()
     batch = np.asarray(images, np.float32)
     if batch.ndim != 4 or batch.shape[-1] not in (3, 4):
         raise ValueError(f"images must be [N, height, width, 3 or 4], got shape {batch.shape}")
     channels = CHANNEL_NAMES[:batch.shape[-1]]
     columns = len(channels) + 1
-    figure = Figure(figsize=(2.6 * columns, 3.0 * len(batch)), layout="constrained")
+    figure = Figure(figsize=(2.6 * columns, 3.0 * len(batch)), layout="constrained", dpi=FIGURE_DPI)
     rows = figure.subfigures(len(batch), 1, squeeze=False)[:, 0]
     for row, image, label, index in zip(rows, batch, labels, range(len(batch))):
         image_id = ids[index] if ids is not None else f"image {index}"
@@ -412,6 +413,32 @@ def channel_grid(images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] |
     return figure
 
 
+def augmentation_grid(image: np.ndarray, seed: int = 0, samples: int = 4, stretch: bool = True) -> Figure:
+    """One image under each augmentation step alone, then under the full chain: a row per step.
+
+    The first column is the untouched image; the others are draws with seeds ``(seed, 0..samples-1)``,
+    shown as RGB composites. A step draws from the same slice of the seed alone as in the chain.
+    """
+    from hpa_nb.augment import STEPS, augment
+
+    show_figures_inline()
+    original = np.asarray(image, np.float32)
+    rows = {**{name: [name] for name in STEPS}, "full chain": None}
+    figure = Figure(figsize=(2.4 * (samples + 1), 2.5 * len(rows)), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(len(rows), samples + 1, squeeze=False)
+    for row, (name, steps) in zip(axes, rows.items()):
+        row[0].imshow(_composite(original, stretch))
+        row[0].set_title("original", fontsize=9)
+        row[0].set_ylabel(name, fontsize=10)
+        for draw, axis in enumerate(row[1:]):
+            axis.imshow(_composite(augment(original, (seed, draw), steps).numpy(), stretch))
+            axis.set_title(f"seed ({seed}, {draw})", fontsize=9)
+        for axis in row:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    return figure
+
+
 def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
                     ids: Sequence[str] | None = None, top_k: int = 3, columns: int = 4,
                     stretch: bool = True) -> Figure:
@@ -420,7 +447,7 @@ def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
     A predicted class that is also a true label is marked ✓; the title is green when the
     top prediction is right, red otherwise.
     """
-    _enable_notebook_display()
+    show_figures_inline()
     batch = np.asarray(images, np.float32)
     truth = np.asarray(y_true, np.float32)
     score = np.asarray(y_score, np.float32)
@@ -428,7 +455,7 @@ def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
         raise ValueError(f"{len(batch)} images, {len(truth)} label rows and {len(score)} score rows must match")
     columns = max(1, min(columns, len(batch)))
     rows = max(1, -(-len(batch) // columns))
-    figure = Figure(figsize=(3.6 * columns, 4.2 * rows), layout="constrained")
+    figure = Figure(figsize=(3.6 * columns, 4.2 * rows), layout="constrained", dpi=FIGURE_DPI)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for index, axis in enumerate(axes):
         axis.set_axis_off()

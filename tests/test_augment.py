@@ -80,3 +80,24 @@ def test_preview_pairs_returns_before_and_after_for_each_image():
     np.testing.assert_array_equal(pairs[0][0], images[0])
     np.testing.assert_array_equal(pairs[0][1], preview_pairs(images, seed=3)[0][1])
     assert pairs[0][1].shape == images[0].shape
+
+
+def test_each_step_alone_does_what_it_says_and_matches_its_part_of_the_chain():
+    from hpa_nb.augment import STEPS
+
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    flips = {tuple(np.all(augment(image, (1, seed), ["flip left-right"]).numpy() == candidate)
+                   for candidate in (image, image[:, ::-1])) for seed in range(12)}
+    assert flips == {(True, False), (False, True)}  # some seeds flip, some don't, nothing else happens
+    turned = augment(image, (1, 5), ["rotate k·90°"]).numpy()
+    assert any(np.array_equal(turned, np.rot90(image, k)) for k in range(4))
+    geometric = ["flip left-right", "flip up-down", "rotate k·90°"]
+    chain_geometry = augment(image, (2, 7), geometric).numpy()
+    assert sorted(chain_geometry.ravel().tolist()) == sorted(image.ravel().tolist())  # a permutation only
+    assert set(STEPS) >= set(geometric)
+
+
+def test_an_unknown_step_is_a_clear_error():
+    with pytest.raises(ValueError, match="sharpen"):
+        augment(np.zeros((8, 8, 3), np.float32), 0, ["sharpen"])

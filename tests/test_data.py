@@ -437,3 +437,14 @@ def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
         for key, (image, label) in from_records.items():
             np.testing.assert_allclose(image, pngs[key][0], atol=1e-3)
             np.testing.assert_array_equal(label, expected[key])
+
+
+def test_take_images_gives_numpy_previews_with_their_ids(small_sample):
+    dataset = data.open_dataset(small_sample, image_size=32, channels="rgby", with_id=True)
+    images, labels, ids = data.take_images(dataset, 3)
+    frame = data.load_labels(small_sample)
+    assert images.shape == (3, 32, 32, 4) and images.dtype == np.float32 and labels.shape == (3, 19)
+    expected = {row.ID: row.Label for row in frame.itertuples()}
+    assert all(np.array_equal(label, parse_label(expected[image_id])) for label, image_id in zip(labels, ids))
+    with pytest.raises(ValueError, match="no images"):
+        data.take_images(dataset.take(0), 2)

@@ -135,6 +135,16 @@ def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_image
     assert top in predictions.axes[0].get_title(loc="left")
 
 
+def test_augmentation_grid_has_a_row_per_step_plus_the_chain(sample_images):
+    from hpa_nb.augment import STEPS
+
+    grid = plots.augmentation_grid(sample_images[0], seed=3, samples=2)
+    assert isinstance(grid, Figure)
+    rows = [axis.get_ylabel() for axis in grid.axes[::3]]
+    assert rows == list(STEPS) + ["full chain"]
+    assert grid.axes[-1].get_title() == "seed (3, 1)" and grid.axes[-3].get_title() == "original"
+
+
 def test_save_figure_writes_html_and_png(tmp_path, sample_matrix, sample_images, capsys):
     written = plots.save_figure(plots.labels_per_image(sample_matrix), tmp_path / "labels.html")
     assert tmp_path / "labels.html" in written

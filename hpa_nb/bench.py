@@ -1,0 +1,225 @@
+"""Benchmarks behind ``python -m hpa_nb bench``: the input pipeline (`loader`) and training steps (`train`).
+
+Speed is measured here, never in tests. Each benchmark prints a table and ends with one JSON
+line that scripts (and the README) can quote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+# Images per generated TFRecord file when a data folder has only PNGs (the competition packs ~20 per file).
+IMAGES_PER_TFRECORD = 16
+SHARD_SIZE = 512
+BATCH = 16  # readers are timed batched, so Python's per-element overhead does not blur the comparison
+WARMUP_BATCHES = 2
+
+
+def _baseline_reader(files: list[str], image_size: int, channels: str):
+    """The baseline notebook's reader, for comparison only: decode every record, filter the
+    stream four times by colour and zip the four streams (so each record is decoded four
+    times, and with ``ignore_order`` channels of different images get paired)."""
+    import tensorflow as tf
+
+    from hpa_nb.labels import N_CLASSES
+
+    features = {name: tf.io.FixedLenFeature([], tf.string) for name in ("image", "image_name", "target")}
+
+    def make_example(serialized):
+        parsed = tf.io.parse_single_example(serialized, features)
+        image = tf.cast(tf.image.resize(tf.image.decode_png(parsed["image"], channels=1), [image_size, image_size]),
+                        tf.float32)
+        indices = tf.strings.to_number(tf.strings.split(parsed["target"], sep="|"), out_type=tf.int32)
+        label = tf.reduce_max(tf.one_hot(indices, depth=N_CLASSES), axis=-2)
+        return image, parsed["image_name"], label
+
+    options = tf.data.Options()
+    options.experimental_deterministic = False  # the baseline's ignore_order=True, as used for training
+    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).with_options(options)
+    dataset = dataset.map(make_example, num_parallel_calls=tf.data.AUTOTUNE)
+    streams = [dataset.filter(lambda image, name, label, color=color: tf.strings.regex_full_match(name, f".*{color}.*"))
+               for color in ("red", "green", "blue", "yellow")]
+    count = len(channels)
+
+    def combine(*parts):
+        image = tf.stack([parts[i][0][..., 0] for i in range(count)], axis=-1)
+        return image, parts[0][2]
+
+    return tf.data.Dataset.zip(tuple(streams)).map(combine, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _write_competition_tfrecords(root: Path, out: Path) -> list[str]:
+    """Pack a PNG folder into competition-format TFRecords (one record per channel, colours shuffled)."""
+    import tensorflow as tf
+
+    from hpa_nb.data import COLORS, load_labels
+
+    frame = load_labels(root)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    files = []
+    for start in range(0, len(frame), IMAGES_PER_TFRECORD):
+        path = out / f"{start // IMAGES_PER_TFRECORD:03d}.tfrec"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for image_id, label in zip(frame["ID"][start:start + IMAGES_PER_TFRECORD],
+                                       frame["Label"][start:start + IMAGES_PER_TFRECORD]):
+                for color in rng.sample(COLORS, len(COLORS)):
+                    feature = {
+                        "image": (root / "train" / f"{image_id}_{color}.png").read_bytes(),
+                        "image_name": f"{image_id}_{color}".encode(), "target": label.encode()}
+                    example = tf.train.Example(features=tf.train.Features(feature={
+                        key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+                        for key, value in feature.items()}))
+                    writer.write(example.SerializeToString())
+        files.append(str(path))
+    return files
+
+
+def _images_per_second(make_dataset: Callable[[], object], seconds: float) -> tuple[float, int]:
+    """Images per second over about `seconds`, after a warm-up (tracing, thread start-up)."""
+    dataset = make_dataset().repeat().batch(BATCH)
+    iterator = iter(dataset)
+    for _ in range(WARMUP_BATCHES):
+        next(iterator)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images += int(next(iterator)[0].shape[0])
+    return images / (time.perf_counter() - start), images
+
+
+def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: str = "rgb",
+           generate_size: int | None = None, images: int = 48, seconds: float = 10.0,
+           shard_size: int = SHARD_SIZE) -> dict:
+    """Images/s of three readers on the same data in one process: the baseline's filter-and-zip
+    reader, `read_tfrecords`, and compact shards at `shard_size` px resized to `image_size`.
+
+    With `generate_size`, a temporary sample of `images` images at that size is written first
+    (the default sample's 256 px images make PNG decoding unrealistically cheap; the competition's
+    are 1728–3072 px). Preparation (sample, TFRecords, shards) is not timed. Returns the results.
+    """
+    from hpa_nb import data
+
+    with tempfile.TemporaryDirectory(prefix="hpa_bench_") as scratch_name:
+        scratch = Path(scratch_name)
+        if generate_size:
+            from hpa_nb.sample import write_sample
+
+            print(f"bench: writing a {images}-image sample at {generate_size} px (not timed)", file=sys.stderr)
+            data_dir = write_sample(scratch / "sample", images=images, size=generate_size, seed=0, test_images=0,
+                                    progress=False)
+        if data_dir is None:
+            raise ValueError("bench loader needs --data or --generate-size")
+        data_dir = Path(data_dir)
+        files = sorted(str(p) for p in (data_dir / "train_tfrecords").glob(data.TFRECORD_PATTERN))
+        if not files:
+            print(f"bench: packing {data_dir}/train into competition TFRecords (not timed)", file=sys.stderr)
+            files = _write_competition_tfrecords(data_dir, scratch / "train_tfrecords")
+        shard_root = scratch / "shard_root"
+        print(f"bench: writing {shard_size} px shards (not timed)", file=sys.stderr)
+        manifest = data.write_shards(data_dir, shard_root / data.SHARD_DIR, size=shard_size, channels=channels,
+                                     progress=False)
+        readers = {
+            "baseline filter+zip": lambda: _baseline_reader(files, image_size, channels),
+            "read_tfrecords": lambda: data.read_tfrecords(files, image_size, channels, deterministic=False),
+            f"shards {shard_size} px": lambda: data.open_dataset(shard_root, image_size, channels, deterministic=False),
+        }
+        results = {}
+        for name, make in readers.items():
+            rate, count = _images_per_second(make, seconds)
+            results[name] = rate
+            print(f"bench: {name}: {rate:.1f} images/s ({count} images)", file=sys.stderr)
+    baseline = results["baseline filter+zip"]
+    print(f"\n{'reader':<24}{'images/s':>10}{'× baseline':>12}")
+    for name, rate in results.items():
+        print(f"{name:<24}{rate:>10.1f}{rate / baseline:>12.1f}")
+    summary = {"bench": "loader", "data": str(data_dir if not generate_size else f"generated {generate_size} px"),
+               "images": manifest["count"], "image_size": image_size, "channels": channels,
+               "shard_size": shard_size, "cpu_count": os.cpu_count(),
+               "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
+               "speedup": {name: round(rate / baseline, 2) for name, rate in results.items()}}
+    print(json.dumps(summary))
+    return summary
+
+
+# --- train (model developer) --------------------------------------------------------------
+def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmup_steps: int) -> float:
+    """Training images/s over `steps` steps of one ``fit``, after `warmup_steps` (compilation, pipeline start)."""
+    import keras
+
+    class StepClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter())
+
+    clock = StepClock()
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup_steps + steps, callbacks=[clock], verbose=0, shuffle=False)
+    timed = clock.times[warmup_steps - 1:]  # from the end of the last warm-up step
+    return (len(timed) - 1) * batch_size / (timed[-1] - timed[0])
+
+
+def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", backbone: str = "tiny",
+          batch_size: int = 16, steps: int = 10, warmup_steps: int = 3) -> dict:
+    """Training images/s fed by the project's input pipeline against the same model fed from memory.
+
+    The pipeline is `hpa_nb.data.training_dataset` (decode, resize, augment, batch, prefetch),
+    streaming (decoding every step, as full-size training does) and with ``cache=True`` (decoded
+    once, then only augmented, as ``--quick`` does; timed after one pass fills the cache). The
+    in-memory feed repeats a few batches already decoded, so it costs nothing. The ratio says
+    whether input is the bottleneck (target: at least 90%). On a CPU the pipeline and the model
+    share the same cores, so this is the hardest case. Returns the results.
+    """
+    import keras
+    import tensorflow as tf
+
+    from hpa_nb import data
+    from hpa_nb.accelerator import detect
+    from hpa_nb.model import WeightedBinaryCrossentropy, build
+
+    accelerator = detect()
+    root = Path(data_dir)
+    ids = [str(image_id) for image_id in data.load_labels(root)["ID"]]
+    global_batch = accelerator.global_batch_size(batch_size)
+    def pipeline(cache: bool):
+        return data.training_dataset(root, ids, image_size, channels, batch_size=global_batch, seed=0,
+                                     augment=True, cache=cache)
+
+    held = list(pipeline(False).take(4))  # decoded once, outside the timing
+    in_memory = tf.data.Dataset.from_tensor_slices((tf.stack([b[0] for b in held]), tf.stack([b[1] for b in held])))
+    in_memory = in_memory.cache().repeat().prefetch(tf.data.AUTOTUNE)
+    with accelerator.scope():
+        model = build(backbone, image_size, channels, weights=None)
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=WeightedBinaryCrossentropy(),
+                      steps_per_execution=accelerator.steps_per_execution)
+    print(f"bench: {backbone} at {image_size} px, {channels}, global batch {global_batch} on "
+          f"{accelerator.describe()}; {steps} timed steps after {warmup_steps} warm-up", file=sys.stderr)
+    fill_cache = -(-len(ids) // global_batch)  # steps of one pass
+    feeds = {"in memory": (in_memory, warmup_steps), "pipeline, cached": (pipeline(True), fill_cache + warmup_steps),
+             "pipeline, streaming": (pipeline(False), warmup_steps)}
+    results = {}
+    for name, (dataset, warmup) in feeds.items():
+        results[name] = _steady_images_per_second(model, dataset, global_batch, steps, warmup)
+        print(f"bench: {name}: {results[name]:.1f} images/s", file=sys.stderr)
+    print(f"\n{'feed':<22}{'images/s':>10}{'% of memory':>13}")
+    for name, rate in results.items():
+        print(f"{name:<22}{rate:>10.1f}{100 * rate / results['in memory']:>12.0f}%")
+    fractions = {name: rate / results["in memory"] for name, rate in results.items() if name != "in memory"}
+    for name, fraction in fractions.items():
+        verdict = "input keeps up" if fraction >= 0.9 else "input is the bottleneck"
+        print(f"{name}: {fraction:.0%} of in-memory ({verdict}; target >= 90%)")
+    summary = {"bench": "train", "data": str(root), "images": len(ids), "backbone": backbone,
+               "image_size": image_size, "channels": channels, "global_batch_size": global_batch,
+               "steps": steps, "backend": accelerator.backend, "device": accelerator.device_kind,
+               "replicas": accelerator.replicas, "cpu_count": os.cpu_count(),
+               "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
+               "pipeline_fraction": {name: round(fraction, 3) for name, fraction in fractions.items()}}
+    print(json.dumps(summary))
+    return summary

@@ -1,0 +1,176 @@
+"""hpa_nb.train and `python -m hpa_nb train`: quick training, the run folder, resume, the distributed CPU paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hpa_nb.train import QUICK, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--quick", "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "32"]
+
+
+# --- the config, no TensorFlow needed -----------------------------------------------------
+def test_quick_variant_takes_explicit_values_over_quick_ones():
+    config = TrainConfig.quick_variant(epochs=1, out_dir="x")
+    assert config.quick and config.backbone == QUICK["backbone"] and config.weights is None
+    assert config.epochs == 1 and config.out_dir == "x"
+    assert TrainConfig().backbone == "efficientnetb0" and not TrainConfig().quick
+
+
+def test_load_config_ignores_the_runtime_keys(tmp_path):
+    saved = {**TrainConfig.quick_variant(out_dir=str(tmp_path)).to_json(), "replicas": 8, "backend": "jax"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_config(tmp_path) == TrainConfig.quick_variant(out_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing")
+
+
+# --- quick training on the default sample -------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(default_sample, tmp_path_factory):
+    from hpa_nb.train import train
+
+    config = TrainConfig.quick_variant(data_dir=str(default_sample), out_dir=str(tmp_path_factory.mktemp("quick")),
+                                       verbose=2)
+    return train(config)
+
+
+@pytest.fixture(scope="module")
+def validation(quick_run):
+    """The validation split of the quick run as in-memory arrays, and the saved model's predictions on it."""
+    from hpa_nb import data
+    from hpa_nb.model import load_model
+
+    config = load_config(quick_run.run_dir)
+    split = pd.read_csv(quick_run.run_dir / "split.csv")
+    val_ids = split.loc[split["subset"] == "val", "ID"].tolist()
+    batches = list(data.eval_dataset(config.data_dir, val_ids, config.image_size, config.channels, 64,
+                                     with_id=False).as_numpy_iterator())
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    model = load_model(quick_run.run_dir)
+    return images, labels, model, model.predict(images, verbose=0)
+
+
+@pytest.mark.slow
+def test_quick_training_beats_chance_on_the_validation_split(validation):
+    from hpa_nb.metrics import image_metrics
+
+    _, labels, _, predictions = validation
+    assert image_metrics(labels, predictions)["macro_roc_auc"] > 0.65
+
+
+@pytest.mark.slow
+def test_inference_mode_agrees_with_batch_statistics(validation):
+    """The saved model's moving BN statistics must match what the batches themselves give."""
+    from hpa_nb.metrics import image_metrics
+
+    images, labels, model, inference = validation
+    model.get_layer("dropout").rate = 0.0  # compare batch norm only
+    batch_statistics = np.concatenate([np.asarray(model(images[i:i + 16], training=True))
+                                       for i in range(0, len(images), 16)])
+    assert np.abs(inference - batch_statistics).mean() < 0.08
+    inference_auc = image_metrics(labels, inference)["macro_roc_auc"]
+    assert inference_auc > image_metrics(labels, batch_statistics)["macro_roc_auc"] - 0.05
+
+
+@pytest.mark.slow
+def test_run_folder_holds_model_history_config_split_and_checkpoints(quick_run, default_sample):
+    from hpa_nb.train import data_fingerprint, load_run_info
+
+    run = quick_run.run_dir
+    info = load_run_info(run)
+    assert (info["backend"], info["device"], info["replicas"]) == ("tensorflow", "cpu", 1)
+    assert info["global_batch_size"] == QUICK["batch_size"]
+    assert info["data_fingerprint"] == data_fingerprint(Path(default_sample))
+    assert load_config(run).image_size == QUICK["image_size"]
+    epochs = info["epochs_run"]  # early stopping may end the run before QUICK["epochs"]
+    assert 2 <= epochs <= QUICK["epochs"]
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(epochs))
+    assert {"loss", "auc", "map", "val_loss", "val_auc", "val_map"} <= set(history.columns)
+    split = pd.read_csv(run / "split.csv")
+    all_ids = set(pd.read_csv(Path(default_sample) / "train.csv")["ID"])
+    assert set(split["ID"]) == all_ids and split["ID"].is_unique
+    assert set(split["subset"]) == {"train", "val"}
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == [f"epoch-{e:03d}.keras" for e in (epochs - 1, epochs)]
+    assert not [p for p in run.rglob(".tmp*")]
+
+
+@pytest.mark.slow
+def test_saved_model_gives_the_trained_models_predictions(quick_run, validation):
+    images, _, _, saved = validation
+    np.testing.assert_allclose(saved, quick_run.model.predict(images, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+# --- the command: overrides, resume, errors -----------------------------------------------
+def _iterations(checkpoint: Path) -> int:
+    import keras
+
+    return int(keras.saving.load_model(checkpoint).optimizer.iterations.numpy())
+
+
+@pytest.mark.slow
+def test_resume_continues_after_the_last_finished_epoch(small_sample, tmp_path, capsys):
+    from hpa_nb.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(small_sample), "--out", str(run), *TINY_RUN]) == 0
+    config = load_config(run)
+    assert (config.backbone, config.epochs, config.image_size, config.steps_per_epoch) == ("tiny", 1, 32, 2)
+    assert _iterations(run / "checkpoints" / "epoch-001.keras") == 2
+    split = (run / "split.csv").read_text()
+
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2"]) == 0
+    assert "continuing after epoch 1" in capsys.readouterr().err
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1]
+    assert _iterations(run / "checkpoints" / "epoch-002.keras") == 4  # the LR schedule goes on from step 2
+    assert (run / "split.csv").read_text() == split
+    assert load_config(run).epochs == 2 and load_config(run).image_size == 32
+
+
+def test_a_missing_weights_file_is_one_line_exit_2(small_sample, tmp_path, capsys):
+    from hpa_nb.cli import main
+
+    code = main(["train", "--data", str(small_sample), "--out", str(tmp_path / "run"),
+                 "--weights", str(tmp_path / "absent.weights.h5")])
+    assert code == 2
+    assert "absent.weights.h5" in capsys.readouterr().err
+
+
+# --- distributed runs on CPU, each in its own process (the backend is fixed per process) --
+def _train_in_subprocess(small_sample: Path, run: Path, extra_env: dict[str, str], batch_size: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **extra_env}
+    command = [sys.executable, "-m", "hpa_nb", "train", "--data", str(small_sample), "--out", str(run),
+               *TINY_RUN, "--batch-size", str(batch_size)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = pd.read_csv(run / "history.csv")
+    assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+    return json.loads((run / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_jax_backend_over_eight_virtual_devices(small_sample, tmp_path):
+    pytest.importorskip("jax")
+    info = _train_in_subprocess(small_sample, tmp_path / "run", {
+        "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, batch_size=2)
+    assert (info["backend"], info["replicas"], info["distribution"]) == ("jax", 8, "DataParallel")
+    assert info["global_batch_size"] == 16
+
+
+@pytest.mark.slow
+def test_tensorflow_mirrored_strategy_over_two_logical_cpus(small_sample, tmp_path):
+    info = _train_in_subprocess(small_sample, tmp_path / "run", {
+        "KERAS_BACKEND": "tensorflow", "HPA_CPU_REPLICAS": "2"}, batch_size=4)
+    assert (info["backend"], info["replicas"], info["distribution"]) == ("tensorflow", 2, "MirroredStrategy")
+    assert info["global_batch_size"] == 8
