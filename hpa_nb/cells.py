@@ -408,7 +408,7 @@ def segmentation_quality(
     Returns the pooled `SegmentationScore`: mean IoU over matched cells and the fraction of
     ground-truth cells found (matched one-to-one at IoU ≥ ``threshold``).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     total = SegmentationScore(0, 0, 0, 0.0, threshold)
     for image_id in tqdm(ids, desc="segment", disable=not progress):
@@ -677,7 +677,7 @@ def predict_images(
 
     Feed ``{ID: p.as_map_input()}`` of the result to `hpa_nb.metrics.cell_map`.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     results: dict[str, CellPredictions] = {}
     for image_id in tqdm(ids, desc="cells", disable=not progress):

@@ -265,20 +265,24 @@ def _train(args: argparse.Namespace) -> None:
         explicit["data_dir"] = str(_data_dir(args.data))
     if args.resume and (out / CONFIG_FILE).is_file():  # the saved options, with the ones given now on top
         config = dataclasses.replace(load_config(out), resume=True, **explicit)
-    elif args.quick:
-        config = TrainConfig.quick_variant(resume=args.resume, **explicit)
     else:
-        config = TrainConfig(resume=args.resume, **explicit)
+        config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
     result = train(config)
     print(f"trained {config.backbone} into {result.run_dir}: "
           + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items()))
 
 
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_sample_parser, _submit_parser, _kaggle_parser, _evaluate_parser, _shard_parser, _bench_parser, _train_parser]
+# In the order of the workflow, which is the order `--help` lists them.
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _sample_parser, _shard_parser, _train_parser, _evaluate_parser, _submit_parser, _bench_parser, _kaggle_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpa_nb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hpa_nb",
+        description="HPA Single Cell Classification toolkit: sample data, shards, training, evaluation, "
+                    "submission, benchmarks and Kaggle kernels. Data defaults to hpa_nb.env.find_data().")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from hpa_nb.files import TEMPORARY_GLOB, temporary_path, write_text
 from hpa_nb.labels import N_CLASSES, label_matrix, parse_label
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
@@ -83,7 +83,8 @@ def _skip_log(skip_bad: bool | SkipLog) -> SkipLog | None:
     return SkipLog() if skip_bad else None
 
 
-_TF_NOISE = (re.compile(r"\{\{function_node [^}]*\}\}"), re.compile(r"\[\[\{\{node [^}]*\}\}\]\]"),
+# Node markers come as "[[{{node Assert}}]]", "[[IteratorGetNext]]" (Keras fit) or "[[node X (defined at ...) ]]".
+_TF_NOISE = (re.compile(r"\{\{function_node [^}]*\}\}"), re.compile(r"\[\[[^\[\]]*\]\]"),
              re.compile(r"\[Op:[^\]]*\]( name: \S*)?"), re.compile(r"^.*assertion failed:\s*", re.S))
 
 
@@ -279,6 +280,32 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
+def _channel_problem(element: dict, colors: tuple[str, ...], from_files: bool) -> tf.Tensor:
+    """Why an image's channel PNGs did not decode, naming the bad one's file (PNG folder) or colour (TFRecord).
+
+    Failure path only: each channel is decoded again on its own, inside ignore_errors.
+    """
+    load = tf.io.read_file if from_files else tf.identity
+
+    def size(data: tf.Tensor) -> tf.Tensor:  # [height, width], or [-1, -1] when it does not decode
+        sizes = tf.data.Dataset.from_tensors(data).map(lambda d: tf.shape(_decode_png(load(d)))[:2]).ignore_errors()
+        return sizes.concatenate(tf.data.Dataset.from_tensors(tf.constant([-1, -1]))).take(1).get_single_element()
+
+    sizes = tf.stack([size(element["data"][i]) for i in range(len(colors))])
+    broken = tf.reduce_any(sizes < 0, axis=1)
+    unequal = tf.reduce_any(tf.not_equal(sizes, sizes[:1]), axis=1)
+    culprit = tf.argmax(tf.cast(tf.where(tf.reduce_any(broken), broken, unequal), tf.int32), output_type=tf.int32)
+    name = tf.gather(element["data"], culprit) if from_files else element["source"]
+    where = _join("file ", name, ": image ", element["id"], ": ")
+    listing = tf.strings.reduce_join([_join(color, " ", sizes[i, 1], "x", sizes[i, 0])
+                                      for i, color in enumerate(colors)], separator=", ")
+    return _first_problem([
+        (tf.reduce_any(broken), _join(where, "the ", tf.gather(tf.constant(colors), culprit), " PNG does not decode")),
+        (tf.reduce_any(unequal), _join(where, "channels of unequal sizes (", listing, ")")),
+        (tf.constant(True), _join("file ", element["source"], ": image ", element["id"], ": does not decode")),
+    ])
+
+
 # --- layouts: a source of "items" (files or image rows), a parser to elements, a decoder ------
 @dataclass(frozen=True)
 class _Layout:
@@ -289,6 +316,7 @@ class _Layout:
     parse: Callable[[tf.data.Dataset, bool], tf.data.Dataset]  # items → {"id","label","data","problem"}
     decode: Callable[[tf.Tensor], tf.Tensor]                 # "data" → float32 [H, W, C] 0–255
     decode_can_fail: bool
+    explain: Callable[[dict], tf.Tensor] | None = None       # element → why `decode` failed (failure path only)
 
 
 def _tfrecord_layout(files: Sequence[str], colors: tuple[str, ...], ids: Iterable[str] | None,
@@ -673,23 +701,9 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _temporary_file(path: Path) -> tuple[int, str]:
-    """A temporary file next to `path` (same file system, so os.replace is atomic), readable by all."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(temporary, 0o644)  # mkstemp makes 0600 files; shards are shared data
-    return handle, temporary
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = _temporary_file(path)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-
-
 def _finished_shards(out: Path, settings: dict) -> dict[str, list[str]]:
     """Shards completed by earlier runs (name → IDs); leftovers of a killed run are removed."""
-    for stale in out.glob(".*.tmp"):
+    for stale in out.glob(TEMPORARY_GLOB):
         stale.unlink()
     finished = {}
     for path in sorted(out.glob("shard-*.tfrec")):
@@ -727,7 +741,7 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     ``encoding="png"`` trades read speed for disk space (raw rgby at 512 px is 1 MiB an image).
     Returns the manifest.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     if encoding not in SHARD_ENCODINGS:
         raise ValueError(f"encoding must be one of {SHARD_ENCODINGS}, not {encoding!r}")
@@ -760,7 +774,7 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
         nonlocal writer, temporary, shard_ids, index
         writer.close()
         final = out / _shard_name(index)
-        _atomic_write_text(_sidecar(final), json.dumps({**settings, "ids": shard_ids}))
+        write_text(_sidecar(final), json.dumps({**settings, "ids": shard_ids}))
         os.replace(temporary, final)  # the rename is the commit: a shard under its final name is whole
         finished[final.name] = shard_ids
         writer, temporary, shard_ids, index = None, None, [], index + 1
@@ -769,9 +783,9 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     try:
         for image, label, image_id in images.as_numpy_iterator():
             if writer is None:
-                handle, temporary = _temporary_file(out / _shard_name(index))
-                os.close(handle)
-                writer = tf.io.TFRecordWriter(temporary)
+                # created by the writer, so with ordinary permissions: shards are shared data
+                temporary = temporary_path(out / _shard_name(index))
+                writer = tf.io.TFRecordWriter(str(temporary))
             writer.write(_shard_example(image, label, image_id, encoding))
             shard_ids.append(image_id.decode())
             bar.update(1)
@@ -783,11 +797,11 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
         bar.close()
         if writer is not None:  # interrupted: never leave a temporary file behind to look like data
             writer.close()
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
     shards = [{"file": name, "count": len(ids)} for name, ids in sorted(finished.items())]
     manifest = {"format": SHARD_FORMAT, "version": 1, **settings, "count": sum(s["count"] for s in shards),
                 "shards": shards, "source": str(src), "skipped": log.count if log else 0}
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     if log is not None and log.count:
         print(f"warning: skipped {log.count} bad images or files (listed above)", file=sys.stderr)
     return manifest

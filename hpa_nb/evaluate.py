@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from hpa_nb.files import write_text
 from hpa_nb.labels import LABEL_NAMES, N_CLASSES, label_matrix
 from hpa_nb.metrics import image_metrics
 
@@ -56,14 +57,6 @@ class Evaluation:
 
 
 # --- predictions.csv ------------------------------------------------------------------------
-def _atomic_text(path: Path, text: str) -> None:
-    """Write text to a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_predictions(path: str | os.PathLike, ids: Sequence[str], probabilities: np.ndarray) -> Path:
     """Write ``ID`` + one probability column per class, headed by the label names in class-index order."""
     scores = np.asarray(probabilities, np.float64)
@@ -73,7 +66,7 @@ def write_predictions(path: str | os.PathLike, ids: Sequence[str], probabilities
     frame.insert(0, "ID", list(ids))
     path = Path(path)
     # 7 significant digits: float32's own precision, and tiny probabilities keep their order.
-    _atomic_text(path, frame.to_csv(index=False, float_format="%.7g"))
+    write_text(path, frame.to_csv(index=False, float_format="%.7g"))
     return path
 
 
@@ -148,7 +141,7 @@ def predict(model: Any, dataset: Iterable, tta: bool = False, total: int | None 
     With `tta`, each batch is predicted under every transform in `transforms` (default: all 8
     of `DIHEDRAL_TRANSFORMS`, so 8× the work) and the probabilities are averaged.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     names = list(transforms or DIHEDRAL_TRANSFORMS) if tta else ["identity"]
     unknown = [name for name in names if name not in DIHEDRAL_TRANSFORMS]
@@ -207,7 +200,7 @@ def _write_outputs(out_dir: Path, result: Evaluation, run_dir: Path) -> list[Pat
 
     files = [write_predictions(out_dir / PREDICTIONS_FILE, result.ids, result.y_score)]
     metrics_path = out_dir / METRICS_FILE
-    _atomic_text(metrics_path, json.dumps(result.metrics, indent=2, allow_nan=False) + "\n")
+    write_text(metrics_path, json.dumps(result.metrics, indent=2, allow_nan=False) + "\n")
     files.append(metrics_path)
     files += plots.save_figure(plots.per_class_scores(result.metrics), out_dir / "per_class_scores")
     if result.y_true.any():

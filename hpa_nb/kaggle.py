@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hpa_nb.env import COMPETITION
+from hpa_nb.files import write_text
 
 PLACEHOLDER_USERNAME = "USERNAME"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -249,12 +250,6 @@ def notebook_names(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[str]:
     return sorted(path.stem for path in notebooks_dir.glob("*.py"))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def build_bundle(
     name: str,
     out_dir: Path = BUILD_DIR,
@@ -303,8 +298,7 @@ def root_username(path: Path = ROOT_METADATA) -> str:
 
 def write_root_metadata(path: Path = ROOT_METADATA) -> Path:
     """Rewrite the root metadata from the table, keeping the owner the user set in it."""
-    _write_atomic(path, metadata_text(root_metadata(root_username(path))))
-    return path
+    return write_text(path, metadata_text(root_metadata(root_username(path))))
 
 
 def build_all(
@@ -314,7 +308,7 @@ def build_all(
     package_dir: Path = PACKAGE_DIR,
 ) -> list[Path]:
     """Build the committed (USERNAME) bundle of every notebook, or of ``names``."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     names = list(names) if names else notebook_names(notebooks_dir)
     if not names:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 from hpa_nb import metrics as metrics_module
+from hpa_nb.files import atomic_path
 from hpa_nb.labels import LABEL_NAMES, N_CLASSES, class_weights, label_counts, names_of
 
 TEMPLATE = "plotly_white"
@@ -75,18 +76,6 @@ def _can_write_png() -> bool:
     return True
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix: kaleido and matplotlib pick the format from it.
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_figure(fig: Any, path: str | os.PathLike, include_plotlyjs: bool | str = "cdn") -> list[Path]:
     """Save a figure next to `path` (its suffix is ignored) and return the files written.
 
@@ -101,11 +90,13 @@ def save_figure(fig: Any, path: str | os.PathLike, include_plotlyjs: bool | str 
     written: list[Path] = []
     if isinstance(fig, go.Figure):
         html = base.with_name(base.name + ".html")
-        _atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs=include_plotlyjs))
+        with atomic_path(html) as temporary:
+            fig.write_html(temporary, include_plotlyjs=include_plotlyjs)
         written.append(html)
         if _can_write_png():
             png = base.with_name(base.name + ".png")
-            _atomic_write(png, lambda p: fig.write_image(p))
+            with atomic_path(png) as temporary:  # kaleido picks the format from the suffix
+                fig.write_image(temporary)
             written.append(png)
         elif not _png_note_shown:
             print("note: kaleido is not installed, so plotly figures are saved as HTML only")
@@ -113,12 +104,20 @@ def save_figure(fig: Any, path: str | os.PathLike, include_plotlyjs: bool | str 
         return written
     png = base.with_name(base.name + ".png")
     if isinstance(fig, Figure):
-        _atomic_write(png, lambda p: fig.savefig(p, dpi=100, bbox_inches="tight"))
+        with atomic_path(png) as temporary:  # matplotlib, too, picks the format from the suffix
+            fig.savefig(temporary, dpi=100, bbox_inches="tight")
     elif hasattr(fig, "save"):  # a PIL image, as visualkeras returns
-        _atomic_write(png, lambda p: fig.save(p, format="PNG"))
+        with atomic_path(png) as temporary:
+            fig.save(temporary, format="PNG")
     else:
         raise TypeError(f"cannot save a {type(fig).__name__}; expected a plotly, matplotlib or PIL figure")
     return [png]
+
+
+def saved(fig: Any, path: str | os.PathLike) -> Any:
+    """Save `fig` with `save_figure` and return it, so one notebook line both keeps a plot and shows it."""
+    save_figure(fig, path)
+    return fig
 
 
 # --- the data -------------------------------------------------------------------------------
@@ -476,15 +475,18 @@ def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
 def model_diagram(model: Any, path: str | os.PathLike | None = None, **layered_view_options: Any) -> Any:
     """A visualkeras layered view of `model` as a PIL image (saved as PNG when `path` is given), or None.
 
-    visualkeras cannot draw every model (nested models, some Keras versions); then this
-    prints one warning line and returns None instead of failing the notebook.
+    A model wrapping one nested model (ours: the backbone, then the pooling/dropout/sigmoid head)
+    is drawn through that nested model's own layers, which would otherwise be a single box.
+    visualkeras cannot draw every model (some Keras versions); then this prints one warning
+    line and returns None instead of failing the notebook.
     """
     # legend_text_spacing_offset=0: any other value makes visualkeras 0.1.4 warn that it is deprecated.
     options = {"legend": True, "spacing": 20, "legend_text_spacing_offset": 0, **layered_view_options}
+    nested = [layer for layer in getattr(model, "layers", []) if hasattr(layer, "layers")]
     try:
         import visualkeras
 
-        image = visualkeras.layered_view(model, **options)
+        image = visualkeras.layered_view(nested[0] if len(nested) == 1 else model, **options)
         if path is not None:
             save_figure(image, path)
         return image

@@ -605,7 +605,7 @@ def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int 
     """
     _validate(images, size, bit_depth, test_images)  # before the slow TensorFlow import: bad input answers at once
     import tensorflow as tf
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     out = Path(out)
     _prepare(out)

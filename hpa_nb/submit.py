@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import os
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from hpa_nb.cells import (
     image_size_of,
     predict_image,
 )
+from hpa_nb.files import atomic_path
 from hpa_nb.labels import LABEL_NAMES
 
 # Emit every class for every cell by default. Under the competition's AP a low-confidence
@@ -122,7 +122,7 @@ def write_submission(
     probabilities (`hpa_nb.cells.keras_classifier`). Reads ``data_dir/test/{ID}_{color}.png``
     for every ID of ``sample_submission.csv`` (or ``ids``). Width and height are the red PNG's.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
     data_dir, out_csv = Path(data_dir), Path(out_csv)
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
@@ -131,9 +131,7 @@ def write_submission(
         for color in sorted(set(CHANNEL_COLORS[channels]) | {"red", "blue", "yellow"}, key=COLORS.index):
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out_csv) as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["ID", "ImageWidth", "ImageHeight", "PredictionString"])
@@ -144,9 +142,6 @@ def write_submission(
                 if predictions.mask.shape != (height, width):  # channels of different sizes
                     raise ValueError(f"image {image_id}: its channels are not all {width}×{height} px")
                 writer.writerow([image_id, width, height, prediction_string(predictions, confidence_floor)])
-        os.replace(temporary, out_csv)
-    finally:
-        temporary.unlink(missing_ok=True)
     return out_csv
 
 

@@ -10,13 +10,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hpa_nb.files import atomic_path, write_text
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -74,6 +75,12 @@ class TrainConfig:
         """The quick configuration (tiny CNN from scratch, 64 px, 5 epochs), with `overrides` applied on top."""
         return cls(**{**QUICK, **overrides})
 
+    @classmethod
+    def make(cls, quick: bool, **options: Any) -> "TrainConfig":
+        """The quick or the full configuration with `options` on top; an option given as None keeps its default."""
+        given = {name: value for name, value in options.items() if value is not None}
+        return cls.quick_variant(**given) if quick else cls(**given)
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -108,15 +115,32 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig(**{key: value for key, value in saved.items() if key in CONFIG_FIELDS})
 
 
+def load_split(run_dir: str | Path) -> dict[str, list[str]]:
+    """The run's ``split.csv`` as ``{"train": [IDs], "val": [IDs]}``."""
+    import pandas as pd
+
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {SPLIT_FILE} in run folder {run_dir}")
+    saved = pd.read_csv(path, dtype=str)
+    return {subset: saved.loc[saved["subset"] == subset, "ID"].tolist() for subset in ("train", "val")}
+
+
+def ensure_run(run_dir: str | Path, quick: bool = True, data_dir: str | Path | None = None) -> TrainConfig:
+    """The config of the run in `run_dir`, training one first (quick sizes by default) if it has no model yet.
+
+    This lets every notebook after ``03_train`` also run on its own.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_FILE).is_file():
+        print(f"no trained model in {run_dir}: training a {'quick' if quick else 'full'} one first", file=sys.stderr)
+        train(TrainConfig.make(quick, out_dir=str(run_dir), data_dir=None if data_dir is None else str(data_dir)))
+    return load_config(run_dir)
+
+
 def load_run_info(run_dir: str | Path) -> dict:
     """The whole config.json of a run: options plus backend, device, replicas, data fingerprint, results."""
     return json.loads((Path(run_dir) / CONFIG_FILE).read_text())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def data_fingerprint(root: Path) -> str:
@@ -169,7 +193,7 @@ def _split(root: Path, run_dir: Path, config: TrainConfig, reuse: bool) -> tuple
     else:
         train_ids, val_ids = data.split(ids, matrix, config.val_fraction, config.seed)
         rows = [f"{image_id},train" for image_id in train_ids] + [f"{image_id},val" for image_id in val_ids]
-        _atomic_write_text(split_path, "ID,subset\n" + "\n".join(rows) + "\n")
+        write_text(split_path, "ID,subset\n" + "\n".join(rows) + "\n")
     if not train_ids or not val_ids:
         raise ValueError(f"split of {len(ids)} images in {root} left an empty train or validation subset")
     return list(train_ids), list(val_ids), matrix
@@ -215,12 +239,6 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Path | None]:
     return int(found[-1].stem.split("-")[1]), found[-1]
 
 
-def _atomic_save(model, path: Path) -> None:
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # ends in .keras, as Keras requires
-    model.save(temporary)
-    os.replace(temporary, path)
-
-
 def _checkpoint_callback(run_dir: Path, keep: int):
     import keras
 
@@ -229,7 +247,8 @@ def _checkpoint_callback(run_dir: Path, keep: int):
 
         def on_epoch_end(self, epoch, logs=None):
             (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
-            _atomic_save(self.model, checkpoint_path(run_dir, epoch + 1))
+            with atomic_path(checkpoint_path(run_dir, epoch + 1)) as temporary:  # ends in .keras, as Keras requires
+                self.model.save(temporary)
             for old in sorted((run_dir / CHECKPOINT_DIR).glob("epoch-*.keras"))[:-keep]:
                 old.unlink()
 
@@ -293,17 +312,23 @@ def recalibrate_batch_norm(model, dataset, steps: int) -> int:
 
 
 # --- training -----------------------------------------------------------------------------
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int, global_batch: int):
+    """The warmup → sustain → decay schedule training uses, for a run of `config` (plotted in 03_train)."""
+    from hpa_nb import schedule
+
+    return schedule.from_epochs(
+        steps_per_epoch, global_batch, max_lr=config.max_lr, initial_lr=config.initial_lr,
+        warmup_epochs=config.warmup_epochs, sustain_epochs=config.sustain_epochs, decay=config.lr_decay,
+        min_lr=config.min_lr)
+
+
 def _compile(model, config: TrainConfig, positive_weights: np.ndarray, label_weights: np.ndarray,
              steps_per_epoch: int, global_batch: int, steps_per_execution: int) -> None:
     import keras
 
-    from hpa_nb import schedule
     from hpa_nb.model import WeightedBinaryCrossentropy, make_metrics
 
-    learning_rate = schedule.from_epochs(
-        steps_per_epoch, global_batch, max_lr=config.max_lr, initial_lr=config.initial_lr,
-        warmup_epochs=config.warmup_epochs, sustain_epochs=config.sustain_epochs, decay=config.lr_decay,
-        min_lr=config.min_lr)
+    learning_rate = learning_rate_schedule(config, steps_per_epoch, global_batch)
     gamma = config.focal_gamma if config.loss == "focal" else 0.0
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=WeightedBinaryCrossentropy(positive_weights, focal_gamma=gamma),
@@ -383,7 +408,8 @@ def train(config: TrainConfig) -> TrainResult:
     final = {}
     if model.compiled:
         final = {f"val_{k}": float(v) for k, v in model.evaluate(val_data, verbose=0, return_dict=True).items()}
-    _atomic_save(model, run_dir / MODEL_FILE)
+    with atomic_path(run_dir / MODEL_FILE) as temporary:
+        model.save(temporary)
     runtime.update(epochs_run=int(finished + len(losses)), final=final)
     _write_config(run_dir, config, runtime)
     history = pd.read_csv(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else pd.DataFrame()
@@ -419,7 +445,7 @@ def _callbacks(run_dir: Path, config: TrainConfig, finished: int, recalibration_
 
     if finished and (run_dir / HISTORY_FILE).is_file():  # drop rows of an epoch that never got its checkpoint
         history = pd.read_csv(run_dir / HISTORY_FILE)
-        _atomic_write_text(run_dir / HISTORY_FILE, history[history["epoch"] < finished].to_csv(index=False))
+        write_text(run_dir / HISTORY_FILE, history[history["epoch"] < finished].to_csv(index=False))
     recalibration = ([_recalibration_callback(recalibration_data, recalibration_steps)]
                      if config.bn_recalibration == "epoch" else [])
     return [
@@ -441,4 +467,4 @@ def _discover() -> Path:
 
 
 def _write_config(run_dir: Path, config: TrainConfig, runtime: dict) -> None:
-    _atomic_write_text(run_dir / CONFIG_FILE, json.dumps({**config.to_json(), **runtime}, indent=1) + "\n")
+    write_text(run_dir / CONFIG_FILE, json.dumps({**config.to_json(), **runtime}, indent=1) + "\n")

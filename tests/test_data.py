@@ -13,6 +13,7 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 
 from hpa_nb import data  # noqa: E402
+from hpa_nb.files import temporary_path  # noqa: E402
 from hpa_nb.labels import N_CLASSES, label_matrix, parse_label  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow")
@@ -308,13 +309,13 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypat
     assert not (out / data.MANIFEST).exists()
     assert sorted(p.name for p in out.glob("*.tfrec")) == ["shard-00000.tfrec", "shard-00001.tfrec"]
     # what a SIGKILL would leave: a half-written temporary shard, and a shard without its ID list
-    (out / ".shard-00002.tfrec.x.tmp").write_bytes(b"half a shard")
+    temporary_path(out / "shard-00002.tfrec").write_bytes(b"half a shard")
     (out / "shard-00009.tfrec").write_bytes(b"renamed, but its ID list was never written")
     assert collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)) and True  # no manifest: not read as shards
 
     manifest = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert manifest["count"] == 10 and [s["count"] for s in manifest["shards"]] == [3, 3, 3, 1]
-    assert not list(out.glob("*.tmp")) and not (out / "shard-00009.tfrec").exists()
+    assert not list(out.glob(".tmp-*")) and not (out / "shard-00009.tfrec").exists()
     assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)), 10, 3)
     again = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert again["shards"] == manifest["shards"]

@@ -319,7 +319,7 @@ def run_papermill(notebook_text: str, run_dir: Path, data: Path, *parameters: st
     run_dir.mkdir()
     (run_dir / "in.ipynb").write_text(notebook_text)
     environ = {key: value for key, value in os.environ.items()
-               if key not in ("PYTHONPATH", "KERAS_BACKEND") and not key.startswith("KAGGLE_")}
+               if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_OUT") and not key.startswith("KAGGLE_")}
     environ.update(HPA_DATA_DIR=str(data), HOME=str(run_dir))
     return subprocess.run(
         [sys.executable, "-m", "papermill", "in.ipynb", "out.ipynb", *parameters, "-k", "python3",
@@ -328,27 +328,29 @@ def run_papermill(notebook_text: str, run_dir: Path, data: Path, *parameters: st
 
 
 @pytest.mark.slow
-def test_bundled_notebook_runs_with_the_repository_off_sys_path(tmp_path, kaggle_api, standin_bundles,
-                                                               standin_notebooks):
+def test_committed_training_bundle_runs_with_the_repository_off_sys_path(tmp_path, kaggle_api, default_sample):
     import jupytext
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.csv").write_text("ID,Label\na,0|5\nb,18\nc,8|16\n")
-    request, _ = kaggle_api(standin_bundles / "03_train")  # exactly the text Kaggle would receive
-    completed = run_papermill(request.text, tmp_path / "bundled", data, "-p", "QUICK", "True", "-p", "EPOCHS", "1")
+    if not (kaggle.BUILD_DIR / kaggle.ROOT_KERNEL).is_dir():
+        pytest.fail("no committed training bundle: run `make kaggle`")
+    request, _ = kaggle_api(kaggle.BUILD_DIR / kaggle.ROOT_KERNEL)  # exactly the text Kaggle would receive
+    notebook = nbformat.reads(request.text, as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell("import hpa_nb\nprint('HPA_NB_FILE', hpa_nb.__file__)"))
+    completed = run_papermill(nbformat.writes(notebook), tmp_path / "bundled", default_sample,
+                              "-p", "QUICK", "True", "-p", "EPOCHS", "1", "-p", "IMAGE_SIZE", "32")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    probe = json.loads((tmp_path / "bundled" / "out" / "probe.json").read_text())
-    assert probe["kind"] == "HPA_DATA_DIR" and probe["images"] == 3
-    assert probe["quick"] is True and probe["epochs"] == 1
-    assert Path(probe["hpa_nb"]).parent.parent.name.startswith("hpa_nb_src-")
-    repo = kaggle.REPO_ROOT.resolve()
-    assert not [entry for entry in probe["sys_path"] if entry and Path(entry).resolve() == repo]
+    executed = nbformat.read(tmp_path / "bundled" / "out.ipynb", as_version=4)
+    printed = "".join(output.get("text", "") for cell in executed.cells for output in cell.get("outputs", []))
+    package_file = Path(printed.split("HPA_NB_FILE ", 1)[1].split()[0])
+    assert package_file.parent.parent.name.startswith("hpa_nb_src-")  # the embedded copy, not the repository
+    config = json.loads((tmp_path / "bundled" / "out" / "run" / "config.json").read_text())
+    assert config["quick"] is True and config["epochs"] == 1 and config["image_size"] == 32
+    assert (tmp_path / "bundled" / "out" / "run" / "model.keras").is_file()
 
     # Control: the same notebook without the bootstrap cannot import hpa_nb here, so the run above
     # owes its hpa_nb to the embedded copy alone.
-    plain = jupytext.writes(jupytext.read(standin_notebooks / "03_train.py"), fmt="ipynb")
-    completed = run_papermill(plain, tmp_path / "plain", data, "-p", "QUICK", "True")
+    plain = jupytext.writes(jupytext.read(kaggle.NOTEBOOKS_DIR / f"{kaggle.ROOT_KERNEL}.py"), fmt="ipynb")
+    completed = run_papermill(plain, tmp_path / "plain", default_sample, "-p", "QUICK", "True")
     assert completed.returncode != 0 and "No module named 'hpa_nb'" in completed.stderr
 
 

@@ -135,6 +135,12 @@ def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_image
     assert top in predictions.axes[0].get_title(loc="left")
 
 
+def test_saved_writes_the_figure_and_hands_it_back(tmp_path, sample_matrix):
+    fig = plots.labels_per_image(sample_matrix)
+    assert plots.saved(fig, tmp_path / "labels") is fig
+    assert (tmp_path / "labels.html").is_file()
+
+
 def test_augmentation_grid_has_a_row_per_step_plus_the_chain(sample_images):
     from hpa_nb.augment import STEPS
 
@@ -152,6 +158,18 @@ def test_save_figure_writes_html_and_png(tmp_path, sample_matrix, sample_images,
     written = plots.save_figure(plots.channel_grid(sample_images[:1], ["0"]), tmp_path / "grid")
     assert written == [tmp_path / "grid.png"] and Image.open(written[0]).format == "PNG"
     assert not list(tmp_path.glob(".*")), "no temporary files left behind"
+
+
+def test_model_diagram_opens_up_a_nested_backbone(monkeypatch):
+    import visualkeras
+
+    from hpa_nb.model import build
+
+    drawn = []
+    monkeypatch.setattr(visualkeras, "layered_view", lambda model, **options: drawn.append(model) or "image")
+    classifier = build("tiny", image_size=32, channels=3, weights=None)
+    assert plots.model_diagram(classifier) == "image"
+    assert drawn == [classifier.get_layer("backbone")]  # its conv blocks, not one "Functional" box
 
 
 def test_model_diagram_draws_a_png_and_survives_a_visualkeras_failure(tmp_path, monkeypatch, capsys):

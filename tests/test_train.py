@@ -33,6 +33,39 @@ def test_load_config_ignores_the_runtime_keys(tmp_path):
         load_config(tmp_path / "missing")
 
 
+def test_make_picks_quick_or_full_and_ignores_unset_options():
+    assert TrainConfig.make(True, epochs=None, image_size=48) == TrainConfig.quick_variant(image_size=48)
+    assert TrainConfig.make(False, backbone=None, epochs=3) == TrainConfig(epochs=3)
+
+
+def test_ensure_run_trains_only_when_the_run_has_no_model(tmp_path, monkeypatch):
+    from hpa_nb import train as train_module
+
+    calls = []
+
+    def fake_train(config):
+        calls.append(config)
+        Path(config.out_dir, "model.keras").write_text("model")
+        Path(config.out_dir, "config.json").write_text(json.dumps(config.to_json()))
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    run = tmp_path / "run"
+    run.mkdir()
+    first = train_module.ensure_run(run, quick=True, data_dir=tmp_path)
+    second = train_module.ensure_run(run, quick=True)
+    assert len(calls) == 1 and calls[0].quick and calls[0].out_dir == str(run)
+    assert calls[0].data_dir == str(tmp_path) and first == second
+
+
+def test_load_split_reads_both_subsets(tmp_path):
+    from hpa_nb.train import load_split
+
+    (tmp_path / "split.csv").write_text("ID,subset\na,train\nb,val\nc,train\n")
+    assert load_split(tmp_path) == {"train": ["a", "c"], "val": ["b"]}
+    with pytest.raises(FileNotFoundError, match="split.csv"):
+        load_split(tmp_path / "missing")
+
+
 # --- quick training on the default sample -------------------------------------------------
 @pytest.fixture(scope="module")
 def quick_run(default_sample, tmp_path_factory):
