@@ -338,7 +338,8 @@ def _tfrecord_layout(files: Sequence[str], colors: tuple[str, ...], ids: Iterabl
 
     return _Layout("tfrecords", f"competition TFRecords ({len(files)} files)",
                    lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
-                   len(files), parse, lambda pngs: _decode_png_channels(pngs, len(colors)), True)
+                   len(files), parse, lambda pngs: _decode_png_channels(pngs, len(colors)), True,
+                   lambda element: _channel_problem(element, colors, from_files=False))
 
 
 def _png_layout(root: Path, colors: tuple[str, ...], ids: Iterable[str] | None, log: SkipLog | None,
@@ -393,7 +394,7 @@ def _png_layout(root: Path, colors: tuple[str, ...], ids: Iterable[str] | None, 
     return _Layout("png", f"PNG folder {folder} ({len(rows)} images)",
                    lambda: tf.data.Dataset.from_tensor_slices(
                        (tf.constant(image_ids, tf.string), labels.reshape(-1, N_CLASSES), path_array)),
-                   len(rows), parse, decode, True)
+                   len(rows), parse, decode, True, lambda element: _channel_problem(element, colors, from_files=True))
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
@@ -490,16 +491,21 @@ def _decode_stage(elements: tf.data.Dataset, layout: _Layout, image_size: int, c
     if layout.decode_can_fail:
         # A decode error names no file or ID. Decoding inside a one-element dataset with
         # ignore_errors, followed by a flagged stand-in, turns the error into a named problem.
+        # The stand-in's map runs only when it is reached (take(1) stops after a decoded image),
+        # so `explain` (a second, per-channel decode) costs nothing on good images.
+        def flag(element: dict) -> tuple:
+            def explain() -> tf.Tensor:
+                if layout.explain is not None:
+                    return layout.explain(element)
+                return _join("file ", element["source"], ": image ", element["id"], ": its PNG does not decode")
+
+            problem = tf.cond(tf.equal(element["problem"], ""), explain, lambda: element["problem"])
+            return tf.zeros([0, 0, channel_count]), element["label"], element["id"], problem
+
         def decode_or_flag(element: dict) -> tf.data.Dataset:
             decoded = tf.data.Dataset.from_tensors(element).filter(lambda e: tf.equal(e["problem"], ""))
             decoded = decoded.map(decode).ignore_errors()
-            problem = tf.where(tf.equal(element["problem"], ""),
-                               _join("file ", element["source"], ": image ", element["id"],
-                                     ": a PNG does not decode (corrupt, or channels of unequal sizes)"),
-                               element["problem"])
-            flagged = tf.data.Dataset.from_tensors(
-                (tf.zeros([0, 0, channel_count]), element["label"], element["id"], problem))
-            return decoded.concatenate(flagged).take(1)
+            return decoded.concatenate(tf.data.Dataset.from_tensors(element).map(flag)).take(1)
 
         images = elements.interleave(decode_or_flag, cycle_length=AUTOTUNE, block_length=1,
                                      num_parallel_calls=AUTOTUNE, deterministic=deterministic)

@@ -239,6 +239,30 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Path | None]:
     return int(found[-1].stem.split("-")[1]), found[-1]
 
 
+def clear_previous_run(run_dir: Path) -> list[str]:
+    """Remove an earlier run's files from `run_dir` before a fresh (not resumed) run writes there.
+
+    Otherwise a new run that fails early would leave its config and split beside the old run's
+    model, and the folder would describe a model it does not hold. Returns the names removed.
+    """
+    import shutil
+
+    removed = []
+    for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"train: new run in {run_dir}: removed the previous run's {', '.join(removed)} "
+              "(use --resume to continue it instead)", file=sys.stderr)
+    return removed
+
+
 def _checkpoint_callback(run_dir: Path, keep: int):
     import keras
 
@@ -359,6 +383,8 @@ def train(config: TrainConfig) -> TrainResult:
     config = dataclasses.replace(config, data_dir=str(root))
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        clear_previous_run(run_dir)
     finished, checkpoint = last_checkpoint(run_dir) if config.resume else (0, None)
     if config.resume and checkpoint is None:
         print(f"resume: no checkpoint in {run_dir / CHECKPOINT_DIR}, starting from scratch", file=sys.stderr)

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -233,8 +237,7 @@ def test_bad_tfrecords_raise_naming_file_and_id(tmp_path, case):
     message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", deterministic=False))
     assert expected in message
     assert any(image_id(i) in message for i in (0, 2, 4))
-    if case != "corrupt png":
-        assert str(bad_file) in message
+    assert str(bad_file) in message
     assert "node" not in message and "\n" not in message
 
 
@@ -277,6 +280,104 @@ def test_png_dir_bad_input_is_named(tmp_path):
     (root / "train" / f"{image_id(3)}_red.png").write_bytes(corrupt_png((root / "train" / f"{image_id(3)}_red.png").read_bytes()))
     message = error_of(data.read_png_dir(root, IMAGE_SIZE, ids=[image_id(3)]))
     assert image_id(3) in message and "does not decode" in message
+
+
+# --- a PNG that does not decode, or channels of unequal sizes: the one bad channel named -------
+def test_corrupt_png_in_png_dir_names_that_file_and_no_other(tmp_path):
+    root = write_dataset(tmp_path, count=4, tfrecords=False)
+    (root / "train" / f"{image_id(1)}_green.png").write_bytes(b"garbage")
+    message = error_of(data.read_png_dir(root, IMAGE_SIZE, "rgby"))
+    assert message == f"file {root / 'train' / image_id(1)}_green.png: image {image_id(1)}: the green PNG does not decode"
+    log = data.SkipLog(echo=False)
+    assert len(read_all(data.read_png_dir(root, IMAGE_SIZE, "rgby", skip_bad=log))) == 3
+    assert log.problems == [message]
+
+
+def test_png_dir_channels_of_unequal_sizes_name_the_odd_file_and_the_sizes(tmp_path):
+    root = write_dataset(tmp_path, count=2, tfrecords=False)  # image 1 is 24 px
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "train" / f"{image_id(1)}_blue.png")
+    message = error_of(data.read_png_dir(root, IMAGE_SIZE, "rgb"))
+    assert message == (f"file {root / 'train' / image_id(1)}_blue.png: image {image_id(1)}: "
+                       "channels of unequal sizes (red 24x24, green 24x24, blue 12x10)")
+
+
+def change_png(index: int, color: str, change) -> Callable:
+    """A `rewrite_records` change applied to the record of image `index`, colour `color`."""
+    def apply(rows):
+        for row in rows:
+            if row[0] == f"{image_id(index)}_{color}":
+                row[1] = change(row[1])
+        return rows
+    return apply
+
+
+def test_corrupt_png_in_a_tfrecord_names_the_file_the_image_and_the_colour(tmp_path):
+    root = write_dataset(tmp_path, count=6, files=2, pngs=False)
+    bad_file = first_file(root)  # images 0, 2, 4
+    rewrite_records(bad_file, change_png(2, "green", corrupt_png))
+    for channels in ("rgb", "rgby"):
+        message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, channels, deterministic=False))
+        assert message == f"file {bad_file}: image {image_id(2)}: the green PNG does not decode"
+    rewrite_records(bad_file, change_png(4, "red", lambda png: png_bytes(1, 8, 8)))  # image 4 is 24 px
+    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgb", ids=[image_id(4)]))
+    assert message == (f"file {bad_file}: image {image_id(4)}: "
+                       "channels of unequal sizes (red 8x8, green 24x24, blue 24x24)")
+
+
+TF_ASSERT = "[file a.tfrec: image X: the green PNG doesn\\'t decode]"
+TF_MESSAGES = {
+    "eager": f"{{{{function_node __wrapped__IteratorGetNext}}}} assertion failed: {TF_ASSERT}\n\t "
+             "[[{{node Assert/Assert}}]] [Op:IteratorGetNext] name: ",
+    "keras fit": "Graph execution error:\n\nDetected at node Assert/Assert defined at (most recent call last):\n"
+                 "<stack traces unavailable>\nError in user-defined function passed to MapDataset:18 transformation "
+                 f"with iterator: Iterator::Root::Prefetch::ParallelMapV2: assertion failed: {TF_ASSERT}\n\t "
+                 "[[{{node Assert/Assert}}]]\n\t [[IteratorGetNext]] [Op:__inference_multi_step_on_iterator_8962]",
+    "graph node": f"assertion failed: {TF_ASSERT}\n\t [[node IteratorGetNext (defined at train.py:12) ]]",
+    "nested nodes": f"assertion failed: {TF_ASSERT}\n\t [[{{{{node IteratorGetNext}}}}]]\n\t [[IteratorGetNext]]",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(TF_MESSAGES))
+def test_error_message_strips_tensorflow_noise_of_every_shape(shape):
+    error = tf.errors.InvalidArgumentError(None, None, TF_MESSAGES[shape])
+    assert data.error_message(error) == "file a.tfrec: image X: the green PNG doesn't decode"
+
+
+# --- bad input through the command line: one line, exit status 2 -------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "HPA_DEBUG"}
+    env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", HPA_OUT=str(cwd / "out"))
+    return subprocess.run([sys.executable, "-m", "hpa_nb", *arguments], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert errors == [f"error: {expected}"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "[[" not in result.stderr and "IteratorGetNext" not in result.stderr
+
+
+@pytest.mark.parametrize("verb", ["shard", "train"])
+def test_cli_names_the_corrupt_png_of_a_png_folder(tmp_path, verb):
+    root = write_dataset(tmp_path / "d", count=12, tfrecords=False)
+    bad = root / "train" / f"{image_id(5)}_green.png"
+    bad.write_bytes(b"garbage")
+    arguments = (["shard", "--src", str(root), "--out", str(tmp_path / "shards")] if verb == "shard" else
+                 ["train", "--quick", "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert_one_error_line(run_cli(*arguments, cwd=tmp_path),
+                          f"file {bad}: image {image_id(5)}: the green PNG does not decode")
+
+
+def test_cli_names_the_tfrecord_and_colour_of_a_corrupt_png(tmp_path):
+    root = write_dataset(tmp_path / "d", count=6, files=2, pngs=False)
+    bad_file = first_file(root)
+    rewrite_records(bad_file, change_png(2, "blue", corrupt_png))
+    result = run_cli("shard", "--src", str(root), "--out", str(tmp_path / "shards"), cwd=tmp_path)
+    assert_one_error_line(result, f"file {bad_file}: image {image_id(2)}: the blue PNG does not decode")
 
 
 def test_bad_label_in_csv_names_the_id(tmp_path):

@@ -66,6 +66,20 @@ def test_load_split_reads_both_subsets(tmp_path):
         load_split(tmp_path / "missing")
 
 
+def test_a_fresh_run_clears_the_previous_runs_files_first(tmp_path, capsys):
+    from hpa_nb.train import clear_previous_run
+
+    for name in ("model.keras", "history.csv", "config.json", "split.csv", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch-003.keras").write_text("old")
+    removed = clear_previous_run(tmp_path)
+    assert removed == ["model.keras", "history.csv", "config.json", "split.csv", "checkpoints"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # not ours: kept
+    assert "--resume" in capsys.readouterr().err
+    assert clear_previous_run(tmp_path) == []
+
+
 # --- quick training on the default sample -------------------------------------------------
 @pytest.fixture(scope="module")
 def quick_run(default_sample, tmp_path_factory):
