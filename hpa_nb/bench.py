@@ -148,22 +148,28 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
 
 
 # --- train (model developer) --------------------------------------------------------------
-def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmup_steps: int) -> float:
+def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmup_steps: int,
+                              steps_per_execution: int = 1) -> float:
     """Training images/s over `steps` steps of one ``fit``, after `warmup_steps` (compilation, pipeline start)."""
     import keras
 
     class StepClock(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.times: list[float] = []
+            self.marks: list[tuple[int, float]] = []  # (last step of the execution, time)
 
         def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter())
+            self.marks.append((batch, time.perf_counter()))
 
+    # Keras calls on_train_batch_end once per execution (at its last step), so round both phases
+    # up to whole executions: then one execution ends exactly where the warm-up does.
+    warmup_steps = -(-max(1, warmup_steps) // steps_per_execution) * steps_per_execution
+    steps = -(-steps // steps_per_execution) * steps_per_execution
     clock = StepClock()
     model.fit(dataset, epochs=1, steps_per_epoch=warmup_steps + steps, callbacks=[clock], verbose=0, shuffle=False)
-    timed = clock.times[warmup_steps - 1:]  # from the end of the last warm-up step
-    return (len(timed) - 1) * batch_size / (timed[-1] - timed[0])
+    timed = [(step, moment) for step, moment in clock.marks if step >= warmup_steps - 1]
+    (first_step, start), (last_step, end) = timed[0], timed[-1]
+    return (last_step - first_step) * batch_size / (end - start)
 
 
 def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", backbone: str = "tiny",
@@ -197,8 +203,10 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
     in_memory = in_memory.cache().repeat().prefetch(tf.data.AUTOTUNE)
     with accelerator.scope():
         model = build(backbone, image_size, channels, weights=None)
+        # At most the timed steps per execution, so the timing spans at least one whole execution.
+        steps_per_execution = min(accelerator.steps_per_execution, steps)
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=WeightedBinaryCrossentropy(),
-                      steps_per_execution=accelerator.steps_per_execution)
+                      steps_per_execution=steps_per_execution)
     print(f"bench: {backbone} at {image_size} px, {channels}, global batch {global_batch} on "
           f"{accelerator.describe()}; {steps} timed steps after {warmup_steps} warm-up", file=sys.stderr)
     fill_cache = -(-len(ids) // global_batch)  # steps of one pass
@@ -206,7 +214,7 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
              "pipeline, streaming": (pipeline(False), warmup_steps)}
     results = {}
     for name, (dataset, warmup) in feeds.items():
-        results[name] = _steady_images_per_second(model, dataset, global_batch, steps, warmup)
+        results[name] = _steady_images_per_second(model, dataset, global_batch, steps, warmup, steps_per_execution)
         print(f"bench: {name}: {results[name]:.1f} images/s", file=sys.stderr)
     print(f"\n{'feed':<22}{'images/s':>10}{'% of memory':>13}")
     for name, rate in results.items():
@@ -217,8 +225,8 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
         print(f"{name}: {fraction:.0%} of in-memory ({verdict}; target >= 90%)")
     summary = {"bench": "train", "data": str(root), "images": len(ids), "backbone": backbone,
                "image_size": image_size, "channels": channels, "global_batch_size": global_batch,
-               "steps": steps, "backend": accelerator.backend, "device": accelerator.device_kind,
-               "replicas": accelerator.replicas, "cpu_count": os.cpu_count(),
+               "steps": steps, "steps_per_execution": steps_per_execution, "backend": accelerator.backend,
+               "device": accelerator.device_kind, "replicas": accelerator.replicas, "cpu_count": os.cpu_count(),
                "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
                "pipeline_fraction": {name: round(fraction, 3) for name, fraction in fractions.items()}}
     print(json.dumps(summary))

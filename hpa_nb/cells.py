@@ -49,19 +49,17 @@ def read_channel(path: Path) -> np.ndarray:
 
 
 def read_channels(folder: Path, image_id: str, colors: Iterable[str] = COLORS) -> dict[str, np.ndarray]:
-    """``{color: float32 [H, W]}`` for ``folder/{image_id}_{color}.png``."""
-    return {color: read_channel(Path(folder) / f"{image_id}_{color}.png") for color in colors}
-
-
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) of a PNG, read from its header only."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    with Image.open(path) as image:
-        return image.size
+    """``{color: float32 [H, W]}`` for ``folder/{image_id}_{color}.png``, all of one size."""
+    folder = Path(folder)
+    channels = {color: read_channel(folder / f"{image_id}_{color}.png") for color in colors}
+    # Checked here, once, so a mismatch names its file instead of failing later inside np.stack.
+    first = next(iter(channels), None)
+    for color, pixels in channels.items():
+        if pixels.shape != channels[first].shape:
+            (height, width), (first_height, first_width) = pixels.shape, channels[first].shape
+            raise ValueError(f"image {image_id}: {folder / f'{image_id}_{color}.png'} is {width}×{height} px, "
+                             f"but {image_id}_{first}.png is {first_width}×{first_height} px")
+    return channels
 
 
 def stack_channels(channels: Mapping[str, np.ndarray], channel_mode: str) -> np.ndarray:
@@ -232,7 +230,7 @@ class SegmentationUnavailableError(ImportError, ValueError):
     """A segmentation method's package is missing; a ValueError too, so the CLI prints one line."""
 
 
-_SEGMENTATORS: dict[tuple[str, str, str], object] = {}
+_SEGMENTATORS: dict[tuple[str, str, str, float], object] = {}
 
 
 def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, settings: ClassicalSettings,
@@ -254,7 +252,7 @@ def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, s
             raise FileNotFoundError(
                 f"hpacellseg weights {path} not found: pass nuclei_model=/cell_model= or set HPA_CELLSEG_WEIGHTS"
             )
-    key = (str(nuclei_path), str(cell_path), device)
+    key = (str(nuclei_path), str(cell_path), device, float(scale_factor))
     if key not in _SEGMENTATORS:  # loading the two U-Nets takes seconds: once per process
         _SEGMENTATORS[key] = CellSegmentator(str(nuclei_path), str(cell_path), scale_factor=scale_factor,
                                              device=device, padding=True, multi_channel_model=True)
@@ -520,13 +518,10 @@ class ScoreRule:
 
 
 def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
-    """``[H, W, C]`` → ``[S, S, C]`` float32 exactly as the training pipeline resizes (`hpa_nb.data`)."""
-    import tensorflow as tf  # the same antialiased bilinear kernel as training: no train/test skew
+    """``[H, W, C]`` → ``[S, S, C]`` float32 through `hpa_nb.data.resize`, the training pipeline's kernel."""
+    from hpa_nb.data import resize  # one kernel for training and scoring: no train/test skew
 
-    if image.shape[:2] == (image_size, image_size):
-        return image.astype(np.float32)
-    resized = tf.image.resize(image.astype(np.float32), [image_size, image_size], method="bilinear", antialias=True)
-    return np.clip(resized.numpy(), 0.0, 255.0)
+    return resize(np.asarray(image, np.float32), image_size).numpy()
 
 
 def cell_crops(image: np.ndarray, mask: np.ndarray, image_size: int,
@@ -603,14 +598,14 @@ def predict_cells(
     mask: np.ndarray,
     image_size: int,
     rule: ScoreRule = ScoreRule(),
-    batch_size: int = 32,
 ) -> CellPredictions:
     """Score every cell of one image under `rule`.
 
     ``image`` is ``[H, W, C]`` float32 on the 0–255 scale in the model's channel order, at the
     original size; ``mask`` is its instance mask (from `segment`). The classifier sees the
-    whole image resized to ``image_size`` once, and each cell's crop (`cell_crops`) in
-    batches of ``batch_size``. Returns the cells' ids and scores ``[N, 19]``.
+    whole image resized to ``image_size``, then all cells' crops (``CROPS[rule.crop]``) in one
+    call: batching is the classifier's job (`keras_classifier`). Returns the cells' ids and
+    scores ``[N, 19]``.
     """
     ids = cell_ids_of(mask)
     image_probs = np.asarray(classifier(resize_image(image, image_size)[None]), np.float32)[0] \
@@ -618,11 +613,9 @@ def predict_cells(
     if len(ids) == 0:
         return CellPredictions(mask, ids, np.zeros((0, N_CLASSES), np.float32), image_probs)
     if rule.image_weight < 1:
-        cell_probs = []
-        for start in range(0, len(ids), batch_size):
-            _, crops = CROPS[rule.crop](image, mask, image_size, ids[start:start + batch_size])
-            cell_probs.append(np.asarray(classifier(crops), np.float32))
-        crop_probs = np.concatenate(cell_probs)
+        # All crops at once: the image and mask are resized (or boxed) once, not once per batch.
+        _, crops = CROPS[rule.crop](image, mask, image_size, ids)
+        crop_probs = np.asarray(classifier(crops), np.float32)
     else:
         crop_probs = np.ones((len(ids), N_CLASSES), np.float32)
     return CellPredictions(mask, ids, rule.apply(image_probs, crop_probs), image_probs)
@@ -650,7 +643,6 @@ def predict_image(
     rule: ScoreRule = ScoreRule(),
     mask: np.ndarray | None = None,
     settings: ClassicalSettings = ClassicalSettings(),
-    batch_size: int = 32,
     **method_options,
 ) -> CellPredictions:
     """Read ``folder/{ID}_*.png``, segment it (unless ``mask`` is given) and score its cells."""
@@ -658,7 +650,7 @@ def predict_image(
     pixels = read_channels(folder, image_id, colors)
     if mask is None:
         mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method, settings, **method_options)
-    return predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule, batch_size)
+    return predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule)
 
 
 def predict_images(
@@ -671,9 +663,12 @@ def predict_images(
     rule: ScoreRule = ScoreRule(),
     use_truth_masks: bool = False,
     progress: bool = True,
+    masks: Mapping[str, np.ndarray] | None = None,
     **options,
 ) -> dict[str, CellPredictions]:
     """`predict_image` over many sample images (train or test); ``use_truth_masks`` skips segmentation.
+
+    The truth masks come from ``masks`` (``{ID: mask}``, e.g. from `load_cell_truth`) or else ``masks/{ID}.png``.
 
     Feed ``{ID: p.as_map_input()}`` of the result to `hpa_nb.metrics.cell_map`.
     """
@@ -681,7 +676,9 @@ def predict_images(
 
     results: dict[str, CellPredictions] = {}
     for image_id in tqdm(ids, desc="cells", disable=not progress):
-        mask = read_mask(data_dir, image_id) if use_truth_masks else None
+        mask = None
+        if use_truth_masks:
+            mask = masks[image_id] if masks is not None else read_mask(data_dir, image_id)
         results[image_id] = predict_image(classifier, image_folder(data_dir, image_id), image_id, image_size,
                                           channels, method, rule, mask=mask, **options)
     return results

@@ -257,8 +257,6 @@ def _train(args: argparse.Namespace) -> None:
     from hpa_nb.train import CONFIG_FILE, TrainConfig, load_config, train
 
     explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
-    if isinstance(explicit.get("weights"), str) and explicit["weights"].lower() == "none":
-        explicit["weights"] = None
     out = args.out or working_dir() / "run"
     explicit["out_dir"] = str(out)
     if args.data or not (args.resume and (out / CONFIG_FILE).is_file()):

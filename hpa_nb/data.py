@@ -280,6 +280,9 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
+resize = _resize  # public: `hpa_nb.cells` scores cells through this same kernel, so test matches training
+
+
 def _channel_problem(element: dict, colors: tuple[str, ...], from_files: bool) -> tf.Tensor:
     """Why an image's channel PNGs did not decode, naming the bad one's file (PNG folder) or colour (TFRecord).
 
@@ -416,12 +419,10 @@ _SHARD_FEATURES = {"id": tf.io.FixedLenFeature([], tf.string, default_value=""),
                    "image": tf.io.FixedLenFeature([], tf.string, default_value="")}
 
 
-def _shard_layout(shard_dir: Path, colors: tuple[str, ...], ids: Iterable[str] | None,
+def _shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids: Iterable[str] | None,
                   exclude: Iterable[str] | None = None) -> _Layout:
-    manifest = read_manifest(shard_dir)
+    """The shards of `shard_dir`, read through its `manifest`, which `_choose_layout` found to hold `colors`."""
     stored = colors_of(manifest["channels"])
-    if stored[: len(colors)] != colors:
-        raise ValueError(f"{shard_dir} holds {manifest['channels']} shards; {''.join(c[0] for c in colors)} requested")
     size, stored_count, encoding = int(manifest["size"]), len(stored), manifest["encoding"]
     files = [str(shard_dir / entry["file"]) for entry in manifest["shards"]]
     sizes = [_file_size(f) for f in files]
@@ -469,7 +470,7 @@ def _choose_layout(root: str | Path, channels: str, ids: Iterable[str] | None, l
     if allow_shards and (shard_dir / MANIFEST).is_file():
         manifest = read_manifest(shard_dir)
         if colors_of(manifest["channels"])[: len(colors)] == colors:
-            return _shard_layout(shard_dir, colors, ids, exclude)
+            return _shard_layout(shard_dir, manifest, colors, ids, exclude)
         print(f"data: ignoring {shard_dir} ({manifest['channels']} shards, {channels} requested)", file=sys.stderr)
     records = sorted(tf.io.gfile.glob(str(root / "train_tfrecords" / TFRECORD_PATTERN)))
     if records:
@@ -712,18 +713,14 @@ def _finished_shards(out: Path, settings: dict) -> dict[str, list[str]]:
     for stale in out.glob(TEMPORARY_GLOB):
         stale.unlink()
     finished = {}
-    for path in sorted(out.glob("shard-*.tfrec")):
-        sidecar = _sidecar(path)
-        if not sidecar.is_file():  # renamed but its ID list never written: redo those images
-            path.unlink()
-            continue
-        record = json.loads(sidecar.read_text())
+    for path in sorted(out.glob("shard-*.tfrec")):  # renamed after its sidecar, so every one has its ID list
+        record = json.loads(_sidecar(path).read_text())
         mismatched = {key: record.get(key) for key, value in settings.items() if record.get(key) != value}
         if mismatched:
             raise ValueError(f"{out} already holds shards with {mismatched}, not {settings}: use another --out")
         finished[path.name] = record["ids"]
     for sidecar in out.glob("shard-*.tfrec.json"):
-        if not sidecar.with_suffix("").is_file():
+        if not sidecar.with_suffix("").is_file():  # killed between the sidecar and the rename: redo those images
             sidecar.unlink()
     return finished
 

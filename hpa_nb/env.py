@@ -101,8 +101,11 @@ def find_competition_dir(input_root: Path = KAGGLE_INPUT, max_depth: int = 5) ->
 
 
 def default_sample_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The cache folder of the default sample, named by its settings and the generator's version."""
+    from hpa_nb.sample import GENERATOR_VERSION
+
     spec = DEFAULT_SAMPLE
-    name = f"sample-n{spec['images']}-s{spec['size']}-seed{spec['seed']}-b{spec['bit_depth']}"
+    name = f"sample-v{GENERATOR_VERSION}-n{spec['images']}-s{spec['size']}-seed{spec['seed']}-b{spec['bit_depth']}"
     return cache_dir(environ) / name
 
 
@@ -146,12 +149,3 @@ def find_data(environ: Mapping[str, str] = os.environ, input_root: Path = KAGGLE
     sample = ensure_default_sample(environ)
     why = "no HPA_DATA_DIR and no competition data attached" if on_kaggle(environ) else "no HPA_DATA_DIR, not on Kaggle"
     return DataSource(sample, "sample", f"{why}: using the synthetic default sample")
-
-
-def gcs_path() -> str | None:
-    """The competition's GCS path, for a TF TPU that cannot read local files; None where unavailable."""
-    try:
-        from kaggle_datasets import KaggleDatasets  # only exists inside Kaggle kernels
-    except ImportError:
-        return None
-    return KaggleDatasets().get_gcs_path(COMPETITION)

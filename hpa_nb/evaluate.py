@@ -96,16 +96,6 @@ def load_thresholds(path: str | os.PathLike) -> list[float | None]:
 
 
 # --- which images ---------------------------------------------------------------------------
-def _read_split_file(run_dir: Path) -> list[str] | None:
-    path = run_dir / "split.csv"
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path, dtype={"ID": str})
-    if not {"ID", "subset"} <= set(frame.columns):
-        raise ValueError(f"{path} must have columns ID,subset")
-    return frame.loc[frame["subset"] == "val", "ID"].tolist()
-
-
 def held_out_ids(run_dir: str | os.PathLike, labels: pd.DataFrame, val_fraction: float, seed: int) -> list[str]:
     """The validation IDs of a run, reproduced with `hpa_nb.data.split` and checked against RUN/split.csv.
 
@@ -113,11 +103,12 @@ def held_out_ids(run_dir: str | os.PathLike, labels: pd.DataFrame, val_fraction:
     different folder) rather than silently scoring images the model trained on.
     """
     from hpa_nb.data import split
+    from hpa_nb.train import SPLIT_FILE, load_split
 
     run_dir = Path(run_dir)
     ids = labels["ID"].astype(str).tolist()
     _, val_ids = split(ids, label_matrix(ids, labels["Label"]), val_fraction, seed)
-    recorded = _read_split_file(run_dir)
+    recorded = load_split(run_dir)["val"] if (run_dir / SPLIT_FILE).is_file() else None
     if recorded is None:
         print(f"note: {run_dir / 'split.csv'} not found; using the split reproduced from the config", file=sys.stderr)
     elif set(recorded) != set(val_ids) or len(recorded) != len(val_ids):

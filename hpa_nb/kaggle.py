@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import importlib.util
 import io
@@ -206,7 +207,12 @@ del _hpa_nb_bootstrap, HPA_NB_ARCHIVE'''
 
 def bootstrap_source(package_dir: Path = PACKAGE_DIR) -> str:
     """The first code cell of every bundle: recreates hpa_nb from an embedded tar.xz."""
-    tar_bytes = package_tar(package_dir)
+    return _bootstrap_cell(package_tar(package_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _bootstrap_cell(tar_bytes: bytes) -> str:
+    """The bootstrap cell for one package content: xz at preset 9 is slow, and every bundle embeds the same."""
     # xz over the finished tar (not tarfile's "w:xz") keeps the tar bytes, and so the checksum,
     # independent of the compressor.
     compressed = lzma.compress(tar_bytes, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9)

@@ -19,6 +19,7 @@ import hpa_nb  # noqa: F401  (picks the Keras backend first)
 import keras
 from keras import layers, ops
 
+from hpa_nb.files import atomic_path
 from hpa_nb.labels import N_CLASSES
 
 CHANNELS = {"rgb": 3, "rgby": 4}
@@ -262,7 +263,8 @@ def save_backbone_weights(model: keras.Model, path: str | Path) -> Path:
         raise ValueError(f"backbone weights file {path} must end in .weights.h5")
     backbone = model.get_layer("backbone")
     inner = [layer for layer in backbone.layers if isinstance(layer, keras.Model)]
-    (inner[0] if inner else backbone).save_weights(path)  # a V2 backbone wraps the Keras model
+    with atomic_path(path) as temporary:  # the temporary name keeps the .weights.h5 Keras requires
+        (inner[0] if inner else backbone).save_weights(temporary)  # a V2 backbone wraps the Keras model
     return path
 
 

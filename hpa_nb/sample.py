@@ -26,6 +26,9 @@ from hpa_nb.labels import N_CLASSES, NEGATIVE
 COLORS = ("red", "green", "blue", "yellow")
 IMAGES_PER_TFRECORD = 30
 SMALL_SIZE_SHARE = 0.3  # the real set mixes sizes too; most images are the large size
+# Bump when the generator's output changes: the cached default sample is keyed by it, so a
+# cache written by an older generator is never reused (its images would not match the notebooks).
+GENERATOR_VERSION = 1
 MARKER = "sample.json"  # marks a folder this module may overwrite
 
 # Approximate images per class in the real train.csv (21,806 images): the sample keeps its skew.

@@ -1,8 +1,6 @@
 """Learning-rate schedule: linear warmup, sustain, exponential decay, scaled with the global batch size."""
 from __future__ import annotations
 
-import numpy as np
-
 import hpa_nb  # noqa: F401  (picks the Keras backend first)
 import keras
 from keras import ops
@@ -66,8 +64,3 @@ def from_epochs(steps_per_epoch: int, global_batch_size: int, max_lr: float = 1e
                               warmup_steps=round(warmup_epochs * steps_per_epoch),
                               sustain_steps=round(sustain_epochs * steps_per_epoch),
                               decay=decay, decay_steps=max(steps_per_epoch, 1), min_lr=min_lr)
-
-
-def values(schedule: keras.optimizers.schedules.LearningRateSchedule, steps: int) -> np.ndarray:
-    """The learning rate at steps 0..steps-1, for plotting in a notebook."""
-    return np.asarray(ops.convert_to_numpy(schedule(ops.arange(steps))), np.float64)

@@ -33,7 +33,6 @@ from hpa_nb.cells import (
     Classifier,
     ScoreRule,
     SegmentationScore,
-    image_size_of,
     predict_image,
 )
 from hpa_nb.files import atomic_path
@@ -111,7 +110,6 @@ def write_submission(
     rule: ScoreRule = ScoreRule(),
     confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR,
     settings: ClassicalSettings = ClassicalSettings(),
-    batch_size: int = 32,
     ids: Sequence[str] | None = None,
     progress: bool = True,
     **method_options,
@@ -120,7 +118,8 @@ def write_submission(
 
     ``classifier`` maps ``[N, image_size, image_size, C]`` float32 (0–255) to ``[N, 19]``
     probabilities (`hpa_nb.cells.keras_classifier`). Reads ``data_dir/test/{ID}_{color}.png``
-    for every ID of ``sample_submission.csv`` (or ``ids``). Width and height are the red PNG's.
+    for every ID of ``sample_submission.csv`` (or ``ids``); an image whose channel PNGs differ in
+    size is a ValueError naming the file. Width and height are the PNGs' own.
     """
     from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
@@ -136,11 +135,9 @@ def write_submission(
             writer = csv.writer(handle)
             writer.writerow(["ID", "ImageWidth", "ImageHeight", "PredictionString"])
             for image_id in tqdm(ids, desc="submission", unit="image", disable=not progress):
-                width, height = image_size_of(test_dir / f"{image_id}_red.png")
                 predictions = predict_image(classifier, test_dir, image_id, image_size, channels, method, rule,
-                                            settings=settings, batch_size=batch_size, **method_options)
-                if predictions.mask.shape != (height, width):  # channels of different sizes
-                    raise ValueError(f"image {image_id}: its channels are not all {width}×{height} px")
+                                            settings=settings, **method_options)
+                height, width = predictions.mask.shape  # the PNGs' size: `segment` keeps it
                 writer.writerow([image_id, width, height, prediction_string(predictions, confidence_floor)])
     return out_csv
 
@@ -166,7 +163,7 @@ def submit(
     print(f"submission: model {run_dir} ({image_size} px, {channels}), segmentation {method}, {rule}",
           file=sys.stderr)
     return write_submission(classifier, image_size, channels, data_dir, out_csv, method, rule, confidence_floor,
-                            batch_size=batch_size, progress=progress, **method_options)
+                            progress=progress, **method_options)
 
 
 def load_classifier(run_dir: Path, batch_size: int = 32) -> tuple[Classifier, int, str]:
@@ -234,7 +231,7 @@ def evaluate_cells(
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     masks, labels = load_cell_truth(data_dir, ids)
     predictions = predict_images(classifier, data_dir, ids, image_size, channels, method, rule,
-                                 use_truth_masks=use_truth_masks, progress=progress, batch_size=batch_size)
+                                 use_truth_masks=use_truth_masks, progress=progress, masks=masks)
     segmentation = SegmentationScore(0, 0, 0, 0.0, 0.6)
     for image_id, predicted in predictions.items():
         segmentation = segmentation + score_segmentation(predicted.mask, masks[image_id], 0.6)

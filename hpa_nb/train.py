@@ -37,7 +37,7 @@ class TrainConfig:
     image_size: int = 384
     channels: str = "rgb"  # "rgb" or "rgby"
     backbone: str = "efficientnetb0"  # a key of hpa_nb.model.BACKBONES
-    weights: str | None = "imagenet"  # "imagenet", None, or a weights file (see hpa_nb.model.build)
+    weights: str | None = "imagenet"  # "imagenet", None ("none" too), or a weights file (see hpa_nb.model.build)
     dropout: float = 0.3
     epochs: int = 20
     batch_size: int = 16  # per replica; the global batch is this × replicas
@@ -69,6 +69,11 @@ class TrainConfig:
     cpu_replicas: int | None = None  # TF only: MirroredStrategy over this many logical CPUs (tests)
     verbose: int | str = "auto"  # Keras fit verbosity: progress bar by default
     keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        # "none" (the CLI's spelling) becomes None here, so config.json and every reader see one form.
+        if isinstance(self.weights, str) and self.weights.lower() in ("none", ""):
+            self.weights = None
 
     @classmethod
     def quick_variant(cls, **overrides: Any) -> "TrainConfig":
@@ -122,8 +127,18 @@ def load_split(run_dir: str | Path) -> dict[str, list[str]]:
     path = Path(run_dir) / SPLIT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {SPLIT_FILE} in run folder {run_dir}")
-    saved = pd.read_csv(path, dtype=str)
+    saved = pd.read_csv(path, dtype=str, keep_default_na=False)  # IDs as written: "0001" stays "0001"
+    if not {"ID", "subset"} <= set(saved.columns):
+        raise ValueError(f"{path} must have columns ID,subset")
     return {subset: saved.loc[saved["subset"] == subset, "ID"].tolist() for subset in ("train", "val")}
+
+
+def write_split(run_dir: str | Path, train_ids: list[str], val_ids: list[str]) -> Path:
+    """Write the run's ``split.csv`` (ID, subset), which `load_split` reads back."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"ID": [*train_ids, *val_ids], "subset": ["train"] * len(train_ids) + ["val"] * len(val_ids)})
+    return write_text(Path(run_dir) / SPLIT_FILE, frame.to_csv(index=False))
 
 
 def ensure_run(run_dir: str | Path, quick: bool = True, data_dir: str | Path | None = None) -> TrainConfig:
@@ -175,28 +190,24 @@ def _validate(config: TrainConfig) -> None:
 
 
 # --- split --------------------------------------------------------------------------------
-def _split(root: Path, run_dir: Path, config: TrainConfig, reuse: bool) -> tuple[list[str], list[str], np.ndarray]:
-    """Train / validation IDs (the saved split when resuming) and the label matrix of all images."""
-    import pandas as pd
-
+def _split(root: Path, run_dir: Path, config: TrainConfig,
+           reuse: bool) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Train / validation IDs (the saved split when resuming) and their label matrices."""
     from hpa_nb import data
     from hpa_nb.labels import label_matrix
 
     frame = data.load_labels(root)
-    ids = [str(image_id) for image_id in frame["ID"]]
+    ids = frame["ID"].tolist()
     matrix = label_matrix(ids, frame["Label"])
-    split_path = run_dir / SPLIT_FILE
-    if reuse and split_path.is_file():
-        saved = pd.read_csv(split_path)
-        train_ids = saved.loc[saved["subset"] == "train", "ID"].astype(str).tolist()
-        val_ids = saved.loc[saved["subset"] == "val", "ID"].astype(str).tolist()
+    if reuse and (run_dir / SPLIT_FILE).is_file():
+        saved = load_split(run_dir)
+        train_ids, val_ids = saved["train"], saved["val"]
     else:
         train_ids, val_ids = data.split(ids, matrix, config.val_fraction, config.seed)
-        rows = [f"{image_id},train" for image_id in train_ids] + [f"{image_id},val" for image_id in val_ids]
-        write_text(split_path, "ID,subset\n" + "\n".join(rows) + "\n")
+        write_split(run_dir, train_ids, val_ids)
     if not train_ids or not val_ids:
         raise ValueError(f"split of {len(ids)} images in {root} left an empty train or validation subset")
-    return list(train_ids), list(val_ids), matrix
+    return list(train_ids), list(val_ids), _rows(train_ids, ids, matrix), _rows(val_ids, ids, matrix)
 
 
 def _rows(ids: list[str], all_ids: list[str], matrix: np.ndarray) -> np.ndarray:
@@ -371,7 +382,6 @@ def train(config: TrainConfig) -> TrainResult:
     import keras
     import pandas as pd
 
-    from hpa_nb import data
     from hpa_nb.accelerator import detect
     from hpa_nb.labels import class_weights
     from hpa_nb.model import build
@@ -388,9 +398,7 @@ def train(config: TrainConfig) -> TrainResult:
     finished, checkpoint = last_checkpoint(run_dir) if config.resume else (0, None)
     if config.resume and checkpoint is None:
         print(f"resume: no checkpoint in {run_dir / CHECKPOINT_DIR}, starting from scratch", file=sys.stderr)
-    train_ids, val_ids, matrix = _split(root, run_dir, config, reuse=config.resume)
-    all_ids = [str(i) for i in data.load_labels(root)["ID"]]
-    train_matrix, val_matrix = _rows(train_ids, all_ids, matrix), _rows(val_ids, all_ids, matrix)
+    train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
 
     global_batch = accelerator.global_batch_size(config.batch_size)
     steps_per_epoch = config.steps_per_epoch or max(1, len(train_ids) // global_batch)

@@ -83,8 +83,8 @@ print(f"{len(train_ids)} training and {len(val_ids)} validation images, {steps_p
 # so batch norm uses its moving statistics at inference.
 
 # %%
-with device.scope():
-    network = model.build(config.backbone, config.image_size, config.channels, config.weights, config.dropout)
+with device.scope():  # the architecture only: `train` below builds it again and loads the pretrained weights
+    network = model.build(config.backbone, config.image_size, config.channels, weights=None, dropout=config.dropout)
 network.summary()
 print(f"{model.count_parameters(network):,} parameters")
 

@@ -188,12 +188,103 @@ def test_predict_cells_batches_crops_and_scores_each_cell():
     image[..., 1][mask == 4] = 255.0  # only cell 4 shows the protein
     classifier = CountingClassifier()
     result = predict_cells(classifier, image, mask, image_size=16,
-                           rule=ScoreRule("arithmetic", 0.0, "model", crop="tight"), batch_size=3)
-    assert classifier.batches == [(3, 16, 16, 3), (1, 16, 16, 3)]  # crops in 3 + 1; image_weight 0: no image call
+                           rule=ScoreRule("arithmetic", 0.0, "model", crop="tight"))
+    assert classifier.batches == [(4, 16, 16, 3)]  # all crops in one call; image_weight 0: no image call
     assert list(result.cell_ids) == [1, 2, 3, 4] and result.scores.shape == (4, N_CLASSES)
     assert result.scores[3, 0] > 0.9 and result.scores[:3, 0].max() == 0.0
     as_input = result.as_map_input()
     assert len(as_input) == 4 and as_input[3][0].sum() == 144
+
+
+def _regression_image() -> tuple[np.ndarray, np.ndarray]:
+    """A 50 × 70 patterned image with five cells: big (shrunk), small (enlarged), round, at the edge, tiny."""
+    rows, cols = np.mgrid[:50, :70]
+    image = np.stack([(rows * 7 + cols * 3) % 256, (rows * cols) % 256, (rows * 11 + cols * 5) % 199],
+                     axis=-1).astype(np.float32)
+    mask = np.zeros((50, 70), np.uint16)
+    mask[2:12, 3:20] = 1
+    mask[5:45, 25:60] = 2
+    mask[(rows - 35) ** 2 + (cols - 12) ** 2 < 100] = 3
+    mask[40:50, 62:70] = 4
+    mask[20:24, 0:4] = 5
+    return image, mask
+
+
+def _layout_classifier(batch: np.ndarray) -> np.ndarray:
+    """Classes 0–2: channel means; class 3: green in the top-left sixth, so a crop's layout matters."""
+    probs = np.full((len(batch), N_CLASSES), 0.5, np.float32)
+    probs[:, :3] = batch.mean(axis=(1, 2)) / 255.0
+    probs[:, 3] = batch[:, : batch.shape[1] // 2, : batch.shape[2] // 3, 1].mean(axis=(1, 2)) / 255.0
+    return probs
+
+
+# Scores [cells 1..5, classes 0..3] under ScoreRule("arithmetic", 0.5, "model", crop), computed with crops
+# built in batches of 2 (the code before crops were built once per image) and the training resize kernel.
+EXPECTED_CELL_SCORES = {
+    "tight": [[0.34452, 0.30980, 0.33307, 0.19708], [0.47874, 0.44471, 0.36344, 0.38385],
+              [0.41749, 0.44583, 0.35508, 0.40727], [0.46811, 0.42196, 0.32146, 0.34844],
+              [0.55774, 0.29043, 0.28332, 0.17808]],
+    "frame": [[0.26208, 0.23451, 0.20747, 0.21580], [0.35849, 0.32828, 0.27321, 0.16900],
+              [0.27091, 0.25031, 0.21208, 0.16900], [0.25995, 0.23293, 0.19860, 0.16900],
+              [0.25500, 0.22748, 0.19543, 0.17080]],
+}
+
+
+@pytest.mark.parametrize("crop", sorted(EXPECTED_CELL_SCORES))
+def test_predict_cells_scores_do_not_change(crop):
+    image, mask = _regression_image()
+    result = predict_cells(_layout_classifier, image, mask, 32, ScoreRule("arithmetic", 0.5, "model", crop=crop))
+    assert list(result.cell_ids) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(result.scores[:, :4], EXPECTED_CELL_SCORES[crop], atol=2e-5)
+
+
+def test_resize_image_is_the_training_kernel():
+    import tensorflow as tf
+
+    from hpa_nb.data import resize
+
+    rng = np.random.default_rng(0)
+    for shape, size in (((50, 70, 3), 32), ((12, 12, 4), 32), ((32, 32, 3), 32)):  # shrink, enlarge, same
+        image = rng.uniform(0, 255, shape).astype(np.float32)
+        resized = cells.resize_image(image, size)
+        assert isinstance(resized, np.ndarray) and resized.shape == (size, size, shape[-1])
+        np.testing.assert_array_equal(resized, resize(tf.constant(image), size).numpy())
+
+
+def test_hpacellseg_segmentator_is_cached_per_scale_factor(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    made = []
+
+    class FakeSegmentator:
+        def __init__(self, nuclei_path, cell_path, scale_factor, **kwargs):
+            made.append(scale_factor)
+
+        def pred_nuclei(self, images):
+            return [np.zeros((8, 8), np.uint8)]
+
+        def pred_cells(self, images):
+            return [np.zeros((8, 8, 3), np.uint8)]
+
+    def label_cell(nuclei, cell):
+        mask = np.zeros((8, 8), np.int32)
+        mask[2:6, 2:6] = 1
+        return None, mask
+
+    monkeypatch.setitem(sys.modules, "hpacellseg", types.ModuleType("hpacellseg"))
+    monkeypatch.setitem(sys.modules, "hpacellseg.cellsegmentator",
+                        types.SimpleNamespace(CellSegmentator=FakeSegmentator))
+    monkeypatch.setitem(sys.modules, "hpacellseg.utils", types.SimpleNamespace(label_cell=label_cell))
+    monkeypatch.setattr(cells, "_SEGMENTATORS", {})
+    for name in ("nuclei-model.pth", "cell-model.pth"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("HPA_CELLSEG_WEIGHTS", str(tmp_path))
+    image = np.ones((8, 8), np.float32)
+    for scale_factor in (0.25, 0.25, 0.5):
+        mask = segment(image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor)
+        assert mask.max() == 1
+    assert made == [0.25, 0.5]  # loaded once per scale factor, not reused across them
 
 
 def test_predict_cells_without_cells_or_without_crops():

@@ -160,14 +160,17 @@ def test_labels_without_images_of_other_ids_are_ignored_by_the_id_filter(planted
         assert sorted(collect(dataset)) == sorted(wanted)
 
 
-def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys):
+def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys, monkeypatch):
     root = write_dataset(tmp_path / "d", count=4, files=2)
     assert len(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True))) == 4
     assert "competition TFRecords" in capsys.readouterr().out
     data.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
     capsys.readouterr()
+    reads = []
+    monkeypatch.setattr(data, "read_manifest",
+                        lambda folder, real=data.read_manifest: reads.append(folder) or real(folder))
     seen = collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
-    assert "compact shards" in capsys.readouterr().out
+    assert "compact shards" in capsys.readouterr().out and len(reads) == 1  # the manifest is read once
     assert_all_planted(seen, 4, 4)
     png_only = write_dataset(tmp_path / "p", count=4, tfrecords=False)
     assert len(collect(data.open_dataset(png_only, IMAGE_SIZE, with_id=True))) == 4
@@ -409,14 +412,16 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypat
     monkeypatch.setattr(data.os, "replace", real_replace)
     assert not (out / data.MANIFEST).exists()
     assert sorted(p.name for p in out.glob("*.tfrec")) == ["shard-00000.tfrec", "shard-00001.tfrec"]
-    # what a SIGKILL would leave: a half-written temporary shard, and a shard without its ID list
+    # killed between the sidecar and the rename: an ID list whose shard never arrived
+    assert (out / "shard-00002.tfrec.json").is_file()
+    # what a SIGKILL would also leave: a half-written temporary shard, and an ID list of a lost shard
     temporary_path(out / "shard-00002.tfrec").write_bytes(b"half a shard")
-    (out / "shard-00009.tfrec").write_bytes(b"renamed, but its ID list was never written")
+    (out / "shard-00009.tfrec.json").write_text('{"ids": ["never written"]}')
     assert collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)) and True  # no manifest: not read as shards
 
     manifest = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert manifest["count"] == 10 and [s["count"] for s in manifest["shards"]] == [3, 3, 3, 1]
-    assert not list(out.glob(".tmp-*")) and not (out / "shard-00009.tfrec").exists()
+    assert not list(out.glob(".tmp-*")) and not (out / "shard-00009.tfrec.json").exists()
     assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)), 10, 3)
     again = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert again["shards"] == manifest["shards"]

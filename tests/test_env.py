@@ -92,3 +92,10 @@ def test_explicit_backend_and_non_tpu_machines_are_left_alone(monkeypatch):
 
 def test_hpa_out_overrides_the_working_dir(tmp_path):
     assert env.working_dir({"HPA_OUT": str(tmp_path), "KAGGLE_KERNEL_RUN_TYPE": "Batch"}) == tmp_path
+
+
+def test_the_cached_sample_is_keyed_by_the_generator_version(tmp_path, monkeypatch):
+    environ = {"HPA_CACHE": str(tmp_path)}
+    first = env.default_sample_dir(environ)
+    monkeypatch.setattr("hpa_nb.sample.GENERATOR_VERSION", 2)
+    assert env.default_sample_dir(environ) != first and "-v2-" in env.default_sample_dir(environ).name

@@ -220,6 +220,25 @@ def test_build_is_deterministic_and_embeds_exactly_the_package(tmp_path, standin
     assert members == expected
 
 
+def test_the_archive_is_compressed_once_for_all_bundles_and_the_staleness_check(tmp_path, standin_notebooks,
+                                                                                 monkeypatch):
+    compressions = []
+    compress = kaggle.lzma.compress
+
+    def counting_compress(*args, **kwargs):
+        compressions.append(1)
+        return compress(*args, **kwargs)
+
+    monkeypatch.setattr(kaggle.lzma, "compress", counting_compress)
+    kaggle._bootstrap_cell.cache_clear()
+    build = tmp_path / "build"
+    names = ["03_train", "01_eda"]
+    kaggle.build_all(names, out_dir=build, notebooks_dir=standin_notebooks)
+    assert kaggle.stale_bundles(build, standin_notebooks) == [] and len(compressions) == 1
+    first, second = (bootstrap_cells(nbformat.read(build / name / f"{name}.ipynb", as_version=4)) for name in names)
+    assert first == second
+
+
 def test_bundle_is_the_notebook_plus_one_first_code_cell(standin_bundles, standin_notebooks):
     import jupytext
 

@@ -1,6 +1,8 @@
 """hpa_nb.model: the sigmoid head, the 4-channel weight transplant, the weighted loss, metrics, save/load."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -210,3 +212,22 @@ def test_backbone_weights_written_from_a_trained_model_seed_a_new_one(tmp_path):
     source = [layer for layer in trained.get_layer("backbone").layers if isinstance(layer, keras.Model)][0]
     np.testing.assert_array_equal(inner.get_layer("block1a_project_conv").kernel.numpy(),
                                   source.get_layer("block1a_project_conv").kernel.numpy())
+
+
+def test_backbone_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "tiny.weights.h5"
+    path.write_bytes(b"previous weights")
+
+    def crash(self, filepath, *args, **kwargs):
+        assert str(filepath).endswith(".weights.h5")  # Keras insists on the suffix
+        Path(filepath).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "save_weights", crash)
+    with pytest.raises(OSError):
+        model_lib.save_backbone_weights(tiny, path)
+    assert path.read_bytes() == b"previous weights" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    monkeypatch.undo()
+    model_lib.save_backbone_weights(tiny, path)
+    model_lib.build("tiny", SIZE, "rgby", weights=path)  # the file loads
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

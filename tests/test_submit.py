@@ -112,6 +112,27 @@ def test_missing_test_image_is_named(handmade, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def odd_green(handmade, tmp_path_factory) -> Path:
+    """One test image (img0, 48 × 48 px) whose green PNG is 40 × 48 px."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("odd_green")
+    (root / "test").mkdir()
+    for color in ("red", "green", "blue", "yellow"):
+        shutil.copy(handmade / "test" / f"img0_{color}.png", root / "test")
+    _write_png(root / "test" / "img0_green.png", np.zeros((48, 40), np.uint8))
+    pd.DataFrame([("img0", 0, 0, "")], columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]).to_csv(
+        root / "sample_submission.csv", index=False)
+    return root
+
+
+def test_channels_of_different_sizes_name_the_image_and_file(odd_green, tmp_path):
+    with pytest.raises(ValueError, match=r"image img0: .*img0_green\.png is 40×48 px, but img0_red\.png is 48×48"):
+        write_submission(fake_classifier, 32, "rgb", odd_green, tmp_path / "x.csv", progress=False)
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder as `train` writes it: an untrained tiny CNN and its config.json."""
     from hpa_nb.model import build
@@ -148,6 +169,15 @@ def test_cli_submit(small_sample, tiny_run, tmp_path, capsys):
     assert "model.keras" in capsys.readouterr().err
     assert main(["submit", "--model", str(tiny_run), "--data", str(small_sample), "--out", str(out),
                  "--image-weight", "2"]) == 2
+
+
+def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, tiny_run, tmp_path, capsys):
+    from hpa_nb.cli import main
+
+    assert main(["submit", "--model", str(tiny_run), "--data", str(odd_green), "--out", str(tmp_path / "x.csv"),
+                 "--image-weight", "1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "img0_green.png is 40×48 px" in errors[0]
 
 
 def test_evaluate_cells_scores_the_sample_test_images(small_sample):

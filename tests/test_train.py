@@ -66,6 +66,21 @@ def test_load_split_reads_both_subsets(tmp_path):
         load_split(tmp_path / "missing")
 
 
+def test_numeric_looking_ids_survive_the_split_round_trip(tmp_path):
+    from hpa_nb.train import _split
+
+    ids = [f"{index:04d}" for index in range(20)] + ["1e3", "NA"]
+    pd.DataFrame({"ID": ids, "Label": [str(index % 3) for index in range(len(ids))]}).to_csv(
+        tmp_path / "train.csv", index=False)
+    config = TrainConfig(val_fraction=0.25)
+    first = _split(tmp_path, tmp_path, config, reuse=False)
+    config = TrainConfig(val_fraction=0.5, seed=7)  # a resumed run reads split.csv, whatever the config says now
+    again = _split(tmp_path, tmp_path, config, reuse=True)
+    assert sorted(first[0] + first[1]) == sorted(ids) and again[:2] == first[:2]
+    np.testing.assert_array_equal(again[2], first[2])
+    np.testing.assert_array_equal(again[3], first[3])
+
+
 def test_a_fresh_run_clears_the_previous_runs_files_first(tmp_path, capsys):
     from hpa_nb.train import clear_previous_run
 
@@ -192,6 +207,27 @@ def test_a_missing_weights_file_is_one_line_exit_2(small_sample, tmp_path, capsy
                  "--weights", str(tmp_path / "absent.weights.h5")])
     assert code == 2
     assert "absent.weights.h5" in capsys.readouterr().err
+
+
+def test_weights_none_reaches_a_full_run_and_survives_config_json(small_sample, tmp_path, monkeypatch):
+    from hpa_nb import train as train_module
+    from hpa_nb.cli import main
+    from hpa_nb.model import build_backbone
+    from hpa_nb.train import TrainResult
+
+    configs = []
+
+    def fake_train(config):
+        configs.append(config)
+        return TrainResult(Path(config.out_dir), model=None, history=None)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    assert main(["train", "--data", str(small_sample), "--out", str(tmp_path), "--weights", "none"]) == 0
+    (config,) = configs
+    assert not config.quick and config.backbone == "efficientnetb0" and config.weights is None
+    (tmp_path / "config.json").write_text(json.dumps(config.to_json()))
+    assert load_config(tmp_path) == config
+    build_backbone(config.backbone, 32, config.channels, config.weights)  # no weights: no download
 
 
 # --- distributed runs on CPU, each in its own process (the backend is fixed per process) --

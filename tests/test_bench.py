@@ -1,0 +1,17 @@
+"""hpa_nb.bench: the training benchmark still times when Keras runs several steps per execution."""
+from __future__ import annotations
+
+import math
+
+from hpa_nb import accelerator
+
+
+def test_bench_train_times_several_steps_per_execution(small_sample, monkeypatch):
+    from hpa_nb.bench import train
+
+    # Keras calls on_train_batch_end once per execution: 4 steps each, as on a GPU (8) or TPU (32).
+    monkeypatch.setitem(accelerator.STEPS_PER_EXECUTION, "cpu", 4)
+    summary = train(small_sample, image_size=32, batch_size=4, steps=5)
+    assert summary["steps_per_execution"] == 4
+    rates = summary["images_per_second"].values()
+    assert len(rates) == 3 and all(math.isfinite(rate) and rate > 0 for rate in rates)
