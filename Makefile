@@ -45,6 +45,7 @@ notebooks: $(VENV)/.installed
 	$(PY) -m hpa_nb kaggle build
 
 bench: $(VENV)/.installed
+	$(PY) -m hpa_nb bench loader --size 1024
 	$(PY) -m hpa_nb bench loader
 	$(PY) -m hpa_nb bench train
 
