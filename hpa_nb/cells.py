@@ -24,10 +24,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from hpa_nb.labels import LABEL_NAMES, N_CLASSES, NEGATIVE, parse_label
+from hpa_nb.labels import COLORS, LABEL_NAMES, N_CLASSES, NEGATIVE, colors_of, parse_label
 
-COLORS = ("red", "green", "blue", "yellow")
-CHANNEL_COLORS = {"rgb": ("red", "green", "blue"), "rgby": ("red", "green", "blue", "yellow")}
 
 Classifier = Callable[[np.ndarray], np.ndarray]
 
@@ -63,10 +61,13 @@ def read_channels(folder: Path, image_id: str, colors: Iterable[str] = COLORS) -
 
 
 def stack_channels(channels: Mapping[str, np.ndarray], channel_mode: str) -> np.ndarray:
-    """The model's input layout: ``[H, W, C]`` in the order of `CHANNEL_COLORS`."""
-    if channel_mode not in CHANNEL_COLORS:
-        raise ValueError(f"channels {channel_mode!r} is not one of {sorted(CHANNEL_COLORS)}")
-    return np.stack([channels[color] for color in CHANNEL_COLORS[channel_mode]], axis=-1)
+    """The model's input layout: ``[H, W, C]`` in the order of `hpa_nb.labels.CHANNEL_SETS`."""
+    return np.stack([channels[color] for color in colors_of(channel_mode)], axis=-1)
+
+
+def colors_needed(channels: str) -> list[str]:
+    """The stains one prediction reads: the model's channels plus red, blue and yellow for segmentation."""
+    return sorted(set(colors_of(channels)) | {"red", "blue", "yellow"}, key=COLORS.index)
 
 
 # --- segmentation -----------------------------------------------------------------------
@@ -646,8 +647,7 @@ def predict_image(
     **method_options,
 ) -> CellPredictions:
     """Read ``folder/{ID}_*.png``, segment it (unless ``mask`` is given) and score its cells."""
-    colors = sorted(set(CHANNEL_COLORS[channels]) | {"red", "blue", "yellow"}, key=COLORS.index)
-    pixels = read_channels(folder, image_id, colors)
+    pixels = read_channels(folder, image_id, colors_needed(channels))
     if mask is None:
         mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method, settings, **method_options)
     return predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule)

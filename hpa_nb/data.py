@@ -22,10 +22,8 @@ import pandas as pd
 import tensorflow as tf
 
 from hpa_nb.files import TEMPORARY_GLOB, temporary_path, write_text
-from hpa_nb.labels import N_CLASSES, label_matrix, parse_label
+from hpa_nb.labels import COLORS, N_CLASSES, colors_of, label_matrix, parse_label
 
-COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
-CHANNEL_SETS: dict[str, tuple[str, ...]] = {"rgb": COLORS[:3], "rgby": COLORS}
 PNG_SUFFIX = ".png"
 TFRECORD_PATTERN = "*.tfrec"
 SHARD_DIR = "shards"
@@ -42,13 +40,6 @@ SHUFFLE_BUFFER = 256
 # 65535 / 255: a 16-bit value on the 0–255 scale.
 UINT16_TO_UINT8 = 257.0
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def colors_of(channels: str) -> tuple[str, ...]:
-    """The colour names behind a channel set such as ``"rgb"``."""
-    if channels not in CHANNEL_SETS:
-        raise ValueError(f"channels must be one of {sorted(CHANNEL_SETS)}, not {channels!r}")
-    return CHANNEL_SETS[channels]
 
 
 class SkipLog:

@@ -29,6 +29,17 @@ LABEL_NAMES: tuple[str, ...] = (
 N_CLASSES = len(LABEL_NAMES)
 NEGATIVE = LABEL_NAMES.index("Negative")
 
+# The four stains, in the channel order every reader, model and plot uses, and the channel sets a model takes.
+COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+CHANNEL_SETS: dict[str, tuple[str, ...]] = {"rgb": COLORS[:3], "rgby": COLORS}
+
+
+def colors_of(channels: str) -> tuple[str, ...]:
+    """The colour names behind a channel set such as ``"rgb"``."""
+    if channels not in CHANNEL_SETS:
+        raise ValueError(f"channels must be one of {sorted(CHANNEL_SETS)}, not {channels!r}")
+    return CHANNEL_SETS[channels]
+
 
 def parse_label(text: str, image_id: str = "?") -> np.ndarray:
     """Turn a train.csv label such as ``"8|5|0"`` into a float32 multi-hot vector of 19.

@@ -22,11 +22,11 @@ from plotly.subplots import make_subplots
 
 from hpa_nb import metrics as metrics_module
 from hpa_nb.files import atomic_path
+from hpa_nb.labels import COLORS as CHANNEL_NAMES  # the stains; COLORS below are the plot's own trace colours
 from hpa_nb.labels import LABEL_NAMES, N_CLASSES, class_weights, label_counts, names_of
 
 TEMPLATE = "plotly_white"
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "auc": "#2ca02c", "ap": "#9467bd", "weight": "#d62728"}
-CHANNEL_NAMES = ("red", "green", "blue", "yellow")
 # Each stain in its own colour, black for no signal: easier to read than greyscale side by side.
 CHANNEL_COLORMAPS = {name: LinearSegmentedColormap.from_list(name, ["black", color])
                      for name, color in zip(CHANNEL_NAMES, ("red", "lime", "blue", "yellow"))}

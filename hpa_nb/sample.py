@@ -21,9 +21,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from hpa_nb.labels import N_CLASSES, NEGATIVE
+from hpa_nb.labels import COLORS, N_CLASSES, NEGATIVE
 
-COLORS = ("red", "green", "blue", "yellow")
 IMAGES_PER_TFRECORD = 30
 SMALL_SIZE_SHARE = 0.3  # the real set mixes sizes too; most images are the large size
 # Bump when the generator's output changes: the cached default sample is keyed by it, so a

@@ -26,13 +26,12 @@ from typing import Sequence
 import numpy as np
 
 from hpa_nb.cells import (
-    CHANNEL_COLORS,
-    COLORS,
     CellPredictions,
     ClassicalSettings,
     Classifier,
     ScoreRule,
     SegmentationScore,
+    colors_needed,
     predict_image,
 )
 from hpa_nb.files import atomic_path
@@ -127,7 +126,7 @@ def write_submission(
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     test_dir = data_dir / "test"
     for image_id in ids:  # fail before hours of work, naming the first missing file
-        for color in sorted(set(CHANNEL_COLORS[channels]) | {"red", "blue", "yellow"}, key=COLORS.index):
+        for color in colors_needed(channels):
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
     with atomic_path(out_csv) as temporary:

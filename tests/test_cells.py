@@ -323,3 +323,10 @@ def test_plot_cells_draws_without_error(small_sample):
                                         np.full((mask.max(), N_CLASSES), 0.3, np.float32))
     ax = cells.plot_cells(pixels, mask, predictions, truth=mask)
     assert len(ax.texts) == len(predictions.cell_ids)
+
+
+def test_colors_needed_adds_the_segmentation_stains_in_channel_order():
+    from hpa_nb.cells import colors_needed
+
+    assert colors_needed("rgb") == ["red", "green", "blue", "yellow"]  # yellow for segmentation only
+    assert colors_needed("rgby") == ["red", "green", "blue", "yellow"]

@@ -53,3 +53,10 @@ def test_names_of_thresholds_probabilities():
     probabilities[[2, 14]] = [0.7, 0.4]
     assert labels.names_of(probabilities) == ["Nucleoli"]
     assert labels.names_of(probabilities, 0.3) == ["Nucleoli", "Mitochondria"]
+
+
+def test_channel_sets_name_the_stains_in_channel_order():
+    assert labels.colors_of("rgb") == ("red", "green", "blue")
+    assert labels.colors_of("rgby") == labels.COLORS == ("red", "green", "blue", "yellow")
+    with pytest.raises(ValueError, match="'rgbx'"):
+        labels.colors_of("rgbx")
