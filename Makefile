@@ -30,9 +30,11 @@ run: $(VENV)/.installed
 	done
 	@echo "executed notebooks and artifacts are in $(OUT)/"
 
-# Unit tests, then nbval over the committed notebooks (fresh outputs into a throw-away HPA_OUT).
+# Unit tests, then nbval over the committed notebooks (fresh outputs into a throw-away HPA_OUT). The training
+# bundle also runs in a Python 3.12 venv of Kaggle's TPU image (.ci/kaggle-tpu-venv, cached by its file's hash).
 test: $(VENV)/.installed
-	HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
+	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && \
+	HPA_TPU_VENV=$$tpu_venv HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
 
 # After editing notebooks/*.py: refresh each .ipynb from its .py, re-execute it in place on the
 # default sample (the committed outputs), and rebuild the Kaggle bundles.

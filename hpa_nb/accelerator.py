@@ -3,7 +3,8 @@
 `detect()` picks one path from what the process can see:
 
 =========================================  ========================================================
-TF backend, ``tensorflow-tpu`` installed   ``TPUStrategy`` (a TPU VM with TF TPU support)
+TF backend, ``tensorflow-tpu`` installed   ``TPUStrategy`` on the local TPU (only with an explicit
+                                           ``KERAS_BACKEND=tensorflow``: a TPU VM defaults to JAX)
 JAX backend, JAX sees TPU devices          ``keras.distribution.DataParallel`` over all of them
                                            (Kaggle's TPU v5e-8: its image has JAX, not tensorflow-tpu)
 TF backend, several GPUs                   ``MirroredStrategy``
@@ -85,14 +86,15 @@ class Accelerator:
                 f"precision {self.precision}")
 
 
-def detect(cpu_replicas: int | None = None, mixed_precision: bool = True,
+def detect(cpu_replicas: int | None = None, precision: str | None = None,
            environ: Mapping[str, str] = os.environ) -> Accelerator:
     """Find the accelerator and prepare it (connect the TPU, set the JAX distribution).
 
     ``cpu_replicas`` (default: env ``HPA_CPU_REPLICAS``) splits the CPU into that many logical
     devices on the TF backend; it must be given before TensorFlow first touches its devices. On
     JAX, simulate devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before
-    JAX starts instead. ``mixed_precision=False`` keeps float32 everywhere.
+    JAX starts instead. `precision` (a Keras dtype policy such as "float32" or "mixed_bfloat16")
+    replaces the device's default.
     """
     import keras
 
@@ -103,8 +105,8 @@ def detect(cpu_replicas: int | None = None, mixed_precision: bool = True,
     if finder is None:
         raise ValueError(f"Keras backend {backend!r} is not supported: use KERAS_BACKEND=tensorflow or jax")
     found = finder(cpu_replicas)
-    if not mixed_precision:
-        found = dataclasses.replace(found, precision="float32")
+    if precision is not None:
+        found = dataclasses.replace(found, precision=precision)
     return found
 
 
@@ -112,7 +114,8 @@ def _detect_tensorflow(cpu_replicas: int) -> Accelerator:
     import tensorflow as tf
 
     if tensorflow_sees_tpu():
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        # "local": the TPU of this TPU VM; the default looks for a remote TPU node and fails on a VM.
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="local")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         strategy = tf.distribute.TPUStrategy(resolver)

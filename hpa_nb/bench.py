@@ -172,8 +172,56 @@ def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmu
     return (last_step - first_step) * batch_size / (end - start)
 
 
+def eager_recalibration(model, dataset, steps: int) -> int:
+    """Batch-norm re-estimation as `hpa_nb.batch_norm.recalibrate` did it before it was compiled, for comparison:
+    eager training-mode calls on unsharded batches, momentum ``k/(k+1)`` at the k-th batch."""
+    from hpa_nb.batch_norm import batch_norm_layers
+
+    layers = batch_norm_layers(model)
+    momenta = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for batch in dataset.take(steps).as_numpy_iterator():
+            for layer in layers:
+                layer.momentum = used / (used + 1)
+            model(batch[0], training=True)
+            used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return used
+
+
+def _recalibration_seconds(model, dataset, steps: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds of eager and compiled batch-norm re-estimation over `steps` batches, interleaved."""
+    from statistics import median
+
+    from hpa_nb.batch_norm import recalibrate
+
+    batches = list(dataset.take(steps).as_numpy_iterator())  # both read the same batches, already decoded
+    ways = {"eager (before)": eager_recalibration, "compiled (now)": recalibrate}
+    recalibrate(model, batches[:1], 1)  # compile outside the timing, as training's first epoch does
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way(model, _Batches(batches), steps)
+            times[name].append(time.perf_counter() - start)
+    return {name: median(values) for name, values in times.items()}
+
+
+class _Batches(list):
+    """A list of batches that answers ``take(n).as_numpy_iterator()`` like a tf.data pipeline."""
+
+    def take(self, count: int) -> "_Batches":
+        return _Batches(self[:count])
+
+    def as_numpy_iterator(self):
+        return iter(self)
+
+
 def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", backbone: str = "tiny",
-          batch_size: int = 16, steps: int = 10, warmup_steps: int = 3) -> dict:
+          batch_size: int = 16, steps: int = 10, warmup_steps: int = 3, bn_steps: int = 20) -> dict:
     """Training images/s fed by the project's input pipeline against the same model fed from memory.
 
     The pipeline is `hpa_nb.data.training_dataset` (decode, resize, augment, batch, prefetch),
@@ -181,7 +229,9 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
     once, then only augmented, as ``--quick`` does; timed after one pass fills the cache). The
     in-memory feed repeats a few batches already decoded, so it costs nothing. The ratio says
     whether input is the bottleneck (target: at least 90%). On a CPU the pipeline and the model
-    share the same cores, so this is the hardest case. Returns the results.
+    share the same cores, so this is the hardest case. Then the cost of one batch-norm
+    re-estimation (`hpa_nb.batch_norm`, over `bn_steps` batches) beside one epoch's time, eager as
+    it was and compiled as it is now (median of 3 interleaved runs). Returns the results.
     """
     import keras
     import tensorflow as tf
@@ -223,11 +273,20 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
     for name, fraction in fractions.items():
         verdict = "input keeps up" if fraction >= 0.9 else "input is the bottleneck"
         print(f"{name}: {fraction:.0%} of in-memory ({verdict}; target >= 90%)")
+    epoch_steps = max(1, len(ids) // global_batch)
+    epoch_seconds = epoch_steps * global_batch / results["in memory"]
+    recalibration = _recalibration_seconds(model, pipeline(False), bn_steps)
+    print(f"\nbatch-norm re-estimation over {bn_steps} batches, once per epoch of {epoch_steps} steps "
+          f"({epoch_seconds:.2f} s fed from memory):")
+    for name, seconds in recalibration.items():
+        print(f"  {name:<16}{seconds:>8.2f} s  ({100 * seconds / epoch_seconds:.0f}% of the epoch)")
     summary = {"bench": "train", "data": str(root), "images": len(ids), "backbone": backbone,
                "image_size": image_size, "channels": channels, "global_batch_size": global_batch,
                "steps": steps, "steps_per_execution": steps_per_execution, "backend": accelerator.backend,
                "device": accelerator.device_kind, "replicas": accelerator.replicas, "cpu_count": os.cpu_count(),
                "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
-               "pipeline_fraction": {name: round(fraction, 3) for name, fraction in fractions.items()}}
+               "pipeline_fraction": {name: round(fraction, 3) for name, fraction in fractions.items()},
+               "epoch_seconds": round(epoch_seconds, 3), "bn_steps": bn_steps,
+               "bn_recalibration_seconds": {name: round(value, 3) for name, value in recalibration.items()}}
     print(json.dumps(summary))
     return summary

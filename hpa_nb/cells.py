@@ -745,7 +745,7 @@ def overlay_figure(data_dir: Path, ids: Sequence[str], classifier: Classifier | 
     """
     from matplotlib.figure import Figure
 
-    from hpa_nb.plots import FIGURE_DPI, show_figures_inline
+    from hpa_nb.figures import FIGURE_DPI, show_figures_inline
 
     show_figures_inline()
     rows = 2 if classifier is not None else 1

@@ -110,6 +110,8 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
     push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
                       help="attach a Kaggle model (repeatable)")
+    push.add_argument("--resume-from", metavar="OWNER/KERNEL",
+                      help="attach that kernel's output (a killed session's run) and resume its training (03_train)")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
     p.set_defaults(handler=_kaggle)
 
@@ -127,7 +129,8 @@ def _kaggle(args: argparse.Namespace) -> None:
             print(f"wrote {folder}")
         print(f"wrote {kaggle.write_root_metadata()}")
     elif args.kaggle_action == "push":
-        folder = kaggle.push(args.name, args.username, enable_internet=False if args.no_internet else None,
+        folder = kaggle.push(args.name, args.username, resume_from=args.resume_from,
+                             enable_internet=False if args.no_internet else None,
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
     elif args.kaggle_action == "status":
@@ -231,6 +234,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: out/run, /kaggle/working/run)")
     p.add_argument("--quick", action="store_true", help="tiny CNN from scratch, 64 px, 5 epochs: CI and smoke runs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    p.add_argument("--resume-from", metavar="RUN_OR_KERNEL",
+                   help="copy a killed run (a folder, or OWNER/KERNEL attached under /kaggle/input) into --out and "
+                        "continue it there")
     p.add_argument("--image-size", type=int, help="square input side in px")
     p.add_argument("--channels", choices=("rgb", "rgby"))
     p.add_argument("--backbone", help="efficientnetb0..b7, efficientnetv2b0..b3, efficientnetv2s or tiny")
@@ -243,27 +249,38 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-lr", type=float, help="peak learning rate for a global batch of 64 (scaled linearly)")
     p.add_argument("--loss", choices=("bce", "focal"))
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (on val_auc)")
+    p.add_argument("--precision", help="Keras dtype policy, e.g. float32 or mixed_bfloat16 (default: by device)")
+    p.add_argument("--steps-per-execution", type=int, help="steps per compiled call (default: 32 TPU, 8 GPU, 1 CPU)")
+    p.add_argument("--allow-sample-data", action="store_true", default=None,
+                   help="on Kaggle, let a full run train on the synthetic sample")
+    p.add_argument("--allow-cpu", action="store_true", default=None, help="on Kaggle, let a full run train on a CPU")
     p.set_defaults(handler=_train)
 
 
 TRAIN_OPTIONS = ("image_size", "channels", "backbone", "weights", "epochs", "batch_size", "steps_per_epoch",
-                 "val_fraction", "seed", "max_lr", "loss", "patience")
+                 "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
+                 "allow_sample_data", "allow_cpu")
 
 
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
     from hpa_nb.env import working_dir
-    from hpa_nb.train import CONFIG_FILE, TrainConfig, load_config, train
+    from hpa_nb.train import CONFIG_FILE, TrainConfig, find_previous_run, load_config, train
 
     explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
     out = args.out or working_dir() / "run"
     explicit["out_dir"] = str(out)
-    if args.data or not (args.resume and (out / CONFIG_FILE).is_file()):
-        explicit["data_dir"] = str(_data_dir(args.data))
-    if args.resume and (out / CONFIG_FILE).is_file():  # the saved options, with the ones given now on top
-        config = dataclasses.replace(load_config(out), resume=True, **explicit)
+    # A resumed run keeps the options it was started with; the ones given now go on top.
+    previous = find_previous_run(args.resume_from) if args.resume_from else out if args.resume else None
+    if previous is not None and (previous / CONFIG_FILE).is_file():
+        saved = load_config(previous)
+        kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
+        explicit["data_dir"] = str(_data_dir(args.data or kept))
+        config = dataclasses.replace(saved, resume=True, resume_from=str(previous) if args.resume_from else None,
+                                     **explicit)
     else:
+        explicit["data_dir"] = str(_data_dir(args.data))
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
     result = train(config)
     print(f"trained {config.backbone} into {result.run_dir}: "

@@ -584,45 +584,83 @@ def take_images(dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, np.nd
 
 
 # --- training and evaluation pipelines ----------------------------------------------------------
+def _stateless_shuffle(elements: tf.data.Dataset, window: int, seed: tf.Tensor) -> tf.data.Dataset:
+    """Permute each run of `window` consecutive elements, drawn from `seed` alone (a [2] tensor).
+
+    Unlike ``Dataset.shuffle`` this takes a seed computed in the pipeline (one per pass), which
+    is what lets a stream start at any pass; over a whole pass (`window` ≥ its length) it is a
+    uniform permutation.
+    """
+    def permute(window_index: tf.Tensor, batch):
+        size = tf.shape(tf.nest.flatten(batch)[0])[0]
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(size), seed=tf.random.experimental.stateless_fold_in(seed, window_index))
+        return tf.nest.map_structure(lambda values: tf.gather(values, order), batch)
+
+    return elements.batch(window).enumerate().map(permute).unbatch()
+
+
 def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
                      batch_size: int = 32, seed: int = 0, augment: bool = True, cache: bool = False,
                      drop_remainder: bool = True, num_workers: int = 1, worker_index: int = 0,
-                     shuffle_buffer: int = SHUFFLE_BUFFER, deterministic: bool = True) -> tf.data.Dataset:
+                     shuffle_buffer: int = SHUFFLE_BUFFER, deterministic: bool = True,
+                     start_batch: int = 0) -> tf.data.Dataset:
     """An infinite, shuffled, augmented, batched dataset of ``(image, label)`` for ``model.fit``.
 
-    The order is fixed, and each step is where it is for a reason (see the comments). With
-    ``cache=True`` decoded images are kept in memory (S·S·C·4 bytes each) and decoding moves
-    before the cache. `num_workers`/`worker_index` give each host of a multi-host run its own
-    part of the data. The same seed gives the same batches (``deterministic=True``).
+    The stream is a sequence of passes over the data, each shuffled with a seed of its own
+    (from `seed` and the pass number: the file order, then windows of `shuffle_buffer` records), and each image is augmented with a seed from its position
+    in the stream. So the same seed gives the same batches (``deterministic=True``), and
+    ``start_batch=K`` gives exactly the stream from its K-th batch on: a resumed run continues
+    where it stopped instead of replaying the first epoch. Only compressed records are skipped
+    to get there, never decoded images. That needs `ids` (a pass is ``len(ids)`` images) and one
+    worker. With ``cache=True`` decoded images are kept in memory (S·S·C·4 bytes each) and
+    decoding moves before the cache. `num_workers`/`worker_index` give each host of a
+    multi-host run its own part of the data.
     """
     from hpa_nb.augment import augment as augment_image
 
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} is outside 0..{num_workers - 1}")
+    ids = None if ids is None else list(ids)
+    if start_batch and (ids is None or num_workers > 1):
+        raise ValueError("start_batch needs the image IDs and a single worker")
     layout = _choose_layout(root, channels, ids, None)
     print(f"data: reading {layout.description}")
     channel_count = len(colors_of(channels))
-    # files: each worker takes its own files when there are enough of them, so hosts never read
-    # the same bytes; the file order is reshuffled every epoch (the repeat below re-runs it).
-    items = layout.items()
     shard_files = num_workers > 1 and layout.item_count >= num_workers
-    if shard_files:
-        items = items.shard(num_workers, worker_index)
-    items = items.shuffle(max(layout.item_count, 1), seed=seed, reshuffle_each_iteration=True)
-    # interleave → parse: cheap string work; an image's records are grouped per file, so the order can be free.
-    elements = layout.parse(items, deterministic)
-    if num_workers > 1 and not shard_files:  # too few files: split records instead
-        elements = elements.shard(num_workers, worker_index)
+
+    def records(pass_seed: tf.Tensor | None) -> tf.data.Dataset:
+        # files: each worker takes its own files when there are enough of them, so hosts never
+        # read the same bytes; the file order changes every pass.
+        items = layout.items()
+        if shard_files:
+            items = items.shard(num_workers, worker_index)
+        if pass_seed is not None:
+            items = _stateless_shuffle(items, max(layout.item_count, 1), pass_seed)
+        # interleave → parse: cheap string work; an image's records are grouped per file, so the order can be free.
+        elements = layout.parse(items, deterministic)
+        if num_workers > 1 and not shard_files:  # too few files: split records instead
+            elements = elements.shard(num_workers, worker_index)
+        return elements
+
+    def pass_seed(pass_index: tf.Tensor) -> tf.Tensor:
+        return tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), pass_index)
+
+    images_per_pass = len(set(ids)) if ids is not None else 0
+    first_pass, offset = divmod(start_batch * batch_size, max(images_per_pass, 1)) if start_batch else (0, 0)
+    passes = tf.data.Dataset.range(first_pass, 2**62)
     if cache:
-        # cache decoded images (decoding is the expensive part), then shuffle the cached images.
-        elements = _decode_stage(elements, layout, image_size, channel_count, deterministic, None).cache()
-        elements = elements.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        # decode once into the cache (decoding is the expensive part), then permute the cached images each pass.
+        decoded = _decode_stage(records(None), layout, image_size, channel_count, deterministic, None).cache()
+        window = images_per_pass or shuffle_buffer
+        images = passes.flat_map(lambda index: _stateless_shuffle(decoded, window, pass_seed(index))).skip(offset)
     else:
-        # shuffle compressed records (small), repeat, and only then decode: decoding is the
-        # parallel, AUTOTUNEd map, and the shuffle buffer never holds decoded float images.
-        elements = elements.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        elements = _decode_stage(elements, layout, image_size, channel_count, deterministic, None)
-    # augment: stateless, seeded by (seed, worker, position in the stream) so a run repeats exactly.
+        # shuffle compressed records (small), skip to the start, and only then decode: decoding is the
+        # parallel, AUTOTUNEd map, and the shuffle never holds decoded float images.
+        elements = passes.flat_map(lambda index: _stateless_shuffle(records(pass_seed(index)), shuffle_buffer,
+                                                                    pass_seed(index)))
+        images = _decode_stage(elements.skip(offset), layout, image_size, channel_count, deterministic, None)
+    # augment: stateless, seeded by (seed, worker, position in the whole stream) so a run repeats exactly.
     base_seed = tf.constant([seed, worker_index], tf.int64)
 
     def augment_element(index: tf.Tensor, element: tuple) -> tuple:
@@ -631,7 +669,8 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
             image = augment_image(image, tf.random.experimental.stateless_fold_in(base_seed, index))
         return image, label
 
-    images = elements.enumerate().map(augment_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    images = images.enumerate(start=start_batch * batch_size).map(
+        augment_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     # batch with drop_remainder: a TPU compiles for one static batch shape.
     images = images.batch(batch_size, drop_remainder=drop_remainder)
     # prefetch: decode the next batches while the accelerator runs this one.

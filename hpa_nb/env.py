@@ -30,10 +30,14 @@ def on_tpu_vm(environ: Mapping[str, str] = os.environ) -> bool:
 
 def tensorflow_sees_tpu() -> bool:
     """Whether this TensorFlow build can drive a TPU (only `tensorflow-tpu` can)."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+    return _installed("tensorflow-tpu")
 
-        version("tensorflow-tpu")
+
+def _installed(distribution: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(distribution)
         return True
     except PackageNotFoundError:
         return False
@@ -42,13 +46,14 @@ def tensorflow_sees_tpu() -> bool:
 def select_backend(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> str:
     """Choose the Keras backend before Keras is imported, and return it.
 
-    An explicit ``KERAS_BACKEND`` always wins. On a TPU VM whose TensorFlow cannot see the
-    TPU (Kaggle's v5e-8 image ships tensorflow-cpu, JAX and Keras 3), use JAX. Otherwise
-    TensorFlow. Once Keras is imported the choice is fixed, so this only reports it.
+    An explicit ``KERAS_BACKEND`` always wins. On a TPU VM (Kaggle's v5e-8 sets ISTPUVM=1) use
+    JAX whenever it is installed, even beside ``tensorflow-tpu``: Kaggle's image has JAX for the
+    TPU and TensorFlow for the CPU only, and JAX is the path tested here. Otherwise TensorFlow.
+    Once Keras is imported the choice is fixed, so this only reports it.
     """
     if "keras" in sys.modules and "KERAS_BACKEND" not in environ:
         return "tensorflow"
-    if "KERAS_BACKEND" not in environ and on_tpu_vm(environ) and not tensorflow_sees_tpu():
+    if "KERAS_BACKEND" not in environ and on_tpu_vm(environ) and (_installed("jax") or not tensorflow_sees_tpu()):
         environ["KERAS_BACKEND"] = "jax"
     return environ.get("KERAS_BACKEND", "tensorflow")
 

@@ -188,17 +188,18 @@ def format_table(metrics: dict[str, Any]) -> str:
 # --- the whole job --------------------------------------------------------------------------
 def _write_outputs(out_dir: Path, result: Evaluation, run_dir: Path) -> list[Path]:
     from hpa_nb import plots
+    from hpa_nb.figures import save_figure
+    from hpa_nb.training_plots import training_history
 
     files = [write_predictions(out_dir / PREDICTIONS_FILE, result.ids, result.y_score)]
     metrics_path = out_dir / METRICS_FILE
     write_text(metrics_path, json.dumps(result.metrics, indent=2, allow_nan=False) + "\n")
     files.append(metrics_path)
-    files += plots.save_figure(plots.per_class_scores(result.metrics), out_dir / "per_class_scores")
+    files += save_figure(plots.per_class_scores(result.metrics), out_dir / "per_class_scores")
     if result.y_true.any():
-        files += plots.save_figure(plots.precision_recall_curves(result.y_true, result.y_score),
-                                   out_dir / "precision_recall")
+        files += save_figure(plots.precision_recall_curves(result.y_true, result.y_score), out_dir / "precision_recall")
     if (run_dir / "history.csv").is_file():
-        files += plots.save_figure(plots.training_history(run_dir / "history.csv"), out_dir / "training_history")
+        files += save_figure(training_history(run_dir / "history.csv"), out_dir / "training_history")
     return files
 
 

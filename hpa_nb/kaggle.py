@@ -100,12 +100,14 @@ def kernel_metadata(
     enable_internet: bool | None = None,
     dataset_sources: Sequence[str] = (),
     model_sources: Sequence[str] = (),
+    kernel_sources: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The kernel-metadata.json content for notebook ``name`` (pure: no files read).
 
     ``code_file`` defaults to ``<name>.ipynb`` beside the metadata. ``enable_internet`` overrides the
     table (False to run offline, with the ImageNet weights attached through ``dataset_sources`` or
-    ``model_sources``). There is deliberately no ``docker_image``: a pinned image can silently run a
+    ``model_sources``). ``kernel_sources`` ("OWNER/KERNEL") come after the table's own, for example an
+    earlier version of the kernel whose run to resume. There is deliberately no ``docker_image``: a pinned image can silently run a
     TPU kernel on the CPU image.
     """
     settings = kernel_settings(name)
@@ -122,7 +124,7 @@ def kernel_metadata(
         "enable_internet": settings.internet if enable_internet is None else enable_internet,
         "competition_sources": [COMPETITION],
         "dataset_sources": list(dataset_sources),
-        "kernel_sources": [kernel_id(source, username) for source in settings.kernel_sources],
+        "kernel_sources": [kernel_id(source, username) for source in settings.kernel_sources] + list(kernel_sources),
         "model_sources": list(model_sources),
     }
 
@@ -221,11 +223,14 @@ def _bootstrap_cell(tar_bytes: bytes) -> str:
     return BOOTSTRAP_TEMPLATE.format(sha256=hashlib.sha256(tar_bytes).hexdigest(), archive=lines)
 
 
-def bundle_notebook(notebook_py: Path, package_dir: Path = PACKAGE_DIR) -> str:
+def bundle_notebook(notebook_py: Path, package_dir: Path = PACKAGE_DIR,
+                    parameters: Mapping[str, Any] | None = None) -> str:
     """The self-contained .ipynb text of a jupytext py:percent notebook.
 
     The bootstrap cell goes right before the first code cell (after the header markdown), so it
-    runs before any ``import hpa_nb``; every other cell is unchanged. Cell ids are set by position
+    runs before any ``import hpa_nb``; every other cell is unchanged. `parameters` become an
+    ``injected-parameters`` cell after the ``parameters`` cell, as papermill writes one (Kaggle
+    runs a notebook as it is, so this is how a push sets them). Cell ids are set by position
     because jupytext draws random ones, which would make every build differ.
     """
     import jupytext
@@ -239,6 +244,14 @@ def bundle_notebook(notebook_py: Path, package_dir: Path = PACKAGE_DIR) -> str:
     code_cells = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     first_code = code_cells[0] if code_cells else len(notebook.cells)
     notebook.cells.insert(first_code, bootstrap)
+    if parameters:
+        tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
+        if not tagged:
+            raise ValueError(f"{notebook_py.name} has no cell tagged parameters to set {', '.join(parameters)} after")
+        injected = nbformat.v4.new_code_cell("# Parameters set by `python -m hpa_nb kaggle push`\n" + "\n".join(
+            f"{name} = {value!r}" for name, value in parameters.items()))
+        injected.metadata = {"tags": ["injected-parameters"]}
+        notebook.cells.insert(tagged[0] + 1, injected)
     for index, cell in enumerate(notebook.cells):
         cell.id = BOOTSTRAP_CELL_ID if cell is bootstrap else f"cell-{index:03d}"
     # The bundle is not a jupytext pair (it must not be re-synced), and papermill needs a kernel.
@@ -262,6 +275,7 @@ def build_bundle(
     username: str = PLACEHOLDER_USERNAME,
     notebooks_dir: Path = NOTEBOOKS_DIR,
     package_dir: Path = PACKAGE_DIR,
+    parameters: Mapping[str, Any] | None = None,
     **metadata_options: Any,
 ) -> Path:
     """Write out_dir/<name>/{kernel-metadata.json, <name>.ipynb}, a folder `kaggle kernels push -p` accepts.
@@ -273,7 +287,7 @@ def build_bundle(
         available = ", ".join(notebook_names(notebooks_dir)) or "none"
         raise FileNotFoundError(f"no notebook {notebook_py} (available: {available})")
     metadata = kernel_metadata(name, username, **metadata_options)
-    notebook_text = bundle_notebook(notebook_py, package_dir)
+    notebook_text = bundle_notebook(notebook_py, package_dir, parameters)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
     try:
@@ -464,25 +478,54 @@ def require_credentials(environ: Mapping[str, str] = os.environ, home: Path | No
     return source
 
 
-def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ, home: Path | None = None) -> None:
-    """Run `kaggle <arguments>` after checking the CLI and credentials exist; a failure is one line."""
+# What the official CLI prints when Kaggle refuses a push, while it still exits 0 (kaggle 1.7–2.x).
+PUSH_REFUSALS = (re.compile(r"Kernel push error.*"), re.compile(r"The following are not valid \w+ sources.*"))
+
+
+def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ, home: Path | None = None,
+               refusals: Sequence[re.Pattern] = ()) -> str:
+    """Run `kaggle <arguments>` after checking the CLI and credentials exist, echoing its output; return the output.
+
+    A non-zero exit status, or an output line matching one of `refusals`, is one-line error.
+    """
     command = kaggle_command(environ)
     require_credentials(environ, home)
     print("$ kaggle " + " ".join(arguments), flush=True)
-    completed = subprocess.run([*command, *arguments], env=dict(environ), check=False)
-    if completed.returncode != 0:
-        raise ValueError(f"`kaggle {' '.join(arguments)}` failed with exit status {completed.returncode}")
+    process = subprocess.Popen([*command, *arguments], env=dict(environ), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    if process.wait() != 0:
+        raise ValueError(f"`kaggle {' '.join(arguments)}` failed with exit status {process.returncode}")
+    for line in lines:
+        if any(pattern.search(line) for pattern in refusals):
+            raise ValueError(f"Kaggle refused `kaggle {' '.join(arguments)}`: {line.strip()}")
+    return "\n".join(lines)
 
 
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
          home: Path | None = None, push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
-         **metadata_options: Any) -> Path:
-    """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder."""
+         resume_from: str | None = None, **metadata_options: Any) -> Path:
+    """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
+
+    ``resume_from`` ("OWNER/KERNEL", e.g. the same kernel, whose last version was killed) attaches
+    that kernel's output as input and sets the notebook's ``RESUME_FROM`` to continue its run.
+    Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
+    exit status 0.
+    """
     kaggle_command(environ)  # fail before building when the CLI or credentials are missing
     require_credentials(environ, home)
     user = find_username(username, environ, home)
-    folder = build_bundle(name, push_dir, user, notebooks_dir, **metadata_options)
-    run_kaggle(["kernels", "push", "-p", str(folder)], environ, home)
+    parameters = None
+    if resume_from:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9-]*", resume_from):
+            raise ValueError(f"--resume-from takes OWNER/KERNEL (e.g. alice/hpa-03-train), got {resume_from!r}")
+        parameters = {"RESUME_FROM": resume_from}
+        metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), resume_from]
+    folder = build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters, **metadata_options)
+    run_kaggle(["kernels", "push", "-p", str(folder)], environ, home, refusals=PUSH_REFUSALS)
     return folder
 
 

@@ -77,6 +77,14 @@ def names_of(vector: Sequence[float], threshold: float = 0.5) -> list[str]:
     return [LABEL_NAMES[i] for i, value in enumerate(vector) if value >= threshold]
 
 
+def multi_hot(labels: np.ndarray) -> np.ndarray:
+    """`labels` as a float32 ``[N, 19]`` multi-hot matrix, or a ValueError that gives the shape it had."""
+    matrix = np.asarray(labels, np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != N_CLASSES:
+        raise ValueError(f"labels must be an [images, {N_CLASSES}] multi-hot matrix, got shape {matrix.shape}")
+    return matrix
+
+
 def label_counts(matrix: np.ndarray) -> np.ndarray:
     """Images per class, from an ``[N, 19]`` multi-hot matrix."""
     return np.asarray(matrix, np.float32).sum(axis=0).astype(np.int64)

@@ -1,39 +1,33 @@
-"""Figures for the notebooks and the evaluate command.
+"""Figures of the data and of evaluation: interactive plotly charts and matplotlib image grids.
 
 Interactive charts are plotly ``go.Figure``s (saved as HTML; PNG too where kaleido is
-installed). Image grids are matplotlib ``Figure``s built without pyplot, so they never open a
-window, need no display, and show exactly once when a notebook cell returns them. The model
-diagram is a visualkeras PNG. Classes are always shown by name, never by index.
+installed): these notebooks run on Kaggle's CPU/GPU image, which has plotly. Image grids are
+matplotlib ``Figure``s built without pyplot (see `hpa_nb.figures`). The training figures, which
+must work on the TPU image without plotly, are in `hpa_nb.training_plots`. Classes are always
+shown by name, never by index.
 """
 from __future__ import annotations
 
 import os
-import re
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
-from plotly.subplots import make_subplots
 
 from hpa_nb import metrics as metrics_module
-from hpa_nb.files import atomic_path
+from hpa_nb.figures import FIGURE_DPI, show_figures_inline
 from hpa_nb.labels import COLORS as CHANNEL_NAMES  # the stains; COLORS below are the plot's own trace colours
-from hpa_nb.labels import LABEL_NAMES, N_CLASSES, class_weights, label_counts, names_of
+from hpa_nb.labels import LABEL_NAMES, N_CLASSES, multi_hot, names_of
 
 TEMPLATE = "plotly_white"
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "auc": "#2ca02c", "ap": "#9467bd", "weight": "#d62728"}
 # Each stain in its own colour, black for no signal: easier to read than greyscale side by side.
 CHANNEL_COLORMAPS = {name: LinearSegmentedColormap.from_list(name, ["black", color])
                      for name, color in zip(CHANNEL_NAMES, ("red", "lime", "blue", "yellow"))}
-FIGURE_DPI = 80  # image grids: sharp enough on screen, small enough to commit
-MAX_CURVE_POINTS = 1000  # an LR curve needs no more points than a screen has pixels
-
-_png_note_shown = False
 
 
 def _compact_notebook_renderer() -> None:
@@ -60,96 +54,10 @@ def _styled(fig: go.Figure, title: str, x_title: str | None = None, y_title: str
     return fig
 
 
-def _label_array(labels: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(labels, np.float32)
-    if matrix.ndim != 2 or matrix.shape[1] != N_CLASSES:
-        raise ValueError(f"labels must be an [images, {N_CLASSES}] multi-hot matrix, got shape {matrix.shape}")
-    return matrix
-
-
-# --- saving ---------------------------------------------------------------------------------
-def _can_write_png() -> bool:
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def save_figure(fig: Any, path: str | os.PathLike, include_plotlyjs: bool | str = "cdn") -> list[Path]:
-    """Save a figure next to `path` (its suffix is ignored) and return the files written.
-
-    A plotly figure becomes ``.html`` (loading plotly.js from its CDN unless
-    ``include_plotlyjs=True``, which embeds it for offline viewing: ~4 MB a file) and also
-    ``.png`` when kaleido is installed; without kaleido the PNG is skipped with a one-time note.
-    A matplotlib figure or a PIL image becomes ``.png``.
-    """
-    global _png_note_shown
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in {".html", ".png"} else base
-    written: list[Path] = []
-    if isinstance(fig, go.Figure):
-        html = base.with_name(base.name + ".html")
-        with atomic_path(html) as temporary:
-            fig.write_html(temporary, include_plotlyjs=include_plotlyjs)
-        written.append(html)
-        if _can_write_png():
-            png = base.with_name(base.name + ".png")
-            with atomic_path(png) as temporary:  # kaleido picks the format from the suffix
-                fig.write_image(temporary)
-            written.append(png)
-        elif not _png_note_shown:
-            print("note: kaleido is not installed, so plotly figures are saved as HTML only")
-            _png_note_shown = True
-        return written
-    png = base.with_name(base.name + ".png")
-    if isinstance(fig, Figure):
-        with atomic_path(png) as temporary:  # matplotlib, too, picks the format from the suffix
-            fig.savefig(temporary, dpi=100, bbox_inches="tight")
-    elif hasattr(fig, "save"):  # a PIL image, as visualkeras returns
-        with atomic_path(png) as temporary:
-            fig.save(temporary, format="PNG")
-    else:
-        raise TypeError(f"cannot save a {type(fig).__name__}; expected a plotly, matplotlib or PIL figure")
-    return [png]
-
-
-def saved(fig: Any, path: str | os.PathLike) -> Any:
-    """Save `fig` with `save_figure` and return it, so one notebook line both keeps a plot and shows it."""
-    save_figure(fig, path)
-    return fig
-
-
 # --- the data -------------------------------------------------------------------------------
-def class_distribution(labels: np.ndarray, max_weight: float = 20.0) -> go.Figure:
-    """Images per class (bars) and the positive class weight training uses (markers, right axis)."""
-    matrix = _label_array(labels)
-    counts = label_counts(matrix)
-    weights = class_weights(matrix, max_weight=max_weight)
-    share = counts / max(len(matrix), 1)
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Bar(
-        x=list(LABEL_NAMES), y=counts, name="images", marker_color=COLORS["train"],
-        customdata=np.c_[share * 100, weights],
-        hovertemplate="%{x}<br>%{y} images (%{customdata[0]:.1f}%)<br>class weight %{customdata[1]:.2f}"
-                      "<extra></extra>"), secondary_y=False)
-    fig.add_trace(go.Scatter(
-        x=list(LABEL_NAMES), y=weights, name="class weight", mode="markers+lines",
-        marker=dict(color=COLORS["weight"], size=8), line=dict(dash="dot"),
-        hovertemplate="%{x}<br>class weight %{y:.2f}<extra></extra>"), secondary_y=True)
-    _styled(fig, f"Label distribution over {len(matrix)} images, with class weights", height=520)
-    # Legend above the plot and a wider right margin: the right axis needs the room.
-    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-                      margin=dict(r=80))
-    fig.update_xaxes(tickangle=-45)
-    fig.update_yaxes(title_text="images with the label", secondary_y=False)
-    fig.update_yaxes(title_text=f"positive class weight (1–{max_weight:g})", secondary_y=True, showgrid=False)
-    return fig
-
-
 def labels_per_image(labels: np.ndarray) -> go.Figure:
     """How many images carry 1, 2, 3, ... labels."""
-    per_image = _label_array(labels).sum(axis=1).astype(int)
+    per_image = multi_hot(labels).sum(axis=1).astype(int)
     values, counts = np.unique(per_image, return_counts=True)
     fig = go.Figure(go.Bar(x=values, y=counts, marker_color=COLORS["train"], text=counts, textposition="outside",
                            hovertemplate="%{y} images with %{x} labels<extra></extra>"))
@@ -163,7 +71,7 @@ def label_cooccurrence(labels: np.ndarray, normalize: bool = False) -> go.Figure
     With ``normalize=True`` each row is divided by its diagonal: the cell (row A, column B)
     is then the fraction of A's images that also carry B.
     """
-    matrix = _label_array(labels)
+    matrix = multi_hot(labels)
     together = matrix.T @ matrix
     counts = np.diag(together)
     values = together / np.maximum(counts[:, None], 1) if normalize else together
@@ -208,80 +116,6 @@ def image_sizes(properties: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="group")
     return _styled(fig, f"Image sizes and bit depths ({len(properties)} images)", "width × height (px)", "images",
                    height=380)
-
-
-# --- training -------------------------------------------------------------------------------
-def _schedule_values(schedule: Callable[[Any], Any], steps: np.ndarray) -> np.ndarray:
-    """Evaluate a schedule on all steps at once when it broadcasts (Keras schedules do), else step by step."""
-    try:
-        values = np.asarray(schedule(steps), np.float64)
-        if values.shape == steps.shape:
-            return values
-    except Exception:  # noqa: BLE001  a plain Python schedule may not accept arrays
-        pass
-    return np.array([float(np.asarray(schedule(int(step)))) for step in steps])
-
-
-def lr_schedule(schedule: Callable[[Any], Any], steps: int | Sequence[int],
-                steps_per_epoch: int | None = None) -> go.Figure:
-    """The learning rate a schedule gives at each optimizer step.
-
-    `schedule` is any callable step → learning rate, a Keras ``LearningRateSchedule``
-    included. `steps` is the number of steps or the steps themselves. With `steps_per_epoch`
-    the x axis counts epochs.
-    """
-    all_steps = np.arange(steps) if isinstance(steps, (int, np.integer)) else np.asarray(list(steps))
-    if all_steps.size == 0:
-        raise ValueError("lr_schedule needs at least one step")
-    if all_steps.size > MAX_CURVE_POINTS:
-        all_steps = np.unique(np.linspace(all_steps[0], all_steps[-1], MAX_CURVE_POINTS).round().astype(int))
-    values = _schedule_values(schedule, all_steps)
-    x_values = all_steps / steps_per_epoch if steps_per_epoch else all_steps
-    x_title = "epoch" if steps_per_epoch else "optimizer step"
-    fig = go.Figure(go.Scatter(x=x_values, y=values, mode="lines", line=dict(color=COLORS["train"], width=3),
-                               customdata=all_steps,
-                               hovertemplate="step %{customdata}<br>learning rate %{y:.3g}<extra></extra>"))
-    fig.update_yaxes(exponentformat="e")
-    return _styled(fig, f"Learning-rate schedule (peak {values.max():.3g}, final {values[-1]:.3g})",
-                   x_title, "learning rate", height=380)
-
-
-def _history_frame(history: pd.DataFrame | Mapping[str, Sequence[float]] | str | os.PathLike) -> pd.DataFrame:
-    if isinstance(history, (str, os.PathLike)):
-        return pd.read_csv(history)
-    if isinstance(history, pd.DataFrame):
-        return history
-    return pd.DataFrame(dict(history))
-
-
-def training_history(history: pd.DataFrame | Mapping[str, Sequence[float]] | str | os.PathLike) -> go.Figure:
-    """Loss and AUC per epoch, training and validation, side by side.
-
-    `history` is RUN/history.csv (a path or its DataFrame) or a Keras ``History.history`` dict.
-    Keras names the AUC metric ``auc``, ``auc_1``, ... depending on the session: any column
-    containing "auc" is used.
-    """
-    frame = _history_frame(history)
-    if "epoch" in frame:
-        epochs = frame["epoch"].to_numpy() + (1 if frame["epoch"].min() == 0 else 0)
-    else:
-        epochs = np.arange(1, len(frame) + 1)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "ROC AUC"), horizontal_spacing=0.1)
-    panels = {1: re.compile(r"^(val_)?loss$"), 2: re.compile(r"^(val_)?.*auc.*$", re.IGNORECASE)}
-    for column_index, pattern in panels.items():
-        for name in (c for c in frame.columns if pattern.match(c)):
-            subset = "val" if name.startswith("val_") else "train"
-            fig.add_trace(go.Scatter(
-                x=epochs, y=frame[name], name=f"{name} ({'validation' if subset == 'val' else 'training'})",
-                mode="lines+markers", line=dict(color=COLORS[subset], dash="solid" if subset == "train" else "dash"),
-                hovertemplate=f"{name}" + "<br>epoch %{x}: %{y:.4f}<extra></extra>"), row=1, col=column_index)
-    if not any(panels[2].match(c) for c in frame.columns):
-        fig.add_annotation(text="no AUC recorded", showarrow=False, row=1, col=2, x=0.5, y=0.5,
-                           xref="x2 domain", yref="y2 domain")
-    fig.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None)
-    fig.update_yaxes(title_text="training loss (as configured)", row=1, col=1)
-    fig.update_yaxes(title_text="ROC AUC", row=1, col=2)
-    return _styled(fig, f"Training history ({len(frame)} epochs)", height=420)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -344,23 +178,6 @@ def precision_recall_curves(y_true: np.ndarray, y_score: np.ndarray,
 
 
 # --- image grids (matplotlib) ---------------------------------------------------------------
-def show_figures_inline() -> None:
-    """Let a notebook show a returned matplotlib Figure as an image (called by every grid function).
-
-    IPython registers its PNG formatter for Figures only once pyplot has loaded the inline
-    backend, and these figures stay outside pyplot (so a cell shows each exactly once, and no
-    display or GUI backend is ever needed): register it here if nothing has yet.
-    """
-    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
-    formatters = shell.display_formatter.formatters if shell is not None else {}
-    if shell is None or any(Figure in formatters[kind].type_printers for kind in ("image/png", "image/jpeg")):
-        return
-    from IPython.core.pylabtools import select_figure_formats
-
-    # JPEG: noisy microscopy panels compress ~10x better than PNG, which keeps committed notebooks small.
-    select_figure_formats(shell, {"jpeg"}, bbox_inches="tight", pil_kwargs={"quality": 85})
-
-
 def _display_scaled(channel: np.ndarray, stretch: bool) -> np.ndarray:
     """Map a 0–255 channel to 0–1; with `stretch`, its 99.5th percentile becomes 1 (dim stains become visible)."""
     top = np.percentile(channel, 99.5) if stretch else 255.0
@@ -469,28 +286,3 @@ def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
                        color="green" if truth[index, ranked[0]] else "firebrick", loc="left")
     figure.suptitle("Sample predictions (top classes with probabilities)", fontsize=12, fontweight="bold")
     return figure
-
-
-# --- the model ------------------------------------------------------------------------------
-def model_diagram(model: Any, path: str | os.PathLike | None = None, **layered_view_options: Any) -> Any:
-    """A visualkeras layered view of `model` as a PIL image (saved as PNG when `path` is given), or None.
-
-    A model wrapping one nested model (ours: the backbone, then the pooling/dropout/sigmoid head)
-    is drawn through that nested model's own layers, which would otherwise be a single box.
-    visualkeras cannot draw every model (some Keras versions); then this prints one warning
-    line and returns None instead of failing the notebook.
-    """
-    # legend_text_spacing_offset=0: any other value makes visualkeras 0.1.4 warn that it is deprecated.
-    options = {"legend": True, "spacing": 20, "legend_text_spacing_offset": 0, **layered_view_options}
-    nested = [layer for layer in getattr(model, "layers", []) if hasattr(layer, "layers")]
-    try:
-        import visualkeras
-
-        image = visualkeras.layered_view(nested[0] if len(nested) == 1 else model, **options)
-        if path is not None:
-            save_figure(image, path)
-        return image
-    except Exception as exc:  # noqa: BLE001  a diagram is a nicety; never let it stop a run
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"warning: visualkeras could not draw the model diagram ({type(exc).__name__}: {message}); skipped")
-        return None

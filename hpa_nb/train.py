@@ -1,4 +1,5 @@
-"""Training: one dataclass config shared by the CLI and the notebooks, and `train(config)` that writes a run folder.
+"""Training: one dataclass config shared by the CLI and the notebooks; `prepare(config)` builds a `Plan`
+(checks, accelerator, split, data, compiled model) and `fit(plan)` trains it into a run folder.
 
 A run folder holds ``model.keras`` (loads with `hpa_nb.model.load_model`), ``history.csv``,
 ``config.json`` (every option plus the backend, device, replicas, global batch and a data
@@ -10,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +61,10 @@ class TrainConfig:
     patience: int = 5  # early stopping on val_auc, best weights restored
     augment: bool = True
     cache: bool = False  # cache decoded images in memory (small data sets only)
-    mixed_precision: bool = True  # bfloat16 on TPU, float16 on GPU; CPU always float32
+    # runtime
+    precision: str | None = None  # None: by device (mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU)
     steps_per_execution: int | None = None  # None: 32 on TPU, 8 on GPU, 1 on CPU
-    # Re-estimate batch-norm statistics over training batches (see recalibrate_batch_norm):
+    # Re-estimate batch-norm statistics over training batches (see hpa_nb.batch_norm):
     # "epoch" before every validation (so val metrics, checkpoints and early stopping see the
     # statistics the saved model will have), "end" once after training, or "off".
     bn_recalibration: str = "epoch"
@@ -69,6 +72,10 @@ class TrainConfig:
     cpu_replicas: int | None = None  # TF only: MirroredStrategy over this many logical CPUs (tests)
     verbose: int | str = "auto"  # Keras fit verbosity: progress bar by default
     keep_checkpoints: int = 2
+    resume_from: str | None = None  # a run folder, or OWNER/KERNEL attached as input: copied to out_dir, resumed
+    # On Kaggle a full run stops before training on the synthetic sample or on a CPU (hpa_nb.preflight).
+    allow_sample_data: bool = False
+    allow_cpu: bool = False
 
     def __post_init__(self) -> None:
         # "none" (the CLI's spelling) becomes None here, so config.json and every reader see one form.
@@ -236,7 +243,7 @@ def pad_batches(dataset, multiple: int):
     return dataset.map(pad)
 
 
-# --- callbacks ----------------------------------------------------------------------------
+# --- the run folder's checkpoints, history and resume ---------------------------------------
 def checkpoint_path(run_dir: Path, epoch: int) -> Path:
     """The checkpoint written after `epoch` epochs (1-based)."""
     return run_dir / CHECKPOINT_DIR / f"epoch-{epoch:03d}.keras"
@@ -248,6 +255,15 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Path | None]:
     if not found:
         return 0, None
     return int(found[-1].stem.split("-")[1]), found[-1]
+
+
+def load_checkpoint(path: Path):
+    """A checkpoint with its optimizer, in any process: the classes it names are registered first."""
+    import keras
+
+    from hpa_nb import model, schedule  # noqa: F401  (register WarmupSustainDecay, the loss and the metrics)
+
+    return keras.saving.load_model(path)
 
 
 def clear_previous_run(run_dir: Path) -> list[str]:
@@ -274,24 +290,98 @@ def clear_previous_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def _checkpoint_callback(run_dir: Path, keep: int):
-    import keras
+def find_previous_run(reference: str | Path, input_root: Path | None = None) -> Path:
+    """The run folder `reference` names: a folder, or ``OWNER/KERNEL`` (or ``KERNEL``) attached under /kaggle/input.
 
-    class AtomicCheckpoint(keras.callbacks.Callback):
-        """Save the full model (optimizer included) after every epoch, atomically; keep the last `keep`."""
+    A run folder holds config.json and checkpoints/. Kaggle mounts a kernel's output under its
+    slug, at a depth that has changed over time, so the slug's folder is searched for.
+    """
+    from hpa_nb.env import KAGGLE_INPUT
+
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        found = _run_folders(path)
+        if not found:
+            raise FileNotFoundError(f"RESUME_FROM {path} holds no run folder ({CONFIG_FILE} and {CHECKPOINT_DIR}/)")
+        return found[0]
+    root = input_root or KAGGLE_INPUT
+    slug = str(reference).rstrip("/").rpartition("/")[2]
+    mounts = [Path(folder) for folder, _, _ in os.walk(root) if Path(folder).name == slug] if root.is_dir() else []
+    found = [run for mount in mounts for run in _run_folders(mount)]
+    if not found:
+        raise FileNotFoundError(f"RESUME_FROM {reference}: no attached output named {slug!r} with a run folder "
+                                f"under {root}; attach the earlier version as input "
+                                f"(python -m hpa_nb kaggle push 03_train --resume-from OWNER/KERNEL)")
+    return found[0]
+
+
+def _run_folders(folder: Path, max_depth: int = 3) -> list[Path]:
+    """Run folders at or below `folder`, shallowest first."""
+    found = []
+    for current, subfolders, files in os.walk(folder):
+        depth = len(Path(current).relative_to(folder).parts)
+        if CONFIG_FILE in files and CHECKPOINT_DIR in subfolders:
+            found.append(Path(current))
+        if depth >= max_depth:
+            subfolders.clear()
+        subfolders.sort()
+    return sorted(found, key=lambda path: len(path.parts))
+
+
+def adopt_run(source: Path, run_dir: Path) -> int:
+    """Copy a killed run's config, split, history and last checkpoint into `run_dir`, to resume there.
+
+    Nothing is copied when `run_dir` already has as many finished epochs (a re-run of the same
+    session). Returns the epochs the copied run had finished.
+    """
+    import shutil
+
+    finished, checkpoint = last_checkpoint(source)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{source} has no checkpoint to resume from")
+    if last_checkpoint(run_dir)[0] >= finished:
+        return finished
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, SPLIT_FILE, HISTORY_FILE):
+        if (source / name).is_file():
+            with atomic_path(run_dir / name) as temporary:
+                shutil.copyfile(source / name, temporary)
+    with atomic_path(checkpoint_path(run_dir, finished)) as temporary:
+        shutil.copyfile(checkpoint, temporary)
+    print(f"resume: copied {source} (after epoch {finished}) into {run_dir}", file=sys.stderr)
+    return finished
+
+
+def _epoch_recorder(run_dir: Path, keep: int):
+    import keras
+    import pandas as pd
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """After every epoch: its row of history.csv, then the full checkpoint (optimizer included).
+
+        Both are written atomically, the history first. A run killed between the two leaves a row
+        without a checkpoint, which the resumed run drops and writes again; never a checkpoint
+        whose epoch is missing from the history.
+        """
 
         def on_epoch_end(self, epoch, logs=None):
+            path = run_dir / HISTORY_FILE
+            earlier = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+            row = pd.DataFrame([{"epoch": epoch, **{key: float(value) for key, value in sorted((logs or {}).items())}}])
+            write_text(path, pd.concat([earlier, row], ignore_index=True).to_csv(index=False))
             (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
             with atomic_path(checkpoint_path(run_dir, epoch + 1)) as temporary:  # ends in .keras, as Keras requires
                 self.model.save(temporary)
             for old in sorted((run_dir / CHECKPOINT_DIR).glob("epoch-*.keras"))[:-keep]:
                 old.unlink()
 
-    return AtomicCheckpoint()
+    return EpochRecorder()
 
 
 def _recalibration_callback(dataset, steps: int):
     import keras
+
+    from hpa_nb.batch_norm import recalibrate
 
     class BatchNormRecalibration(keras.callbacks.Callback):
         """Re-estimate batch-norm statistics just before each validation pass inside ``fit``.
@@ -303,50 +393,12 @@ def _recalibration_callback(dataset, steps: int):
         """
 
         def on_test_begin(self, logs=None):
-            recalibrate_batch_norm(self.model, dataset, steps)
+            recalibrate(self.model, dataset, steps)
 
     return BatchNormRecalibration()
 
 
-# --- batch-norm statistics ----------------------------------------------------------------
-def _batch_norm_layers(model) -> list:
-    import keras
-
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found += _batch_norm_layers(layer)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
-
-
-def recalibrate_batch_norm(model, dataset, steps: int) -> int:
-    """Re-estimate every batch norm's moving statistics as the plain average over `steps` batches.
-
-    In short runs the moving averages (momentum 0.99) lag far behind weights that change fast,
-    and inference-mode predictions fall to near chance. This runs forward passes in training
-    mode (no gradient step) with the momentum set so each batch gets an equal share. Returns the
-    number of batches used.
-    """
-    layers = _batch_norm_layers(model)
-    if not layers or steps <= 0:
-        return 0
-    momenta = [layer.momentum for layer in layers]
-    used = 0
-    try:
-        for batch in dataset.take(steps).as_numpy_iterator():
-            for layer in layers:  # running mean: moving = moving * k/(k+1) + batch / (k+1)
-                layer.momentum = used / (used + 1)
-            model(batch[0], training=True)
-            used += 1
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    return used
-
-
-# --- training -----------------------------------------------------------------------------
+# --- prepare, then fit --------------------------------------------------------------------
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int, global_batch: int):
     """The warmup → sustain → decay schedule training uses, for a run of `config` (plotted in 03_train)."""
     from hpa_nb import schedule
@@ -357,43 +409,88 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int, global_bat
         min_lr=config.min_lr)
 
 
-def _compile(model, config: TrainConfig, positive_weights: np.ndarray, label_weights: np.ndarray,
-             steps_per_epoch: int, global_batch: int, steps_per_execution: int) -> None:
-    import keras
+@dataclass
+class Plan:
+    """Everything `fit` needs, built once by `prepare`: a notebook can show each part before training."""
 
-    from hpa_nb.model import WeightedBinaryCrossentropy, make_metrics
+    config: TrainConfig  # resolved: data_dir and resume are as the run uses them
+    run_dir: Path
+    accelerator: Any
+    train_ids: list[str]
+    val_ids: list[str]
+    train_labels: np.ndarray  # [train images, 19]
+    global_batch: int
+    steps_per_epoch: int
+    steps_per_execution: int
+    schedule: Any  # the learning rate per optimizer step
+    model: Any  # compiled; on resume, loaded from the last checkpoint
+    finished_epochs: int  # 0 for a fresh run
+    datasets: dict = field(repr=False)  # "train", "val" and "recalibration"
+    runtime: dict = field(repr=False)  # what config.json records beside the options
 
-    learning_rate = learning_rate_schedule(config, steps_per_epoch, global_batch)
-    gamma = config.focal_gamma if config.loss == "focal" else 0.0
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=WeightedBinaryCrossentropy(positive_weights, focal_gamma=gamma),
-                  metrics=make_metrics(label_weights), steps_per_execution=steps_per_execution)
+    def summary(self) -> str:
+        """What the run will do, in a few lines."""
+        start = f"resuming after epoch {self.finished_epochs}" if self.finished_epochs else "a fresh run"
+        return "\n".join([
+            f"accelerator: {self.accelerator.describe()}",
+            f"data: {self.config.data_dir}",
+            f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation images",
+            f"steps: global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch, "
+            f"{self.steps_per_execution} per compiled call",
+            f"run: {self.run_dir} ({start}, {self.config.epochs} epochs)"])
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train a model as `config` says and write the run folder ``config.out_dir``.
+def whole_executions(steps_per_epoch: int, steps_per_execution: int, explicit: bool = False) -> tuple[int, int]:
+    """(steps per epoch, steps per compiled call), the first a multiple of the second.
 
-    Validates on the held-out split after every epoch, checkpoints every epoch (``resume=True``
-    continues after the last finished one, the LR schedule at that step), stops early on the
-    validation macro AUC keeping the best weights, and stops on a NaN loss. Batch-norm statistics
-    are re-estimated over training batches before each validation (``bn_recalibration``), so the
-    saved model predicts well in inference mode even after a short run.
+    Keras 3 on JAX runs a whole compiled call even when fewer steps are left in the epoch (5 steps
+    in calls of 2 train 6), which would shift the learning-rate schedule, the data stream a resumed
+    run starts from and the step counts. So an epoch is rounded down to whole calls; the stream
+    runs on across epochs, so no image is left out, only the epoch boundary moves.
+    """
+    steps_per_execution = max(1, min(steps_per_execution, steps_per_epoch))
+    rounded = steps_per_epoch - steps_per_epoch % steps_per_execution
+    if rounded != steps_per_epoch and explicit:
+        print(f"train: {rounded} steps per epoch, not {steps_per_epoch}: a whole number of compiled calls of "
+              f"{steps_per_execution} steps", file=sys.stderr)
+    return rounded, steps_per_execution
+
+
+# Options a resumed run must share with the run it continues: they shape the model, its inputs or its split.
+RESUME_INVARIANTS = ("backbone", "image_size", "channels", "batch_size", "seed", "val_fraction")
+
+
+def prepare(config: TrainConfig) -> Plan:
+    """Check everything that can fail cheaply, then build the run: accelerator, split, data, model.
+
+    On Kaggle a full run stops here, before its first training step, when it would train on the
+    synthetic sample or on a CPU (`hpa_nb.preflight`). ``resume_from`` copies an earlier run
+    (a killed Kaggle session's output) into ``out_dir`` and resumes it; so does ``resume`` with
+    the run already there. A fresh run clears the folder's previous run first.
     """
     import keras
-    import pandas as pd
 
+    from hpa_nb import preflight
     from hpa_nb.accelerator import detect
     from hpa_nb.labels import class_weights
     from hpa_nb.model import build
 
     _validate(config)
-    accelerator = detect(config.cpu_replicas, config.mixed_precision)  # before TF touches its devices
-    keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
+    preflight.report_versions(sys.stderr)
     root = Path(config.data_dir) if config.data_dir else _discover()
-    config = dataclasses.replace(config, data_dir=str(root))
     run_dir = Path(config.out_dir)
+    preflight.check_data(root, config.quick, config.allow_sample_data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not config.resume:
+    if config.resume_from:
+        adopt_run(find_previous_run(config.resume_from), run_dir)
+    config = dataclasses.replace(config, data_dir=str(root), resume=config.resume or bool(config.resume_from))
+    accelerator = detect(config.cpu_replicas, config.precision)  # before TF touches its devices
+    preflight.check_accelerator(accelerator.device_kind, config.quick, config.allow_cpu)
+    keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
+    fingerprint = data_fingerprint(root)
+    if config.resume:
+        _check_resumable(run_dir, config, fingerprint)
+    else:
         clear_previous_run(run_dir)
     finished, checkpoint = last_checkpoint(run_dir) if config.resume else (0, None)
     if config.resume and checkpoint is None:
@@ -401,67 +498,118 @@ def train(config: TrainConfig) -> TrainResult:
     train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
 
     global_batch = accelerator.global_batch_size(config.batch_size)
-    steps_per_epoch = config.steps_per_epoch or max(1, len(train_ids) // global_batch)
-    steps_per_execution = min(config.steps_per_execution or accelerator.steps_per_execution, steps_per_epoch)
+    steps_per_epoch, steps_per_execution = whole_executions(
+        config.steps_per_epoch or max(1, len(train_ids) // global_batch),
+        config.steps_per_execution or accelerator.steps_per_execution, explicit=bool(config.steps_per_epoch))
     runtime = {"backend": accelerator.backend, "device": accelerator.device_kind,
                "device_name": accelerator.device_name, "distribution": accelerator.path,
                "replicas": accelerator.replicas, "precision": accelerator.precision,
                "global_batch_size": global_batch, "steps_per_epoch_used": steps_per_epoch,
                "steps_per_execution_used": steps_per_execution, "train_images": len(train_ids),
-               "val_images": len(val_ids), "data_fingerprint": data_fingerprint(root)}
+               "val_images": len(val_ids), "data_fingerprint": fingerprint}
     _write_config(run_dir, config, runtime)
-    print(f"train: {accelerator.describe()}; {len(train_ids)} train / {len(val_ids)} val images, "
-          f"global batch {global_batch}, {steps_per_epoch} steps per epoch", file=sys.stderr)
-
-    train_data, val_data, recalibration_data = _datasets(root, train_ids, val_ids, config, global_batch,
-                                                         accelerator.replicas)
+    datasets = _datasets(root, train_ids, val_ids, config, global_batch, accelerator.replicas,
+                         start_batch=finished * steps_per_epoch)
     # Classes without both positives and negatives in validation have no AUC; leave them out.
     val_positives = val_matrix.sum(axis=0)
     label_weights = ((val_positives > 0) & (val_positives < len(val_ids))).astype(np.float32)
-
+    schedule = learning_rate_schedule(config, steps_per_epoch, global_batch)
     with accelerator.scope():
         if checkpoint is not None:
-            model = keras.saving.load_model(checkpoint)  # weights, optimizer state and step count
+            model = load_checkpoint(checkpoint)  # weights, optimizer state and step count
             print(f"resume: continuing after epoch {finished} from {checkpoint}", file=sys.stderr)
         else:
             model = build(config.backbone, config.image_size, config.channels, config.weights, config.dropout)
-            _compile(model, config, class_weights(train_matrix, config.max_positive_weight), label_weights,
-                     steps_per_epoch, global_batch, steps_per_execution)
-    recalibration_steps = min(config.bn_recalibration_steps, steps_per_epoch)
-    callbacks = _callbacks(run_dir, config, finished, recalibration_data, recalibration_steps)
-    fit = model.fit(train_data, epochs=config.epochs, initial_epoch=finished, steps_per_epoch=steps_per_epoch,
-                    validation_data=val_data, callbacks=callbacks, verbose=config.verbose,
-                    shuffle=False)  # the dataset shuffles itself
-    losses = fit.history.get("loss", [])
+            _compile(model, config, schedule, class_weights(train_matrix, config.max_positive_weight), label_weights,
+                     steps_per_execution)
+    plan = Plan(config, run_dir, accelerator, train_ids, val_ids, train_matrix, global_batch, steps_per_epoch,
+                steps_per_execution, schedule, model, finished, datasets, runtime)
+    return plan
+
+
+def _check_resumable(run_dir: Path, config: TrainConfig, fingerprint: str) -> None:
+    """Refuse to resume a run with other data or other model-shaping options than it was trained with."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return
+    saved = load_run_info(run_dir)
+    for name in RESUME_INVARIANTS:
+        if name in saved and saved[name] != getattr(config, name):
+            raise ValueError(f"cannot resume {run_dir}: it was trained with {name}={saved[name]!r}, "
+                             f"not {getattr(config, name)!r}")
+    if saved.get("data_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"cannot resume {run_dir}: it was trained on other data than {config.data_dir} "
+                         f"(fingerprint {saved['data_fingerprint']}, now {fingerprint})")
+
+
+def _compile(model, config: TrainConfig, schedule, positive_weights: np.ndarray, label_weights: np.ndarray,
+             steps_per_execution: int) -> None:
+    import keras
+
+    from hpa_nb.model import WeightedBinaryCrossentropy, make_metrics
+
+    gamma = config.focal_gamma if config.loss == "focal" else 0.0
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=WeightedBinaryCrossentropy(positive_weights, focal_gamma=gamma),
+                  metrics=make_metrics(label_weights), steps_per_execution=steps_per_execution)
+
+
+def fit(plan: Plan) -> TrainResult:
+    """Train the planned model and write the run folder: ``model.fit``, then the final validation and the model.
+
+    Validates on the held-out split after every epoch, writes history.csv and a checkpoint after
+    every epoch (a resumed run continues after the last one, the LR schedule and the data stream
+    where they stopped), stops early on the validation macro AUC keeping the best weights, and
+    stops on a NaN loss. Batch-norm statistics are re-estimated over training batches before each
+    validation (``bn_recalibration``), so the saved model predicts well in inference mode.
+    """
+    import pandas as pd
+
+    from hpa_nb.batch_norm import recalibrate
+
+    config, run_dir, model, finished = plan.config, plan.run_dir, plan.model, plan.finished_epochs
+    recalibration_steps = min(config.bn_recalibration_steps, plan.steps_per_epoch)
+    history = model.fit(plan.datasets["train"], epochs=config.epochs, initial_epoch=finished,
+                        steps_per_epoch=plan.steps_per_epoch, validation_data=plan.datasets["val"],
+                        callbacks=_callbacks(plan, recalibration_steps), verbose=config.verbose,
+                        shuffle=False)  # the dataset shuffles itself
+    losses = history.history.get("loss", [])
     if any(not np.isfinite(value) for value in losses):
         raise FloatingPointError(f"training loss became NaN/inf in {run_dir}: lower --max-lr or check the data")
 
     # With "epoch", the weights kept (best or last epoch) already carry statistics re-estimated for them.
     if config.bn_recalibration == "end":
-        recalibrate_batch_norm(model, recalibration_data, recalibration_steps)
+        recalibrate(model, plan.datasets["recalibration"], recalibration_steps)
     final = {}
     if model.compiled:
-        final = {f"val_{k}": float(v) for k, v in model.evaluate(val_data, verbose=0, return_dict=True).items()}
+        final = {f"val_{k}": float(v) for k, v in
+                 model.evaluate(plan.datasets["val"], verbose=0, return_dict=True).items()}
     with atomic_path(run_dir / MODEL_FILE) as temporary:
         model.save(temporary)
-    runtime.update(epochs_run=int(finished + len(losses)), final=final)
+    runtime = {**plan.runtime, "epochs_run": int(finished + len(losses)), "final": final}
     _write_config(run_dir, config, runtime)
-    history = pd.read_csv(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else pd.DataFrame()
+    frame = pd.read_csv(run_dir / HISTORY_FILE) if (run_dir / HISTORY_FILE).is_file() else pd.DataFrame()
     print(f"train: wrote {run_dir / MODEL_FILE}; validation of the saved model: "
           + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), file=sys.stderr)
-    return TrainResult(run_dir, model, history, final)
+    return TrainResult(run_dir, model, frame, final)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """`prepare` then `fit`: the whole run, as the CLI does it, with the plan's summary on stderr."""
+    plan = prepare(config)
+    print(plan.summary(), file=sys.stderr)
+    return fit(plan)
 
 
 def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: TrainConfig, global_batch: int,
-              replicas: int) -> tuple:
-    """Training (infinite, augmented), validation (finite, padded for replicas) and BN re-estimation data."""
+              replicas: int, start_batch: int) -> dict:
+    """Training (infinite, augmented, from `start_batch` on), validation (finite, padded) and BN re-estimation data."""
     import tensorflow as tf
 
     from hpa_nb import data
 
     common = {"image_size": config.image_size, "channels": config.channels, "batch_size": global_batch}
     train_data = data.training_dataset(root, train_ids, seed=config.seed, augment=config.augment,
-                                       cache=config.cache, **common)
+                                       cache=config.cache, start_batch=start_batch, **common)
     val_data = data.eval_dataset(root, val_ids, with_id=False, **common)
     # A known length keeps Keras from warning "ran out of data" after every validation pass.
     val_data = val_data.apply(tf.data.experimental.assert_cardinality(math.ceil(len(val_ids) / global_batch)))
@@ -470,22 +618,23 @@ def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: Trai
     # BN statistics are for inference inputs: training images without augmentation.
     recalibration_data = data.training_dataset(root, train_ids, seed=config.seed + 1, augment=False, cache=False,
                                                **common)
-    return train_data, val_data, recalibration_data
+    return {"train": train_data, "val": val_data, "recalibration": recalibration_data}
 
 
-def _callbacks(run_dir: Path, config: TrainConfig, finished: int, recalibration_data, recalibration_steps: int) -> list:
+def _callbacks(plan: Plan, recalibration_steps: int) -> list:
     import keras
     import pandas as pd
 
-    if finished and (run_dir / HISTORY_FILE).is_file():  # drop rows of an epoch that never got its checkpoint
-        history = pd.read_csv(run_dir / HISTORY_FILE)
-        write_text(run_dir / HISTORY_FILE, history[history["epoch"] < finished].to_csv(index=False))
-    recalibration = ([_recalibration_callback(recalibration_data, recalibration_steps)]
+    run_dir, config, finished = plan.run_dir, plan.config, plan.finished_epochs
+    history = run_dir / HISTORY_FILE
+    if history.is_file():  # keep the finished epochs' rows; drop those of an epoch that never got its checkpoint
+        rows = pd.read_csv(history)
+        write_text(history, rows[rows["epoch"] < finished].to_csv(index=False))
+    recalibration = ([_recalibration_callback(plan.datasets["recalibration"], recalibration_steps)]
                      if config.bn_recalibration == "epoch" else [])
     return [
         *recalibration,  # runs before each validation, so checkpoints and early stopping see its statistics
-        _checkpoint_callback(run_dir, config.keep_checkpoints),
-        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=finished > 0),
+        _epoch_recorder(run_dir, config.keep_checkpoints),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.TerminateOnNaN(),

@@ -34,7 +34,7 @@ SIZE_SURVEY_LIMIT = None  # None: every image on Kaggle, 200 in quick mode
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import data, env, labels, plots
+from hpa_nb import data, env, figures, labels, plots, training_plots
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 SIZE_SURVEY_LIMIT = SIZE_SURVEY_LIMIT or (200 if QUICK else None)
@@ -72,7 +72,7 @@ frame.head()
 # positives by negatives/positives, capped at 20: these are the bars on the right axis.
 
 # %%
-plots.saved(plots.class_distribution(matrix), OUT / "class_distribution")
+figures.saved(training_plots.class_distribution(matrix), OUT / "class_distribution")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -89,7 +89,7 @@ print(per_class.to_string())
 plots.labels_per_image(matrix)
 
 # %%
-plots.saved(plots.label_cooccurrence(matrix, normalize=True), OUT / "label_cooccurrence")
+figures.saved(plots.label_cooccurrence(matrix, normalize=True), OUT / "label_cooccurrence")
 
 # %% [markdown]
 # ## Image sizes and bit depths
@@ -99,7 +99,7 @@ plots.saved(plots.label_cooccurrence(matrix, normalize=True), OUT / "label_coocc
 # %%
 survey_ids = frame["ID"] if SIZE_SURVEY_LIMIT is None else frame["ID"][:SIZE_SURVEY_LIMIT]
 properties = plots.image_properties(DATA, survey_ids)
-plots.saved(plots.image_sizes(properties), OUT / "image_sizes")
+figures.saved(plots.image_sizes(properties), OUT / "image_sizes")
 
 # %% [markdown]
 # ## The four stains
@@ -114,7 +114,7 @@ images, label_rows, ids = data.take_images(dataset, N_PREVIEW)
 print("batch:", images.shape, images.dtype, "| labels:", label_rows.shape, label_rows.dtype)
 
 # %%
-plots.saved(plots.channel_grid(images, label_rows, ids), OUT / "channels")
+figures.saved(plots.channel_grid(images, label_rows, ids), OUT / "channels")
 
 # %% [markdown]
 # ## What we have

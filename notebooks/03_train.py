@@ -20,15 +20,16 @@
 # 2–3 hours for 20 epochs of EfficientNetB0 at 384 px on the full data on a v5e-8 (not measured here).
 #
 # In this notebook we will:
-# - detect the accelerator and size the global batch;
-# - build the model (sigmoid head, batch norm that follows Keras's training flag) and draw it;
-# - plot the learning-rate schedule and the per-class positive weights of the loss;
-# - train with validation, checkpoints, early stopping and re-estimated batch-norm statistics;
-# - save the run and plot its history.
+# - check, before anything is spent, that a full Kaggle run has the competition data and an accelerator;
+# - prepare the run once: accelerator, held-out split, data pipelines, learning-rate schedule and model;
+# - look at the model, the schedule and the class weights of the loss;
+# - call `fit`: validation, history and a checkpoint every epoch, early stopping, re-estimated batch-norm statistics;
+# - plot the history of the saved run.
 
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
 RUN_DIR = ""  # empty: <working dir>/run (/kaggle/working/run on Kaggle)
+RESUME_FROM = ""  # a killed run to continue: its folder, or OWNER/KERNEL of an earlier version attached as input
 QUICK = None  # None: quick off Kaggle (tiny CNN, 64 px, 5 epochs), full on Kaggle
 BACKBONE = None  # None: efficientnetb0 (full) / tiny (quick); also efficientnetb1..b7, efficientnetv2b0..b3, efficientnetv2s
 WEIGHTS = None  # None: "imagenet" (full) / none (quick); or a weights file attached under /kaggle/input
@@ -36,60 +37,58 @@ IMAGE_SIZE = None  # None: 384 (full) / 64 (quick)
 CHANNELS = None  # None: "rgb"; "rgby" adds the yellow ER stain as a 4th input channel
 EPOCHS = None  # None: 20 (full) / 5 (quick)
 BATCH_SIZE = None  # per replica; None: 16. The global batch is this x replicas
+ALLOW_SAMPLE_DATA = False  # on Kaggle a full run refuses the synthetic sample unless this is True
+ALLOW_CPU = False  # on Kaggle a full run refuses to train on a CPU unless this is True
 
 # %%
 import hpa_nb  # first: it picks the Keras backend (JAX on a TPU VM) and quiets TensorFlow's C++ logs
-from hpa_nb import accelerator, data, env, labels, model, plots, train
+from hpa_nb import env, figures, train, training_plots
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
 RUN = env.Path(RUN_DIR) if RUN_DIR else env.working_dir() / "run"
 config = train.TrainConfig.make(QUICK, data_dir=str(DATA), out_dir=str(RUN), backbone=BACKBONE, weights=WEIGHTS,
-                                image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE)
+                                image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE,
+                                resume_from=RESUME_FROM or None, allow_sample_data=ALLOW_SAMPLE_DATA,
+                                allow_cpu=ALLOW_CPU)
 print(config)
 
 # %% [markdown]
-# ## The accelerator
-# On Kaggle's TPU v5e-8 the image ships TensorFlow for the CPU only, so `import hpa_nb` selects Keras's JAX
-# backend and training runs data-parallel over the 8 chips, fed by `tf.data`. On GPUs it is
-# `MirroredStrategy` (or JAX), on the CPU a single device. Mixed precision follows the device:
-# bfloat16 on TPU, float16 on GPU, float32 on CPU.
+# ## The plan
+# `prepare` first checks what would waste a Kaggle session: a full run stops here, in seconds, if the
+# competition data is not attached (it would otherwise train on the synthetic sample) or if the session
+# has only a CPU (Kaggle gives one to accounts without identity verification). It prints the library
+# versions, then builds everything `fit` needs, once. On Kaggle's TPU v5e-8 the image ships TensorFlow
+# for the CPU only, so `import hpa_nb` selected Keras's JAX backend and training runs data-parallel over
+# the 8 chips, fed by `tf.data`. Mixed precision follows the device: bfloat16 on TPU, float16 on GPU,
+# float32 on CPU. The held-out split is multi-label stratified (every class with at least two images
+# lands on both sides); `04_evaluate` reproduces it from the saved config.
+
+# %%
+plan = train.prepare(config)
+print(plan.summary())
 
 # %%
 # NBVAL_CHECK_OUTPUT
-device = accelerator.detect(mixed_precision=config.mixed_precision)
-global_batch = device.global_batch_size(config.batch_size)
+device = plan.accelerator
 print(f"backend {device.backend}, device {device.device_kind}, replicas {device.replicas}, "
-      f"precision {device.precision}, global batch {global_batch}")
-
-# %% [markdown]
-# ## The held-out split
-# Training holds out a multi-label stratified share of the images (every class with at least two images
-# lands on both sides). `04_evaluate` reproduces this split from the saved config.
-
-# %%
-# NBVAL_CHECK_OUTPUT
-frame = data.load_labels(DATA)
-matrix = labels.label_matrix(frame["ID"], frame["Label"])
-train_ids, val_ids = data.split(frame["ID"].tolist(), matrix, config.val_fraction, config.seed)
-steps_per_epoch = config.steps_per_epoch or max(1, len(train_ids) // global_batch)
-print(f"{len(train_ids)} training and {len(val_ids)} validation images, {steps_per_epoch} steps per epoch")
+      f"precision {device.precision}, global batch {plan.global_batch}")
+print(f"{len(plan.train_ids)} training and {len(plan.val_ids)} validation images, "
+      f"{plan.steps_per_epoch} steps per epoch")
 
 # %% [markdown]
 # ## The model
 # A backbone (EfficientNet, or a small CNN where no pretrained weights can be had), global average pooling,
 # dropout and a `Dense(19, sigmoid)` head: one independent probability per class, as multi-label targets
 # need (the baseline's softmax made the classes compete). The backbone is not forced into training mode,
-# so batch norm uses its moving statistics at inference.
+# so batch norm uses its moving statistics at inference. The diagram is visualkeras's where it is installed;
+# Kaggle's TPU image lacks it, and there the backbone's shape profile is drawn with matplotlib.
 
 # %%
-with device.scope():  # the architecture only: `train` below builds it again and loads the pretrained weights
-    network = model.build(config.backbone, config.image_size, config.channels, weights=None, dropout=config.dropout)
-network.summary()
-print(f"{model.count_parameters(network):,} parameters")
+plan.model.summary()
 
 # %%
-plots.model_diagram(network, RUN / "model_diagram.png")
+training_plots.model_diagram(plan.model, RUN / "model_diagram.png")
 
 # %% [markdown]
 # ## The learning-rate schedule
@@ -98,8 +97,8 @@ plots.model_diagram(network, RUN / "model_diagram.png")
 # with a proportionally larger step.
 
 # %%
-schedule = train.learning_rate_schedule(config, steps_per_epoch, global_batch)
-plots.saved(plots.lr_schedule(schedule, config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch), RUN / "lr_schedule")
+figures.saved(training_plots.lr_schedule(plan.schedule, config.epochs * plan.steps_per_epoch,
+                                         steps_per_epoch=plan.steps_per_epoch), RUN / "lr_schedule")
 
 # %% [markdown]
 # ## Class weights that work for multi-label targets
@@ -107,18 +106,19 @@ plots.saved(plots.lr_schedule(schedule, config.epochs * steps_per_epoch, steps_p
 # weights each class's positives by negatives / positives (capped at 20), computed on the training split.
 
 # %%
-train_rows = frame["ID"].isin(train_ids).to_numpy()
-plots.class_distribution(matrix[train_rows], max_weight=config.max_positive_weight)
+training_plots.class_distribution(plan.train_labels, max_weight=config.max_positive_weight)
 
 # %% [markdown]
 # ## Training
-# `fit` validates on the held-out split after every epoch and checkpoints each epoch (a killed run resumes
-# with `python -m hpa_nb train --resume`). Early stopping watches the validation macro AUC and restores
-# the best weights. Before each validation, batch-norm statistics are re-estimated over training batches,
-# so the saved model predicts as well in inference mode as it did while training.
+# `fit` is Keras's `model.fit` over the plan: it validates on the held-out split after every epoch, writes
+# the epoch's row of `history.csv` and then a checkpoint, stops early on the validation macro AUC (restoring
+# the best weights) and re-estimates batch-norm statistics before each validation, so the saved model
+# predicts as well in inference mode as it did while training. If the session dies, push again with
+# `python -m hpa_nb kaggle push 03_train --resume-from OWNER/hpa-03-train`: the next version attaches
+# this one's output and continues after its last checkpoint, with the same data stream.
 
 # %%
-result = train.train(config)
+result = train.fit(plan)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -132,11 +132,11 @@ print({name: round(value, 3) for name, value in result.final.items()})
 # Loss and macro AUC per epoch, on the training batches and on the held-out split.
 
 # %%
-plots.saved(plots.training_history(result.history), RUN / "training_history")
+figures.saved(training_plots.training_history(result.history), RUN / "training_history")
 
 # %% [markdown]
 # ## What we have
 # - a trained model in `model.keras` (in `/kaggle/working/run` on Kaggle), with `config.json`, `history.csv`,
-#   `split.csv` and per-epoch checkpoints;
+#   `split.csv` and per-epoch checkpoints, from which a killed session resumes;
 # - validation scores of the saved model in inference mode;
 # - the schedule, weights and history plots. Next: `04_evaluate` scores the held-out split class by class.

@@ -33,7 +33,7 @@ N_EXAMPLES = 8
 
 # %%
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import data, env, evaluate, plots, train
+from hpa_nb import data, env, evaluate, figures, plots, train
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 RUN = env.Path(RUN_DIR) if RUN_DIR else env.working_dir() / "run"
@@ -83,7 +83,7 @@ dataset = data.open_dataset(DATA, image_size=256, channels=config.channels, with
                             ids=result.ids[:N_EXAMPLES])
 images, label_rows, ids = data.take_images(dataset, N_EXAMPLES)
 rows = [result.ids.index(image_id) for image_id in ids]
-plots.saved(plots.prediction_grid(images, label_rows, result.y_score[rows], ids), OUT / "sample_predictions")
+figures.saved(plots.prediction_grid(images, label_rows, result.y_score[rows], ids), OUT / "sample_predictions")
 
 # %% [markdown]
 # ## Where the model is weak

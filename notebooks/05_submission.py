@@ -37,7 +37,7 @@ N_PREVIEW = 3
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import cells, env, plots, submit, train
+from hpa_nb import cells, env, figures, submit, train
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
@@ -56,7 +56,7 @@ print(f"{len(test_ids)} test images; model {config.backbone} at {image_size} px 
 
 # %%
 overlays = cells.overlay_figure(DATA, test_ids[:N_PREVIEW], classifier, image_size, channels, rule, method=SEGMENTATION)
-plots.saved(overlays, env.working_dir() / "05_submission" / "cell_overlays")
+figures.saved(overlays, env.working_dir() / "05_submission" / "cell_overlays")
 
 # %% [markdown]
 # ## How well the cells match

@@ -503,6 +503,25 @@ def test_training_dataset_is_static_infinite_and_repeatable(planted8):
         assert labels.shape == (4, N_CLASSES)
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
+def test_a_stream_started_at_batch_k_is_the_whole_stream_from_batch_k(planted8, cache):
+    """What a resumed run sees: the batches it would have seen had it never stopped, not epoch 1 again."""
+    ids = [image_id(i) for i in range(10)]
+
+    def batches(start_batch, count):
+        dataset = data.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, seed=3, cache=cache,
+                                        start_batch=start_batch)
+        return [x for x, _ in dataset.take(count).as_numpy_iterator()]
+
+    whole = batches(0, 8)  # 32 images: passes of 10 images, batches straddle them
+    for start in (3, 5):  # 12 and 20 images in: mid-pass and at a pass boundary
+        for resumed, expected in zip(batches(start, 3), whole[start:start + 3], strict=True):
+            np.testing.assert_array_equal(resumed, expected)
+    assert not np.array_equal(whole[0], whole[5])  # a later pass is not a replay of the first
+    with pytest.raises(ValueError, match="start_batch"):
+        data.training_dataset(planted8, None, IMAGE_SIZE, "rgb", batch_size=4, start_batch=2)
+
+
 def test_training_dataset_without_augment_keeps_each_image_with_its_label_and_workers_split(planted8):
     ids = [image_id(i) for i in range(12)]
     by_label = {tuple(parse_label(label_text(i))): planted(i, 0) for i in range(12)}  # labels are unique here

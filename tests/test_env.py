@@ -81,6 +81,16 @@ def test_tpu_vm_without_tensorflow_tpu_selects_jax(monkeypatch):
     assert env.select_backend(environ) == "jax" and environ["KERAS_BACKEND"] == "jax"
 
 
+def test_tpu_vm_prefers_jax_even_beside_tensorflow_tpu(monkeypatch):
+    installed = {"jax", "tensorflow-tpu"}
+    monkeypatch.setattr(env, "_installed", lambda name: name in installed)
+    monkeypatch.delitem(env.sys.modules, "keras", raising=False)
+    environ = {"ISTPUVM": "1"}
+    assert env.tensorflow_sees_tpu() and env.select_backend(environ) == "jax"
+    installed.discard("jax")  # no JAX at all: TensorFlow drives the TPU
+    assert env.select_backend({"ISTPUVM": "1"}) == "tensorflow"
+
+
 def test_explicit_backend_and_non_tpu_machines_are_left_alone(monkeypatch):
     monkeypatch.setattr(env, "tensorflow_sees_tpu", lambda: False)
     monkeypatch.delitem(env.sys.modules, "keras", raising=False)

@@ -61,7 +61,7 @@ def test_cli_evaluates_exactly_the_held_out_images(run_dir, small_sample, tmp_pa
     assert absent, "10 held-out images cannot hold all 19 classes"
     assert all(entry["roc_auc"] is None and entry["f1"] is None for entry in absent)
     assert set(metrics["thresholds"]) == set(LABEL_NAMES)
-    for name in ("per_class_scores.html", "precision_recall.html", "training_history.html"):
+    for name in ("per_class_scores.html", "precision_recall.html", "training_history.png"):
         assert (out / name).is_file()
 
 

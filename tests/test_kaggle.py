@@ -406,8 +406,9 @@ def fake_kaggle_cli(tmp_path, monkeypatch) -> Path:
     script.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
         import json, sys
+        import os
         json.dump(sys.argv[1:], open({str(record)!r}, "w"))
-        print("fake kaggle ok")
+        print(os.environ.get("FAKE_KAGGLE_OUTPUT", "fake kaggle ok"))
     """))
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -424,6 +425,40 @@ def test_push_builds_with_the_username_and_calls_the_cli(tmp_path, clean_home, f
     printed = capfd.readouterr()
     assert "fake kaggle ok" in printed.out
     assert SECRETS["KAGGLE_KEY"] not in printed.out + printed.err
+
+
+@pytest.mark.parametrize("printed", [
+    "Kernel push error: Notebook not found",
+    "The following are not valid competition sources and could not be added to the kernel: ['hpa']",
+])
+def test_a_push_kaggle_refused_is_one_line_exit_2_although_the_cli_exits_0(printed, clean_home, fake_kaggle_cli,
+                                                                        monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
+    monkeypatch.setenv("FAKE_KAGGLE_OUTPUT", f"Uploading...\n{printed}")
+    monkeypatch.setattr(kaggle, "PUSH_DIR", tmp_path / "push")
+    assert cli.main(["kaggle", "push", "03_train"]) == 2
+    out, err = capsys.readouterr()
+    assert printed in out  # the CLI's own words are shown as they came
+    assert err.strip().count("\n") == 0 and err.startswith("error: Kaggle refused") and printed in err
+    assert "pushed" not in out
+
+
+def test_push_resume_from_attaches_the_kernel_and_sets_resume_from(clean_home, fake_kaggle_cli, monkeypatch,
+                                                                   tmp_path, standin_notebooks):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
+    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
+                         resume_from="alice/hpa-03-train")
+    metadata = json.loads((folder / "kernel-metadata.json").read_text())
+    assert metadata["kernel_sources"] == ["alice/hpa-03-train"]
+    cells = json.loads((folder / "03_train.ipynb").read_text())["cells"]
+    tags = [cell["metadata"].get("tags", []) for cell in cells]
+    injected = tags.index(["injected-parameters"])
+    assert tags[injected - 1] == ["parameters"]
+    assert "RESUME_FROM = 'alice/hpa-03-train'" in "".join(cells[injected]["source"])
+    with pytest.raises(ValueError, match="OWNER/KERNEL"):
+        kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, resume_from="/kaggle/x")
 
 
 def test_status_and_output_use_the_credentials_username(tmp_path, clean_home, fake_kaggle_cli, monkeypatch, capsys):

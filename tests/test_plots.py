@@ -45,15 +45,6 @@ def _trace_names(fig: go.Figure) -> list[str]:
     return [trace.name for trace in fig.data]
 
 
-def test_class_distribution_shows_counts_and_weights_by_name(sample_matrix):
-    fig = plots.class_distribution(sample_matrix)
-    assert isinstance(fig, go.Figure)
-    bars, weights = fig.data
-    assert list(bars.x) == list(LABEL_NAMES)
-    np.testing.assert_array_equal(bars.y, sample_matrix.sum(axis=0))
-    assert np.all((np.asarray(weights.y) >= 1) & (np.asarray(weights.y) <= 20))
-
-
 def test_label_statistics_figures(sample_matrix):
     per_image = plots.labels_per_image(sample_matrix)
     assert sum(per_image.data[0].y) == len(sample_matrix)
@@ -72,37 +63,6 @@ def test_image_sizes_reads_headers(small_sample, sample_labels):
     assert sum(sum(trace.y) for trace in fig.data) == 6
     with pytest.raises(FileNotFoundError, match="missing-id"):
         plots.image_properties(small_sample, ["missing-id"])
-
-
-def test_lr_schedule_accepts_python_and_keras_schedules():
-    fig = plots.lr_schedule(lambda step: 1e-3 * 0.5 ** (step // 10), 40, steps_per_epoch=10)
-    assert fig.data[0].y[0] == pytest.approx(1e-3) and fig.data[0].y[-1] == pytest.approx(1.25e-4)
-    assert fig.data[0].x[-1] == pytest.approx(3.9)
-    from hpa_nb.schedule import from_epochs
-
-    warmup = plots.lr_schedule(from_epochs(steps_per_epoch=10, global_batch_size=64, max_lr=1e-3, initial_lr=1e-5),
-                               50, steps_per_epoch=10)
-    values = np.asarray(warmup.data[0].y)
-    assert values[0] == pytest.approx(1e-5) and values.max() == pytest.approx(1e-3)
-    assert int(np.argmax(values)) == 10  # the end of the one-epoch warmup
-    import keras
-
-    cosine = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=5000)
-    long_fig = plots.lr_schedule(cosine, 5000)
-    assert len(long_fig.data[0].y) <= plots.MAX_CURVE_POINTS
-    assert long_fig.data[0].y[0] == pytest.approx(1e-3) and long_fig.data[0].y[-1] == pytest.approx(0, abs=1e-8)
-
-
-def test_training_history_plots_loss_and_auc_for_train_and_val(tmp_path):
-    history = pd.DataFrame({"epoch": [0, 1, 2], "auc": [0.6, 0.7, 0.8], "loss": [0.9, 0.6, 0.5],
-                            "val_auc": [0.55, 0.6, 0.65], "val_loss": [1.0, 0.8, 0.7]})
-    history.to_csv(tmp_path / "history.csv", index=False)
-    fig = plots.training_history(tmp_path / "history.csv")
-    assert sorted(name.split()[0] for name in _trace_names(fig)) == ["auc", "loss", "val_auc", "val_loss"]
-    assert list(fig.data[0].x) == [1, 2, 3]
-    loss_only = plots.training_history({"loss": [0.9, 0.5]})
-    assert _trace_names(loss_only) == ["loss (training)"]
-    assert any("no AUC" in note.text for note in loss_only.layout.annotations)
 
 
 def test_evaluation_figures_name_every_present_class(sample_matrix, fake_scores):
@@ -135,12 +95,6 @@ def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_image
     assert top in predictions.axes[0].get_title(loc="left")
 
 
-def test_saved_writes_the_figure_and_hands_it_back(tmp_path, sample_matrix):
-    fig = plots.labels_per_image(sample_matrix)
-    assert plots.saved(fig, tmp_path / "labels") is fig
-    assert (tmp_path / "labels.html").is_file()
-
-
 def test_augmentation_grid_has_a_row_per_step_plus_the_chain(sample_images):
     from hpa_nb.augment import STEPS
 
@@ -149,48 +103,6 @@ def test_augmentation_grid_has_a_row_per_step_plus_the_chain(sample_images):
     rows = [axis.get_ylabel() for axis in grid.axes[::3]]
     assert rows == list(STEPS) + ["full chain"]
     assert grid.axes[-1].get_title() == "seed (3, 1)" and grid.axes[-3].get_title() == "original"
-
-
-def test_save_figure_writes_html_and_png(tmp_path, sample_matrix, sample_images, capsys):
-    written = plots.save_figure(plots.labels_per_image(sample_matrix), tmp_path / "labels.html")
-    assert tmp_path / "labels.html" in written
-    assert "Plotly" in (tmp_path / "labels.html").read_text()
-    written = plots.save_figure(plots.channel_grid(sample_images[:1], ["0"]), tmp_path / "grid")
-    assert written == [tmp_path / "grid.png"] and Image.open(written[0]).format == "PNG"
-    assert not list(tmp_path.glob(".*")), "no temporary files left behind"
-
-
-def test_model_diagram_opens_up_a_nested_backbone(monkeypatch):
-    import visualkeras
-
-    from hpa_nb.model import build
-
-    drawn = []
-    monkeypatch.setattr(visualkeras, "layered_view", lambda model, **options: drawn.append(model) or "image")
-    classifier = build("tiny", image_size=32, channels=3, weights=None)
-    assert plots.model_diagram(classifier) == "image"
-    assert drawn == [classifier.get_layer("backbone")]  # its conv blocks, not one "Functional" box
-
-
-def test_model_diagram_draws_a_png_and_survives_a_visualkeras_failure(tmp_path, monkeypatch, capsys):
-    import keras
-    import visualkeras
-
-    inputs = keras.Input((16, 16, 3))
-    hidden = keras.layers.Conv2D(4, 3)(inputs)
-    outputs = keras.layers.Dense(N_CLASSES, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(hidden))
-    model = keras.Model(inputs, outputs)
-    image = plots.model_diagram(model, tmp_path / "model.png")
-    assert image is not None and Image.open(tmp_path / "model.png").format == "PNG"
-
-    def broken(*args, **kwargs):
-        raise AttributeError("'InputLayer' object has no attribute 'output_shape'")
-
-    monkeypatch.setattr(visualkeras, "layered_view", broken)
-    assert plots.model_diagram(model, tmp_path / "broken.png") is None
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and printed[0].startswith("warning: visualkeras could not draw")
-    assert not (tmp_path / "broken.png").exists()
 
 
 def test_image_grids_display_as_one_jpeg_in_a_notebook_without_pyplot(sample_images):

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,28 +179,100 @@ def test_saved_model_gives_the_trained_models_predictions(quick_run, validation)
 
 # --- the command: overrides, resume, errors -----------------------------------------------
 def _iterations(checkpoint: Path) -> int:
-    import keras
+    from hpa_nb.train import load_checkpoint
 
-    return int(keras.saving.load_model(checkpoint).optimizer.iterations.numpy())
+    return int(load_checkpoint(checkpoint).optimizer.iterations.numpy())
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def _train_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "hpa_nb", "train", *arguments]
+
+
+def _kill_after_checkpoint(command: list[str], run: Path, epoch: int, timeout: float = 300) -> None:
+    """Start `command`, SIGKILL it as soon as the checkpoint of `epoch` exists (as a lost Kaggle session would)."""
+    process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoints" / f"epoch-{epoch:03d}.keras").is_file():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended before epoch {epoch}: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
 
 
 @pytest.mark.slow
-def test_resume_continues_after_the_last_finished_epoch(small_sample, tmp_path, capsys):
-    from hpa_nb.cli import main
+def test_a_killed_run_resumes_in_a_fresh_process_in_place_and_from_an_attached_copy(small_sample, tmp_path):
+    from hpa_nb.train import last_checkpoint
 
     run = tmp_path / "run"
-    assert main(["train", "--data", str(small_sample), "--out", str(run), *TINY_RUN]) == 0
-    config = load_config(run)
-    assert (config.backbone, config.epochs, config.image_size, config.steps_per_epoch) == ("tiny", 1, 32, 2)
-    assert _iterations(run / "checkpoints" / "epoch-001.keras") == 2
+    _kill_after_checkpoint(_train_command("--data", str(small_sample), "--out", str(run), *TINY_RUN[:1],
+                                          "--epochs", "6", "--steps-per-epoch", "3", "--image-size", "32",
+                                          "--patience", "10"), run, epoch=2)
+    finished, _ = last_checkpoint(run)
+    assert finished >= 2
+    before = pd.read_csv(run / "history.csv")
+    before = before[before["epoch"] < finished]  # a row written just before the kill may lack its checkpoint
+    attached = tmp_path / "input" / "hpa-03-train" / "run"  # how Kaggle mounts an earlier version's output
+    shutil.copytree(run, attached)
     split = (run / "split.csv").read_text()
 
-    assert main(["train", "--resume", "--out", str(run), "--epochs", "2"]) == 0
-    assert "continuing after epoch 1" in capsys.readouterr().err
-    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1]
-    assert _iterations(run / "checkpoints" / "epoch-002.keras") == 4  # the LR schedule goes on from step 2
-    assert (run / "split.csv").read_text() == split
-    assert load_config(run).epochs == 2 and load_config(run).image_size == 32
+    resumed = subprocess.run(_train_command("--resume", "--out", str(run), "--epochs", str(finished + 2)),
+                             env=_environment(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"continuing after epoch {finished}" in resumed.stderr
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(finished + 2))
+    pd.testing.assert_frame_equal(history.iloc[:finished], before.reset_index(drop=True))
+    assert _iterations(run / "checkpoints" / f"epoch-{finished + 2:03d}.keras") == 3 * (finished + 2)
+    assert (run / "split.csv").read_text() == split and (run / "model.keras").is_file()
+
+    elsewhere = tmp_path / "new-session"
+    adopted = subprocess.run(_train_command("--resume-from", str(attached.parent), "--out", str(elsewhere),
+                                            "--epochs", str(finished + 1)),
+                             env=_environment(), capture_output=True, text=True, timeout=600)
+    assert adopted.returncode == 0, adopted.stderr[-3000:]
+    assert f"continuing after epoch {finished}" in adopted.stderr
+    assert pd.read_csv(elsewhere / "history.csv")["epoch"].tolist() == list(range(finished + 1))
+    assert load_config(elsewhere).image_size == 32 and (elsewhere / "split.csv").read_text() == split
+
+
+def test_an_epoch_is_a_whole_number_of_compiled_calls():
+    from hpa_nb.train import whole_executions
+
+    assert whole_executions(136, 32) == (128, 32)
+    assert whole_executions(5, 2) == (4, 2)
+    assert whole_executions(3, 32) == (3, 3)
+    assert whole_executions(10, 1) == (10, 1)
+
+
+def test_find_previous_run_looks_for_the_kernel_slug_under_the_input_root(tmp_path):
+    from hpa_nb.train import find_previous_run
+
+    run = tmp_path / "input" / "notebooks" / "alice" / "hpa-03-train" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert find_previous_run("alice/hpa-03-train", tmp_path / "input") == run
+    assert find_previous_run(run.parent) == run
+    with pytest.raises(FileNotFoundError, match="--resume-from OWNER/KERNEL"):
+        find_previous_run("alice/other-kernel", tmp_path / "input")
+
+
+def test_resuming_with_other_model_options_or_other_data_is_refused(small_sample, tmp_path):
+    from hpa_nb.train import _check_resumable, _write_config
+
+    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path))
+    _write_config(tmp_path, config, {"data_fingerprint": "abc"})
+    _check_resumable(tmp_path, config, "abc")
+    with pytest.raises(ValueError, match="image_size=64"):
+        _check_resumable(tmp_path, TrainConfig.quick_variant(image_size=32), "abc")
+    with pytest.raises(ValueError, match="other data"):
+        _check_resumable(tmp_path, config, "def")
 
 
 def test_a_missing_weights_file_is_one_line_exit_2(small_sample, tmp_path, capsys):
@@ -257,3 +332,31 @@ def test_tensorflow_mirrored_strategy_over_two_logical_cpus(small_sample, tmp_pa
         "KERAS_BACKEND": "tensorflow", "HPA_CPU_REPLICAS": "2"}, batch_size=4)
     assert (info["backend"], info["replicas"], info["distribution"]) == ("tensorflow", 2, "MirroredStrategy")
     assert info["global_batch_size"] == 8
+
+
+@pytest.mark.slow
+def test_tpu_settings_on_eight_jax_devices_bfloat16_chunked_steps_efficientnet_then_resume(small_sample, tmp_path):
+    """What a v5e-8 run uses and a CPU run does not: mixed_bfloat16, several steps per compiled call with a
+    leftover chunk (5 steps asked in calls of 2: Keras on JAX would train 6, so an epoch becomes 4), EfficientNetB0,
+    8 devices; two epochs, then a resume in a new process."""
+    pytest.importorskip("jax")
+    run = tmp_path / "run"
+    environ = _environment(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    first = subprocess.run(_train_command(
+        "--data", str(small_sample), "--out", str(run), "--backbone", "efficientnetb0", "--weights", "none",
+        "--image-size", "32", "--batch-size", "2", "--epochs", "2", "--steps-per-epoch", "5",
+        "--steps-per-execution", "2", "--precision", "mixed_bfloat16"), env=environ, capture_output=True, text=True,
+        timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    info = json.loads((run / "config.json").read_text())
+    assert (info["replicas"], info["precision"], info["steps_per_execution_used"]) == (8, "mixed_bfloat16", 2)
+    assert info["steps_per_epoch_used"] == 4 and "4 steps per epoch, not 5" in first.stderr
+    assert info["global_batch_size"] == 16 and info["backbone"] == "efficientnetb0"
+    resumed = subprocess.run(_train_command("--resume", "--out", str(run), "--epochs", "3"), env=environ,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing after epoch 2" in resumed.stderr
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+    assert _iterations(run / "checkpoints" / "epoch-003.keras") == 12  # the steps the schedule and stream count

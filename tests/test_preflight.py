@@ -1,0 +1,94 @@
+"""hpa_nb.preflight: a full Kaggle run stops before training on the sample or a CPU; versions are reported."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from hpa_nb import preflight
+from hpa_nb.preflight import PreflightError
+
+REPO = Path(__file__).resolve().parents[1]
+KAGGLE = {"KAGGLE_KERNEL_RUN_TYPE": "Batch"}
+
+
+def test_the_sample_is_refused_only_for_a_full_run_on_kaggle(small_sample, tmp_path):
+    assert preflight.is_synthetic(small_sample) and not preflight.is_synthetic(tmp_path)
+    with pytest.raises(PreflightError, match="competition data is not attached") as refused:
+        preflight.check_data(small_sample, quick=False, environ=KAGGLE)
+    assert "\n" not in str(refused.value) and "ALLOW_SAMPLE_DATA" in str(refused.value)
+    preflight.check_data(small_sample, quick=True, environ=KAGGLE)  # a smoke run on purpose
+    preflight.check_data(small_sample, quick=False, allow_sample_data=True, environ=KAGGLE)
+    preflight.check_data(small_sample, quick=False, environ={})  # off Kaggle the sample is the default
+    preflight.check_data(tmp_path, quick=False, environ=KAGGLE)  # real data
+
+
+def test_a_cpu_is_refused_only_for_a_full_run_on_kaggle():
+    with pytest.raises(PreflightError, match="identity verification") as refused:
+        preflight.check_accelerator("cpu", quick=False, environ=KAGGLE)
+    assert all(word in str(refused.value) for word in ("TPU v5e-8", "QUICK", "ALLOW_CPU"))
+    preflight.check_accelerator("tpu", quick=False, environ=KAGGLE)
+    preflight.check_accelerator("cpu", quick=True, environ=KAGGLE)
+    preflight.check_accelerator("cpu", quick=False, allow_cpu=True, environ=KAGGLE)
+    preflight.check_accelerator("cpu", quick=False, environ={})
+
+
+def _train_on_kaggle(data: Path, out: Path) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **KAGGLE, "PYTHONPATH": str(REPO), "HPA_OUT": str(out), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "hpa_nb", "train", "--data", str(data), "--out", str(out / "run")],
+                          env=environ, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_full_kaggle_run_stops_before_training_with_one_line(small_sample, tmp_path):
+    on_sample = _train_on_kaggle(small_sample, tmp_path / "a")
+    assert on_sample.returncode == 2
+    errors = [line for line in on_sample.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "competition data is not attached" in errors[0]
+    assert "Traceback" not in on_sample.stderr and not (tmp_path / "a" / "run" / "checkpoints").exists()
+
+    real_looking = tmp_path / "data"
+    shutil.copytree(small_sample, real_looking)
+    (real_looking / "sample.json").unlink()
+    on_cpu = _train_on_kaggle(real_looking, tmp_path / "b")
+    assert on_cpu.returncode == 2
+    errors = [line for line in on_cpu.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "found only a CPU" in errors[0]
+    assert not (tmp_path / "b" / "run" / "checkpoints").exists()
+
+
+def test_versions_outside_the_tested_range_are_named():
+    assert preflight.untested({"python": "3.12.1", "numpy": "2.5.2", "keras": "3.15.1", "jax": None}) == []
+    lines = preflight.untested({"numpy": "2.6.0", "keras": "3.4.1", "tensorflow": "2.22.0rc1"})
+    assert lines == ["numpy 2.6.0 is outside the tested range >=1.26,<2.6",
+                     "keras 3.4.1 is outside the tested range >=3.5,<3.16",
+                     "tensorflow 2.22.0rc1 is outside the tested range >=2.16,<2.22"]
+
+
+def test_report_prints_every_version_and_warns_on_untested_ones(monkeypatch, capsys):
+    monkeypatch.setattr(preflight, "installed_versions", lambda: {"python": "3.12.1", "keras": "9.0", "jax": None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preflight.report_versions()
+    assert capsys.readouterr().out == "versions: python 3.12.1, keras 9.0, jax not installed\n"
+    assert [str(warning.message).split(":")[0] for warning in caught] == [
+        "keras 9.0 is outside the tested range >=3.5,<3.16"]
+
+
+def test_the_tested_ranges_are_the_bounds_of_requirements_txt_and_admit_the_tpu_image():
+    requirements = (REPO / "requirements.txt").read_text() + (REPO / "requirements-dev.txt").read_text()
+    for name in ("keras", "numpy", "tensorflow", "jax"):
+        low, high = preflight.TESTED_VERSIONS[name]
+        lines = re.findall(rf"^{name}(?:-cpu)?(?:\[cpu\])?>={re.escape(low)},<{re.escape(high)}\b", requirements,
+                           flags=re.M)
+        assert lines, f"requirements do not bound {name} as >={low},<{high}"
+    image = (REPO / "requirements-kaggle-tpu.txt").read_text()
+    pins = dict(re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", image, flags=re.M))
+    versions = {"keras": pins["keras"], "numpy": pins["numpy"], "jax": pins["jax"], "tensorflow": pins["tensorflow-cpu"]}
+    assert preflight.untested(versions) == []
