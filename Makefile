@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test install notebooks kaggle bench clean
+.PHONY: run test test-fast install notebooks kaggle bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(VENV)/.installed
 	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && \
 	HPA_TPU_VENV=$$tpu_venv HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
 
+# The quick loop while editing: the unit tests not marked slow (no training runs, no notebooks, no TPU image venv).
+test-fast: $(VENV)/.installed
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest -m "not slow" tests
+
 # After editing notebooks/*.py: refresh each .ipynb from its .py, re-execute it in place on the
 # default sample (the committed outputs), and rebuild the Kaggle bundles.
 notebooks: $(VENV)/.installed
@@ -50,6 +54,8 @@ bench: $(VENV)/.installed
 	$(PY) -m hpa_nb bench loader --size 1024
 	$(PY) -m hpa_nb bench loader
 	$(PY) -m hpa_nb bench train
+	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	  $(PY) -m hpa_nb bench train --image-size 64 --batch-size 2
 
 # Self-contained Kaggle kernels: build/kaggle/<name>/ per notebook (commit build/kaggle/03_train/).
 kaggle: $(VENV)/.installed

@@ -1,7 +1,7 @@
 """hpa_nb: a notebook-first toolkit for the HPA Single Cell Classification competition.
 
-Importing the package first picks the Keras backend (JAX on a TPU VM where TensorFlow
-cannot see the TPU), so ``import hpa_nb`` belongs before ``import keras``.
+Importing the package first picks the Keras backend (JAX on a TPU VM such as Kaggle's v5e-8),
+so ``import hpa_nb`` belongs before ``import keras``.
 """
 import os as _os
 

@@ -12,6 +12,7 @@ from typing import Mapping
 COMPETITION = "hpa-single-cell-image-classification"
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
+IMAGE_FOLDERS = ("train", "test", "train_tfrecords")  # tens of thousands of files each: never walked
 
 # The default sample: big enough for every class to show up and for a quick model to learn
 # something, small enough to generate in seconds on 2 CPU cores.
@@ -99,7 +100,7 @@ def find_competition_dir(input_root: Path = KAGGLE_INPUT, max_depth: int = 5) ->
         elif depth >= max_depth:
             subfolders.clear()
         else:
-            subfolders[:] = sorted(d for d in subfolders if d not in ("train", "test", "train_tfrecords"))
+            subfolders[:] = sorted(d for d in subfolders if d not in IMAGE_FOLDERS)
     if not found:
         return None
     return sorted(found, key=lambda path: (COMPETITION not in str(path), len(path.parts), str(path)))[0]

@@ -106,9 +106,9 @@ def kernel_metadata(
 
     ``code_file`` defaults to ``<name>.ipynb`` beside the metadata. ``enable_internet`` overrides the
     table (False to run offline, with the ImageNet weights attached through ``dataset_sources`` or
-    ``model_sources``). ``kernel_sources`` ("OWNER/KERNEL") come after the table's own, for example an
-    earlier version of the kernel whose run to resume. There is deliberately no ``docker_image``: a pinned image can silently run a
-    TPU kernel on the CPU image.
+    ``model_sources``). ``kernel_sources`` ("OWNER/KERNEL") come after the table's own, for example
+    an earlier version of the kernel whose run to resume. There is deliberately no ``docker_image``:
+    a pinned image can silently run a TPU kernel on the CPU image.
     """
     settings = kernel_settings(name)
     if settings.accelerator not in ACCELERATOR_FLAGS:
@@ -483,10 +483,10 @@ PUSH_REFUSALS = (re.compile(r"Kernel push error.*"), re.compile(r"The following 
 
 
 def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ, home: Path | None = None,
-               refusals: Sequence[re.Pattern] = ()) -> str:
-    """Run `kaggle <arguments>` after checking the CLI and credentials exist, echoing its output; return the output.
+               refusals: Sequence[re.Pattern] = ()) -> None:
+    """Run `kaggle <arguments>` after checking the CLI and credentials exist, echoing its output as it comes.
 
-    A non-zero exit status, or an output line matching one of `refusals`, is one-line error.
+    A non-zero exit status, or an output line matching one of `refusals`, becomes a one-line error.
     """
     command = kaggle_command(environ)
     require_credentials(environ, home)
@@ -502,7 +502,6 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
     for line in lines:
         if any(pattern.search(line) for pattern in refusals):
             raise ValueError(f"Kaggle refused `kaggle {' '.join(arguments)}`: {line.strip()}")
-    return "\n".join(lines)
 
 
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,

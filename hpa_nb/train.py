@@ -296,7 +296,7 @@ def find_previous_run(reference: str | Path, input_root: Path | None = None) -> 
     A run folder holds config.json and checkpoints/. Kaggle mounts a kernel's output under its
     slug, at a depth that has changed over time, so the slug's folder is searched for.
     """
-    from hpa_nb.env import KAGGLE_INPUT
+    from hpa_nb.env import IMAGE_FOLDERS, KAGGLE_INPUT
 
     path = Path(reference).expanduser()
     if path.is_dir():
@@ -306,7 +306,12 @@ def find_previous_run(reference: str | Path, input_root: Path | None = None) -> 
         return found[0]
     root = input_root or KAGGLE_INPUT
     slug = str(reference).rstrip("/").rpartition("/")[2]
-    mounts = [Path(folder) for folder, _, _ in os.walk(root) if Path(folder).name == slug] if root.is_dir() else []
+    mounts = []
+    for folder, subfolders, _ in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        if Path(folder).name == slug:
+            mounts.append(Path(folder))
+        subfolders[:] = [] if depth >= 4 or mounts else sorted(d for d in subfolders if d not in IMAGE_FOLDERS)
     found = [run for mount in mounts for run in _run_folders(mount)]
     if not found:
         raise FileNotFoundError(f"RESUME_FROM {reference}: no attached output named {slug!r} with a run folder "
