@@ -182,36 +182,65 @@ def _file_size(path: str) -> int:
         raise FileNotFoundError(f"TFRecord file {path} not found") from None
 
 
-def _file_groups(path: tf.Tensor, size: tf.Tensor, group: int) -> tf.data.Dataset:
-    """One file's records in consecutive groups of `group`, plus a problem when the file is not read to its end.
+def _file_records(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+    """One file's records as ``(record, path, "")``, plus ``("", path, problem)`` when the file is not read to its end.
 
     A truncated or corrupt file makes TFRecordDataset raise an error that names no file; reading
     with ``ignore_errors`` and comparing the bytes read with the file size names it instead.
-    Grouping inside the per-file stream is safe under any interleave: a file is read in order.
     """
-    groups = tf.data.TFRecordDataset(path).ignore_errors().batch(group)
-    groups = groups.map(lambda records: (records, tf.constant(False)))
-    end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), tf.constant(True)))
+    records = tf.data.TFRecordDataset(path).ignore_errors().map(lambda record: (record, tf.constant(False)))
+    end = tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(True)))
 
     def count_bytes(total: tf.Tensor, element: tuple[tf.Tensor, tf.Tensor]):
-        records, is_end = element
-        lengths = tf.cast(tf.strings.length(records), tf.int64) + TFRECORD_OVERHEAD
-        total = total + tf.reduce_sum(lengths)
+        record, is_end = element
+        total = total + tf.where(is_end, tf.constant(0, tf.int64),
+                                 tf.cast(tf.strings.length(record), tf.int64) + TFRECORD_OVERHEAD)
         problem = tf.where(is_end & tf.not_equal(total, size),
                            _join("file ", path, ": truncated or corrupt after byte ", total, " of ", size), "")
-        return total, (records, is_end, problem)
+        return total, (record, is_end, problem)
 
-    stream = groups.concatenate(end).scan(tf.constant(0, tf.int64), count_bytes)
-    stream = stream.filter(lambda records, is_end, problem: tf.logical_not(is_end) | tf.not_equal(problem, ""))
-    return stream.map(lambda records, is_end, problem: (records, path, problem))
+    stream = records.concatenate(end).scan(tf.constant(0, tf.int64), count_bytes)
+    stream = stream.filter(lambda record, is_end, problem: tf.logical_not(is_end) | tf.not_equal(problem, ""))
+    return stream.map(lambda record, is_end, problem: (record, path, problem))
 
 
 _COMPETITION_FEATURES = {name: tf.io.FixedLenFeature([], tf.string, default_value="")
                          for name in ("image", "image_name", "target")}
 
 
-def _competition_element(records: tf.Tensor, path: tf.Tensor, problem: tf.Tensor, colors: tuple[str, ...]) -> dict:
-    """Check one image's group of four records and order its PNGs by colour (no decoding here)."""
+def _image_records(files: tf.data.Dataset, cycle: int, deterministic: bool,
+                   wanted: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    """Competition records brought together by image, whatever their order: ``(records [k], files [k], problem)``.
+
+    Records are read one at a time from `cycle` files at once and grouped by image ID, so an
+    image's four records may sit anywhere: interleaved with other images', colour by colour, or
+    in two files. A group leaves as soon as its fourth record arrives; memory holds only the
+    records of images still incomplete, at most those of the `cycle` files being read (colour-
+    major files are the worst case: each file whole). A group still incomplete when the files end
+    comes out short, for `_competition_element` to report. Records of unwanted images are dropped
+    before grouping; a file's problem (truncated, corrupt) travels alone.
+    """
+    records = files.interleave(_file_records, cycle_length=cycle, num_parallel_calls=AUTOTUNE,
+                               deterministic=deterministic)
+
+    def image_of(record: tf.Tensor) -> tf.Tensor:
+        name = tf.io.parse_single_example(record, {"image_name": _COMPETITION_FEATURES["image_name"]})["image_name"]
+        return tf.strings.regex_replace(name, r"_[^_]*$", "")
+
+    records = records.filter(lambda record, path, problem: tf.not_equal(problem, "") | wanted(image_of(record)))
+
+    def key(record: tf.Tensor, path: tf.Tensor, problem: tf.Tensor) -> tf.Tensor:
+        return tf.where(tf.not_equal(problem, ""), tf.constant(-1, tf.int64),
+                        tf.strings.to_hash_bucket_fast(image_of(record), 2**62))
+
+    return records.group_by_window(
+        key_func=key, reduce_func=lambda _, window: window.batch(len(COLORS)),
+        window_size_func=lambda group: tf.where(group < 0, tf.constant(1, tf.int64), len(COLORS)))
+
+
+def _competition_element(records: tf.Tensor, paths: tf.Tensor, problems: tf.Tensor,
+                         colors: tuple[str, ...]) -> dict:
+    """Check one image's group of records (from `_image_records`) and order its PNGs by colour (no decoding here)."""
     features = tf.io.parse_example(records, _COMPETITION_FEATURES)
     names = features["image_name"]
     ids = tf.strings.regex_replace(names, r"_[^_]*$", "")
@@ -225,13 +254,13 @@ def _competition_element(records: tf.Tensor, path: tf.Tensor, problem: tf.Tensor
     other_id = tf.concat([tf.boolean_mask(ids, tf.not_equal(ids, image_id)), [""]], 0)[0]
     target = tf.concat([features["target"], [""]], 0)[0]
     label, label_ok = _label_from_text(target)
+    path = tf.strings.reduce_join(tf.unique(paths).y, separator=" and ")
+    problem = tf.strings.reduce_join(problems)
     where = _join("file ", path, ": image ", image_id, ": ")
     problem = _first_problem([
         (tf.not_equal(problem, ""), problem),
-        (tf.not_equal(count, len(COLORS)),
-         _join(where, "only ", count, " records at the end of the file, expected 4: a record is missing")),
-        (tf.reduce_any(tf.not_equal(ids, image_id)),
-         _join(where, "its 4 consecutive records include image ", other_id, ": a record is missing or out of order")),
+        (tf.not_equal(count, len(COLORS)), _join(where, "only ", count, " records, expected 4: a record is missing")),
+        (tf.reduce_any(tf.not_equal(ids, image_id)), _join(where, "its records were grouped with image ", other_id)),
         (tf.logical_not(tf.reduce_all(known)), _join(where, "unknown colour suffix '", unknown, "'")),
         (tf.reduce_any(tf.not_equal(per_color, 1)),
          _join(where, "colours ", tf.strings.reduce_join(suffixes, separator=","),
@@ -322,13 +351,9 @@ def _tfrecord_layout(files: Sequence[str], colors: tuple[str, ...], ids: Iterabl
     wanted = _id_predicate(ids, exclude)
 
     def parse(items: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
-        groups = items.interleave(lambda path, size: _file_groups(path, size, len(COLORS)),
-                                  cycle_length=min(FILE_CYCLE, len(files)), num_parallel_calls=AUTOTUNE,
-                                  deterministic=deterministic)
-        elements = groups.map(lambda r, p, q: _competition_element(r, p, q, colors),
-                              num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-        # Problems pass the ID filter so that bad input is never silently dropped.
-        return elements.filter(lambda e: tf.not_equal(e["problem"], "") | wanted(e["id"]))
+        groups = _image_records(items, min(FILE_CYCLE, len(files)), deterministic, wanted)
+        return groups.map(lambda r, p, q: _competition_element(r, p, q, colors),
+                          num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
     return _Layout("tfrecords", f"competition TFRecords ({len(files)} files)",
                    lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
@@ -419,11 +444,9 @@ def _shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids:
     sizes = [_file_size(f) for f in files]
     wanted = _id_predicate(ids, exclude)
 
-    def element(records: tf.Tensor, path: tf.Tensor, problem: tf.Tensor) -> dict:
-        features = tf.io.parse_example(records, _SHARD_FEATURES)
-        image_id = tf.concat([features["id"], [""]], 0)[0]
-        image = tf.concat([features["image"], [""]], 0)[0]
-        label = tf.concat([features["label"], tf.zeros([1, N_CLASSES])], 0)[0]
+    def element(record: tf.Tensor, path: tf.Tensor, problem: tf.Tensor) -> dict:
+        features = tf.io.parse_single_example(record, _SHARD_FEATURES)  # a problem's empty record gives defaults
+        image_id, image, label = features["id"], features["image"], features["label"]
         raw_ok = tf.equal(tf.strings.length(image), size * size * stored_count) | tf.constant(encoding != "raw")
         return {"id": image_id, "label": label, "data": image, "source": path, "problem": _first_problem([
             (tf.not_equal(problem, ""), problem),
@@ -431,7 +454,7 @@ def _shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids:
         ])}
 
     def parse(items: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
-        records = items.interleave(lambda path, nbytes: _file_groups(path, nbytes, 1),
+        records = items.interleave(_file_records,
                                    cycle_length=min(FILE_CYCLE, len(files)), num_parallel_calls=AUTOTUNE,
                                    deterministic=deterministic)
         elements = records.map(element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
@@ -535,8 +558,9 @@ def read_tfrecords(files: str | Path | Sequence[str | Path], image_size: int, ch
     """Competition TFRecords (one record per channel) → ``(image, label)`` or ``(image, label, id)``.
 
     `files` is a list of ``.tfrec`` files or a folder of them. Each record is decoded once; an
-    image's four records are matched by ID and colour, so ``deterministic=False`` (faster, any
-    order) can never pair one image's red with another's green. `ids` keeps only those images.
+    image's four records are brought together by ID wherever they sit (see `_image_records` for
+    the memory bound) and matched by colour, so no record order, and no ``deterministic=False``
+    (faster, any interleave), can pair one image's red with another's green. `ids` keeps only those images.
     """
     if isinstance(files, (str, Path)) and Path(files).is_dir():
         files = sorted(tf.io.gfile.glob(str(Path(files) / TFRECORD_PATTERN)))
@@ -637,7 +661,7 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
             items = items.shard(num_workers, worker_index)
         if pass_seed is not None:
             items = _stateless_shuffle(items, max(layout.item_count, 1), pass_seed)
-        # interleave → parse: cheap string work; an image's records are grouped per file, so the order can be free.
+        # interleave → parse: cheap string work; an image's records are brought together by ID, so the order can be free.
         elements = layout.parse(items, deterministic)
         if num_workers > 1 and not shard_files:  # too few files: split records instead
             elements = elements.shard(num_workers, worker_index)
