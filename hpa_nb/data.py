@@ -702,9 +702,15 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
 
 
 def eval_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
-                 batch_size: int = 32, with_id: bool = True) -> tf.data.Dataset:
-    """A finite, ordered, batched dataset without augmentation; the last partial batch is kept."""
+                 batch_size: int = 32, with_id: bool = True, cache: bool = False) -> tf.data.Dataset:
+    """A finite, ordered, batched dataset without augmentation; the last partial batch is kept.
+
+    With ``cache=True`` the decoded images are kept in memory after the first pass (S·S·C·4
+    bytes each), so a validation set is read and decoded once, not every epoch.
+    """
     images = open_dataset(root, image_size, channels, with_id=with_id, ids=ids, deterministic=True)
+    if cache:
+        images = images.cache()
     return images.batch(batch_size, drop_remainder=False).prefetch(AUTOTUNE)
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     patience: int = 5  # early stopping on val_auc, best weights restored
     augment: bool = True
     cache: bool = False  # cache decoded images in memory (small data sets only)
+    val_cache_gib: float = 4.0  # keep the decoded validation images in memory when they take at most this
     # runtime
     precision: str | None = None  # None: by device (mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU)
     steps_per_execution: int | None = None  # None: 32 on TPU, 8 on GPU, 1 on CPU
@@ -615,7 +616,9 @@ def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: Trai
     common = {"image_size": config.image_size, "channels": config.channels, "batch_size": global_batch}
     train_data = data.training_dataset(root, train_ids, seed=config.seed, augment=config.augment,
                                        cache=config.cache, start_batch=start_batch, **common)
-    val_data = data.eval_dataset(root, val_ids, with_id=False, **common)
+    val_bytes = len(val_ids) * config.image_size ** 2 * len(config.channels) * 4  # float32 images
+    val_data = data.eval_dataset(root, val_ids, with_id=False, cache=val_bytes <= config.val_cache_gib * 2**30,
+                                 **common)
     # A known length keeps Keras from warning "ran out of data" after every validation pass.
     val_data = val_data.apply(tf.data.experimental.assert_cardinality(math.ceil(len(val_ids) / global_batch)))
     if replicas > 1:

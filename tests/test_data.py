@@ -587,6 +587,21 @@ def test_eval_dataset_is_ordered_and_keeps_the_last_partial_batch(planted8):
     assert sorted(i.decode() for b in batches for i in b[2]) == sorted(ids)
 
 
+def test_a_cached_eval_dataset_decodes_its_files_once(tmp_path):
+    root = write_dataset(tmp_path, count=5, files=2, pngs=False)
+    ids = [image_id(i) for i in range(5)]
+    cached = data.eval_dataset(root, ids, IMAGE_SIZE, "rgb", batch_size=2, cache=True)
+    plain = data.eval_dataset(root, ids, IMAGE_SIZE, "rgb", batch_size=2)
+    first = read_all(cached)
+    assert [len(batch[2]) for batch in first] == [2, 2, 1]
+    for path in (root / "train_tfrecords").glob("*.tfrec"):
+        path.write_bytes(b"")  # the files are gone: only the cache can still serve the images
+    again = read_all(cached)
+    assert [list(batch[2]) for batch in again] == [list(batch[2]) for batch in first]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in again]), np.concatenate([b[0] for b in first]))
+    assert "truncated or corrupt" in error_of(plain)  # without the cache the emptied files are read again
+
+
 def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
     frame = data.load_labels(small_sample)
     ids = list(frame["ID"])
