@@ -227,15 +227,18 @@ def _image_records(files: tf.data.Dataset, cycle: int, deterministic: bool,
         name = tf.io.parse_single_example(record, {"image_name": _COMPETITION_FEATURES["image_name"]})["image_name"]
         return tf.strings.regex_replace(name, r"_[^_]*$", "")
 
-    records = records.filter(lambda record, path, problem: tf.not_equal(problem, "") | wanted(image_of(record)))
+    # Each record is parsed for its image once; the filter and the grouping key share the result.
+    records = records.map(lambda record, path, problem: (record, path, problem, image_of(record)))
+    records = records.filter(lambda record, path, problem, image: tf.not_equal(problem, "") | wanted(image))
 
-    def key(record: tf.Tensor, path: tf.Tensor, problem: tf.Tensor) -> tf.Tensor:
+    def key(record: tf.Tensor, path: tf.Tensor, problem: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
         return tf.where(tf.not_equal(problem, ""), tf.constant(-1, tf.int64),
-                        tf.strings.to_hash_bucket_fast(image_of(record), 2**62))
+                        tf.strings.to_hash_bucket_fast(image, 2**62))
 
-    return records.group_by_window(
+    groups = records.group_by_window(
         key_func=key, reduce_func=lambda _, window: window.batch(len(COLORS)),
         window_size_func=lambda group: tf.where(group < 0, tf.constant(1, tf.int64), len(COLORS)))
+    return groups.map(lambda records, paths, problems, images: (records, paths, problems))
 
 
 def _competition_element(records: tf.Tensor, paths: tf.Tensor, problems: tf.Tensor,
