@@ -519,8 +519,8 @@ class ScoreRule:
 
 
 def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
-    """``[H, W, C]`` → ``[S, S, C]`` float32 through `hpa_nb.data.resize`, the training pipeline's kernel."""
-    from hpa_nb.data import resize  # one kernel for training and scoring: no train/test skew
+    """``[H, W, C]`` → ``[S, S, C]`` float32 through `hpa_nb.reading.resize`, the training pipeline's kernel."""
+    from hpa_nb.reading import resize  # one kernel for training and scoring: no train/test skew
 
     return resize(np.asarray(image, np.float32), image_size).numpy()
 

@@ -111,7 +111,10 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
                       help="attach a Kaggle model (repeatable)")
     push.add_argument("--resume-from", metavar="OWNER/KERNEL",
-                      help="attach that kernel's output (a killed session's run) and resume its training (03_train)")
+                      help="attach that kernel's output (a stopped session's work) and go on from it "
+                           "(03_train: its run; 00_prepare: its shards)")
+    push.add_argument("--shards", metavar="OWNER/KERNEL",
+                      help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
     p.set_defaults(handler=_kaggle)
 
@@ -129,7 +132,7 @@ def _kaggle(args: argparse.Namespace) -> None:
             print(f"wrote {folder}")
         print(f"wrote {kaggle.write_root_metadata()}")
     elif args.kaggle_action == "push":
-        folder = kaggle.push(args.name, args.username, resume_from=args.resume_from,
+        folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
                              enable_internet=False if args.no_internet else None,
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
@@ -177,15 +180,18 @@ def _shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoding", choices=("raw", "png"), default="raw",
                    help="raw: fastest to read; png: smaller on disk (raw rgby 512 px is 1 MiB an image)")
     p.add_argument("--images-per-shard", type=int, default=None, help="default: about 150 MB per shard")
+    p.add_argument("--max-gb", type=float, default=None,
+                   help="stop as soon as the projected total exceeds this (Kaggle's /kaggle/working holds 20 GB)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
     p.set_defaults(handler=_shard)
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from hpa_nb.data import write_shards
+    from hpa_nb.shards import write_shards
 
     manifest = write_shards(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
-                            encoding=args.encoding, images_per_shard=args.images_per_shard, skip_bad=args.skip_bad)
+                            encoding=args.encoding, images_per_shard=args.images_per_shard, skip_bad=args.skip_bad,
+                            max_gb=args.max_gb)
     print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards")
 
 
@@ -199,7 +205,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="loader: benchmark a temporary sample of images this large instead of --data "
                         "(e.g. 1024: realistic PNG decode cost; the default sample's are 256 px)")
     p.add_argument("--images", type=int, default=48, help="loader: images in the --size sample")
-    p.add_argument("--seconds", type=float, default=10.0, help="loader: time budget per reader")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                   help="loader: bit depth of the --size sample's PNGs (the competition's train/ PNGs are 16-bit)")
+    p.add_argument("--seconds", type=float, default=10.0, help="loader: seconds per reader per round")
+    p.add_argument("--rounds", type=int, default=3, help="loader: interleaved rounds; figures are their median")
     p.add_argument("--backbone", default="tiny", help="train: the model to time (from scratch)")
     p.add_argument("--batch-size", type=int, default=16, help="train: per replica")
     p.add_argument("--steps", type=int, default=10, help="train: timed steps per feed, after warm-up")
@@ -222,7 +231,7 @@ def _bench_loader(args: argparse.Namespace) -> None:
 
     data_dir = None if args.size else _data_dir(args.data)
     loader(data_dir, image_size=args.image_size, channels=args.channels, generate_size=args.size,
-           images=args.images, seconds=args.seconds)
+           images=args.images, seconds=args.seconds, bit_depth=args.bit_depth, rounds=args.rounds)
 
 
 # --- train (model) ------------------------------------------------------------------------
@@ -237,6 +246,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-from", metavar="RUN_OR_KERNEL",
                    help="copy a killed run (a folder, or OWNER/KERNEL attached under /kaggle/input) into --out and "
                         "continue it there")
+    p.add_argument("--shards", help="compact shards written elsewhere (a folder, or OWNER/KERNEL attached under "
+                                    "/kaggle/input), paired with --data's train.csv (default: DATA/shards)")
     p.add_argument("--image-size", type=int, help="square input side in px")
     p.add_argument("--channels", choices=("rgb", "rgby"))
     p.add_argument("--backbone", help="efficientnetb0..b7, efficientnetv2b0..b3, efficientnetv2s or tiny")
@@ -257,7 +268,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
 
-TRAIN_OPTIONS = ("image_size", "channels", "backbone", "weights", "epochs", "batch_size", "steps_per_epoch",
+TRAIN_OPTIONS = ("shards", "image_size", "channels", "backbone", "weights", "epochs", "batch_size", "steps_per_epoch",
                  "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
                  "allow_sample_data", "allow_cpu")
 
@@ -318,7 +329,7 @@ def _is_user_error(exc: BaseException) -> bool:
 def _one_line(exc: BaseException) -> str:
     """The error as one line; a TensorFlow error loses its graph-node and op noise."""
     if "tensorflow" in sys.modules and "OpError" in {cls.__name__ for cls in type(exc).__mro__}:
-        from hpa_nb.data import error_message
+        from hpa_nb.bad_input import error_message
 
         return error_message(exc)
     return " ".join(str(exc).split()) or type(exc).__name__

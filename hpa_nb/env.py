@@ -7,7 +7,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 COMPETITION = "hpa-single-cell-image-classification"
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -82,28 +82,64 @@ class DataSource:
         return f"{self.kind}: {self.path} ({self.reason})"
 
 
+def search_folders(root: Path, match: Callable[[Path, list[str]], bool], max_depth: int = 5) -> list[Path]:
+    """Folders at or below `root` for which ``match(folder, file_names)`` holds, shallowest first;
+    never below a match, nor into the competition's image folders (tens of thousands of files each)."""
+    if not root.is_dir():
+        return []
+    found: list[Path] = []
+    root_depth = len(root.parts)
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        depth = len(Path(folder).parts) - root_depth
+        if match(Path(folder), files):
+            found.append(Path(folder))
+            subfolders.clear()
+        elif depth >= max_depth:
+            subfolders.clear()
+        else:
+            subfolders[:] = sorted(d for d in subfolders if d not in IMAGE_FOLDERS)
+    return sorted(found, key=lambda path: (len(path.parts), str(path)))
+
+
 def find_competition_dir(input_root: Path = KAGGLE_INPUT, max_depth: int = 5) -> Path | None:
     """The folder holding train.csv under /kaggle/input, however deeply Kaggle mounted it.
 
     Kaggle has moved its mounts (``/kaggle/input/<slug>``, ``/kaggle/input/competitions/<slug>``),
     so search instead of hard-coding. A folder named after the competition wins over others.
     """
-    if not input_root.is_dir():
-        return None
-    found: list[Path] = []
-    root_depth = len(input_root.parts)
-    for folder, subfolders, files in os.walk(input_root, followlinks=True):
-        depth = len(Path(folder).parts) - root_depth
-        if "train.csv" in files:
-            found.append(Path(folder))
-            subfolders.clear()  # the image folders below are huge: never walk them
-        elif depth >= max_depth:
-            subfolders.clear()
-        else:
-            subfolders[:] = sorted(d for d in subfolders if d not in IMAGE_FOLDERS)
+    found = search_folders(input_root, lambda _, files: "train.csv" in files, max_depth)
     if not found:
         return None
     return sorted(found, key=lambda path: (COMPETITION not in str(path), len(path.parts), str(path)))[0]
+
+
+def find_shards(reference: str | Path | None = None, input_root: Path = KAGGLE_INPUT) -> Path | None:
+    """A folder of compact shards (one holding ``manifest.json``): in the folder `reference` names,
+    under the attached output ``OWNER/KERNEL`` (or ``KERNEL``) it names, or, with no reference,
+    anywhere under /kaggle/input (None when there is none there).
+
+    Kaggle mounts a kernel's output under its slug, at a depth that has changed over time, so the
+    slug's folder is searched for. A named reference that holds no shards is an error.
+    """
+    from hpa_nb.shards import MANIFEST
+
+    def has_manifest(_: Path, files: list[str]) -> bool:
+        return MANIFEST in files
+
+    if reference is None:
+        found = search_folders(input_root, has_manifest)
+        return found[0] if found else None
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        mounts = [path]
+    else:
+        slug = str(reference).rstrip("/").rpartition("/")[2]
+        mounts = search_folders(input_root, lambda folder, _: folder.name == slug, 4)
+    found = [shards for mount in mounts for shards in search_folders(mount, has_manifest, 3)]
+    if not found:
+        raise FileNotFoundError(f"SHARDS {reference}: no {MANIFEST} of compact shards in it or below; attach the "
+                                "prepare kernel's output (python -m hpa_nb kaggle push 03_train --shards OWNER/KERNEL)")
+    return found[0]
 
 
 def default_sample_dir(environ: Mapping[str, str] = os.environ) -> Path:

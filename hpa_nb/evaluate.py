@@ -97,12 +97,12 @@ def load_thresholds(path: str | os.PathLike) -> list[float | None]:
 
 # --- which images ---------------------------------------------------------------------------
 def held_out_ids(run_dir: str | os.PathLike, labels: pd.DataFrame, val_fraction: float, seed: int) -> list[str]:
-    """The validation IDs of a run, reproduced with `hpa_nb.data.split` and checked against RUN/split.csv.
+    """The validation IDs of a run, reproduced with `hpa_nb.splits.split` and checked against RUN/split.csv.
 
     Raises ValueError when they differ (the data folder changed since training, or it is a
     different folder) rather than silently scoring images the model trained on.
     """
-    from hpa_nb.data import split
+    from hpa_nb.splits import split
     from hpa_nb.train import SPLIT_FILE, load_split
 
     run_dir = Path(run_dir)
@@ -229,7 +229,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    from hpa_nb.data import eval_dataset, load_labels
+    from hpa_nb.competition import load_labels
+    from hpa_nb.data import eval_dataset
     from hpa_nb.model import load_model
     from hpa_nb.train import load_config
 

@@ -63,6 +63,8 @@ ACCELERATOR_FLAGS: dict[str | None, dict[str, Any]] = {
 }
 
 KERNELS: dict[str, KernelSettings] = {
+    # CPU, offline: reads the competition's images once and writes compact shards into its output.
+    "00_prepare": KernelSettings("HPA 00 Prepare", internet=False),
     "01_eda": KernelSettings("HPA 01 EDA"),
     "02_augmentation": KernelSettings("HPA 02 Augmentation"),
     # Internet on so Keras can download ImageNet weights; see the README to run offline.
@@ -248,6 +250,10 @@ def bundle_notebook(notebook_py: Path, package_dir: Path = PACKAGE_DIR,
         tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
         if not tagged:
             raise ValueError(f"{notebook_py.name} has no cell tagged parameters to set {', '.join(parameters)} after")
+        unknown = [name for name in parameters
+                   if not re.search(rf"^{re.escape(name)}\s*=", notebook.cells[tagged[0]].source, re.M)]
+        if unknown:
+            raise ValueError(f"{notebook_py.name} has no parameter {', '.join(unknown)}")
         injected = nbformat.v4.new_code_cell("# Parameters set by `python -m hpa_nb kaggle push`\n" + "\n".join(
             f"{name} = {value!r}" for name, value in parameters.items()))
         injected.metadata = {"tags": ["injected-parameters"]}
@@ -506,24 +512,29 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
 
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
          home: Path | None = None, push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
-         resume_from: str | None = None, **metadata_options: Any) -> Path:
+         resume_from: str | None = None, shards: str | None = None, **metadata_options: Any) -> Path:
     """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
 
-    ``resume_from`` ("OWNER/KERNEL", e.g. the same kernel, whose last version was killed) attaches
-    that kernel's output as input and sets the notebook's ``RESUME_FROM`` to continue its run.
+    ``resume_from`` ("OWNER/KERNEL", e.g. the same kernel, whose last version was stopped) attaches
+    that kernel's output as input and sets the notebook's ``RESUME_FROM`` to continue its work
+    (03_train: the run; 00_prepare: the shards). ``shards`` ("OWNER/KERNEL" of 00_prepare) attaches
+    its output and sets 03_train's ``SHARDS``, so training reads the compact shards.
     Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
     exit status 0.
     """
     kaggle_command(environ)  # fail before building when the CLI or credentials are missing
     require_credentials(environ, home)
     user = find_username(username, environ, home)
-    parameters = None
-    if resume_from:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9-]*", resume_from):
-            raise ValueError(f"--resume-from takes OWNER/KERNEL (e.g. alice/hpa-03-train), got {resume_from!r}")
-        parameters = {"RESUME_FROM": resume_from}
-        metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), resume_from]
-    folder = build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters, **metadata_options)
+    parameters = {}
+    for parameter, reference in (("RESUME_FROM", resume_from), ("SHARDS", shards)):
+        if not reference:
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9-]*", reference):
+            raise ValueError(f"--{parameter.lower().replace('_', '-')} takes OWNER/KERNEL "
+                             f"(e.g. alice/{kernel_slug(name)}), got {reference!r}")
+        parameters[parameter] = reference
+        metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
+    folder = build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters or None, **metadata_options)
     run_kaggle(["kernels", "push", "-p", str(folder)], environ, home, refusals=PUSH_REFUSALS)
     return folder
 

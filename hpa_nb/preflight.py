@@ -42,12 +42,12 @@ def is_synthetic(root: str | Path) -> bool:
 
 
 def check_data(root: str | Path, quick: bool, allow_sample_data: bool = False,
-               environ: Mapping[str, str] = os.environ) -> None:
+               environ: Mapping[str, str] = os.environ, purpose: str = "train on") -> None:
     """On Kaggle, refuse a full run on the synthetic sample: the competition data is not attached."""
     if quick or allow_sample_data or not on_kaggle(environ) or not is_synthetic(root):
         return
     raise PreflightError(
-        f"this full run would train on the synthetic sample in {root}: the competition data is not attached. "
+        f"this full run would {purpose} the synthetic sample in {root}: the competition data is not attached. "
         f"Accept the rules on kaggle.com/competitions/{COMPETITION}, then add it with Add Input → Competitions "
         f"(a pushed kernel lists it in competition_sources), or set QUICK = True for a smoke run, or "
         f"ALLOW_SAMPLE_DATA = True (--allow-sample-data) to train on the sample on purpose")

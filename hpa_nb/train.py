@@ -35,6 +35,9 @@ class TrainConfig:
     """Every training option. Saved as ``RUN/config.json``; `quick_variant` gives the CI / smoke-run sizes."""
 
     data_dir: str | None = None  # None: the folder `hpa_nb.env.find_data` discovers
+    # Compact shards elsewhere (a folder, or OWNER/KERNEL of the prepare kernel attached as input), paired with
+    # data_dir's train.csv. None: data_dir/shards when it exists, else on Kaggle any attached shards.
+    shards: str | None = None
     out_dir: str = "out/run"
     image_size: int = 384
     channels: str = "rgb"  # "rgb" or "rgby"
@@ -201,17 +204,22 @@ def _validate(config: TrainConfig) -> None:
 def _split(root: Path, run_dir: Path, config: TrainConfig,
            reuse: bool) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """Train / validation IDs (the saved split when resuming) and their label matrices."""
-    from hpa_nb import data
+    from hpa_nb import data, shards
+    from hpa_nb.competition import load_labels
     from hpa_nb.labels import label_matrix
+    from hpa_nb.splits import split
 
-    frame = data.load_labels(root)
+    frame = load_labels(root)
+    found = data.shard_folder(root, config.channels, config.shards)
+    if found is not None:  # shards written elsewhere: only the images they hold, and only if they match train.csv
+        frame = shards.pair(*found, frame, root)
     ids = frame["ID"].tolist()
     matrix = label_matrix(ids, frame["Label"])
     if reuse and (run_dir / SPLIT_FILE).is_file():
         saved = load_split(run_dir)
         train_ids, val_ids = saved["train"], saved["val"]
     else:
-        train_ids, val_ids = data.split(ids, matrix, config.val_fraction, config.seed)
+        train_ids, val_ids = split(ids, matrix, config.val_fraction, config.seed)
         write_split(run_dir, train_ids, val_ids)
     if not train_ids or not val_ids:
         raise ValueError(f"split of {len(ids)} images in {root} left an empty train or validation subset")
@@ -297,7 +305,7 @@ def find_previous_run(reference: str | Path, input_root: Path | None = None) -> 
     A run folder holds config.json and checkpoints/. Kaggle mounts a kernel's output under its
     slug, at a depth that has changed over time, so the slug's folder is searched for.
     """
-    from hpa_nb.env import IMAGE_FOLDERS, KAGGLE_INPUT
+    from hpa_nb.env import KAGGLE_INPUT, search_folders
 
     path = Path(reference).expanduser()
     if path.is_dir():
@@ -307,12 +315,7 @@ def find_previous_run(reference: str | Path, input_root: Path | None = None) -> 
         return found[0]
     root = input_root or KAGGLE_INPUT
     slug = str(reference).rstrip("/").rpartition("/")[2]
-    mounts = []
-    for folder, subfolders, _ in os.walk(root):
-        depth = len(Path(folder).relative_to(root).parts)
-        if Path(folder).name == slug:
-            mounts.append(Path(folder))
-        subfolders[:] = [] if depth >= 4 or mounts else sorted(d for d in subfolders if d not in IMAGE_FOLDERS)
+    mounts = search_folders(root, lambda folder, _: folder.name == slug, 4)
     found = [run for mount in mounts for run in _run_folders(mount)]
     if not found:
         raise FileNotFoundError(f"RESUME_FROM {reference}: no attached output named {slug!r} with a run folder "
@@ -433,13 +436,14 @@ class Plan:
     finished_epochs: int  # 0 for a fresh run
     datasets: dict = field(repr=False)  # "train", "val" and "recalibration"
     runtime: dict = field(repr=False)  # what config.json records beside the options
+    layout: str = ""  # which layout the images come from, in words
 
     def summary(self) -> str:
         """What the run will do, in a few lines."""
         start = f"resuming after epoch {self.finished_epochs}" if self.finished_epochs else "a fresh run"
         return "\n".join([
             f"accelerator: {self.accelerator.describe()}",
-            f"data: {self.config.data_dir}",
+            f"data: {self.layout}",
             f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation images",
             f"steps: global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch, "
             f"{self.steps_per_execution} per compiled call",
@@ -476,7 +480,7 @@ def prepare(config: TrainConfig) -> Plan:
     """
     import keras
 
-    from hpa_nb import preflight
+    from hpa_nb import data, preflight
     from hpa_nb.accelerator import detect
     from hpa_nb.labels import class_weights
     from hpa_nb.model import build
@@ -489,7 +493,8 @@ def prepare(config: TrainConfig) -> Plan:
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume_from:
         adopt_run(find_previous_run(config.resume_from), run_dir)
-    config = dataclasses.replace(config, data_dir=str(root), resume=config.resume or bool(config.resume_from))
+    config = dataclasses.replace(config, data_dir=str(root), resume=config.resume or bool(config.resume_from),
+                                 shards=_find_shards(config.shards))
     accelerator = detect(config.cpu_replicas, config.precision)  # before TF touches its devices
     preflight.check_accelerator(accelerator.device_kind, config.quick, config.allow_cpu)
     keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
@@ -502,6 +507,7 @@ def prepare(config: TrainConfig) -> Plan:
     if config.resume and checkpoint is None:
         print(f"resume: no checkpoint in {run_dir / CHECKPOINT_DIR}, starting from scratch", file=sys.stderr)
     train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
+    layout = data.describe_layout(root, config.channels, config.shards)
 
     global_batch = accelerator.global_batch_size(config.batch_size)
     steps_per_epoch, steps_per_execution = whole_executions(
@@ -529,7 +535,7 @@ def prepare(config: TrainConfig) -> Plan:
             _compile(model, config, schedule, class_weights(train_matrix, config.max_positive_weight), label_weights,
                      steps_per_execution)
     plan = Plan(config, run_dir, accelerator, train_ids, val_ids, train_matrix, global_batch, steps_per_epoch,
-                steps_per_execution, schedule, model, finished, datasets, runtime)
+                steps_per_execution, schedule, model, finished, datasets, runtime, layout)
     return plan
 
 
@@ -613,10 +619,11 @@ def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: Trai
 
     from hpa_nb import data
 
-    common = {"image_size": config.image_size, "channels": config.channels, "batch_size": global_batch}
+    common = {"image_size": config.image_size, "channels": config.channels, "batch_size": global_batch,
+              "shards": config.shards}
     train_data = data.training_dataset(root, train_ids, seed=config.seed, augment=config.augment,
                                        cache=config.cache, start_batch=start_batch, **common)
-    val_bytes = len(val_ids) * config.image_size ** 2 * len(config.channels) * 4  # float32 images
+    val_bytes = len(val_ids) * config.image_size ** 2 * len(config.channels)  # uint8 images
     val_data = data.eval_dataset(root, val_ids, with_id=False, cache=val_bytes <= config.val_cache_gib * 2**30,
                                  **common)
     # A known length keeps Keras from warning "ran out of data" after every validation pass.
@@ -647,6 +654,16 @@ def _callbacks(plan: Plan, recalibration_steps: int) -> list:
                                       restore_best_weights=True),
         keras.callbacks.TerminateOnNaN(),
     ]
+
+
+def _find_shards(reference: str | None) -> str | None:
+    """The shard folder a run reads: the one `reference` names, else on Kaggle any attached (else None)."""
+    from hpa_nb.env import find_shards, on_kaggle
+
+    if reference is None and not on_kaggle():
+        return None
+    found = find_shards(reference)
+    return None if found is None else str(found)
 
 
 def _discover() -> Path:

@@ -34,7 +34,7 @@ SIZE_SURVEY_LIMIT = None  # None: every image on Kaggle, 200 in quick mode
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import data, env, figures, labels, plots, training_plots
+from hpa_nb import competition, data, env, figures, labels, plots, training_plots
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 SIZE_SURVEY_LIMIT = SIZE_SURVEY_LIMIT or (200 if QUICK else None)
@@ -60,7 +60,7 @@ print("layout:", sorted(path.name for path in DATA.iterdir() if path.name in {"t
 
 # %%
 # NBVAL_CHECK_OUTPUT
-frame = data.load_labels(DATA)
+frame = competition.load_labels(DATA)
 matrix = labels.label_matrix(frame["ID"], frame["Label"])
 print(f"{len(frame)} training images, {matrix.sum():.0f} labels, {labels.N_CLASSES} classes")
 frame.head()

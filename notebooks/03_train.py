@@ -30,6 +30,7 @@
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
 RUN_DIR = ""  # empty: <working dir>/run (/kaggle/working/run on Kaggle)
 RESUME_FROM = ""  # a killed run to continue: its folder, or OWNER/KERNEL of an earlier version attached as input
+SHARDS = ""  # compact shards from 00_prepare: a folder or OWNER/KERNEL attached; empty: on Kaggle any attached
 QUICK = None  # None: quick off Kaggle (tiny CNN, 64 px, 5 epochs), full on Kaggle
 BACKBONE = None  # None: efficientnetb0 (full) / tiny (quick); also efficientnetb1..b7, efficientnetv2b0..b3, efficientnetv2s
 WEIGHTS = None  # None: "imagenet" (full) / none (quick); or a weights file attached under /kaggle/input
@@ -49,7 +50,8 @@ DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
 RUN = env.Path(RUN_DIR) if RUN_DIR else env.working_dir() / "run"
 config = train.TrainConfig.make(QUICK, data_dir=str(DATA), out_dir=str(RUN), backbone=BACKBONE, weights=WEIGHTS,
                                 image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE,
-                                resume_from=RESUME_FROM or None, allow_sample_data=ALLOW_SAMPLE_DATA,
+                                resume_from=RESUME_FROM or None, shards=SHARDS or None,
+                                allow_sample_data=ALLOW_SAMPLE_DATA,
                                 allow_cpu=ALLOW_CPU)
 print(config)
 
@@ -62,7 +64,10 @@ print(config)
 # for the CPU only, so `import hpa_nb` selected Keras's JAX backend and training runs data-parallel over
 # the 8 chips, fed by `tf.data`. Mixed precision follows the device: bfloat16 on TPU, float16 on GPU,
 # float32 on CPU. The held-out split is multi-label stratified (every class with at least two images
-# lands on both sides); `04_evaluate` reproduces it from the saved config.
+# lands on both sides); `04_evaluate` reproduces it from the saved config. The summary's `data:` line
+# says where the images come from: on Kaggle, the compact shards of an attached `00_prepare` output
+# (or the ones `SHARDS` names), checked image by image against the competition's `train.csv`; without
+# them, the competition's TFRecords, which the TPU host decodes at full size every epoch.
 
 # %%
 plan = train.prepare(config)

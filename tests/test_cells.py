@@ -241,7 +241,7 @@ def test_predict_cells_scores_do_not_change(crop):
 def test_resize_image_is_the_training_kernel():
     import tensorflow as tf
 
-    from hpa_nb.data import resize
+    from hpa_nb.reading import resize
 
     rng = np.random.default_rng(0)
     for shape, size in (((50, 70, 3), 32), ((12, 12, 4), 32), ((32, 32, 3), 32)):  # shrink, enlarge, same

@@ -16,7 +16,7 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
-from hpa_nb import data  # noqa: E402
+from hpa_nb import bad_input, competition, data, shards, splits  # noqa: E402
 from hpa_nb.files import temporary_path  # noqa: E402
 from hpa_nb.labels import N_CLASSES, label_matrix, parse_label  # noqa: E402
 
@@ -164,11 +164,11 @@ def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys, 
     root = write_dataset(tmp_path / "d", count=4, files=2)
     assert len(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True))) == 4
     assert "competition TFRecords" in capsys.readouterr().out
-    data.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
+    shards.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
     capsys.readouterr()
     reads = []
     monkeypatch.setattr(data, "read_manifest",
-                        lambda folder, real=data.read_manifest: reads.append(folder) or real(folder))
+                        lambda folder, real=shards.read_manifest: reads.append(folder) or real(folder))
     seen = collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
     assert "compact shards" in capsys.readouterr().out and len(reads) == 1  # the manifest is read once
     assert_all_planted(seen, 4, 4)
@@ -185,7 +185,7 @@ def read_all(dataset) -> list:
 def error_of(dataset) -> str:
     with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.DataLossError)) as caught:
         read_all(dataset)
-    return data.error_message(caught.value)
+    return bad_input.error_message(caught.value)
 
 
 def rewrite_records(path: Path, change) -> None:
@@ -295,7 +295,7 @@ def test_truncated_tfrecord_raises_naming_the_file(tmp_path):
 def test_skip_bad_skips_only_the_bad_images_and_counts_them(tmp_path, capsys):
     root = write_dataset(tmp_path, count=6, files=2, pngs=False)
     rewrite_records(first_file(root), set_field(1, 1, corrupt_png))  # image 0 of file 0
-    log = data.SkipLog()
+    log = bad_input.SkipLog()
     seen = collect(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True, skip_bad=log))
     assert log.count == 1 and image_id(0) in log.problems[0]
     assert sorted(seen) == sorted(image_id(i) for i in range(1, 6))
@@ -307,7 +307,7 @@ def test_png_dir_bad_input_is_named(tmp_path):
     (root / "train" / f"{image_id(1)}_blue.png").unlink()
     with pytest.raises(FileNotFoundError, match=f"{image_id(1)}_blue.png"):
         data.read_png_dir(root, IMAGE_SIZE)
-    log = data.SkipLog(echo=False)
+    log = bad_input.SkipLog(echo=False)
     assert len(read_all(data.read_png_dir(root, IMAGE_SIZE, skip_bad=log))) == 3 and log.count == 1
 
     with (root / "train.csv").open("a") as stream:
@@ -330,7 +330,7 @@ def test_corrupt_png_in_png_dir_names_that_file_and_no_other(tmp_path):
     (root / "train" / f"{image_id(1)}_green.png").write_bytes(b"garbage")
     message = error_of(data.read_png_dir(root, IMAGE_SIZE, "rgby"))
     assert message == f"file {root / 'train' / image_id(1)}_green.png: image {image_id(1)}: the green PNG does not decode"
-    log = data.SkipLog(echo=False)
+    log = bad_input.SkipLog(echo=False)
     assert len(read_all(data.read_png_dir(root, IMAGE_SIZE, "rgby", skip_bad=log))) == 3
     assert log.problems == [message]
 
@@ -359,7 +359,8 @@ def test_corrupt_png_in_a_tfrecord_names_the_file_the_image_and_the_colour(tmp_p
     rewrite_records(bad_file, change_png(2, "green", corrupt_png))
     for channels in ("rgb", "rgby"):
         message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, channels, deterministic=False))
-        assert message == f"file {bad_file}: image {image_id(2)}: the green PNG does not decode"
+        assert message == (f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
+                           "a record is missing or its PNG does not decode (green)")
     rewrite_records(bad_file, change_png(4, "red", lambda png: png_bytes(1, 8, 8)))  # image 4 is 24 px
     message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgb", ids=[image_id(4)]))
     assert message == (f"file {bad_file}: image {image_id(4)}: "
@@ -382,7 +383,7 @@ TF_MESSAGES = {
 @pytest.mark.parametrize("shape", sorted(TF_MESSAGES))
 def test_error_message_strips_tensorflow_noise_of_every_shape(shape):
     error = tf.errors.InvalidArgumentError(None, None, TF_MESSAGES[shape])
-    assert data.error_message(error) == "file a.tfrec: image X: the green PNG doesn't decode"
+    assert bad_input.error_message(error) == "file a.tfrec: image X: the green PNG doesn't decode"
 
 
 # --- bad input through the command line: one line, exit status 2 -------------------------------
@@ -419,7 +420,8 @@ def test_cli_names_the_tfrecord_and_colour_of_a_corrupt_png(tmp_path):
     bad_file = first_file(root)
     rewrite_records(bad_file, change_png(2, "blue", corrupt_png))
     result = run_cli("shard", "--src", str(root), "--out", str(tmp_path / "shards"), cwd=tmp_path)
-    assert_one_error_line(result, f"file {bad_file}: image {image_id(2)}: the blue PNG does not decode")
+    assert_one_error_line(result, f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
+                                  "a record is missing or its PNG does not decode (blue)")
 
 
 def test_bad_label_in_csv_names_the_id(tmp_path):
@@ -427,15 +429,15 @@ def test_bad_label_in_csv_names_the_id(tmp_path):
     text = (root / "train.csv").read_text().replace(f"{image_id(1)},{label_text(1)}", f"{image_id(1)},4|25")
     (root / "train.csv").write_text(text)
     with pytest.raises(ValueError, match=f"{image_id(1)}.*25"):
-        data.load_labels(root)
-    assert list(data.load_labels(root, skip_bad=data.SkipLog(echo=False))["ID"]) == [image_id(0), image_id(2)]
+        competition.load_labels(root)
+    assert list(competition.load_labels(root, skip_bad=bad_input.SkipLog(echo=False))["ID"]) == [image_id(0), image_id(2)]
 
 
 # --- shards ------------------------------------------------------------------------------
 def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     out = root / "shards"
-    real_replace = data.os.replace
+    real_replace = shards.os.replace
     committed = []
 
     def dying_replace(source, target):
@@ -445,11 +447,11 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypat
             committed.append(target)
         real_replace(source, target)
 
-    monkeypatch.setattr(data.os, "replace", dying_replace)
+    monkeypatch.setattr(shards.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
-    monkeypatch.setattr(data.os, "replace", real_replace)
-    assert not (out / data.MANIFEST).exists()
+        shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    assert not (out / shards.MANIFEST).exists()
     assert sorted(p.name for p in out.glob("*.tfrec")) == ["shard-00000.tfrec", "shard-00001.tfrec"]
     # killed between the sidecar and the rename: an ID list whose shard never arrived
     assert (out / "shard-00002.tfrec.json").is_file()
@@ -458,19 +460,19 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypat
     (out / "shard-00009.tfrec.json").write_text('{"ids": ["never written"]}')
     assert collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)) and True  # no manifest: not read as shards
 
-    manifest = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    manifest = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert manifest["count"] == 10 and [s["count"] for s in manifest["shards"]] == [3, 3, 3, 1]
     assert not list(out.glob(".tmp-*")) and not (out / "shard-00009.tfrec.json").exists()
     assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)), 10, 3)
-    again = data.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    again = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert again["shards"] == manifest["shards"]
     with pytest.raises(ValueError, match="already holds shards"):
-        data.write_shards(root, out, size=IMAGE_SIZE * 2, channels="rgb", images_per_shard=3, progress=False)
+        shards.write_shards(root, out, size=IMAGE_SIZE * 2, channels="rgb", images_per_shard=3, progress=False)
 
 
 def test_shards_from_tfrecords_and_png_encoding_keep_every_image(tmp_path):
     root = write_dataset(tmp_path, count=5, files=2, pngs=False)
-    manifest = data.write_shards(root, size=IMAGE_SIZE, channels="rgby", encoding="png", progress=False)
+    manifest = shards.write_shards(root, size=IMAGE_SIZE, channels="rgby", encoding="png", progress=False)
     assert manifest["encoding"] == "png" and manifest["count"] == 5
     assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True)), 5, 4)
     assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, "rgb", with_id=True)), 5, 3)
@@ -487,7 +489,65 @@ def test_shard_cli_names_bad_input_in_one_line_or_skips_it(tmp_path, capsys):
     assert len(errors) == 1 and "purple" in errors[0] and image_id(0) in errors[0] and "Traceback" not in err
     assert cli.main(["shard", "--src", str(root), "--out", str(tmp_path / "s"), "--size", "16", "--skip-bad"]) == 0
     assert "skipped 1" in capsys.readouterr().err
-    assert json.loads((tmp_path / "s" / data.MANIFEST).read_text())["count"] == 3
+    assert json.loads((tmp_path / "s" / shards.MANIFEST).read_text())["count"] == 3
+
+
+def test_shards_stop_as_soon_as_the_projected_total_is_over_budget(tmp_path):
+    root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
+    out = tmp_path / "s"
+    with pytest.raises(shards.ShardBudgetError, match=r"the 10 images of .* would need .* GB, over the 1e-06 GB"):
+        shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
+                            max_gb=1e-6)
+    # the first shard, finished before the check, is kept for a rerun; nothing else is left
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.tfrec", "shard-00000.tfrec.json"]
+    manifest = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
+                                   max_gb=1.0)
+    assert manifest["complete"] and manifest["count"] == 10
+    assert manifest["bytes"] == sum((out / entry["file"]).stat().st_size for entry in manifest["shards"])
+    assert manifest["bytes_per_image"] == round(manifest["bytes"] / 10)
+
+
+def test_shards_stopped_at_a_deadline_are_adopted_by_the_next_session(tmp_path):
+    import time
+
+    root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
+    first = tmp_path / "session1" / "shards"
+    stopped = shards.write_shards(root, first, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
+                                  deadline=time.time() - 1)  # already past: stop after the first shard
+    assert (stopped["complete"], stopped["count"]) == (False, 3)
+    with pytest.raises(ValueError, match="incomplete"):
+        shards.pair(first, stopped, competition.load_labels(root), root)
+    second = tmp_path / "session2" / "shards"  # the next session starts with an empty working folder
+    assert shards.adopt_shards(first, second) == 1
+    assert (second / "shard-00000.tfrec").read_bytes() == (first / "shard-00000.tfrec").read_bytes()
+    finished = shards.write_shards(root, second, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    assert (finished["complete"], finished["count"]) == (True, 10)
+    assert finished["shards"][0] == stopped["shards"][0]
+    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True, shards=second)), 10, 3)
+
+
+def test_shards_from_elsewhere_pair_with_train_csv_or_say_why_not(tmp_path, capsys):
+    import pandas as pd
+
+    root = write_dataset(tmp_path / "d", count=6, tfrecords=False)
+    out = tmp_path / "elsewhere"
+    manifest = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", progress=False)
+    frame = competition.load_labels(root)
+    assert shards.pair(out, manifest, frame, root).equals(frame)
+    relabelled = frame.copy()
+    relabelled.loc[2, "Label"] = "18" if frame.loc[2, "Label"] != "18" else "17"
+    with pytest.raises(ValueError, match=f"image {image_id(2)} has label .* in the shards but '1[78]'"):
+        shards.pair(out, manifest, relabelled, root)
+    with pytest.raises(ValueError, match="hold 1 images that .* lacks"):
+        shards.pair(out, manifest, frame.drop(index=0), root)
+    more = pd.concat([frame, pd.DataFrame({"ID": ["not-sharded"], "Label": ["0"]})], ignore_index=True)
+    with pytest.raises(ValueError, match="1 of the 7 images .* are not in the shards .*not-sharded"):
+        shards.pair(out, manifest, more, root)
+    # an image skipped as bad when the shards were written is left out, with a warning
+    assert shards.pair(out, {**manifest, "skipped": 1}, more, root).equals(frame)
+    assert "skipped as bad" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="hold rgb, not rgby"):
+        data.open_dataset(root, IMAGE_SIZE, "rgby", shards=out)
 
 
 # --- split ----------------------------------------------------------------------------------
@@ -502,9 +562,9 @@ def test_split_is_deterministic_and_stratified():
         matrix[members, rare] = 1
     matrix[20, 9] = 1  # a class with one image
     ids = [f"id{i}" for i in range(count)]
-    train, val = data.split(ids, matrix, 0.2, seed=7)
-    assert (train, val) == data.split(ids, matrix, 0.2, seed=7)
-    assert data.split(ids, matrix, 0.2, seed=8) != (train, val)
+    train, val = splits.split(ids, matrix, 0.2, seed=7)
+    assert (train, val) == splits.split(ids, matrix, 0.2, seed=7)
+    assert splits.split(ids, matrix, 0.2, seed=8) != (train, val)
     assert sorted(train + val) == sorted(ids) and not set(train) & set(val)
     assert abs(len(val) - 60) <= 6
     index = {image_id: i for i, image_id in enumerate(ids)}
@@ -520,7 +580,7 @@ def test_split_is_deterministic_and_stratified():
 
 def test_split_rejects_bad_fraction():
     with pytest.raises(ValueError):
-        data.split(["a", "b"], np.zeros((2, N_CLASSES)), 1.0, 0)
+        splits.split(["a", "b"], np.zeros((2, N_CLASSES)), 1.0, 0)
 
 
 # --- training and evaluation pipelines ----------------------------------------------------------
@@ -603,7 +663,7 @@ def test_a_cached_eval_dataset_decodes_its_files_once(tmp_path):
 
 
 def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
-    frame = data.load_labels(small_sample)
+    frame = competition.load_labels(small_sample)
     ids = list(frame["ID"])
     pngs = collect(data.read_png_dir(small_sample, 32, "rgby", with_id=True))
     assert sorted(pngs) == sorted(ids)
@@ -622,7 +682,7 @@ def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
 def test_take_images_gives_numpy_previews_with_their_ids(small_sample):
     dataset = data.open_dataset(small_sample, image_size=32, channels="rgby", with_id=True)
     images, labels, ids = data.take_images(dataset, 3)
-    frame = data.load_labels(small_sample)
+    frame = competition.load_labels(small_sample)
     assert images.shape == (3, 32, 32, 4) and images.dtype == np.float32 and labels.shape == (3, 19)
     expected = {row.ID: row.Label for row in frame.itertuples()}
     assert all(np.array_equal(label, parse_label(expected[image_id])) for label, image_id in zip(labels, ids))

@@ -33,6 +33,8 @@ STANDIN_TRAIN = '''\
 # %% tags=["parameters"]
 QUICK = False
 EPOCHS = 30
+RESUME_FROM = ""
+SHARDS = ""
 
 # %%
 import json
@@ -171,12 +173,13 @@ def test_kernel_metadata_for_every_notebook(name, kaggle_api):
 
 def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
     shapes = {name: kaggle.kernel_metadata(name).get("machine_shape") for name in kaggle.KERNELS}
-    assert shapes == {"01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8", "04_evaluate": None,
-                      "05_submission": None}
+    assert shapes == {"00_prepare": None, "01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8",
+                      "04_evaluate": None, "05_submission": None}
     assert {name for name in kaggle.KERNELS if kaggle.kernel_metadata(name)["enable_tpu"]} == {"03_train"}
     assert not any(kaggle.kernel_metadata(name)["enable_gpu"] for name in kaggle.KERNELS)
     assert kaggle.kernel_metadata("03_train")["enable_internet"] is True  # ImageNet weights download
     assert kaggle.kernel_metadata("05_submission")["enable_internet"] is False  # code-competition rule
+    assert kaggle.kernel_metadata("00_prepare")["enable_internet"] is False  # it reads only the competition
 
 
 def test_kernel_metadata_takes_username_and_offline_sources():
@@ -444,21 +447,26 @@ def test_a_push_kaggle_refused_is_one_line_exit_2_although_the_cli_exits_0(print
     assert "pushed" not in out
 
 
-def test_push_resume_from_attaches_the_kernel_and_sets_resume_from(clean_home, fake_kaggle_cli, monkeypatch,
-                                                                   tmp_path, standin_notebooks):
+def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(clean_home, fake_kaggle_cli,
+                                                                                monkeypatch, tmp_path,
+                                                                                standin_notebooks):
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
     folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                         resume_from="alice/hpa-03-train")
+                         resume_from="alice/hpa-03-train", shards="alice/hpa-00-prepare")
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
-    assert metadata["kernel_sources"] == ["alice/hpa-03-train"]
+    assert metadata["kernel_sources"] == ["alice/hpa-03-train", "alice/hpa-00-prepare"]
     cells = json.loads((folder / "03_train.ipynb").read_text())["cells"]
     tags = [cell["metadata"].get("tags", []) for cell in cells]
     injected = tags.index(["injected-parameters"])
     assert tags[injected - 1] == ["parameters"]
-    assert "RESUME_FROM = 'alice/hpa-03-train'" in "".join(cells[injected]["source"])
+    source = "".join(cells[injected]["source"])
+    assert "RESUME_FROM = 'alice/hpa-03-train'" in source and "SHARDS = 'alice/hpa-00-prepare'" in source
     with pytest.raises(ValueError, match="OWNER/KERNEL"):
         kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, resume_from="/kaggle/x")
+    with pytest.raises(ValueError, match="has no parameter SHARDS"):  # a notebook that would ignore it
+        kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
+                    shards="alice/hpa-00-prepare")
 
 
 def test_status_and_output_use_the_credentials_username(tmp_path, clean_home, fake_kaggle_cli, monkeypatch, capsys):

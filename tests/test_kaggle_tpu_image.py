@@ -83,10 +83,19 @@ def test_the_training_bundle_trains_and_resumes_on_eight_jax_devices(tpu_python,
     assert "hpa_nb sources" in printed and str(REPO) not in printed  # the embedded copy, not the repository
     assert "visualkeras is not installed" in printed and "versions: python 3.12" in printed
 
+    # The next session goes on from the first one's output, and reads compact shards written elsewhere
+    # (as 00_prepare's output is attached on Kaggle), paired with the data's train.csv.
+    from hpa_nb.shards import write_shards
+
+    shard_dir = tmp_path / "prepared" / "shards"
+    write_shards(small_sample, shard_dir, size=32, channels="rgb", encoding="png", progress=False)
     resumed = _papermill(tpu_python, tmp_path / "second", tmp_path / "out2", small_sample, "-p", "QUICK", "True",
-                         "-p", "IMAGE_SIZE", "32", "-p", "EPOCHS", "3", "-p", "RESUME_FROM", str(run))
+                         "-p", "IMAGE_SIZE", "32", "-p", "EPOCHS", "3", "-p", "RESUME_FROM", str(run),
+                         "-p", "SHARDS", str(shard_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "continuing after epoch 2" in _outputs(tmp_path / "second")
+    printed = _outputs(tmp_path / "second")
+    assert "continuing after epoch 2" in printed
+    assert f"data: compact shards {shard_dir} (40 images, 32 px, rgb, png) with labels checked against" in printed
     history = (tmp_path / "out2" / "run" / "history.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
 

@@ -25,7 +25,7 @@ def _cells(notebook) -> list[tuple[str, str]]:
 
 def test_there_are_notebooks_to_check():
     names = [path.stem for path in SOURCES]
-    assert names[:4] == ["01_eda", "02_augmentation", "03_train", "04_evaluate"]
+    assert names[:5] == ["00_prepare", "01_eda", "02_augmentation", "03_train", "04_evaluate"]
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)

@@ -360,3 +360,23 @@ def test_tpu_settings_on_eight_jax_devices_bfloat16_chunked_steps_efficientnet_t
     assert history["epoch"].tolist() == [0, 1, 2]
     assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
     assert _iterations(run / "checkpoints" / "epoch-003.keras") == 12  # the steps the schedule and stream count
+
+
+def test_a_run_reads_shards_written_elsewhere_as_uint8_batches(small_sample, tmp_path):
+    import tensorflow as tf
+
+    from hpa_nb import train
+    from hpa_nb.shards import write_shards
+
+    shard_dir = tmp_path / "prepared"
+    write_shards(small_sample, shard_dir, size=64, channels="rgb", progress=False)
+    config = TrainConfig.make(True, data_dir=str(small_sample), out_dir=str(tmp_path / "run"),
+                              shards=str(shard_dir), epochs=1)
+    plan = train.prepare(config)
+    assert plan.layout.startswith(f"compact shards {shard_dir} (40 images, 64 px, rgb, raw)")
+    assert f"data: {plan.layout}" in plan.summary() and plan.config.shards == str(shard_dir)
+    images, labels = next(iter(plan.datasets["train"]))
+    val_images = next(iter(plan.datasets["val"]))[0]
+    # a quarter of float32's bytes leave the host; the model's float32 input casts them in the compiled step
+    assert images.dtype == val_images.dtype == tf.uint8 and images.shape[1:] == (64, 64, 3)
+    assert plan.model.inputs[0].dtype == "float32"

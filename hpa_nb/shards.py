@@ -1,0 +1,327 @@
+"""Compact training shards, the one owner of the ``shards/`` artifact: one uint8 record per image,
+all channels resized once, about 150 MB a shard, listed by ``manifest.json``.
+
+`write_shards` writes them (restartable: a shard is renamed into place only when whole),
+`shard_layout` reads them back, and `read_manifest` checks a folder before anything is read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from hpa_nb.bad_input import SkipLog, first_problem, join_text, skip_log
+from hpa_nb.competition import png_layout
+from hpa_nb.files import TEMPORARY_GLOB, temporary_path, write_text
+from hpa_nb.labels import N_CLASSES, colors_of, parse_label
+from hpa_nb.reading import (AUTOTUNE, TFRECORD_OVERHEAD, Layout, file_records, file_size, files_at_once,
+                            id_predicate, read, resize)
+
+SHARD_DIR = "shards"
+MANIFEST = "manifest.json"
+SHARD_FORMAT = "hpa_nb-shards"
+SHARD_ENCODINGS = ("raw", "png")
+# ~150 MB per shard streams well from local disk and GCS and keeps a rerun's lost work small.
+SHARD_TARGET_BYTES = 150 * 2**20
+# A manifest lists every shard's image IDs and labels (version 2), so shards from another source pair with its train.csv.
+MANIFEST_VERSION = 2
+# Images written before the first projection of the total against a byte budget.
+BUDGET_CHECK_IMAGES = 32
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """The manifest of a folder of compact shards (`write_shards`)."""
+    path = Path(shard_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: not a finished shard folder") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{path} is not a {SHARD_FORMAT} manifest")
+    return manifest
+
+
+_SHARD_FEATURES = {"id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+                   "label": tf.io.FixedLenFeature([N_CLASSES], tf.float32, default_value=[0.0] * N_CLASSES),
+                   "image": tf.io.FixedLenFeature([], tf.string, default_value="")}
+
+
+def shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids: Iterable[str] | None,
+                  exclude: Iterable[str] | None = None) -> Layout:
+    """The shards of `shard_dir`, read through its `manifest`, which `choose_layout` found to hold `colors`."""
+    stored = colors_of(manifest["channels"])
+    size, stored_count, encoding = int(manifest["size"]), len(stored), manifest["encoding"]
+    files = [str(shard_dir / entry["file"]) for entry in manifest["shards"]]
+    sizes = [file_size(f) for f in files]
+    wanted = id_predicate(ids, exclude)
+
+    def element(record: tf.Tensor, path: tf.Tensor, problem: tf.Tensor) -> dict:
+        features = tf.io.parse_single_example(record, _SHARD_FEATURES)  # a problem's empty record gives defaults
+        image_id, image, label = features["id"], features["image"], features["label"]
+        raw_ok = tf.equal(tf.strings.length(image), size * size * stored_count) | tf.constant(encoding != "raw")
+        return {"id": image_id, "label": label, "data": image, "source": path, "problem": first_problem([
+            (tf.not_equal(problem, ""), problem),
+            (tf.logical_not(raw_ok), join_text("file ", path, ": image ", image_id, ": wrong image size")),
+        ])}
+
+    def parse(items: tf.data.Dataset, deterministic: bool, image_size: int) -> tf.data.Dataset:
+        records = items.interleave(file_records,
+                                   cycle_length=files_at_once(len(files), deterministic), num_parallel_calls=AUTOTUNE,
+                                   deterministic=deterministic)
+        elements = records.map(element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        return elements.filter(lambda e: tf.not_equal(e["problem"], "") | wanted(e["id"]))
+
+    def decode_raw(data: tf.Tensor, image_size: int) -> tf.Tensor:
+        image = tf.reshape(tf.io.decode_raw(data, tf.uint8), [size, size, stored_count])
+        return resize(image[..., : len(colors)], image_size)
+
+    def decode_png(data: tf.Tensor, image_size: int) -> tf.Tensor:
+        image = tf.io.decode_png(data, channels=stored_count)
+        return resize(image[..., : len(colors)], image_size)
+
+    decoders = {"raw": decode_raw, "png": decode_png}
+    return Layout("shards", f"compact shards {shard_dir} ({manifest['count']} images, {size} px, "
+                             f"{manifest['channels']}, {encoding})",
+                   lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
+                   len(files), parse, decoders[encoding], encoding != "raw")
+
+
+def pair(shard_dir: Path, manifest: dict, frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """The rows of `frame` (``train.csv`` of `source`, columns ID and Label) that the shards hold,
+    after checking that the two belong together.
+
+    Stops with one line when the shards are incomplete (a prepare run that hit its deadline), hold
+    an image `frame` lacks, disagree with it on a label, or lack more images than they skipped as
+    bad when they were written; images skipped as bad are left out with a warning line.
+    """
+    where = Path(shard_dir) / MANIFEST
+    entries = manifest["shards"]
+    if any("ids" not in entry for entry in entries):
+        raise ValueError(f"{where} lists no image IDs (written by an older hpa-nb): write the shards again")
+    if not manifest.get("complete", True):
+        raise ValueError(f"{where}: the shards are incomplete ({manifest['count']} images; their prepare run "
+                         "stopped at its deadline): run 00_prepare again with RESUME_FROM to finish them")
+    held = {image_id: label for entry in entries for image_id, label in zip(entry["ids"], entry["labels"])}
+    truth = {image_id: _label_text(parse_label(text, image_id)) for image_id, text in zip(frame["ID"], frame["Label"])}
+    extra = sorted(set(held) - set(truth))
+    if extra:
+        raise ValueError(f"{where}: the shards hold {len(extra)} images that {source}/train.csv lacks (e.g. "
+                         f"{extra[0]}): they were written from other data")
+    for image_id, label in held.items():
+        if truth[image_id] != label:
+            raise ValueError(f"{where}: image {image_id} has label '{label}' in the shards but "
+                             f"'{truth[image_id]}' in {source}/train.csv: they were written from other data")
+    missing = sorted(set(truth) - set(held))
+    if len(missing) > manifest.get("skipped", 0):
+        raise ValueError(f"{where}: {len(missing)} of the {len(truth)} images in {source}/train.csv are not in "
+                         f"the shards (e.g. {missing[0]}): write the shards again from {source}")
+    if missing:
+        print(f"warning: {len(missing)} images of train.csv were skipped as bad when the shards were written "
+              f"(e.g. {missing[0]}); training leaves them out", file=sys.stderr)
+    return frame[frame["ID"].isin(held)].reset_index(drop=True)
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.tfrec"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _finished_shards(out: Path, settings: dict) -> dict[str, dict]:
+    """Shards completed by earlier runs (name → sidecar: ids, labels, bytes); leftovers of a killed run are removed."""
+    for stale in out.glob(TEMPORARY_GLOB):
+        stale.unlink()
+    finished = {}
+    for path in sorted(out.glob("shard-*.tfrec")):  # renamed after its sidecar, so every one has its ID list
+        record = json.loads(_sidecar(path).read_text())
+        mismatched = {key: record.get(key) for key, value in settings.items() if record.get(key) != value}
+        if mismatched:
+            raise ValueError(f"{out} already holds shards with {mismatched}, not {settings}: use another --out")
+        finished[path.name] = record
+    for sidecar in out.glob("shard-*.tfrec.json"):
+        if not sidecar.with_suffix("").is_file():  # killed between the sidecar and the rename: redo those images
+            sidecar.unlink()
+    return finished
+
+
+def adopt_shards(previous: str | Path, out: str | Path) -> int:
+    """Copy the finished shards of an earlier, stopped run (a read-only folder, such as the attached
+    output of the previous prepare kernel) into `out`, so that `write_shards` goes on from them.
+
+    Each shard is copied under a temporary name, its sidecar first, then renamed: a copy killed
+    half-way leaves nothing that looks finished. Returns the number of shards adopted."""
+    import shutil
+
+    previous, out = Path(previous), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    adopted = 0
+    for path in sorted(previous.glob("shard-*.tfrec")):
+        target = out / path.name
+        if target.is_file() or not _sidecar(path).is_file():
+            continue
+        write_text(_sidecar(target), _sidecar(path).read_text())
+        temporary = temporary_path(target)
+        shutil.copyfile(path, temporary)
+        os.replace(temporary, target)
+        adopted += 1
+    return adopted
+
+
+def _label_text(label: np.ndarray) -> str:
+    return "|".join(str(index) for index in np.flatnonzero(label > 0.5))
+
+
+def _shard_example(image: np.ndarray, label: np.ndarray, image_id: bytes, encoding: str) -> bytes:
+    data = image.tobytes() if encoding == "raw" else tf.io.encode_png(image).numpy()
+    feature = {"id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id])),
+               "label": tf.train.Feature(float_list=tf.train.FloatList(value=label.tolist())),
+               "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+class ShardBudgetError(ValueError):
+    """The shards would not fit in the disk budget (Kaggle's /kaggle/working holds 20 GB)."""
+
+
+def _source_layout(src: Path, colors: tuple[str, ...], log: SkipLog | None, exclude: list[str]) -> tuple[Layout, int | None]:
+    """The layout to shard from, and how many images it holds in all (None when unknown).
+
+    PNGs first: the image list is known up front (a true progress total) and only the wanted
+    channels are read; the competition TFRecords also carry the unwanted ones."""
+    from hpa_nb.competition import TFRECORD_PATTERN, load_labels, tfrecord_layout
+
+    if (src / "train.csv").is_file() and (src / "train").is_dir():
+        layout = png_layout(src, colors, None, log, exclude=exclude)
+        return layout, layout.item_count + len(exclude)
+    records = sorted(tf.io.gfile.glob(str(src / "train_tfrecords" / TFRECORD_PATTERN)))
+    if not records:
+        raise FileNotFoundError(f"{src} has neither train.csv with train/ PNGs nor train_tfrecords/{TFRECORD_PATTERN}")
+    expected = len(load_labels(src)) if (src / "train.csv").is_file() else None
+    return tfrecord_layout(records, colors, None, exclude), expected
+
+
+def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512, channels: str = "rgby",
+                 encoding: str = "raw", images_per_shard: int | None = None, skip_bad: bool | SkipLog = False,
+                 progress: bool = True, max_gb: float | None = None, deadline: float | None = None) -> dict:
+    """Write compact training shards: one record per image, all channels resized once, uint8.
+
+    `out` defaults to ``src/shards`` (where `open_dataset` looks). Shards hold about 150 MB
+    each. Restartable: a shard is written under a temporary name and renamed when complete,
+    a rerun skips finished shards, and the manifest (written last) lists only finished ones.
+    ``encoding="png"`` trades read speed for disk space (raw rgby at 512 px is 1 MiB an image).
+
+    With `max_gb`, the total is projected from the bytes per image written so far (first after
+    `BUDGET_CHECK_IMAGES` images, then at every shard) and `ShardBudgetError` stops the run as
+    soon as the projection is over budget. With `deadline` (a ``time.time()`` value), the run
+    stops after the first shard that ends past it and writes a manifest marked incomplete, so a
+    time-limited session ends cleanly and its shards can be adopted (`adopt_shards`) by the next.
+    Returns the manifest.
+    """
+    import time
+
+    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
+
+    if encoding not in SHARD_ENCODINGS:
+        raise ValueError(f"encoding must be one of {SHARD_ENCODINGS}, not {encoding!r}")
+    if size < 8:
+        raise ValueError(f"shard size {size} px is too small")
+    colors = colors_of(channels)
+    src = Path(src)
+    out = Path(out) if out is not None else src / SHARD_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"size": size, "channels": channels, "encoding": encoding}
+    finished = _finished_shards(out, settings)
+    done_ids = [image_id for record in finished.values() for image_id in record["ids"]]
+    log = skip_log(skip_bad)
+    layout, expected = _source_layout(src, colors, log, done_ids)
+    print(f"shard: reading {layout.description}; {len(done_ids)} images already in {len(finished)} shards")
+    per_shard = images_per_shard or max(1, SHARD_TARGET_BYTES // (size * size * len(colors)))
+    images = read(layout, size, channels, True, True, log)
+    images = images.map(lambda image, label, image_id: (tf.cast(tf.round(image), tf.uint8), label, image_id),
+                        num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    index = max((int(name[6:11]) + 1 for name in finished), default=0)
+    writer, temporary, shard_ids, shard_labels, shard_bytes = None, None, [], [], 0
+    stopped_early = False
+
+    def written() -> tuple[int, int]:  # (images, bytes) in finished shards and the one being written
+        return (sum(len(r["ids"]) for r in finished.values()) + len(shard_ids),
+                sum(r["bytes"] for r in finished.values()) + shard_bytes)
+
+    def check_budget() -> None:
+        count, total_bytes = written()
+        if max_gb is None or expected is None or not count:
+            return
+        projected = total_bytes / count * expected / 1e9
+        if projected > max_gb:
+            raise ShardBudgetError(
+                f"shard: {count} images took {total_bytes / count / 1e3:.0f} kB each, so the {expected} images of "
+                f"{src} would need {projected:.1f} GB, over the {max_gb:g} GB budget: use a smaller size "
+                f"(now {size} px) or encoding='png' (now {encoding!r})")
+
+    def close_shard() -> None:
+        nonlocal writer, temporary, shard_ids, shard_labels, shard_bytes, index
+        writer.close()
+        final = out / _shard_name(index)
+        record = {**settings, "ids": shard_ids, "labels": shard_labels, "bytes": temporary.stat().st_size}
+        write_text(_sidecar(final), json.dumps(record))
+        os.replace(temporary, final)  # the rename is the commit: a shard under its final name is whole
+        finished[final.name] = record
+        writer, temporary, shard_ids, shard_labels, shard_bytes, index = None, None, [], [], 0, index + 1
+
+    bar = tqdm(total=None if expected is None else expected - len(done_ids), unit="img", desc="shard",
+               disable=not progress)
+    try:
+        for image, label, image_id in images.as_numpy_iterator():
+            if writer is None:
+                # created by the writer, so with ordinary permissions: shards are shared data
+                temporary = temporary_path(out / _shard_name(index))
+                writer = tf.io.TFRecordWriter(str(temporary))
+            example = _shard_example(image, label, image_id, encoding)
+            writer.write(example)
+            shard_ids.append(image_id.decode())
+            shard_labels.append(_label_text(label))
+            shard_bytes += len(example) + TFRECORD_OVERHEAD
+            bar.update(1)
+            if written()[0] == BUDGET_CHECK_IMAGES:
+                check_budget()
+            if len(shard_ids) == per_shard:
+                close_shard()
+                check_budget()
+                if deadline is not None and time.time() > deadline:
+                    stopped_early = True
+                    break
+        if writer is not None:
+            close_shard()
+    finally:
+        bar.close()
+        if writer is not None:  # interrupted: never leave a temporary file behind to look like data
+            writer.close()
+            temporary.unlink(missing_ok=True)
+    manifest = _manifest(finished, settings, src, complete=not stopped_early, skipped=log.count if log else 0)
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    if log is not None and log.count:
+        print(f"warning: skipped {log.count} bad images or files (listed above)", file=sys.stderr)
+    if stopped_early:
+        print(f"shard: stopped at the deadline with {manifest['count']} images in {len(finished)} shards; "
+              f"run again (adopting these shards) to go on", file=sys.stderr)
+    return manifest
+
+
+def _manifest(finished: dict[str, dict], settings: dict, src: Path, complete: bool, skipped: int) -> dict:
+    shards = [{"file": name, "count": len(record["ids"]), "bytes": record["bytes"], "ids": record["ids"],
+               "labels": record["labels"]} for name, record in sorted(finished.items())]
+    count = sum(entry["count"] for entry in shards)
+    total_bytes = sum(entry["bytes"] for entry in shards)
+    return {"format": SHARD_FORMAT, "version": MANIFEST_VERSION, **settings, "count": count, "bytes": total_bytes,
+            "bytes_per_image": round(total_bytes / count) if count else None, "complete": complete,
+            "shards": shards, "source": str(src), "skipped": skipped}
