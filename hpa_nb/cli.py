@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 import hpa_nb  # noqa: F401  (picks the Keras backend before anything imports Keras)
+from hpa_nb.cells import COMBINERS, CROPS, NEGATIVE_RULES, ScoreRule  # numpy and scipy only: parsing stays cheap
+from hpa_nb.config import LOSSES, TrainConfig
+from hpa_nb.labels import CHANNEL_SETS
+from hpa_nb.segmentation import SEGMENTERS
 
 EXIT_USER_ERROR = 2
 
@@ -62,15 +66,16 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="training run folder (model.keras, config.json)")
     p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
-    p.add_argument("--segmentation", choices=("classical", "hpacellseg"), default="classical")
+    p.add_argument("--segmentation", choices=tuple(SEGMENTERS), default="classical")
     p.add_argument("--hpacellseg-weights", type=Path, default=None,
                    help="folder with nuclei-model.pth and cell-model.pth (for --segmentation hpacellseg)")
-    p.add_argument("--combine", choices=("arithmetic", "geometric"), default="arithmetic",
+    p.add_argument("--combine", choices=tuple(COMBINERS), default=ScoreRule.combine,
                    help="how image-level and cell-crop probabilities are combined")
-    p.add_argument("--image-weight", type=float, default=0.7, help="weight of the image-level probability (0..1)")
-    p.add_argument("--crop", choices=("frame", "tight"), default="frame",
+    p.add_argument("--image-weight", type=float, default=ScoreRule.image_weight,
+                   help="weight of the image-level probability (0..1)")
+    p.add_argument("--crop", choices=tuple(CROPS), default=ScoreRule.crop,
                    help="a cell shown in the whole image's frame, or its own square crop")
-    p.add_argument("--negative", choices=("complement", "model"), default="complement",
+    p.add_argument("--negative", choices=tuple(NEGATIVE_RULES), default=ScoreRule.negative,
                    help="Negative = max(Negative, 1 - max other) ('complement') or as predicted")
     p.add_argument("--confidence-floor", type=float, default=0.0, help="omit a cell's classes scoring below this")
     p.add_argument("--batch-size", type=int, default=32, help="cell crops per classifier batch")
@@ -105,7 +110,8 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     output = actions.add_parser("output", help="`kaggle kernels output` of NAME's kernel into --out")
     for action in (push, status, output):
         action.add_argument("name", nargs="?", default="03_train", metavar="NAME", help="notebook name (default 03_train)")
-        action.add_argument("--username", help="Kaggle username (default: KAGGLE_USERNAME, kaggle.json, or kernel-metadata.json)")
+        action.add_argument("--username", help="Kaggle username (default: KAGGLE_USERNAME, kernel-metadata.json's "
+                                               "owner, or what `kaggle config view` shows)")
     push.add_argument("--no-internet", action="store_true", help="run offline (attach the weights with --dataset/--model)")
     push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
     push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
@@ -120,17 +126,17 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _kaggle(args: argparse.Namespace) -> None:
-    from hpa_nb import kaggle
+    from hpa_nb import kaggle, kernels
 
     if args.kaggle_action == "build" and args.check:
-        problems = kaggle.stale_bundles()
+        problems = kernels.stale_bundles()
         if problems:
             raise UserError(f"{len(problems)} stale Kaggle bundle(s), run `make kaggle`: " + "; ".join(problems))
         print("Kaggle bundles are up to date")
     elif args.kaggle_action == "build":
-        for folder in kaggle.build_all(args.names or None):
+        for folder in kernels.build_all(args.names or None):
             print(f"wrote {folder}")
-        print(f"wrote {kaggle.write_root_metadata()}")
+        print(f"wrote {kernels.write_root_metadata()}")
     elif args.kaggle_action == "push":
         folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
                              enable_internet=False if args.no_internet else None,
@@ -176,7 +182,7 @@ def _shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", default=None, help="data folder in the competition layout (default: discovered)")
     p.add_argument("--out", type=Path, default=None, help="shard folder (default: SRC/shards, where readers look)")
     p.add_argument("--size", type=int, default=512, help="image side in px, resized once")
-    p.add_argument("--channels", choices=("rgb", "rgby"), default="rgby")
+    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default="rgby")
     p.add_argument("--encoding", choices=("raw", "png"), default="raw",
                    help="raw: fastest to read; png: smaller on disk (raw rgby 512 px is 1 MiB an image)")
     p.add_argument("--images-per-shard", type=int, default=None, help="default: about 150 MB per shard")
@@ -197,10 +203,10 @@ def _shard(args: argparse.Namespace) -> None:
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the input pipeline (loader) or training steps (train)")
-    p.add_argument("kind", choices=("loader", "train"))
+    p.add_argument("kind", choices=tuple(BENCHES))
     p.add_argument("--data", default=None, help="data folder (default: discovered)")
     p.add_argument("--image-size", type=int, default=256, help="output (training) image size in px")
-    p.add_argument("--channels", choices=("rgb", "rgby"), default="rgb")
+    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default=TrainConfig.channels)
     p.add_argument("--size", type=int, default=None,
                    help="loader: benchmark a temporary sample of images this large instead of --data "
                         "(e.g. 1024: realistic PNG decode cost; the default sample's are 256 px)")
@@ -216,7 +222,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    {"loader": _bench_loader, "train": _bench_train}[args.kind](args)
+    BENCHES[args.kind](args)
 
 
 def _bench_train(args: argparse.Namespace) -> None:
@@ -234,6 +240,9 @@ def _bench_loader(args: argparse.Namespace) -> None:
            images=args.images, seconds=args.seconds, bit_depth=args.bit_depth, rounds=args.rounds)
 
 
+BENCHES = {"loader": _bench_loader, "train": _bench_train}
+
+
 # --- train (model) ------------------------------------------------------------------------
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a multi-label classifier and write a run folder",
@@ -249,7 +258,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", help="compact shards written elsewhere (a folder, or OWNER/KERNEL attached under "
                                     "/kaggle/input), paired with --data's train.csv (default: DATA/shards)")
     p.add_argument("--image-size", type=int, help="square input side in px")
-    p.add_argument("--channels", choices=("rgb", "rgby"))
+    p.add_argument("--channels", choices=tuple(CHANNEL_SETS))
     p.add_argument("--backbone", help="efficientnetb0..b7, efficientnetv2b0..b3, efficientnetv2s or tiny")
     p.add_argument("--weights", help="imagenet, none, or a backbone weights file (.h5 / .weights.h5)")
     p.add_argument("--epochs", type=int)
@@ -258,7 +267,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-lr", type=float, help="peak learning rate for a global batch of 64 (scaled linearly)")
-    p.add_argument("--loss", choices=("bce", "focal"))
+    p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (on val_auc)")
     p.add_argument("--precision", help="Keras dtype policy, e.g. float32 or mixed_bfloat16 (default: by device)")
     p.add_argument("--steps-per-execution", type=int, help="steps per compiled call (default: 32 TPU, 8 GPU, 1 CPU)")
@@ -276,16 +285,17 @@ TRAIN_OPTIONS = ("shards", "image_size", "channels", "backbone", "weights", "epo
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from hpa_nb.env import working_dir
-    from hpa_nb.train import CONFIG_FILE, TrainConfig, find_previous_run, load_config, train
+    from hpa_nb import run
+    from hpa_nb.config import TrainConfig
+    from hpa_nb.train import train
 
     explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
-    out = args.out or working_dir() / "run"
+    out = args.out or run.default_dir()
     explicit["out_dir"] = str(out)
     # A resumed run keeps the options it was started with; the ones given now go on top.
-    previous = find_previous_run(args.resume_from) if args.resume_from else out if args.resume else None
-    if previous is not None and (previous / CONFIG_FILE).is_file():
-        saved = load_config(previous)
+    previous = run.find_previous(args.resume_from) if args.resume_from else out if args.resume else None
+    if previous is not None and (previous / run.CONFIG_FILE).is_file():
+        saved = run.load_config(previous)
         kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
         explicit["data_dir"] = str(_data_dir(args.data or kept))
         config = dataclasses.replace(saved, resume=True, resume_from=str(previous) if args.resume_from else None,

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from hpa_nb import run
 from hpa_nb.files import write_text
 from hpa_nb.labels import LABEL_NAMES, N_CLASSES, label_matrix
 from hpa_nb.metrics import image_metrics
@@ -103,21 +104,20 @@ def held_out_ids(run_dir: str | os.PathLike, labels: pd.DataFrame, val_fraction:
     different folder) rather than silently scoring images the model trained on.
     """
     from hpa_nb.splits import split
-    from hpa_nb.train import SPLIT_FILE, load_split
 
     run_dir = Path(run_dir)
     ids = labels["ID"].astype(str).tolist()
     _, val_ids = split(ids, label_matrix(ids, labels["Label"]), val_fraction, seed)
-    recorded = load_split(run_dir)["val"] if (run_dir / SPLIT_FILE).is_file() else None
+    recorded = run.load_split(run_dir)["val"] if (run_dir / run.SPLIT_FILE).is_file() else None
     if recorded is None:
-        print(f"note: {run_dir / 'split.csv'} not found; using the split reproduced from the config", file=sys.stderr)
+        print(f"note: {run_dir / run.SPLIT_FILE} not found; using the split reproduced from the config", file=sys.stderr)
     elif set(recorded) != set(val_ids) or len(recorded) != len(val_ids):
         only_recorded = sorted(set(recorded) - set(val_ids))
         only_reproduced = sorted(set(val_ids) - set(recorded))
         example = (only_recorded or only_reproduced or ["(duplicates)"])[0]
         raise ValueError(
-            f"the held-out split reproduced from {run_dir / 'config.json'} (val_fraction={val_fraction}, seed={seed}) "
-            f"differs from {run_dir / 'split.csv'}: {len(only_recorded)} val IDs missing, {len(only_reproduced)} extra "
+            f"the held-out split reproduced from {run_dir / run.CONFIG_FILE} (val_fraction={val_fraction}, seed={seed}) "
+            f"differs from {run_dir / run.SPLIT_FILE}: {len(only_recorded)} val IDs missing, {len(only_reproduced)} extra "
             f"(e.g. {example}); has the data folder changed since training?")
     if not val_ids:
         raise ValueError(f"the run {run_dir} held out no images (val_fraction={val_fraction}); use --split all")
@@ -198,8 +198,8 @@ def _write_outputs(out_dir: Path, result: Evaluation, run_dir: Path) -> list[Pat
     files += save_figure(plots.per_class_scores(result.metrics), out_dir / "per_class_scores")
     if result.y_true.any():
         files += save_figure(plots.precision_recall_curves(result.y_true, result.y_score), out_dir / "precision_recall")
-    if (run_dir / "history.csv").is_file():
-        files += save_figure(training_history(run_dir / "history.csv"), out_dir / "training_history")
+    if (run_dir / run.HISTORY_FILE).is_file():
+        files += save_figure(training_history(run_dir / run.HISTORY_FILE), out_dir / "training_history")
     return files
 
 
@@ -232,9 +232,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     from hpa_nb.competition import load_labels
     from hpa_nb.data import eval_dataset
     from hpa_nb.model import load_model
-    from hpa_nb.train import load_config
 
-    config = load_config(run_dir)
+    config = run.load_config(run_dir)
     if data_dir is None and config.data_dir is None:
         from hpa_nb.env import find_data
 

@@ -299,7 +299,7 @@ def cell_map(predictions, truth_masks, truth_labels, iou: float = 0.6) -> float:
     ``predictions = {image_id: [(bool mask [H, W], scores), ...]}`` with scores a vector of 19 or
     ``{class: confidence}``; ``truth_masks = {image_id: instance mask}``;
     ``truth_labels = {image_id: {cell_id: multi-hot [19] or class indices}}``
-    (`hpa_nb.cells.load_cell_truth` reads both from a sample). Perfect predictions score 1.0.
+    (`hpa_nb.segmentation_quality.load_cell_truth` reads both from a sample). Perfect predictions score 1.0.
     """
     scores = [ap for ap in cell_average_precisions(predictions, truth_masks, truth_labels, iou) if ap is not None]
     if not scores:

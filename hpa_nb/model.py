@@ -20,9 +20,8 @@ import keras
 from keras import layers, ops
 
 from hpa_nb.files import atomic_path
-from hpa_nb.labels import N_CLASSES
+from hpa_nb.labels import CHANNEL_SETS, N_CLASSES, colors_of
 
-CHANNELS = {"rgb": 3, "rgby": 4}
 # ImageNet statistics the EfficientNets were trained with (inputs scaled to 0–1 first).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STDDEV = (0.229, 0.224, 0.225)
@@ -66,10 +65,11 @@ TINY_FILTERS = (32, 64, 128, 256)
 
 def channel_count(channels: str | int) -> int:
     """3 for "rgb", 4 for "rgby" (an int passes through after checking)."""
-    count = CHANNELS.get(channels, channels) if isinstance(channels, str) else channels
-    if count not in CHANNELS.values():
-        raise ValueError(f"channels must be one of {sorted(CHANNELS)} (or 3/4), got {channels!r}")
-    return int(count)
+    if isinstance(channels, str):
+        return len(colors_of(channels))
+    if channels not in {len(colors) for colors in CHANNEL_SETS.values()}:
+        raise ValueError(f"channels must be one of {sorted(CHANNEL_SETS)} (or 3/4), got {channels!r}")
+    return int(channels)
 
 
 def normalize_weights(weights: str | Path | None) -> str | None:
@@ -330,8 +330,10 @@ def make_metrics(label_weights=None, n_classes: int = N_CLASSES) -> list[keras.m
 
 def load_model(run_dir: str | Path) -> keras.Model:
     """The trained model of a run folder (``RUN/model.keras``), uncompiled, ready for ``predict``."""
+    from hpa_nb.run import MODEL_FILE
+
     path = Path(run_dir)
-    path = path / "model.keras" if path.is_dir() else path
+    path = path / MODEL_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (run `python -m hpa_nb train` first)")
     return keras.saving.load_model(path, compile=False)

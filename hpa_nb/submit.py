@@ -25,15 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hpa_nb.cells import (
-    CellPredictions,
-    ClassicalSettings,
-    Classifier,
-    ScoreRule,
-    SegmentationScore,
-    colors_needed,
-    predict_image,
-)
+from hpa_nb.cells import CellPredictions, Classifier, ScoreRule, predict_image
+from hpa_nb.segmentation import ClassicalSettings, colors_needed
+from hpa_nb.segmentation_quality import SegmentationScore
 from hpa_nb.files import atomic_path
 from hpa_nb.labels import LABEL_NAMES
 
@@ -155,7 +149,7 @@ def submit(
     """Write ``out_csv`` from a training run (``RUN/model.keras`` + ``RUN/config.json``).
 
     The model's input size and channels come from the run's config. See `write_submission`
-    for the rest, `hpa_nb.cells.segment` for the segmentation methods and `ScoreRule` for how
+    for the rest, `hpa_nb.segmentation.segment` for the segmentation methods and `ScoreRule` for how
     a cell's confidences are made. Returns the written path.
     """
     classifier, image_size, channels = load_classifier(run_dir, batch_size)
@@ -167,12 +161,13 @@ def submit(
 
 def load_classifier(run_dir: Path, batch_size: int = 32) -> tuple[Classifier, int, str]:
     """(classifier, image size, channels) of a training run folder."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "model.keras").is_file():
-        raise FileNotFoundError(f"{run_dir / 'model.keras'} does not exist (train a model first)")
     from hpa_nb.cells import keras_classifier
     from hpa_nb.model import load_model
-    from hpa_nb.train import load_config
+    from hpa_nb.run import MODEL_FILE, load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / MODEL_FILE} does not exist (train a model first)")
 
     config = load_config(run_dir)
     return keras_classifier(load_model(run_dir), batch_size), int(config.image_size), str(config.channels)
@@ -218,7 +213,8 @@ def evaluate_cells(
     ``classifier``, ``image_size`` and ``channels`` instead. ``use_truth_masks=True`` scores
     the ground-truth cells (no segmentation error), which separates the two sources of error.
     """
-    from hpa_nb.cells import load_cell_truth, predict_images, score_segmentation
+    from hpa_nb.cells import predict_images
+    from hpa_nb.segmentation_quality import load_cell_truth, score_segmentation
     from hpa_nb.metrics import cell_average_precisions
 
     if classifier is None:

@@ -43,11 +43,11 @@ ALLOW_CPU = False  # on Kaggle a full run refuses to train on a CPU unless this 
 
 # %%
 import hpa_nb  # first: it picks the Keras backend (JAX on a TPU VM) and quiets TensorFlow's C++ logs
-from hpa_nb import env, figures, train, training_plots
+from hpa_nb import env, figures, run, train, training_plots
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
-RUN = env.Path(RUN_DIR) if RUN_DIR else env.working_dir() / "run"
+RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
 config = train.TrainConfig.make(QUICK, data_dir=str(DATA), out_dir=str(RUN), backbone=BACKBONE, weights=WEIGHTS,
                                 image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE,
                                 resume_from=RESUME_FROM or None, shards=SHARDS or None,

@@ -33,10 +33,10 @@ N_EXAMPLES = 8
 
 # %%
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import data, env, evaluate, figures, plots, train
+from hpa_nb import data, env, evaluate, figures, plots, run, train
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
-RUN = env.Path(RUN_DIR) if RUN_DIR else env.working_dir() / "run"
+RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
 config = train.ensure_run(RUN, quick=QUICK)  # trains a QUICK model only when RUN holds none
 DATA = env.Path(DATA_DIR or config.data_dir)
 print(f"run: {config.backbone} at {config.image_size} px, {config.channels}, trained on {env.Path(config.data_dir).name}")
@@ -56,7 +56,7 @@ print(evaluate.format_table(result.metrics))
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"{len(result.ids)} held-out images, all of them outside the training split:",
-      set(result.ids).isdisjoint(train.load_split(RUN)["train"]))
+      set(result.ids).isdisjoint(run.load_split(RUN)["train"]))
 
 # %% [markdown]
 # ## Per class, at a glance

@@ -37,11 +37,11 @@ N_PREVIEW = 3
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import cells, env, figures, submit, train
+from hpa_nb import cell_plots, cells, env, figures, run, submit, train
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
-RUN = env.Path(RUN_DIR) if RUN_DIR else env.working_dir() / "run"
+RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
 config = train.ensure_run(RUN, quick=QUICK)
 classifier, image_size, channels = submit.load_classifier(RUN)
 rule = cells.ScoreRule(image_weight=IMAGE_WEIGHT)
@@ -55,7 +55,7 @@ print(f"{len(test_ids)} test images; model {config.backbone} at {image_size} px 
 # White outlines are what it found; on the sample, cyan outlines are the true cells.
 
 # %%
-overlays = cells.overlay_figure(DATA, test_ids[:N_PREVIEW], classifier, image_size, channels, rule, method=SEGMENTATION)
+overlays = cell_plots.overlay_figure(DATA, test_ids[:N_PREVIEW], classifier, image_size, channels, rule, method=SEGMENTATION)
 figures.saved(overlays, env.working_dir() / "05_submission" / "cell_overlays")
 
 # %% [markdown]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hpa_nb.cells import load_cell_truth
+from hpa_nb.segmentation_quality import load_cell_truth
 from hpa_nb.labels import N_CLASSES
 from hpa_nb.metrics import cell_average_precisions, cell_map
 

@@ -27,22 +27,25 @@ def run_dir(tmp_path_factory, small_sample) -> Path:
     evaluate reproduces the IDs training held out; a full training run would cost half a minute.
     """
     import hpa_nb.model
-    from hpa_nb.train import TrainConfig, _split
+    from hpa_nb import run as run_folder
+    from hpa_nb.config import TrainConfig
+    from hpa_nb.train import _split
 
     run = tmp_path_factory.mktemp("run")
     config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(run), image_size=IMAGE_SIZE,
                                        batch_size=4, val_fraction=VAL_FRACTION, seed=SEED)
     _split(small_sample, run, config, reuse=False)
-    (run / "config.json").write_text(json.dumps({**config.to_json(), "backend": "tensorflow"}))
-    hpa_nb.model.build("tiny", IMAGE_SIZE, "rgb", weights=None).save(run / "model.keras")
+    run_folder.write_info(run, config, {"backend": "tensorflow"})
+    hpa_nb.model.build("tiny", IMAGE_SIZE, "rgb", weights=None).save(run / run_folder.MODEL_FILE)
     pd.DataFrame({"epoch": [0], "loss": [0.7], "auc": [0.5], "val_loss": [0.7], "val_auc": [0.5]}).to_csv(
-        run / "history.csv", index=False)
+        run / run_folder.HISTORY_FILE, index=False)
     return run
 
 
 def _val_ids(run: Path) -> list[str]:
-    frame = pd.read_csv(run / "split.csv", dtype={"ID": str})
-    return frame.loc[frame["subset"] == "val", "ID"].tolist()
+    from hpa_nb.run import load_split
+
+    return load_split(run)["val"]
 
 
 def test_cli_evaluates_exactly_the_held_out_images(run_dir, small_sample, tmp_path, capsys):
@@ -68,11 +71,12 @@ def test_cli_evaluates_exactly_the_held_out_images(run_dir, small_sample, tmp_pa
 def test_a_changed_split_is_refused(run_dir, small_sample, tmp_path):
     altered = tmp_path / "run"
     altered.mkdir()
-    for name in ("model.keras", "config.json"):
+    from hpa_nb import run as run_folder
+
+    for name in (run_folder.MODEL_FILE, run_folder.CONFIG_FILE):
         (altered / name).write_bytes((run_dir / name).read_bytes())
-    frame = pd.read_csv(run_dir / "split.csv", dtype={"ID": str})
-    frame.loc[frame["subset"] == "val", "subset"] = ["train"] + ["val"] * (len(_val_ids(run_dir)) - 1)
-    frame.to_csv(altered / "split.csv", index=False)
+    split = run_folder.load_split(run_dir)
+    run_folder.write_split(altered, split["train"] + split["val"][:1], split["val"][1:])
     with pytest.raises(ValueError, match="differs from .*split.csv.*data folder changed"):
         evaluate(altered, small_sample, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()

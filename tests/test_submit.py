@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import zlib
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from hpa_nb.cells import ScoreRule, read_channels, segment
+from hpa_nb.cells import ScoreRule
+from hpa_nb.segmentation import read_channels, segment
 from hpa_nb.labels import N_CLASSES
 from hpa_nb.submit import decode_mask, encode_mask, parse_prediction_string, submit, write_submission
 
@@ -135,13 +135,14 @@ def test_channels_of_different_sizes_name_the_image_and_file(odd_green, tmp_path
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder as `train` writes it: an untrained tiny CNN and its config.json."""
+    from hpa_nb import run as run_folder
+    from hpa_nb.config import TrainConfig
     from hpa_nb.model import build
-    from hpa_nb.train import TrainConfig
 
     run = tmp_path_factory.mktemp("run")
     config = TrainConfig(image_size=32, channels="rgby", backbone="tiny", weights=None)
-    build("tiny", 32, "rgby", weights=None).save(run / "model.keras")
-    (run / "config.json").write_text(json.dumps(config.to_json()))
+    build("tiny", 32, "rgby", weights=None).save(run / run_folder.MODEL_FILE)
+    run_folder.write_info(run, config, {})
     return run
 
 

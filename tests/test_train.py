@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_nb.train import QUICK, TrainConfig, load_config
+from hpa_nb.config import QUICK, TrainConfig
+from hpa_nb.run import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--quick", "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "32"]
@@ -42,14 +43,15 @@ def test_make_picks_quick_or_full_and_ignores_unset_options():
 
 
 def test_ensure_run_trains_only_when_the_run_has_no_model(tmp_path, monkeypatch):
+    from hpa_nb import run as run_folder
     from hpa_nb import train as train_module
 
     calls = []
 
     def fake_train(config):
         calls.append(config)
-        Path(config.out_dir, "model.keras").write_text("model")
-        Path(config.out_dir, "config.json").write_text(json.dumps(config.to_json()))
+        Path(config.out_dir, run_folder.MODEL_FILE).write_text("model")
+        run_folder.write_info(Path(config.out_dir), config, {})
 
     monkeypatch.setattr(train_module, "train", fake_train)
     run = tmp_path / "run"
@@ -61,7 +63,7 @@ def test_ensure_run_trains_only_when_the_run_has_no_model(tmp_path, monkeypatch)
 
 
 def test_load_split_reads_both_subsets(tmp_path):
-    from hpa_nb.train import load_split
+    from hpa_nb.run import load_split
 
     (tmp_path / "split.csv").write_text("ID,subset\na,train\nb,val\nc,train\n")
     assert load_split(tmp_path) == {"train": ["a", "c"], "val": ["b"]}
@@ -85,17 +87,17 @@ def test_numeric_looking_ids_survive_the_split_round_trip(tmp_path):
 
 
 def test_a_fresh_run_clears_the_previous_runs_files_first(tmp_path, capsys):
-    from hpa_nb.train import clear_previous_run
+    from hpa_nb.run import clear_previous
 
     for name in ("model.keras", "history.csv", "config.json", "split.csv", "notes.txt"):
         (tmp_path / name).write_text("old")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "epoch-003.keras").write_text("old")
-    removed = clear_previous_run(tmp_path)
+    removed = clear_previous(tmp_path)
     assert removed == ["model.keras", "history.csv", "config.json", "split.csv", "checkpoints"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # not ours: kept
     assert "--resume" in capsys.readouterr().err
-    assert clear_previous_run(tmp_path) == []
+    assert clear_previous(tmp_path) == []
 
 
 # --- quick training on the default sample -------------------------------------------------
@@ -149,10 +151,10 @@ def test_inference_mode_agrees_with_batch_statistics(validation):
 
 @pytest.mark.slow
 def test_run_folder_holds_model_history_config_split_and_checkpoints(quick_run, default_sample):
-    from hpa_nb.train import data_fingerprint, load_run_info
+    from hpa_nb.run import data_fingerprint, load_info
 
     run = quick_run.run_dir
-    info = load_run_info(run)
+    info = load_info(run)
     assert (info["backend"], info["device"], info["replicas"]) == ("tensorflow", "cpu", 1)
     assert info["global_batch_size"] == QUICK["batch_size"]
     assert info["data_fingerprint"] == data_fingerprint(Path(default_sample))
@@ -208,7 +210,7 @@ def _kill_after_checkpoint(command: list[str], run: Path, epoch: int, timeout: f
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_a_fresh_process_in_place_and_from_an_attached_copy(small_sample, tmp_path):
-    from hpa_nb.train import last_checkpoint
+    from hpa_nb.run import last_checkpoint
 
     run = tmp_path / "run"
     _kill_after_checkpoint(_train_command("--data", str(small_sample), "--out", str(run), *TINY_RUN[:1],
@@ -252,22 +254,23 @@ def test_an_epoch_is_a_whole_number_of_compiled_calls():
 
 
 def test_find_previous_run_looks_for_the_kernel_slug_under_the_input_root(tmp_path):
-    from hpa_nb.train import find_previous_run
+    from hpa_nb.run import find_previous
 
     run = tmp_path / "input" / "notebooks" / "alice" / "hpa-03-train" / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")
-    assert find_previous_run("alice/hpa-03-train", tmp_path / "input") == run
-    assert find_previous_run(run.parent) == run
+    assert find_previous("alice/hpa-03-train", tmp_path / "input") == run
+    assert find_previous(run.parent) == run
     with pytest.raises(FileNotFoundError, match="--resume-from OWNER/KERNEL"):
-        find_previous_run("alice/other-kernel", tmp_path / "input")
+        find_previous("alice/other-kernel", tmp_path / "input")
 
 
 def test_resuming_with_other_model_options_or_other_data_is_refused(small_sample, tmp_path):
-    from hpa_nb.train import _check_resumable, _write_config
+    from hpa_nb.run import write_info
+    from hpa_nb.train import _check_resumable
 
     config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path))
-    _write_config(tmp_path, config, {"data_fingerprint": "abc"})
+    write_info(tmp_path, config, {"data_fingerprint": "abc"})
     _check_resumable(tmp_path, config, "abc")
     with pytest.raises(ValueError, match="image_size=64"):
         _check_resumable(tmp_path, TrainConfig.quick_variant(image_size=32), "abc")

@@ -1,0 +1,93 @@
+"""Notebook views of cells: a segmentation drawn over the image, and per-cell predictions beside it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from hpa_nb.cells import CellPredictions, Classifier, ScoreRule, cell_ids_of, predict_cells
+from hpa_nb.labels import LABEL_NAMES
+from hpa_nb.segmentation import image_folder, normalise, read_channels, read_mask, segment, stack_channels
+
+
+def composite(channels: Mapping[str, np.ndarray]) -> np.ndarray:
+    """An RGB uint8 view of an HPA image: red + yellow as red/orange, green, blue nucleus."""
+    red = normalise(channels["red"])
+    yellow = normalise(channels["yellow"]) if "yellow" in channels else np.zeros_like(red)
+    green = normalise(channels["green"]) if "green" in channels else np.zeros_like(red)
+    blue = normalise(channels["blue"])
+    rgb = np.stack([np.clip(red + yellow, 0, 1), np.clip(green + 0.5 * yellow, 0, 1), blue], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay_cells(rgb: np.ndarray, mask: np.ndarray, color: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """The image with each cell's outline drawn on it (uint8 RGB)."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.array(rgb, np.uint8, copy=True)
+    edges = find_boundaries(mask, mode="inner")
+    out[edges] = (np.asarray(color) * 255).astype(np.uint8)
+    return out
+
+
+def plot_cells(
+    channels: Mapping[str, np.ndarray],
+    mask: np.ndarray,
+    predictions: CellPredictions | None = None,
+    truth: np.ndarray | None = None,
+    top: int = 2,
+    ax=None,
+    title: str = "",
+):
+    """Show an image with its cell outlines (white) and, if given, truth outlines (cyan) and each
+    cell's ``top`` classes with their scores written at its centre. Returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6))
+    view = composite(channels)
+    if truth is not None:
+        view = overlay_cells(view, truth, (0.0, 1.0, 1.0))
+    ax.imshow(overlay_cells(view, mask))
+    if predictions is not None and len(predictions.cell_ids):
+        centres = ndimage.center_of_mass(np.ones(mask.shape), mask, predictions.cell_ids)
+        for (row, col), scores in zip(centres, predictions.scores):
+            best = np.argsort(-scores)[:top]
+            text = "\n".join(f"{LABEL_NAMES[c][:14]} {scores[c]:.2f}" for c in best)
+            ax.text(col, row, text, color="white", fontsize=7, ha="center", va="center",
+                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+    ax.set_title(title or f"{len(cell_ids_of(mask))} cells")
+    ax.axis("off")
+    return ax
+
+
+def overlay_figure(data_dir: Path, ids: Sequence[str], classifier: Classifier | None = None,
+                   image_size: int | None = None, channels: str = "rgb", rule: ScoreRule = ScoreRule(),
+                   method: str = "classical", top: int = 2):
+    """One column per image: the segmentation (white outlines; ground truth in cyan where the sample has
+    masks) and, given a classifier, each cell's `top` classes and confidences underneath.
+    """
+    from matplotlib.figure import Figure
+
+    from hpa_nb.figures import FIGURE_DPI, show_figures_inline
+
+    show_figures_inline()
+    rows = 2 if classifier is not None else 1
+    figure = Figure(figsize=(5.0 * len(ids), 5.0 * rows), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(rows, len(ids), squeeze=False)
+    for column, image_id in enumerate(ids):
+        pixels = read_channels(image_folder(data_dir, image_id), image_id)
+        mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method=method)
+        has_truth = (Path(data_dir) / "masks" / f"{image_id}.png").is_file()
+        truth = read_mask(data_dir, image_id) if has_truth else None
+        title = f"{image_id[:8]}: {len(cell_ids_of(mask))} cells found"
+        if truth is not None:
+            title += f", {len(cell_ids_of(truth))} true"
+        plot_cells(pixels, mask, truth=truth, ax=axes[0, column], title=title)
+        if classifier is not None:
+            predictions = predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule)
+            plot_cells(pixels, mask, predictions, top=top, ax=axes[1, column], title="top classes per cell")
+    return figure

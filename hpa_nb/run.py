@@ -1,0 +1,178 @@
+"""The run folder, its one owner: where it goes, what its files are called, and every read and write of them.
+
+A run folder holds ``model.keras`` (loads with `hpa_nb.model.load_model`), ``history.csv``,
+``config.json`` (every option plus the backend, device, replicas, global batch and a data
+fingerprint), ``split.csv`` (ID, subset) and ``checkpoints/`` (one per epoch, for ``resume``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from hpa_nb.config import CONFIG_FIELDS, TrainConfig
+from hpa_nb.files import atomic_path, write_text
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+SPLIT_FILE = "split.csv"
+CHECKPOINT_DIR = "checkpoints"
+FOLDER = "run"  # under the working folder: /kaggle/working/run on Kaggle, out/run elsewhere
+
+
+def default_dir() -> Path:
+    """Where a run goes when none is named: ``<working dir>/run``."""
+    from hpa_nb.env import working_dir
+
+    return working_dir() / FOLDER
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a run was trained with (extra runtime keys in config.json are ignored)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in run folder {run_dir}")
+    saved = json.loads(path.read_text())
+    return TrainConfig(**{key: value for key, value in saved.items() if key in CONFIG_FIELDS})
+
+
+def load_split(run_dir: str | Path) -> dict[str, list[str]]:
+    """The run's ``split.csv`` as ``{"train": [IDs], "val": [IDs]}``."""
+    import pandas as pd
+
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {SPLIT_FILE} in run folder {run_dir}")
+    saved = pd.read_csv(path, dtype=str, keep_default_na=False)  # IDs as written: "0001" stays "0001"
+    if not {"ID", "subset"} <= set(saved.columns):
+        raise ValueError(f"{path} must have columns ID,subset")
+    return {subset: saved.loc[saved["subset"] == subset, "ID"].tolist() for subset in ("train", "val")}
+
+
+def write_split(run_dir: str | Path, train_ids: list[str], val_ids: list[str]) -> Path:
+    """Write the run's ``split.csv`` (ID, subset), which `load_split` reads back."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"ID": [*train_ids, *val_ids], "subset": ["train"] * len(train_ids) + ["val"] * len(val_ids)})
+    return write_text(Path(run_dir) / SPLIT_FILE, frame.to_csv(index=False))
+
+
+def load_info(run_dir: str | Path) -> dict:
+    """The whole config.json of a run: options plus backend, device, replicas, data fingerprint, results."""
+    return json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+
+
+def data_fingerprint(root: Path) -> str:
+    """A short hash of train.csv and the record files' names and sizes: which data a run saw."""
+    digest = hashlib.sha256((root / "train.csv").read_bytes())
+    for folder in ("shards", "train_tfrecords"):
+        for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
+            digest.update(f"{folder}/{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_info(run_dir: Path, config: TrainConfig, runtime: dict) -> None:
+    """Write ``config.json``: every option of `config`, then what the run records beside them."""
+    write_text(run_dir / CONFIG_FILE, json.dumps({**config.to_json(), **runtime}, indent=1) + "\n")
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    """The checkpoint written after `epoch` epochs (1-based)."""
+    return run_dir / CHECKPOINT_DIR / f"epoch-{epoch:03d}.keras"
+
+
+def last_checkpoint(run_dir: Path) -> tuple[int, Path | None]:
+    """(epochs finished, their checkpoint), or (0, None) when the run has none."""
+    found = sorted((run_dir / CHECKPOINT_DIR).glob("epoch-*.keras"))
+    if not found:
+        return 0, None
+    return int(found[-1].stem.split("-")[1]), found[-1]
+
+
+def clear_previous(run_dir: Path) -> list[str]:
+    """Remove an earlier run's files from `run_dir` before a fresh (not resumed) run writes there.
+
+    Otherwise a new run that fails early would leave its config and split beside the old run's
+    model, and the folder would describe a model it does not hold. Returns the names removed.
+    """
+    import shutil
+
+    removed = []
+    for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"train: new run in {run_dir}: removed the previous run's {', '.join(removed)} "
+              "(use --resume to continue it instead)", file=sys.stderr)
+    return removed
+
+
+def find_previous(reference: str | Path, input_root: Path | None = None) -> Path:
+    """The run folder `reference` names: a folder, or ``OWNER/KERNEL`` (or ``KERNEL``) attached under /kaggle/input.
+
+    A run folder holds config.json and checkpoints/. Kaggle mounts a kernel's output under its
+    slug, at a depth that has changed over time, so the slug's folder is searched for.
+    """
+    from hpa_nb.env import KAGGLE_INPUT, search_folders
+
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        found = run_folders(path)
+        if not found:
+            raise FileNotFoundError(f"RESUME_FROM {path} holds no run folder ({CONFIG_FILE} and {CHECKPOINT_DIR}/)")
+        return found[0]
+    root = input_root or KAGGLE_INPUT
+    slug = str(reference).rstrip("/").rpartition("/")[2]
+    mounts = search_folders(root, lambda folder, _: folder.name == slug, 4)
+    found = [run for mount in mounts for run in run_folders(mount)]
+    if not found:
+        raise FileNotFoundError(f"RESUME_FROM {reference}: no attached output named {slug!r} with a run folder "
+                                f"under {root}; attach the earlier version as input "
+                                f"(python -m hpa_nb kaggle push 03_train --resume-from OWNER/KERNEL)")
+    return found[0]
+
+
+def run_folders(folder: Path, max_depth: int = 3) -> list[Path]:
+    """Run folders at or below `folder`, shallowest first."""
+    found = []
+    for current, subfolders, files in os.walk(folder):
+        depth = len(Path(current).relative_to(folder).parts)
+        if CONFIG_FILE in files and CHECKPOINT_DIR in subfolders:
+            found.append(Path(current))
+        if depth >= max_depth:
+            subfolders.clear()
+        subfolders.sort()
+    return sorted(found, key=lambda path: len(path.parts))
+
+
+def adopt(source: Path, run_dir: Path) -> int:
+    """Copy a killed run's config, split, history and last checkpoint into `run_dir`, to resume there.
+
+    Nothing is copied when `run_dir` already has as many finished epochs (a re-run of the same
+    session). Returns the epochs the copied run had finished.
+    """
+    import shutil
+
+    finished, checkpoint = last_checkpoint(source)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{source} has no checkpoint to resume from")
+    if last_checkpoint(run_dir)[0] >= finished:
+        return finished
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, SPLIT_FILE, HISTORY_FILE):
+        if (source / name).is_file():
+            with atomic_path(run_dir / name) as temporary:
+                shutil.copyfile(source / name, temporary)
+    with atomic_path(checkpoint_path(run_dir, finished)) as temporary:
+        shutil.copyfile(checkpoint, temporary)
+    print(f"resume: copied {source} (after epoch {finished}) into {run_dir}", file=sys.stderr)
+    return finished
