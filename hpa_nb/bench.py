@@ -100,9 +100,9 @@ def _floor_reader(files: list[str], image_size: int, channels: str):
                           num_parallel_calls=tf.data.AUTOTUNE)
     records = records.filter(lambda parsed: tf.reduce_any(
         tf.equal(tf.strings.regex_replace(parsed["image_name"], r"^.*_", ""), wanted)))
-    channels_ = records.map(lambda parsed: reading.decode_resize(parsed["image"], image_size),
+    decoded = records.map(lambda parsed: reading.decode_resize(parsed["image"], image_size),
                             num_parallel_calls=tf.data.AUTOTUNE)
-    return channels_.batch(len(channels)).map(lambda image: (image, tf.zeros([0])))
+    return decoded.batch(len(channels)).map(lambda image: (image, tf.zeros([0])))
 
 
 def _images_per_second(make_dataset: Callable[[], object], seconds: float) -> tuple[float, int]:

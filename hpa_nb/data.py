@@ -19,7 +19,7 @@ import tensorflow as tf
 from hpa_nb.bad_input import SkipLog, skip_log
 from hpa_nb.competition import TFRECORD_PATTERN, png_layout, tfrecord_layout
 from hpa_nb.labels import colors_of
-from hpa_nb.reading import AUTOTUNE, Layout, decode_stage, read
+from hpa_nb.reading import AUTOTUNE, Layout, decode_stage, read, to_uint8
 from hpa_nb.shards import MANIFEST, SHARD_DIR, read_manifest, shard_layout
 
 SHUFFLE_BUFFER = 256
@@ -148,13 +148,6 @@ def _stateless_shuffle(elements: tf.data.Dataset, window: int, seed: tf.Tensor) 
         return tf.nest.map_structure(lambda values: tf.gather(values, order), batch)
 
     return elements.batch(window).enumerate().map(permute).unbatch()
-
-
-def to_uint8(image: tf.Tensor) -> tf.Tensor:
-    """A float image on the 0–255 scale → uint8, rounded: what the training and evaluation
-    pipelines hand the model, a quarter of float32's bytes to move to the accelerator. The
-    model's float32 input casts it back there, inside the compiled step, on every backend."""
-    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",

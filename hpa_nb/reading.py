@@ -114,6 +114,13 @@ def resize(image: tf.Tensor, image_size: int, scale: float = 1.0) -> tf.Tensor:
 
 
 
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+    """A float image on the 0–255 scale → uint8, rounded: what the shards store, and what the
+    training and evaluation pipelines hand the model (a quarter of float32's bytes to move to the
+    accelerator; the model's float32 input casts it back there, inside the compiled step)."""
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
 def decode_resize_sized(png: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """One greyscale PNG, 8- or 16-bit → (float32 [S, S, 1] on the 0–255 scale, its decoded [height, width])."""
     # Decoding an 8-bit PNG as uint16 also works (×257) but costs a quarter more time, so look

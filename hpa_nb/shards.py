@@ -18,10 +18,10 @@ import tensorflow as tf
 
 from hpa_nb.bad_input import SkipLog, first_problem, join_text, skip_log
 from hpa_nb.competition import png_layout
-from hpa_nb.files import TEMPORARY_GLOB, temporary_path, write_text
+from hpa_nb.files import TEMPORARY_GLOB, atomic_path, temporary_path, write_text
 from hpa_nb.labels import N_CLASSES, colors_of, parse_label
 from hpa_nb.reading import (AUTOTUNE, TFRECORD_OVERHEAD, Layout, file_records, file_size, files_at_once,
-                            id_predicate, read, resize)
+                            id_predicate, read, resize, to_uint8)
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.json"
@@ -144,6 +144,9 @@ def _finished_shards(out: Path, settings: dict) -> dict[str, dict]:
     finished = {}
     for path in sorted(out.glob("shard-*.tfrec")):  # renamed after its sidecar, so every one has its ID list
         record = json.loads(_sidecar(path).read_text())
+        if not {"labels", "bytes"} <= set(record):
+            raise ValueError(f"{out} holds shards written by an older hpa-nb (no labels in {_sidecar(path).name}): "
+                             "use another --out")
         mismatched = {key: record.get(key) for key, value in settings.items() if record.get(key) != value}
         if mismatched:
             raise ValueError(f"{out} already holds shards with {mismatched}, not {settings}: use another --out")
@@ -170,9 +173,8 @@ def adopt_shards(previous: str | Path, out: str | Path) -> int:
         if target.is_file() or not _sidecar(path).is_file():
             continue
         write_text(_sidecar(target), _sidecar(path).read_text())
-        temporary = temporary_path(target)
-        shutil.copyfile(path, temporary)
-        os.replace(temporary, target)
+        with atomic_path(target) as temporary:
+            shutil.copyfile(path, temporary)
         adopted += 1
     return adopted
 
@@ -247,18 +249,15 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     print(f"shard: reading {layout.description}; {len(done_ids)} images already in {len(finished)} shards")
     per_shard = images_per_shard or max(1, SHARD_TARGET_BYTES // (size * size * len(colors)))
     images = read(layout, size, channels, True, True, log)
-    images = images.map(lambda image, label, image_id: (tf.cast(tf.round(image), tf.uint8), label, image_id),
+    images = images.map(lambda image, label, image_id: (to_uint8(image), label, image_id),
                         num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     index = max((int(name[6:11]) + 1 for name in finished), default=0)
     writer, temporary, shard_ids, shard_labels, shard_bytes = None, None, [], [], 0
+    finished_images, finished_bytes = len(done_ids), sum(record["bytes"] for record in finished.values())
     stopped_early = False
 
-    def written() -> tuple[int, int]:  # (images, bytes) in finished shards and the one being written
-        return (sum(len(r["ids"]) for r in finished.values()) + len(shard_ids),
-                sum(r["bytes"] for r in finished.values()) + shard_bytes)
-
     def check_budget() -> None:
-        count, total_bytes = written()
+        count, total_bytes = finished_images + len(shard_ids), finished_bytes + shard_bytes
         if max_gb is None or expected is None or not count:
             return
         projected = total_bytes / count * expected / 1e9
@@ -269,13 +268,14 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
                 f"(now {size} px) or encoding='png' (now {encoding!r})")
 
     def close_shard() -> None:
-        nonlocal writer, temporary, shard_ids, shard_labels, shard_bytes, index
+        nonlocal writer, temporary, shard_ids, shard_labels, shard_bytes, index, finished_images, finished_bytes
         writer.close()
         final = out / _shard_name(index)
         record = {**settings, "ids": shard_ids, "labels": shard_labels, "bytes": temporary.stat().st_size}
         write_text(_sidecar(final), json.dumps(record))
         os.replace(temporary, final)  # the rename is the commit: a shard under its final name is whole
         finished[final.name] = record
+        finished_images, finished_bytes = finished_images + len(shard_ids), finished_bytes + record["bytes"]
         writer, temporary, shard_ids, shard_labels, shard_bytes, index = None, None, [], [], 0, index + 1
 
     bar = tqdm(total=None if expected is None else expected - len(done_ids), unit="img", desc="shard",
@@ -292,7 +292,7 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
             shard_labels.append(_label_text(label))
             shard_bytes += len(example) + TFRECORD_OVERHEAD
             bar.update(1)
-            if written()[0] == BUDGET_CHECK_IMAGES:
+            if finished_images + len(shard_ids) == BUDGET_CHECK_IMAGES:
                 check_budget()
             if len(shard_ids) == per_shard:
                 close_shard()

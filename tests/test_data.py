@@ -492,6 +492,17 @@ def test_shard_cli_names_bad_input_in_one_line_or_skips_it(tmp_path, capsys):
     assert json.loads((tmp_path / "s" / shards.MANIFEST).read_text())["count"] == 3
 
 
+def test_shards_of_an_older_writer_are_refused_in_one_line(tmp_path):
+    root = write_dataset(tmp_path / "d", count=3, tfrecords=False)
+    out = tmp_path / "s"
+    shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", progress=False)
+    sidecar = out / "shard-00000.tfrec.json"
+    sidecar.write_text(json.dumps({key: value for key, value in json.loads(sidecar.read_text()).items()
+                                   if key not in ("labels", "bytes")}))  # as the writer before manifest version 2
+    with pytest.raises(ValueError, match="written by an older hpa-nb .*use another --out"):
+        shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", progress=False)
+
+
 def test_shards_stop_as_soon_as_the_projected_total_is_over_budget(tmp_path):
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     out = tmp_path / "s"
