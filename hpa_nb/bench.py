@@ -56,9 +56,7 @@ def _baseline_reader(files: list[str], image_size: int, channels: str):
 
 def _write_competition_tfrecords(root: Path, out: Path) -> list[str]:
     """Pack a PNG folder into competition-format TFRecords (one record per channel, colours shuffled)."""
-    import tensorflow as tf
-
-    from hpa_nb.competition import load_labels
+    from hpa_nb.competition import encode_record, load_labels, write_tfrecord
     from hpa_nb.labels import COLORS
 
     frame = load_labels(root)
@@ -66,19 +64,10 @@ def _write_competition_tfrecords(root: Path, out: Path) -> list[str]:
     rng = random.Random(0)
     files = []
     for start in range(0, len(frame), IMAGES_PER_TFRECORD):
-        path = out / f"{start // IMAGES_PER_TFRECORD:03d}.tfrec"
-        with tf.io.TFRecordWriter(str(path)) as writer:
-            for image_id, label in zip(frame["ID"][start:start + IMAGES_PER_TFRECORD],
-                                       frame["Label"][start:start + IMAGES_PER_TFRECORD]):
-                for color in rng.sample(COLORS, len(COLORS)):
-                    feature = {
-                        "image": (root / "train" / f"{image_id}_{color}.png").read_bytes(),
-                        "image_name": f"{image_id}_{color}".encode(), "target": label.encode()}
-                    example = tf.train.Example(features=tf.train.Features(feature={
-                        key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-                        for key, value in feature.items()}))
-                    writer.write(example.SerializeToString())
-        files.append(str(path))
+        rows = frame[start:start + IMAGES_PER_TFRECORD]
+        records = (encode_record(f"{image_id}_{color}", (root / "train" / f"{image_id}_{color}.png").read_bytes(), label)
+                   for image_id, label in zip(rows["ID"], rows["Label"]) for color in rng.sample(COLORS, len(COLORS)))
+        files.append(str(write_tfrecord(out / f"{start // IMAGES_PER_TFRECORD:03d}.tfrec", records)))
     return files
 
 

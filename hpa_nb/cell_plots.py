@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
 
-from hpa_nb.cells import CellPredictions, Classifier, ScoreRule, cell_ids_of, predict_cells
+from hpa_nb.cells import CellPredictions, cell_ids_of
 from hpa_nb.labels import LABEL_NAMES
-from hpa_nb.segmentation import image_folder, normalise, read_channels, read_mask, segment, stack_channels
+from hpa_nb.segmentation import image_folder, normalise, read_channels, read_mask
 
 
 def composite(channels: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -64,30 +64,25 @@ def plot_cells(
     return ax
 
 
-def overlay_figure(data_dir: Path, ids: Sequence[str], classifier: Classifier | None = None,
-                   image_size: int | None = None, channels: str = "rgb", rule: ScoreRule = ScoreRule(),
-                   method: str = "classical", top: int = 2):
-    """One column per image: the segmentation (white outlines; ground truth in cyan where the sample has
-    masks) and, given a classifier, each cell's `top` classes and confidences underneath.
+def overlay_figure(data_dir: Path, predictions: Mapping[str, CellPredictions], top: int = 2):
+    """One column per image of ``predictions`` (`hpa_nb.cells.predict_images`): the cells found (white
+    outlines; ground truth in cyan where the sample has masks) and, underneath, each cell's ``top``
+    classes and confidences. Nothing is segmented or scored again.
     """
     from matplotlib.figure import Figure
 
     from hpa_nb.figures import FIGURE_DPI, show_figures_inline
 
     show_figures_inline()
-    rows = 2 if classifier is not None else 1
-    figure = Figure(figsize=(5.0 * len(ids), 5.0 * rows), layout="constrained", dpi=FIGURE_DPI)
-    axes = figure.subplots(rows, len(ids), squeeze=False)
-    for column, image_id in enumerate(ids):
+    figure = Figure(figsize=(5.0 * len(predictions), 10.0), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(2, len(predictions), squeeze=False)
+    for column, (image_id, cells) in enumerate(predictions.items()):
         pixels = read_channels(image_folder(data_dir, image_id), image_id)
-        mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method=method)
         has_truth = (Path(data_dir) / "masks" / f"{image_id}.png").is_file()
         truth = read_mask(data_dir, image_id) if has_truth else None
-        title = f"{image_id[:8]}: {len(cell_ids_of(mask))} cells found"
+        title = f"{image_id[:8]}: {len(cells.cell_ids)} cells found"
         if truth is not None:
             title += f", {len(cell_ids_of(truth))} true"
-        plot_cells(pixels, mask, truth=truth, ax=axes[0, column], title=title)
-        if classifier is not None:
-            predictions = predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule)
-            plot_cells(pixels, mask, predictions, top=top, ax=axes[1, column], title="top classes per cell")
+        plot_cells(pixels, cells.mask, truth=truth, ax=axes[0, column], title=title)
+        plot_cells(pixels, cells.mask, cells, top=top, ax=axes[1, column], title="top classes per cell")
     return figure

@@ -2,25 +2,53 @@
 
 The competition scores cells, not images, so a submission needs (1) a mask per cell
 (`hpa_nb.segmentation`) and (2) a confidence per cell and class (here). Scoring resizes with
-TensorFlow's training kernel, and a classifier is any function from a float32 batch
-``[N, S, S, C]`` on the 0–255 scale to ``[N, 19]`` probabilities (`keras_classifier` wraps a
-Keras model).
+TensorFlow's training kernel. A `CellClassifier` is a model's prediction function (a float32 batch
+``[N, S, S, C]`` on the 0–255 scale to ``[N, 19]`` probabilities) with the input size and channels
+it was trained on; `CellClassifier.from_keras` wraps a Keras model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from hpa_nb.labels import N_CLASSES, NEGATIVE
-from hpa_nb.segmentation import (ClassicalSettings, colors_needed, image_folder, read_channels, read_mask, segment,
+from hpa_nb.segmentation import (ClassicalSettings, colors_needed, image_folder, read_channels, segment,
                                  stack_channels, upscale_labels)
 
 
 Classifier = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class CellClassifier:
+    """A model as the cell scorer uses it: its prediction function and the input it expects.
+
+    ``predict`` maps a float32 batch ``[N, image_size, image_size, len(channels)]`` on the 0–255
+    scale to ``[N, 19]`` probabilities; batching large inputs is its job (`from_keras`).
+    """
+
+    predict: Classifier
+    image_size: int
+    channels: str = "rgb"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.predict(batch), np.float32)
+
+    @classmethod
+    def from_keras(cls, model, image_size: int, channels: str, batch_size: int = 32) -> "CellClassifier":
+        """Wrap a Keras model with sigmoid outputs, run in chunks of ``batch_size``."""
+        import keras
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            outputs = [keras.ops.convert_to_numpy(model(batch[start:start + batch_size], training=False))
+                       for start in range(0, len(batch), batch_size)]
+            return np.concatenate(outputs) if outputs else np.zeros((0, N_CLASSES), np.float32)
+
+        return cls(predict, int(image_size), str(channels))
 
 
 def _combine_geometric(image: np.ndarray, cell: np.ndarray, image_weight: float) -> np.ndarray:
@@ -176,52 +204,37 @@ class CellPredictions:
 
 
 def predict_cells(
-    classifier: Classifier,
+    classifier: CellClassifier,
     image: np.ndarray,
     mask: np.ndarray,
-    image_size: int,
     rule: ScoreRule = ScoreRule(),
 ) -> CellPredictions:
     """Score every cell of one image under `rule`.
 
-    ``image`` is ``[H, W, C]`` float32 on the 0–255 scale in the model's channel order, at the
-    original size; ``mask`` is its instance mask (from `segment`). The classifier sees the
-    whole image resized to ``image_size``, then all cells' crops (``CROPS[rule.crop]``) in one
-    call: batching is the classifier's job (`keras_classifier`). Returns the cells' ids and
-    scores ``[N, 19]``.
+    ``image`` is ``[H, W, C]`` float32 on the 0–255 scale in the classifier's channel order, at the
+    original size; ``mask`` is its instance mask (from `segment`). The classifier sees the whole
+    image resized to its input size, then all cells' crops (``CROPS[rule.crop]``) in one call:
+    batching is the classifier's job. Returns the cells' ids and scores ``[N, 19]``.
     """
     ids = cell_ids_of(mask)
-    image_probs = np.asarray(classifier(resize_image(image, image_size)[None]), np.float32)[0] \
-        if rule.image_weight > 0 else np.ones(N_CLASSES, np.float32)
+    size = classifier.image_size
+    image_probs = classifier(resize_image(image, size)[None])[0] if rule.image_weight > 0 \
+        else np.ones(N_CLASSES, np.float32)
     if len(ids) == 0:
         return CellPredictions(mask, ids, np.zeros((0, N_CLASSES), np.float32), image_probs)
     if rule.image_weight < 1:
         # All crops at once: the image and mask are resized (or boxed) once, not once per batch.
-        _, crops = CROPS[rule.crop](image, mask, image_size, ids)
-        crop_probs = np.asarray(classifier(crops), np.float32)
+        _, crops = CROPS[rule.crop](image, mask, size, ids)
+        crop_probs = classifier(crops)
     else:
         crop_probs = np.ones((len(ids), N_CLASSES), np.float32)
     return CellPredictions(mask, ids, rule.apply(image_probs, crop_probs), image_probs)
 
 
-def keras_classifier(model, batch_size: int = 32) -> Classifier:
-    """Wrap a Keras model (sigmoid outputs) as a `Classifier` that runs in chunks of `batch_size`."""
-    import keras
-
-    def classify(batch: np.ndarray) -> np.ndarray:
-        outputs = [keras.ops.convert_to_numpy(model(batch[start:start + batch_size], training=False))
-                   for start in range(0, len(batch), batch_size)]
-        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, N_CLASSES), np.float32)
-
-    return classify
-
-
 def predict_image(
-    classifier: Classifier,
+    classifier: CellClassifier,
     folder: Path,
     image_id: str,
-    image_size: int,
-    channels: str = "rgb",
     method: str = "classical",
     rule: ScoreRule = ScoreRule(),
     mask: np.ndarray | None = None,
@@ -229,38 +242,42 @@ def predict_image(
     **method_options,
 ) -> CellPredictions:
     """Read ``folder/{ID}_*.png``, segment it (unless ``mask`` is given) and score its cells."""
-    pixels = read_channels(folder, image_id, colors_needed(channels))
+    pixels = read_channels(folder, image_id, colors_needed(classifier.channels))
     if mask is None:
         mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method, settings, **method_options)
-    return predict_cells(classifier, stack_channels(pixels, channels), mask, image_size, rule)
+    return predict_cells(classifier, stack_channels(pixels, classifier.channels), mask, rule)
 
 
-def predict_images(
-    classifier: Classifier,
+def iter_predictions(
+    classifier: CellClassifier,
     data_dir: Path,
     ids: Sequence[str],
-    image_size: int,
-    channels: str = "rgb",
     method: str = "classical",
     rule: ScoreRule = ScoreRule(),
-    use_truth_masks: bool = False,
-    progress: bool = True,
     masks: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
     **options,
-) -> dict[str, CellPredictions]:
-    """`predict_image` over many sample images (train or test); ``use_truth_masks`` skips segmentation.
+) -> Iterator[tuple[str, CellPredictions]]:
+    """``(ID, CellPredictions)`` for each image of ``data_dir/train`` or ``data_dir/test``, in order.
 
-    The truth masks come from ``masks`` (``{ID: mask}``, e.g. from `load_cell_truth`) or else ``masks/{ID}.png``.
-
-    Feed ``{ID: p.as_map_input()}`` of the result to `hpa_nb.metrics.cell_map`.
+    Each image is segmented once by ``method``, unless ``masks`` (``{ID: mask}``, e.g. the true
+    cells of `load_cell_truth`) holds its mask. Images are read one at a time, so a caller that
+    writes each result away holds one image at once.
     """
     from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
 
-    results: dict[str, CellPredictions] = {}
-    for image_id in tqdm(ids, desc="cells", disable=not progress):
-        mask = None
-        if use_truth_masks:
-            mask = masks[image_id] if masks is not None else read_mask(data_dir, image_id)
-        results[image_id] = predict_image(classifier, image_folder(data_dir, image_id), image_id, image_size,
-                                          channels, method, rule, mask=mask, **options)
-    return results
+    for image_id in tqdm(ids, desc="cells", unit="image", disable=not progress):
+        mask = masks[image_id] if masks is not None else None
+        yield image_id, predict_image(classifier, image_folder(data_dir, image_id), image_id, method, rule,
+                                      mask=mask, **options)
+
+
+def predict_images(classifier: CellClassifier, data_dir: Path, ids: Sequence[str], method: str = "classical",
+                   rule: ScoreRule = ScoreRule(), masks: Mapping[str, np.ndarray] | None = None,
+                   progress: bool = True, **options) -> dict[str, CellPredictions]:
+    """`iter_predictions` kept as ``{ID: CellPredictions}`` in ``ids`` order, for a notebook to reuse.
+
+    Every mask is kept at its image's size (2 bytes a pixel: 8 MiB for a 2048 px image). Feed
+    ``{ID: p.as_map_input()}`` to `hpa_nb.metrics.cell_map`.
+    """
+    return dict(iter_predictions(classifier, data_dir, ids, method, rule, masks, progress, **options))

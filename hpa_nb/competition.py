@@ -3,7 +3,8 @@ channel) and ``train/{ID}_{colour}.png``.
 
 An image's four records are brought together by ID and colour, never by position, and each is
 decoded once (`hpa_nb.reading`). Every bad input (a truncated file, a corrupt PNG, mixed or
-missing colours, a bad label) is named by file and ID.
+missing colours, a bad label) is named by file and ID. `encode_record` and `write_tfrecord` write
+the same format, for the sample, the benchmarks and the tests.
 """
 from __future__ import annotations
 
@@ -56,6 +57,22 @@ def load_labels(root: str | Path, skip_bad: bool | SkipLog = False) -> pd.DataFr
             log.add(f"{path}: {exc}")
             keep.append(False)
     return frame.loc[keep, ["ID", "Label"]].reset_index(drop=True)
+
+
+def encode_record(image_name: str, png: bytes, target: str) -> bytes:
+    """One record as the competition's TFRecords hold it: a channel's PNG bytes, ``{ID}_{colour}`` and
+    the image's label text, serialized with sorted keys (the same bytes every run)."""
+    feature = {key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+               for key, value in (("image", png), ("image_name", image_name.encode()), ("target", target.encode()))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+def write_tfrecord(path: str | Path, records: Iterable[bytes]) -> Path:
+    """Write serialized records (`encode_record`) to one TFRecord file, in order."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+    return Path(path)
 
 
 def _label_from_text(text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

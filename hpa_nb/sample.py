@@ -15,7 +15,6 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -160,20 +159,13 @@ def _validate(images: int, size: int, bit_depth: int, test_images: int) -> None:
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
 
 
-def _records(plan: _Plan, pngs: dict[str, bytes], rng: np.random.Generator) -> Iterator[bytes]:
-    """The image's four serialized tf.train.Examples, colours in a per-image shuffled order."""
-    import tensorflow as tf
+def _records(plan: _Plan, pngs: dict[str, bytes], rng: np.random.Generator) -> list[bytes]:
+    """The image's four serialized competition records, colours in a per-image shuffled order."""
+    from hpa_nb.competition import encode_record
 
-    target = "|".join(str(label) for label in plan.labels).encode()
-    for color_index in rng.permutation(len(COLORS)):
-        color = COLORS[color_index]
-        feature = {
-            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pngs[color]])),
-            "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"{plan.image_id}_{color}".encode()])),
-            "target": tf.train.Feature(bytes_list=tf.train.BytesList(value=[target])),
-        }
-        example = tf.train.Example(features=tf.train.Features(feature=feature))
-        yield example.SerializeToString(deterministic=True)  # sorted map keys: byte-identical reruns
+    target = "|".join(str(label) for label in plan.labels)
+    return [encode_record(f"{plan.image_id}_{COLORS[i]}", pngs[COLORS[i]], target)
+            for i in rng.permutation(len(COLORS))]
 
 
 def _write_csv(path: Path, header: str, rows: list[str]) -> None:
@@ -193,8 +185,9 @@ def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int 
     label. The same arguments give byte-identical files.
     """
     _validate(images, size, bit_depth, test_images)  # before the slow TensorFlow import: bad input answers at once
-    import tensorflow as tf
     from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
+
+    from hpa_nb.competition import write_tfrecord
 
     out = Path(out)
     _prepare(out)
@@ -202,7 +195,7 @@ def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int 
     per_file = math.ceil(images / max(1, math.ceil(images / IMAGES_PER_TFRECORD)))  # even files of <= 30
     files = math.ceil(images / per_file)
     train_rows, cell_rows, submission_rows = [], [], []
-    writer = None
+    records: list[bytes] = []  # the TFRecord file being filled
     bar = tqdm(total=len(plans), desc="sample", unit="img", file=sys.stderr, disable=not (progress and images >= 50))
     try:
         for plan in plans:
@@ -218,20 +211,15 @@ def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int 
             cell_rows += [f"{plan.image_id},{i + 1},{'|'.join(map(str, labels))}" for i, labels in enumerate(cell_labels)]
             if plan.split == "train":
                 train_rows.append(f"{plan.image_id},{label_text}")
-                if plan.index % per_file == 0:
-                    if writer is not None:
-                        writer.close()
-                    path = out / "train_tfrecords" / _tfrecord_name(plan.index // per_file, files)
-                    writer = tf.io.TFRecordWriter(str(path))
-                for record in _records(plan, pngs, rng):
-                    writer.write(record)
+                records += _records(plan, pngs, rng)
+                if plan.index % per_file == per_file - 1 or plan.index == images - 1:
+                    write_tfrecord(out / "train_tfrecords" / _tfrecord_name(plan.index // per_file, files), records)
+                    records = []
             else:
                 submission_rows.append(f"{plan.image_id},{plan.size},{plan.size},")
             bar.update()
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
     _write_csv(out / "train.csv", "ID,Label", train_rows)
     _write_csv(out / "cells.csv", "ID,CellID,Label", cell_rows)
     _write_csv(out / "sample_submission.csv", "ID,ImageWidth,ImageHeight,PredictionString", submission_rows)

@@ -112,8 +112,8 @@ def segment(
       of smoothed red+yellow above ``foreground_factor`` × its Otsu threshold, flooding an
       elevation of distance to the nearest nucleus minus ``signal_weight`` × the red+yellow
       signal. So every cell has exactly one nucleus, and touching cells split about half-way
-      between their nuclei, bent towards dim seams. On the default sample: mean matched IoU
-      0.892 with 96.8% of 1421 cells found (train), 0.897 / 98.0% of 101 (test).
+      between their nuclei, bent towards dim seams. The README gives its quality on the default
+      sample.
     - ``"hpacellseg"``: HPA-Cell-Segmentation's ``CellSegmentator`` (the method most top
       solutions used). Needs the ``hpacellseg`` package and its two weight files, passed as
       ``nuclei_model=`` and ``cell_model=`` or found in ``$HPA_CELLSEG_WEIGHTS``
@@ -125,8 +125,7 @@ def segment(
     dropped. Cells touching the image border are kept by default: ground truth that annotates
     partial cells at the edge (the sample's does) is matched only if they are predicted, and an
     unpredicted cell costs recall in every class it carries, while a border prediction that
-    matches nothing costs only a little precision. On the default sample dropping them finds
-    35.5% of the cells instead of 96.8%. ``ClassicalSettings(border="drop")`` removes them.
+    matches nothing costs only a little precision. ``ClassicalSettings(border="drop")`` removes them.
     Labels are renumbered 1..N in raster order of their first pixel.
     """
     if method not in SEGMENTERS:

@@ -9,9 +9,9 @@ Format (one row per ID of ``sample_submission.csv``)::
 is repeated once per label. A mask is pycocotools' RLE of the Fortran-order uint8 mask at the
 PNG's original size, zlib-compressed at the best level, then base64 (`encode_mask`).
 
-Notebook-facing: `submit` (from a run folder), `write_submission` (from any classifier),
-`evaluate_cells` (the local cell mAP on sample images with ground truth), `encode_mask` /
-`decode_mask` / `parse_prediction_string`.
+Notebook-facing: `submit` (from a run folder), `write_submission` (from any `CellClassifier`),
+`write_predictions` (from cells already scored), `evaluate_cells` / `score_cells` (the local cell
+mAP on sample images with ground truth), `encode_mask` / `decode_mask` / `parse_prediction_string`.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hpa_nb.cells import CellPredictions, Classifier, ScoreRule, predict_image
+from hpa_nb.cells import CellClassifier, CellPredictions, ScoreRule, iter_predictions
 from hpa_nb.segmentation import ClassicalSettings, colors_needed
 from hpa_nb.segmentation_quality import SegmentationScore
 from hpa_nb.files import atomic_path
@@ -34,10 +34,7 @@ from hpa_nb.labels import LABEL_NAMES
 # Emit every class for every cell by default. Under the competition's AP a low-confidence
 # prediction can only add recall (it ranks after every higher one, so it never lowers the
 # precision envelope already reached), so dropping classes can only lose score. The cost is
-# size, measured on sample masks upscaled to 2048 px: ~280 characters per encoded mask, so
-# ~290 per triplet, ~140 kB for an image of 25 cells × 19 classes, ~80 MB for 559 test images.
-# `confidence_floor` trims that for a confident model (the quick model scores no class of any
-# cell below 0.05, so for it a floor would trim nothing).
+# the file's size (the README gives it); `confidence_floor` trims that for a confident model.
 DEFAULT_CONFIDENCE_FLOOR = 0.0
 
 
@@ -60,8 +57,8 @@ def decode_mask(text: str, height: int, width: int) -> np.ndarray:
 def prediction_string(predictions: CellPredictions, confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR) -> str:
     """One image's ``label confidence mask`` triplets: each cell's classes scoring ≥ the floor."""
     parts: list[str] = []
-    # Comparing a Fortran-ordered mask gives Fortran-ordered cell masks: no 2048² transposing copy per
-    # cell (that copy took ~35 ms a cell, 20× the encoding itself).
+    # Comparing a Fortran-ordered mask gives Fortran-ordered cell masks: no transposing copy of the
+    # whole image per cell, which would cost far more than the encoding itself.
     instances = np.asfortranarray(predictions.mask)
     for cell_id, scores in zip(predictions.cell_ids, predictions.scores):
         encoded = encode_mask(instances == cell_id)  # once per cell, repeated per class
@@ -93,10 +90,26 @@ def read_submission_ids(data_dir: Path) -> list[str]:
     return table["ID"].tolist()
 
 
+def write_predictions(predictions: Iterable[tuple[str, CellPredictions]] | Mapping[str, CellPredictions],
+                      out_csv: Path, confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR) -> Path:
+    """Write the submission CSV atomically from ``(ID, CellPredictions)`` pairs (or a dict), in their order.
+
+    Width and height are each mask's own, which `segment` keeps at the PNGs' size.
+    """
+    out_csv = Path(out_csv)
+    pairs = predictions.items() if isinstance(predictions, Mapping) else predictions
+    with atomic_path(out_csv) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["ID", "ImageWidth", "ImageHeight", "PredictionString"])
+            for image_id, cells in pairs:
+                height, width = cells.mask.shape
+                writer.writerow([image_id, width, height, prediction_string(cells, confidence_floor)])
+    return out_csv
+
+
 def write_submission(
-    classifier: Classifier,
-    image_size: int,
-    channels: str,
+    classifier: CellClassifier,
     data_dir: Path,
     out_csv: Path,
     method: str = "classical",
@@ -107,32 +120,22 @@ def write_submission(
     progress: bool = True,
     **method_options,
 ) -> Path:
-    """Segment and score every test image and write the submission CSV atomically.
+    """Segment and score every test image, one at a time, and write the submission CSV atomically.
 
-    ``classifier`` maps ``[N, image_size, image_size, C]`` float32 (0–255) to ``[N, 19]``
-    probabilities (`hpa_nb.cells.keras_classifier`). Reads ``data_dir/test/{ID}_{color}.png``
-    for every ID of ``sample_submission.csv`` (or ``ids``); an image whose channel PNGs differ in
-    size is a ValueError naming the file. Width and height are the PNGs' own.
+    Reads ``data_dir/test/{ID}_{color}.png`` for every ID of ``sample_submission.csv`` (or
+    ``ids``); a missing PNG is named before any work starts, and an image whose channel PNGs
+    differ in size is a ValueError naming the file.
     """
-    from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
-
-    data_dir, out_csv = Path(data_dir), Path(out_csv)
+    data_dir = Path(data_dir)
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     test_dir = data_dir / "test"
     for image_id in ids:  # fail before hours of work, naming the first missing file
-        for color in colors_needed(channels):
+        for color in colors_needed(classifier.channels):
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
-    with atomic_path(out_csv) as temporary:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["ID", "ImageWidth", "ImageHeight", "PredictionString"])
-            for image_id in tqdm(ids, desc="submission", unit="image", disable=not progress):
-                predictions = predict_image(classifier, test_dir, image_id, image_size, channels, method, rule,
-                                            settings=settings, **method_options)
-                height, width = predictions.mask.shape  # the PNGs' size: `segment` keeps it
-                writer.writerow([image_id, width, height, prediction_string(predictions, confidence_floor)])
-    return out_csv
+    scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, settings=settings,
+                              **method_options)
+    return write_predictions(scored, out_csv, confidence_floor)
 
 
 def submit(
@@ -146,31 +149,28 @@ def submit(
     progress: bool = True,
     **method_options,
 ) -> Path:
-    """Write ``out_csv`` from a training run (``RUN/model.keras`` + ``RUN/config.json``).
+    """Write ``out_csv`` from a training run (`load_classifier`); see `write_submission`.
 
-    The model's input size and channels come from the run's config. See `write_submission`
-    for the rest, `hpa_nb.segmentation.segment` for the segmentation methods and `ScoreRule` for how
-    a cell's confidences are made. Returns the written path.
+    `hpa_nb.segmentation.segment` describes the segmentation methods and `ScoreRule` how a cell's
+    confidences are made. Returns the written path.
     """
-    classifier, image_size, channels = load_classifier(run_dir, batch_size)
-    print(f"submission: model {run_dir} ({image_size} px, {channels}), segmentation {method}, {rule}",
-          file=sys.stderr)
-    return write_submission(classifier, image_size, channels, data_dir, out_csv, method, rule, confidence_floor,
-                            progress=progress, **method_options)
+    classifier = load_classifier(run_dir, batch_size)
+    print(f"submission: model {run_dir} ({classifier.image_size} px, {classifier.channels}), "
+          f"segmentation {method}, {rule}", file=sys.stderr)
+    return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
+                            **method_options)
 
 
-def load_classifier(run_dir: Path, batch_size: int = 32) -> tuple[Classifier, int, str]:
-    """(classifier, image size, channels) of a training run folder."""
-    from hpa_nb.cells import keras_classifier
+def load_classifier(run_dir: Path, batch_size: int = 32) -> CellClassifier:
+    """The model of a training run folder, with the input size and channels of its config."""
     from hpa_nb.model import load_model
     from hpa_nb.run import MODEL_FILE, load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{run_dir / MODEL_FILE} does not exist (train a model first)")
-
     config = load_config(run_dir)
-    return keras_classifier(load_model(run_dir), batch_size), int(config.image_size), str(config.channels)
+    return CellClassifier.from_keras(load_model(run_dir), config.image_size, config.channels, batch_size)
 
 
 @dataclass
@@ -193,43 +193,45 @@ class CellEvaluation:
         return f"cell mAP {self.cell_map:.3f} over {len(self.predictions)} images; segmentation: {self.segmentation}"
 
 
-def evaluate_cells(
-    run_dir: Path | None,
-    data_dir: Path,
-    ids: Sequence[str] | None = None,
-    method: str = "classical",
-    rule: ScoreRule = ScoreRule(),
-    use_truth_masks: bool = False,
-    batch_size: int = 32,
-    classifier: Classifier | None = None,
-    image_size: int | None = None,
-    channels: str = "rgb",
-    progress: bool = True,
-) -> CellEvaluation:
-    """Score a model the way the competition does, on sample images with ground-truth cells.
+def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
+                truth: tuple[dict, dict] | None = None) -> CellEvaluation:
+    """The local cell mAP and segmentation quality of cells already scored, against the sample's true cells.
 
-    ``ids`` default to the sample's test images (held out from training, with masks and per-cell
-    labels in ``masks/`` and ``cells.csv``). The model comes from ``run_dir``, or pass
-    ``classifier``, ``image_size`` and ``channels`` instead. ``use_truth_masks=True`` scores
-    the ground-truth cells (no segmentation error), which separates the two sources of error.
+    ``truth`` is `load_cell_truth`'s ``(masks, labels)`` for the predicted IDs, read from ``data_dir`` if not given.
     """
-    from hpa_nb.cells import predict_images
-    from hpa_nb.segmentation_quality import load_cell_truth, score_segmentation
     from hpa_nb.metrics import cell_average_precisions
+    from hpa_nb.segmentation_quality import load_cell_truth, score_segmentation
 
-    if classifier is None:
-        if run_dir is None:
-            raise ValueError("evaluate_cells needs run_dir or classifier + image_size")
-        classifier, image_size, channels = load_classifier(run_dir, batch_size)
-    if image_size is None:
-        raise ValueError("evaluate_cells: pass image_size with classifier")
-    ids = read_submission_ids(data_dir) if ids is None else list(ids)
-    masks, labels = load_cell_truth(data_dir, ids)
-    predictions = predict_images(classifier, data_dir, ids, image_size, channels, method, rule,
-                                 use_truth_masks=use_truth_masks, progress=progress, masks=masks)
+    masks, labels = truth if truth is not None else load_cell_truth(data_dir, list(predictions))
     segmentation = SegmentationScore(0, 0, 0, 0.0, 0.6)
     for image_id, predicted in predictions.items():
         segmentation = segmentation + score_segmentation(predicted.mask, masks[image_id], 0.6)
     average_precisions = cell_average_precisions({i: p.as_map_input() for i, p in predictions.items()}, masks, labels)
     present = [ap for ap in average_precisions if ap is not None]
-    return CellEvaluation(float(np.mean(present)) if present else 0.0, average_precisions, segmentation, predictions)
+    return CellEvaluation(float(np.mean(present)) if present else 0.0, average_precisions, segmentation,
+                          dict(predictions))
+
+
+def evaluate_cells(
+    classifier: CellClassifier,
+    data_dir: Path,
+    ids: Sequence[str] | None = None,
+    method: str = "classical",
+    rule: ScoreRule = ScoreRule(),
+    use_truth_masks: bool = False,
+    progress: bool = True,
+) -> CellEvaluation:
+    """Score a model the way the competition does, on sample images with ground-truth cells.
+
+    ``ids`` default to the sample's test images (held out from training, with masks and per-cell
+    labels in ``masks/`` and ``cells.csv``). ``use_truth_masks=True`` scores the true cells instead
+    of segmenting, which separates segmentation error from classification error.
+    """
+    from hpa_nb.cells import predict_images
+    from hpa_nb.segmentation_quality import load_cell_truth
+
+    ids = read_submission_ids(data_dir) if ids is None else list(ids)
+    masks, labels = load_cell_truth(data_dir, ids)
+    predictions = predict_images(classifier, data_dir, ids, method, rule, masks=masks if use_truth_masks else None,
+                                 progress=progress)
+    return score_cells(predictions, data_dir, (masks, labels))

@@ -7,6 +7,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from dataclasses import dataclass  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -21,8 +23,60 @@ def small_sample(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_run(small_sample, tmp_path_factory) -> Path:
+    """A run folder written by `hpa_nb.train.train` itself: two short epochs of the tiny CNN at 32 px on
+    `small_sample` (a quarter held out, seed 3). For the tests that need a model and its run folder,
+    not a good model: `tests/test_train.py` trains the quick model on the default sample for that."""
+    from hpa_nb.config import TrainConfig
+    from hpa_nb.train import train
+
+    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path_factory.mktemp("trained_run")),
+                                       image_size=32, epochs=2, batch_size=4, steps_per_epoch=2, val_fraction=0.25,
+                                       seed=3, verbose=0)
+    return train(config).run_dir
+
+
+@pytest.fixture(scope="session")
 def default_sample() -> Path:
     """The default sample that every command falls back to (cached under HPA_CACHE)."""
     from hpa_nb.env import ensure_default_sample
 
     return ensure_default_sample()
+
+
+@dataclass
+class CliResult:
+    status: int
+    out: str
+    err: str
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.startswith("error: ")]
+
+    def assert_one_error_line(self, expected: str) -> None:
+        """Exit status 2 and exactly ``error: {expected}`` on stderr, without a traceback or TF's graph noise."""
+        assert self.status == 2, self.err[-3000:]
+        assert self.errors == [f"error: {expected}"], self.err[-3000:]
+        assert not any(noise in self.err for noise in ("Traceback", "[[", "IteratorGetNext"))
+
+
+@pytest.fixture
+def cli(capfd, monkeypatch, tmp_path):
+    """``python -m hpa_nb ARGS`` run in this process (`hpa_nb.cli.main`): a `CliResult` with what reached
+    stdout and stderr, C-level writes included. Run folders default to ``tmp_path/out``."""
+    from hpa_nb.cli import main
+
+    monkeypatch.delenv("HPA_DEBUG", raising=False)
+    monkeypatch.setenv("HPA_OUT", str(tmp_path / "out"))
+
+    def run(*arguments) -> CliResult:
+        capfd.readouterr()
+        try:
+            status = main([str(argument) for argument in arguments])
+        except SystemExit as stop:  # argparse's own usage errors
+            status = stop.code
+        captured = capfd.readouterr()
+        return CliResult(status, captured.out, captured.err)
+
+    return run

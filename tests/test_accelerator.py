@@ -18,7 +18,10 @@ def test_cpu_is_one_float32_replica():
 
 
 def test_precision_follows_the_device_kind():
-    assert accelerator.PRECISION == {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": "float32"}
+    computes = {kind: keras.mixed_precision.Policy(name) for kind, name in accelerator.PRECISION.items()}
+    assert {kind: policy.compute_dtype for kind, policy in computes.items()} == {
+        "tpu": "bfloat16", "gpu": "float16", "cpu": "float32"}  # what each device's matrix units are fast at
+    assert all(policy.variable_dtype == "float32" for policy in computes.values())  # weights stay float32
     tpu = accelerator.Accelerator("jax", "tpu", "TPU v5 lite", 8, accelerator.PRECISION["tpu"])
     assert tpu.global_batch_size(16) == 128 and tpu.steps_per_execution > 1
 

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_nb import cell_plots, cells, segmentation
-from hpa_nb.cells import ScoreRule, cell_crops, predict_cells
+from hpa_nb import cell_plots, cells
+from hpa_nb.cells import CellClassifier, ScoreRule, cell_crops, predict_cells
 from hpa_nb.segmentation import ClassicalSettings, clean_labels, read_channels, read_mask, segment, upscale_labels
 from hpa_nb.segmentation_quality import load_cell_truth, score_segmentation, segmentation_quality
 from hpa_nb.labels import N_CLASSES, NEGATIVE
@@ -174,7 +174,7 @@ def test_predict_cells_batches_crops_and_scores_each_cell():
         mask[row:row + 12, col:col + 12] = cell_id
     image[..., 1][mask == 4] = 255.0  # only cell 4 shows the protein
     classifier = CountingClassifier()
-    result = predict_cells(classifier, image, mask, image_size=16,
+    result = predict_cells(CellClassifier(classifier, 16), image, mask,
                            rule=ScoreRule("arithmetic", 0.0, "model", crop="tight"))
     assert classifier.batches == [(4, 16, 16, 3)]  # all crops in one call; image_weight 0: no image call
     assert list(result.cell_ids) == [1, 2, 3, 4] and result.scores.shape == (4, N_CLASSES)
@@ -205,24 +205,38 @@ def _layout_classifier(batch: np.ndarray) -> np.ndarray:
     return probs
 
 
-# Scores [cells 1..5, classes 0..3] under ScoreRule("arithmetic", 0.5, "model", crop), computed with crops
-# built in batches of 2 (the code before crops were built once per image) and the training resize kernel.
-EXPECTED_CELL_SCORES = {
-    "tight": [[0.34452, 0.30980, 0.33307, 0.19708], [0.47874, 0.44471, 0.36344, 0.38385],
-              [0.41749, 0.44583, 0.35508, 0.40727], [0.46811, 0.42196, 0.32146, 0.34844],
-              [0.55774, 0.29043, 0.28332, 0.17808]],
-    "frame": [[0.26208, 0.23451, 0.20747, 0.21580], [0.35849, 0.32828, 0.27321, 0.16900],
-              [0.27091, 0.25031, 0.21208, 0.16900], [0.25995, 0.23293, 0.19860, 0.16900],
-              [0.25500, 0.22748, 0.19543, 0.17080]],
-}
-
-
-@pytest.mark.parametrize("crop", sorted(EXPECTED_CELL_SCORES))
-def test_predict_cells_scores_do_not_change(crop):
+@pytest.mark.parametrize("crop", sorted(cells.CROPS))
+def test_a_cells_crop_score_sees_only_its_own_pixels(crop):
     image, mask = _regression_image()
-    result = predict_cells(_layout_classifier, image, mask, 32, ScoreRule("arithmetic", 0.5, "model", crop=crop))
-    assert list(result.cell_ids) == [1, 2, 3, 4, 5]
-    np.testing.assert_allclose(result.scores[:, :4], EXPECTED_CELL_SCORES[crop], atol=2e-5)
+    model, rule = CellClassifier(_layout_classifier, 32), ScoreRule("arithmetic", 0.0, "model", crop=crop)
+    before = predict_cells(model, image, mask, rule)
+    changed = image.copy()
+    changed[mask == 2] = 255.0 - changed[mask == 2]
+    after = predict_cells(model, changed, mask, rule)
+    assert list(before.cell_ids) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(after.scores[[0, 3, 4]], before.scores[[0, 3, 4]], atol=1e-5)
+    assert np.abs(after.scores[1, :4] - before.scores[1, :4]).max() > 0.05
+
+
+def test_image_weight_blends_the_image_and_the_crop_probabilities():
+    image, mask = _regression_image()
+    model = CellClassifier(_layout_classifier, 32)
+    crop_only = predict_cells(model, image, mask, ScoreRule("arithmetic", 0.0, "model", crop="tight"))
+    blended = predict_cells(model, image, mask, ScoreRule("arithmetic", 0.3, "model", crop="tight"))
+    np.testing.assert_allclose(blended.image_probs, _layout_classifier(cells.resize_image(image, 32)[None])[0])
+    np.testing.assert_allclose(blended.scores, 0.7 * crop_only.scores + 0.3 * blended.image_probs, atol=1e-6)
+    assert crop_only.scores[:, :4].std(axis=0).min() > 0.01  # the five cells are told apart
+
+
+def test_a_tight_crop_ignores_where_the_cell_is_and_a_frame_crop_does_not():
+    image, mask = _regression_image()
+    canvas, canvas_mask = np.zeros((90, 110, 3), np.float32), np.zeros((90, 110), np.uint16)
+    canvas[30:80, 35:105], canvas_mask[30:80, 35:105] = image, mask
+    model = CellClassifier(_layout_classifier, 32)
+    for crop, same in (("tight", True), ("frame", False)):
+        rule = ScoreRule("arithmetic", 0.0, "model", crop=crop)
+        here, there = predict_cells(model, image, mask, rule), predict_cells(model, canvas, canvas_mask, rule)
+        assert np.allclose(here.scores, there.scores, atol=1e-5) == same, crop
 
 
 def test_resize_image_is_the_training_kernel():
@@ -263,7 +277,6 @@ def test_hpacellseg_segmentator_is_cached_per_scale_factor(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "hpacellseg.cellsegmentator",
                         types.SimpleNamespace(CellSegmentator=FakeSegmentator))
     monkeypatch.setitem(sys.modules, "hpacellseg.utils", types.SimpleNamespace(label_cell=label_cell))
-    monkeypatch.setattr(segmentation, "_SEGMENTATORS", {})  # a fresh cache: segmentators made earlier do not count
     for name in ("nuclei-model.pth", "cell-model.pth"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setenv("HPA_CELLSEG_WEIGHTS", str(tmp_path))
@@ -276,10 +289,11 @@ def test_hpacellseg_segmentator_is_cached_per_scale_factor(monkeypatch, tmp_path
 
 def test_predict_cells_without_cells_or_without_crops():
     classifier = CountingClassifier()
-    empty = predict_cells(classifier, np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint16), 8)
+    model = CellClassifier(classifier, 8)
+    empty = predict_cells(model, np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint16))
     assert empty.scores.shape == (0, N_CLASSES)
     mask = np.ones((8, 8), np.uint16)
-    image_only = predict_cells(classifier, np.zeros((8, 8, 3), np.float32), mask, 8, ScoreRule(image_weight=1.0))
+    image_only = predict_cells(model, np.zeros((8, 8, 3), np.float32), mask, ScoreRule(image_weight=1.0))
     assert len(classifier.batches) == 2  # one whole-image call each, no crops
     assert image_only.scores[0, 1] == pytest.approx(0.5)
 

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +14,7 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 
 from hpa_nb import bad_input, competition, data, shards, splits  # noqa: E402
+from hpa_nb.competition import encode_record, write_tfrecord  # noqa: E402
 from hpa_nb.files import temporary_path  # noqa: E402
 from hpa_nb.labels import N_CLASSES, label_matrix, parse_label  # noqa: E402
 
@@ -45,13 +43,6 @@ def png_bytes(value: int, size: int, bit_depth: int) -> bytes:
     return buffer.getvalue()
 
 
-def record(image_name: str, png: bytes, target: str) -> bytes:
-    feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
-               "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_name.encode()])),
-               "target": tf.train.Feature(bytes_list=tf.train.BytesList(value=[target.encode()]))}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def write_dataset(root: Path, count: int = 12, bit_depth: int = 8, files: int = 3, pngs: bool = True,
                   tfrecords: bool = True, seed: int = 0) -> Path:
     """A competition-layout data set whose channels carry planted values; colour order varies per image."""
@@ -70,14 +61,12 @@ def write_dataset(root: Path, count: int = 12, bit_depth: int = 8, files: int = 
             png = png_bytes(planted(index, COLORS.index(color)), size, bit_depth)
             if pngs:
                 (root / "train" / f"{image_id(index)}_{color}.png").write_bytes(png)
-            per_file[index % files].append(record(f"{image_id(index)}_{color}", png, label_text(index)))
+            per_file[index % files].append(encode_record(f"{image_id(index)}_{color}", png, label_text(index)))
     (root / "train.csv").write_text("\n".join(rows) + "\n")
     if tfrecords:
         (root / "train_tfrecords").mkdir(exist_ok=True)
         for number, records in enumerate(per_file):
-            with tf.io.TFRecordWriter(str(root / "train_tfrecords" / f"{number:02d}-{len(records)}.tfrec")) as writer:
-                for serialized in records:
-                    writer.write(serialized)
+            write_tfrecord(root / "train_tfrecords" / f"{number:02d}-{len(records)}.tfrec", records)
     return root
 
 
@@ -196,9 +185,7 @@ def rewrite_records(path: Path, change) -> None:
         values = {key: example.features.feature[key].bytes_list.value[0] for key in ("image_name", "image", "target")}
         parsed.append([values["image_name"].decode(), values["image"], values["target"].decode()])
     parsed = change(parsed)
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for name, png, target in parsed:
-            writer.write(record(name, png, target))
+    write_tfrecord(path, [encode_record(name, png, target) for name, png, target in parsed])
 
 
 def first_file(root: Path) -> Path:
@@ -387,40 +374,22 @@ def test_error_message_strips_tensorflow_noise_of_every_shape(shape):
 
 
 # --- bad input through the command line: one line, exit status 2 -------------------------------
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "HPA_DEBUG"}
-    env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", HPA_OUT=str(cwd / "out"))
-    return subprocess.run([sys.executable, "-m", "hpa_nb", *arguments], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert errors == [f"error: {expected}"], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "[[" not in result.stderr and "IteratorGetNext" not in result.stderr
-
-
 @pytest.mark.parametrize("verb", ["shard", "train"])
-def test_cli_names_the_corrupt_png_of_a_png_folder(tmp_path, verb):
+def test_cli_names_the_corrupt_png_of_a_png_folder(tmp_path, verb, cli):
     root = write_dataset(tmp_path / "d", count=12, tfrecords=False)
     bad = root / "train" / f"{image_id(5)}_green.png"
     bad.write_bytes(b"garbage")
     arguments = (["shard", "--src", str(root), "--out", str(tmp_path / "shards")] if verb == "shard" else
                  ["train", "--quick", "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "run")])
-    assert_one_error_line(run_cli(*arguments, cwd=tmp_path),
-                          f"file {bad}: image {image_id(5)}: the green PNG does not decode")
+    cli(*arguments).assert_one_error_line(f"file {bad}: image {image_id(5)}: the green PNG does not decode")
 
 
-def test_cli_names_the_tfrecord_and_colour_of_a_corrupt_png(tmp_path):
+def test_cli_names_the_tfrecord_and_colour_of_a_corrupt_png(tmp_path, cli):
     root = write_dataset(tmp_path / "d", count=6, files=2, pngs=False)
     bad_file = first_file(root)
     rewrite_records(bad_file, change_png(2, "blue", corrupt_png))
-    result = run_cli("shard", "--src", str(root), "--out", str(tmp_path / "shards"), cwd=tmp_path)
-    assert_one_error_line(result, f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
+    result = cli("shard", "--src", root, "--out", tmp_path / "shards")
+    result.assert_one_error_line(f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
                                   "a record is missing or its PNG does not decode (blue)")
 
 

@@ -14,48 +14,20 @@ from hpa_nb.evaluate import (DIHEDRAL_TRANSFORMS, evaluate, format_table, predic
 from hpa_nb.labels import LABEL_NAMES, N_CLASSES, label_matrix
 from hpa_nb.metrics import f1_score
 
-IMAGE_SIZE = 32
-VAL_FRACTION = 0.25
-SEED = 3
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, small_sample) -> Path:
-    """A run folder as `train` writes it, minus the training (scores need only be honest, not good).
-
-    split.csv comes from the very function `hpa_nb.train.train` uses, so a test passing here means
-    evaluate reproduces the IDs training held out; a full training run would cost half a minute.
-    """
-    import hpa_nb.model
-    from hpa_nb import run as run_folder
-    from hpa_nb.config import TrainConfig
-    from hpa_nb.train import _split
-
-    run = tmp_path_factory.mktemp("run")
-    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(run), image_size=IMAGE_SIZE,
-                                       batch_size=4, val_fraction=VAL_FRACTION, seed=SEED)
-    _split(small_sample, run, config, reuse=False)
-    run_folder.write_info(run, config, {"backend": "tensorflow"})
-    hpa_nb.model.build("tiny", IMAGE_SIZE, "rgb", weights=None).save(run / run_folder.MODEL_FILE)
-    pd.DataFrame({"epoch": [0], "loss": [0.7], "auc": [0.5], "val_loss": [0.7], "val_auc": [0.5]}).to_csv(
-        run / run_folder.HISTORY_FILE, index=False)
-    return run
-
-
 def _val_ids(run: Path) -> list[str]:
     from hpa_nb.run import load_split
 
     return load_split(run)["val"]
 
 
-def test_cli_evaluates_exactly_the_held_out_images(run_dir, small_sample, tmp_path, capsys):
+def test_cli_evaluates_exactly_the_held_out_images(trained_run, small_sample, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["evaluate", "--model", str(run_dir), "--data", str(small_sample), "--out", str(out)]) == 0
+    assert cli.main(["evaluate", "--model", str(trained_run), "--data", str(small_sample), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "support" in printed and LABEL_NAMES[17] in printed and "macro ROC AUC" in printed
 
     ids, probabilities = read_predictions(out / "predictions.csv")
-    assert sorted(ids) == sorted(_val_ids(run_dir))
+    assert sorted(ids) == sorted(_val_ids(trained_run))
     assert probabilities.shape == (len(ids), N_CLASSES) and np.all((probabilities >= 0) & (probabilities <= 1))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["images"] == len(ids)
@@ -68,24 +40,24 @@ def test_cli_evaluates_exactly_the_held_out_images(run_dir, small_sample, tmp_pa
         assert (out / name).is_file()
 
 
-def test_a_changed_split_is_refused(run_dir, small_sample, tmp_path):
+def test_a_changed_split_is_refused(trained_run, small_sample, tmp_path):
     altered = tmp_path / "run"
     altered.mkdir()
     from hpa_nb import run as run_folder
 
     for name in (run_folder.MODEL_FILE, run_folder.CONFIG_FILE):
-        (altered / name).write_bytes((run_dir / name).read_bytes())
-    split = run_folder.load_split(run_dir)
+        (altered / name).write_bytes((trained_run / name).read_bytes())
+    split = run_folder.load_split(trained_run)
     run_folder.write_split(altered, split["train"] + split["val"][:1], split["val"][1:])
     with pytest.raises(ValueError, match="differs from .*split.csv.*data folder changed"):
         evaluate(altered, small_sample, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
 
 
-def test_split_all_with_tta_and_given_thresholds_scores_every_labelled_image(run_dir, small_sample, tmp_path):
+def test_split_all_with_tta_and_given_thresholds_scores_every_labelled_image(trained_run, small_sample, tmp_path):
     thresholds = tmp_path / "val_metrics.json"
     thresholds.write_text(json.dumps({"thresholds": {name: 0.5 for name in LABEL_NAMES}}))
-    result = evaluate(run_dir, small_sample, tmp_path / "all", split="all", tta=True, batch_size=16,
+    result = evaluate(trained_run, small_sample, tmp_path / "all", split="all", tta=True, batch_size=16,
                       thresholds=thresholds)
     labels = pd.read_csv(small_sample / "train.csv", dtype={"ID": str})
     assert sorted(result.ids) == sorted(labels["ID"])
@@ -99,10 +71,10 @@ def test_split_all_with_tta_and_given_thresholds_scores_every_labelled_image(run
     assert list(result.table().index) == list(LABEL_NAMES)
 
 
-def test_a_thresholds_file_without_thresholds_is_refused(run_dir, small_sample, tmp_path):
+def test_a_thresholds_file_without_thresholds_is_refused(trained_run, small_sample, tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"map": 0.5}))
     with pytest.raises(ValueError, match="no per-class thresholds"):
-        evaluate(run_dir, small_sample, tmp_path / "out", split="all", thresholds=tmp_path / "metrics.json")
+        evaluate(trained_run, small_sample, tmp_path / "out", split="all", thresholds=tmp_path / "metrics.json")
 
 
 class _CornerModel:

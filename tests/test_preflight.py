@@ -1,11 +1,8 @@
 """hpa_nb.preflight: a full Kaggle run stops before training on the sample or a CPU; versions are reported."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -39,27 +36,19 @@ def test_a_cpu_is_refused_only_for_a_full_run_on_kaggle():
     preflight.check_accelerator("cpu", quick=False, environ={})
 
 
-def _train_on_kaggle(data: Path, out: Path) -> subprocess.CompletedProcess:
-    environ = {**os.environ, **KAGGLE, "PYTHONPATH": str(REPO), "HPA_OUT": str(out), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "hpa_nb", "train", "--data", str(data), "--out", str(out / "run")],
-                          env=environ, capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_a_full_kaggle_run_stops_before_training_with_one_line(small_sample, tmp_path):
-    on_sample = _train_on_kaggle(small_sample, tmp_path / "a")
-    assert on_sample.returncode == 2
-    errors = [line for line in on_sample.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "competition data is not attached" in errors[0]
-    assert "Traceback" not in on_sample.stderr and not (tmp_path / "a" / "run" / "checkpoints").exists()
+def test_a_full_kaggle_run_stops_before_training_with_one_line(small_sample, tmp_path, cli, monkeypatch):
+    for name, value in KAGGLE.items():
+        monkeypatch.setenv(name, value)
+    on_sample = cli("train", "--data", small_sample, "--out", tmp_path / "a" / "run")
+    assert on_sample.status == 2 and len(on_sample.errors) == 1
+    assert "competition data is not attached" in on_sample.errors[0] and "Traceback" not in on_sample.err
+    assert not (tmp_path / "a" / "run" / "checkpoints").exists()
 
     real_looking = tmp_path / "data"
     shutil.copytree(small_sample, real_looking)
     (real_looking / "sample.json").unlink()
-    on_cpu = _train_on_kaggle(real_looking, tmp_path / "b")
-    assert on_cpu.returncode == 2
-    errors = [line for line in on_cpu.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "found only a CPU" in errors[0]
+    on_cpu = cli("train", "--data", real_looking, "--out", tmp_path / "b" / "run")
+    assert on_cpu.status == 2 and len(on_cpu.errors) == 1 and "found only a CPU" in on_cpu.errors[0]
     assert not (tmp_path / "b" / "run" / "checkpoints").exists()
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from hpa_nb.cells import ScoreRule
+from hpa_nb.cells import CellClassifier, ScoreRule
 from hpa_nb.segmentation import read_channels, segment
 from hpa_nb.labels import N_CLASSES
 from hpa_nb.submit import decode_mask, encode_mask, parse_prediction_string, submit, write_submission
@@ -23,11 +23,14 @@ def coco_decode(text: str, height: int, width: int) -> np.ndarray:
     return coco_mask.decode({"size": [height, width], "counts": counts})
 
 
-def fake_classifier(batch: np.ndarray) -> np.ndarray:
+def _channel_means(batch: np.ndarray) -> np.ndarray:
     """Deterministic probabilities from channel means, different for every class."""
     means = batch.mean(axis=(1, 2)) / 255.0  # [N, C]
     ramp = np.linspace(0.05, 0.95, N_CLASSES)
     return np.clip(ramp[None, :] * (0.5 + means[:, :1]), 0.0, 1.0).astype(np.float32)
+
+
+fake_classifier = CellClassifier(_channel_means, 32, "rgb")
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -73,7 +76,7 @@ def test_masks_round_trip_through_the_competition_encoding():
 
 
 def test_written_submission_has_every_id_png_sizes_and_decodable_masks(handmade, tmp_path):
-    out = write_submission(fake_classifier, image_size=32, channels="rgby", data_dir=handmade,
+    out = write_submission(CellClassifier(_channel_means, 32, "rgby"), data_dir=handmade,
                            out_csv=tmp_path / "sub" / "submission.csv", progress=False)
     table = pd.read_csv(out, dtype={"ID": str}, keep_default_na=False)
     assert list(table.columns) == ["ID", "ImageWidth", "ImageHeight", "PredictionString"]
@@ -97,7 +100,7 @@ def test_written_submission_has_every_id_png_sizes_and_decodable_masks(handmade,
 
 
 def test_confidence_floor_and_image_only_rule(handmade, tmp_path):
-    out = write_submission(fake_classifier, 32, "rgb", handmade, tmp_path / "floor.csv", confidence_floor=0.5,
+    out = write_submission(fake_classifier, handmade, tmp_path / "floor.csv", confidence_floor=0.5,
                            rule=ScoreRule(image_weight=1.0, negative="model"), ids=["img0"], progress=False)
     row = pd.read_csv(out).iloc[0]
     kept = parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth)
@@ -107,7 +110,7 @@ def test_confidence_floor_and_image_only_rule(handmade, tmp_path):
 
 def test_missing_test_image_is_named(handmade, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope_red.png"):
-        write_submission(fake_classifier, 32, "rgb", handmade, tmp_path / "x.csv", ids=["nope"], progress=False)
+        write_submission(fake_classifier, handmade, tmp_path / "x.csv", ids=["nope"], progress=False)
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -128,26 +131,12 @@ def odd_green(handmade, tmp_path_factory) -> Path:
 
 def test_channels_of_different_sizes_name_the_image_and_file(odd_green, tmp_path):
     with pytest.raises(ValueError, match=r"image img0: .*img0_green\.png is 40×48 px, but img0_red\.png is 48×48"):
-        write_submission(fake_classifier, 32, "rgb", odd_green, tmp_path / "x.csv", progress=False)
+        write_submission(fake_classifier, odd_green, tmp_path / "x.csv", progress=False)
     assert not (tmp_path / "x.csv").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A run folder as `train` writes it: an untrained tiny CNN and its config.json."""
-    from hpa_nb import run as run_folder
-    from hpa_nb.config import TrainConfig
-    from hpa_nb.model import build
-
-    run = tmp_path_factory.mktemp("run")
-    config = TrainConfig(image_size=32, channels="rgby", backbone="tiny", weights=None)
-    build("tiny", 32, "rgby", weights=None).save(run / run_folder.MODEL_FILE)
-    run_folder.write_info(run, config, {})
-    return run
-
-
-def test_submit_covers_every_sample_submission_id(small_sample, tiny_run, tmp_path):
-    out = submit(tiny_run, small_sample, tmp_path / "submission.csv", progress=False)
+def test_submit_covers_every_sample_submission_id(small_sample, trained_run, tmp_path):
+    out = submit(trained_run, small_sample, tmp_path / "submission.csv", progress=False)
     table = pd.read_csv(out, keep_default_na=False)
     expected = pd.read_csv(small_sample / "sample_submission.csv")
     assert table["ID"].tolist() == expected["ID"].tolist()
@@ -159,23 +148,23 @@ def test_submit_covers_every_sample_submission_id(small_sample, tiny_run, tmp_pa
             assert mask.shape == (row.ImageHeight, row.ImageWidth) and mask.any()
 
 
-def test_cli_submit(small_sample, tiny_run, tmp_path, capsys):
+def test_cli_submit(small_sample, trained_run, tmp_path, capsys):
     from hpa_nb.cli import main
 
     out = tmp_path / "cli.csv"
-    assert main(["submit", "--model", str(tiny_run), "--data", str(small_sample), "--out", str(out),
+    assert main(["submit", "--model", str(trained_run), "--data", str(small_sample), "--out", str(out),
                  "--image-weight", "1"]) == 0
     assert len(pd.read_csv(out)) == len(pd.read_csv(small_sample / "sample_submission.csv"))
     assert main(["submit", "--model", str(tmp_path / "missing"), "--data", str(small_sample)]) == 2
     assert "model.keras" in capsys.readouterr().err
-    assert main(["submit", "--model", str(tiny_run), "--data", str(small_sample), "--out", str(out),
+    assert main(["submit", "--model", str(trained_run), "--data", str(small_sample), "--out", str(out),
                  "--image-weight", "2"]) == 2
 
 
-def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, tiny_run, tmp_path, capsys):
+def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, trained_run, tmp_path, capsys):
     from hpa_nb.cli import main
 
-    assert main(["submit", "--model", str(tiny_run), "--data", str(odd_green), "--out", str(tmp_path / "x.csv"),
+    assert main(["submit", "--model", str(trained_run), "--data", str(odd_green), "--out", str(tmp_path / "x.csv"),
                  "--image-weight", "1"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "img0_green.png is 40×48 px" in errors[0]
@@ -184,13 +173,34 @@ def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, tiny_run, t
 def test_evaluate_cells_scores_the_sample_test_images(small_sample):
     from hpa_nb.submit import evaluate_cells
 
-    with pytest.raises(ValueError, match="run_dir or classifier"):
-        evaluate_cells(None, small_sample)
-    result = evaluate_cells(None, small_sample, classifier=fake_classifier, image_size=32, progress=False)
+    result = evaluate_cells(fake_classifier, small_sample, progress=False)
     test_ids = pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
     assert sorted(result.predictions) == sorted(test_ids)
     assert 0.0 <= result.cell_map <= 1.0 and result.segmentation.recall >= 0.9
     assert len(result.table()) == sum(ap is not None for ap in result.average_precisions) > 0
-    truth = evaluate_cells(None, small_sample, classifier=fake_classifier, image_size=32, use_truth_masks=True,
-                           progress=False)
+    truth = evaluate_cells(fake_classifier, small_sample, use_truth_masks=True, progress=False)
     assert truth.segmentation.mean_iou == 1.0 and truth.segmentation.recall == 1.0
+
+
+def test_scored_cells_are_written_and_scored_without_segmenting_again(small_sample, tmp_path, monkeypatch):
+    from hpa_nb import cells
+    from hpa_nb.submit import evaluate_cells, score_cells, write_predictions
+
+    test_ids = pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
+    predictions = cells.predict_images(fake_classifier, small_sample, test_ids, progress=False)
+    assert list(predictions) == test_ids
+    monkeypatch.setattr(cells, "segment", lambda *args, **kwargs: pytest.fail("segmented twice"))
+    written = write_predictions(predictions, tmp_path / "submission.csv")
+    table = pd.read_csv(written, keep_default_na=False)
+    assert table["ID"].tolist() == test_ids
+    for row in table.itertuples():
+        cells_found = predictions[row.ID]
+        assert (row.ImageHeight, row.ImageWidth) == cells_found.mask.shape
+        assert len(parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth)) == \
+            len(cells_found.cell_ids) * N_CLASSES
+    scored = score_cells(predictions, small_sample)
+    monkeypatch.undo()
+    fresh = evaluate_cells(fake_classifier, small_sample, test_ids, progress=False)
+    assert scored.cell_map == pytest.approx(fresh.cell_map) and scored.segmentation == fresh.segmentation
+    streamed = write_submission(fake_classifier, small_sample, tmp_path / "streamed.csv", progress=False)
+    assert streamed.read_bytes() == written.read_bytes()  # one image at a time, the same file

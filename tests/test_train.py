@@ -321,15 +321,6 @@ def _train_in_subprocess(small_sample: Path, run: Path, extra_env: dict[str, str
 
 
 @pytest.mark.slow
-def test_jax_backend_over_eight_virtual_devices(small_sample, tmp_path):
-    pytest.importorskip("jax")
-    info = _train_in_subprocess(small_sample, tmp_path / "run", {
-        "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, batch_size=2)
-    assert (info["backend"], info["replicas"], info["distribution"]) == ("jax", 8, "DataParallel")
-    assert info["global_batch_size"] == 16
-
-
-@pytest.mark.slow
 def test_tensorflow_mirrored_strategy_over_two_logical_cpus(small_sample, tmp_path):
     info = _train_in_subprocess(small_sample, tmp_path / "run", {
         "KERAS_BACKEND": "tensorflow", "HPA_CPU_REPLICAS": "2"}, batch_size=4)
@@ -337,31 +328,34 @@ def test_tensorflow_mirrored_strategy_over_two_logical_cpus(small_sample, tmp_pa
     assert info["global_batch_size"] == 8
 
 
-@pytest.mark.slow
-def test_tpu_settings_on_eight_jax_devices_bfloat16_chunked_steps_efficientnet_then_resume(small_sample, tmp_path):
-    """What a v5e-8 run uses and a CPU run does not: mixed_bfloat16, several steps per compiled call with a
-    leftover chunk (5 steps asked in calls of 2: Keras on JAX would train 6, so an epoch becomes 4), EfficientNetB0,
-    8 devices; two epochs, then a resume in a new process."""
+# What a v5e-8 run uses and a CPU run does not: 8 devices under JAX's DataParallel, mixed_bfloat16 and several
+# steps per compiled call with a leftover chunk (5 steps asked in calls of 2: Keras on JAX would train 6, so an
+# epoch becomes 4). TPU_LIKE runs on 8 virtual CPU devices; the global batch is 2 per device x 8.
+TPU_LIKE = ("--batch-size", "2", "--steps-per-epoch", "5", "--steps-per-execution", "2", "--precision",
+            "mixed_bfloat16", "--image-size", "32", "--weights", "none")
+
+
+def _tpu_like_run(*arguments: str) -> tuple[subprocess.CompletedProcess, dict]:
     pytest.importorskip("jax")
-    run = tmp_path / "run"
     environ = _environment(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    first = subprocess.run(_train_command(
-        "--data", str(small_sample), "--out", str(run), "--backbone", "efficientnetb0", "--weights", "none",
-        "--image-size", "32", "--batch-size", "2", "--epochs", "2", "--steps-per-epoch", "5",
-        "--steps-per-execution", "2", "--precision", "mixed_bfloat16"), env=environ, capture_output=True, text=True,
-        timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    info = json.loads((run / "config.json").read_text())
-    assert (info["replicas"], info["precision"], info["steps_per_execution_used"]) == (8, "mixed_bfloat16", 2)
-    assert info["steps_per_epoch_used"] == 4 and "4 steps per epoch, not 5" in first.stderr
-    assert info["global_batch_size"] == 16 and info["backbone"] == "efficientnetb0"
-    resumed = subprocess.run(_train_command("--resume", "--out", str(run), "--epochs", "3"), env=environ,
-                             capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continuing after epoch 2" in resumed.stderr
-    history = pd.read_csv(run / "history.csv")
-    assert history["epoch"].tolist() == [0, 1, 2]
+    done = subprocess.run(_train_command(*arguments), env=environ, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(arguments[arguments.index("--out") + 1])
+    history = pd.read_csv(out / "history.csv")
     assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+    return done, json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_tpu_settings_on_eight_jax_devices_then_a_resume_in_a_new_process_at_the_right_step(small_sample, tmp_path):
+    run = tmp_path / "run"
+    first, info = _tpu_like_run("--quick", "--data", str(small_sample), "--out", str(run), *TPU_LIKE, "--epochs", "2")
+    assert (info["backend"], info["replicas"], info["distribution"]) == ("jax", 8, "DataParallel")
+    assert (info["precision"], info["steps_per_execution_used"], info["global_batch_size"]) == ("mixed_bfloat16", 2, 16)
+    assert info["steps_per_epoch_used"] == 4 and "4 steps per epoch, not 5" in first.stderr
+    resumed, info = _tpu_like_run("--resume", "--out", str(run), "--epochs", "3")
+    assert "continuing after epoch 2" in resumed.stderr and info["precision"] == "mixed_bfloat16"
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
     assert _iterations(run / "checkpoints" / "epoch-003.keras") == 12  # the steps the schedule and stream count
 
 
