@@ -35,8 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     is removed and whatever was at `path` before stays untouched. The temporary name keeps the
     suffix, for writers that pick the format from it (``model.save(...keras)``, ``savefig``)::
 
-        with atomic_path(run_dir / "model.keras") as temporary:
-            model.save(temporary)
+        with atomic_path(folder / "history.png") as temporary:
+            figure.savefig(temporary)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

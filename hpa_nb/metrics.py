@@ -237,21 +237,45 @@ def _average_precision(true_positive: np.ndarray, positives: int) -> float:
     return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
 
 
-def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float = 0.6) -> list[float | None]:
+# The two readings of "identical to the OpenImages Instance Segmentation Challenge evaluation" (Kaggle's
+# page). Which one Kaggle's scorer used is not public; `cell_average_precisions` describes both.
+READINGS = ("challenge", "all_classes")
+
+
+def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float = 0.6,
+                            reading: str = "challenge") -> list[float | None]:
     """Per-class AP of cell predictions (19 entries; ``None`` for a class no ground-truth cell has).
 
-    OpenImages-style, as the competition scores: for each class, the predictions carrying that
-    class are ranked by confidence (ties keep input order); each one matches the ground-truth cell
-    *of that class* in its image with the highest mask IoU, if that IoU is ≥ ``iou`` and the cell
-    was not matched before (a duplicate is a false positive); unmatched predictions are false
-    positives; ground-truth cells never matched are missed. Images in the truth but absent from
-    ``predictions`` count as predicting nothing. Input structures: see the comment above.
+    OpenImages-style: for each class, the predictions carrying that class are ranked by confidence
+    (ties keep input order); each one matches the ground-truth cell *of that class* in its image
+    with the highest mask IoU, if that IoU is ≥ ``iou`` and the cell was not matched before (a
+    duplicate is a false positive); unmatched predictions are false positives; ground-truth cells
+    never matched are missed. Images in the truth but absent from ``predictions`` count as
+    predicting nothing. Input structures: see the comment above.
+
+    ``reading`` (`READINGS`) decides which detections count:
+
+    - ``"challenge"``: as the OpenImages *Challenge* evaluator (`object_detection`'s
+      ``OpenImagesChallengeEvaluator``, which the hosts' own re-scoring in
+      HPA_SingleCellClassification_Analysis runs on one ground-truth row per cell and label):
+      only an image's evaluatable classes count, the classes of its labelled cells. A detection of
+      any other class is dropped, and so is every detection on an image without a labelled cell.
+    - ``"all_classes"``: every detection counts, so a class the image's cells lack is a false positive.
+
+    In both, a predicted mask without pixels is dropped and a ground-truth cell without pixels is
+    not counted, as the OpenImages evaluator does.
     """
+    if reading not in READINGS:
+        raise ValueError(f"reading {reading!r} is not one of {', '.join(READINGS)}")
     unknown = sorted(set(predictions) - set(truth_masks))
     if unknown:
         raise ValueError(f"image {unknown[0]} has predictions but no ground-truth mask")
-    cell_classes = {image_id: {int(cell): _class_set(labels) for cell, labels in truth_labels.get(image_id, {}).items()}
-                    for image_id in truth_masks}
+    cell_classes: dict[str, dict[int, set[int]]] = {}
+    for image_id, mask in truth_masks.items():
+        area = np.bincount(np.asarray(mask).ravel())
+        cell_classes[image_id] = {int(cell): _class_set(labels) for cell, labels in truth_labels.get(image_id, {}).items()
+                                  if 0 < int(cell) < area.size and area[int(cell)] > 0}
+    evaluatable = {image_id: set().union(*cells.values()) for image_id, cells in cell_classes.items()}
     positives = np.zeros(len(LABEL_NAMES), np.int64)
     for cells in cell_classes.values():
         for classes in cells.values():
@@ -267,11 +291,15 @@ def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float =
             mask = np.asarray(mask, bool)
             if mask.shape != truth.shape:
                 raise ValueError(f"image {image_id}: predicted mask {mask.shape} differs from truth {truth.shape}")
+            area = mask.sum()
+            if area == 0:
+                continue
             inside = np.bincount(truth[mask], minlength=truth_area.size)
-            overlap = inside / np.maximum(mask.sum() + truth_area - inside, 1)
+            overlap = inside / np.maximum(area + truth_area - inside, 1)
             overlap[0] = 0.0
             for c, confidence in _scores_by_class(scores).items():
-                detections[c].append((confidence, image_id, overlap))
+                if reading == "all_classes" or c in evaluatable[image_id]:
+                    detections[c].append((confidence, image_id, overlap))
     results: list[float | None] = []
     for c in range(len(LABEL_NAMES)):
         if positives[c] == 0:
@@ -293,15 +321,17 @@ def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float =
     return results
 
 
-def cell_map(predictions, truth_masks, truth_labels, iou: float = 0.6) -> float:
+def cell_map(predictions, truth_masks, truth_labels, iou: float = 0.6, reading: str = "challenge") -> float:
     """The competition's score: mean over classes present in the truth of `cell_average_precisions`.
 
     ``predictions = {image_id: [(bool mask [H, W], scores), ...]}`` with scores a vector of 19 or
     ``{class: confidence}``; ``truth_masks = {image_id: instance mask}``;
     ``truth_labels = {image_id: {cell_id: multi-hot [19] or class indices}}``
-    (`hpa_nb.segmentation_quality.load_cell_truth` reads both from a sample). Perfect predictions score 1.0.
+    (`hpa_nb.segmentation_quality.load_cell_truth` reads both from a sample). ``reading``: see
+    `cell_average_precisions`. Perfect predictions score 1.0 in both readings.
     """
-    scores = [ap for ap in cell_average_precisions(predictions, truth_masks, truth_labels, iou) if ap is not None]
+    scores = [ap for ap in cell_average_precisions(predictions, truth_masks, truth_labels, iou, reading)
+              if ap is not None]
     if not scores:
         raise ValueError("the ground truth has no labelled cells")
     return float(np.mean(scores))

@@ -175,41 +175,48 @@ def load_classifier(run_dir: Path, batch_size: int = 32) -> CellClassifier:
 
 @dataclass
 class CellEvaluation:
-    """The local cell-level score of a model on sample images with ground-truth cells."""
+    """The local cell-level score of a model on sample images with ground-truth cells, in both readings
+    of the metric (`hpa_nb.metrics.READINGS`: ``"challenge"`` and ``"all_classes"``)."""
 
-    cell_map: float
-    average_precisions: list[float | None]  # per class; None where no ground-truth cell has the class
+    cell_maps: dict[str, float]  # reading → cell mAP
+    average_precisions: dict[str, list[float | None]]  # reading → per class; None where no true cell has the class
     segmentation: SegmentationScore
     predictions: dict[str, CellPredictions] = field(repr=False)
 
     def table(self):
-        """Per-class AP as a pandas DataFrame (class, name, AP), classes absent from the truth left out."""
+        """Per-class AP in both readings as a pandas DataFrame, classes absent from the truth left out."""
         import pandas as pd
 
-        rows = [(c, LABEL_NAMES[c], ap) for c, ap in enumerate(self.average_precisions) if ap is not None]
-        return pd.DataFrame(rows, columns=["class", "name", "AP"])
+        challenge, every = self.average_precisions["challenge"], self.average_precisions["all_classes"]
+        rows = [(c, LABEL_NAMES[c], challenge[c], every[c]) for c in range(len(LABEL_NAMES)) if challenge[c] is not None]
+        return pd.DataFrame(rows, columns=["class", "name", "AP (challenge)", "AP (all classes)"])
+
+    def describe(self) -> str:
+        return (f"cell mAP {self.cell_maps['challenge']:.3f} (challenge reading), "
+                f"{self.cell_maps['all_classes']:.3f} (all classes) over {len(self.predictions)} images")
 
     def __str__(self) -> str:
-        return f"cell mAP {self.cell_map:.3f} over {len(self.predictions)} images; segmentation: {self.segmentation}"
+        return f"{self.describe()}; segmentation: {self.segmentation}"
 
 
 def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
                 truth: tuple[dict, dict] | None = None) -> CellEvaluation:
-    """The local cell mAP and segmentation quality of cells already scored, against the sample's true cells.
-
-    ``truth`` is `load_cell_truth`'s ``(masks, labels)`` for the predicted IDs, read from ``data_dir`` if not given.
+    """The local cell mAP (both readings) and segmentation quality of cells already scored, against the
+    sample's true cells. ``truth`` is `load_cell_truth`'s ``(masks, labels)``, read from ``data_dir`` if not given.
     """
-    from hpa_nb.metrics import cell_average_precisions
+    from hpa_nb.metrics import READINGS, cell_average_precisions
     from hpa_nb.segmentation_quality import load_cell_truth, score_segmentation
 
     masks, labels = truth if truth is not None else load_cell_truth(data_dir, list(predictions))
     segmentation = SegmentationScore(0, 0, 0, 0.0, 0.6)
     for image_id, predicted in predictions.items():
         segmentation = segmentation + score_segmentation(predicted.mask, masks[image_id], 0.6)
-    average_precisions = cell_average_precisions({i: p.as_map_input() for i, p in predictions.items()}, masks, labels)
-    present = [ap for ap in average_precisions if ap is not None]
-    return CellEvaluation(float(np.mean(present)) if present else 0.0, average_precisions, segmentation,
-                          dict(predictions))
+    inputs = {i: p.as_map_input() for i, p in predictions.items()}
+    average_precisions = {reading: cell_average_precisions(inputs, masks, labels, reading=reading)
+                          for reading in READINGS}
+    maps = {reading: float(np.mean([ap for ap in aps if ap is not None] or [0.0]))
+            for reading, aps in average_precisions.items()}
+    return CellEvaluation(maps, average_precisions, segmentation, dict(predictions))
 
 
 def evaluate_cells(

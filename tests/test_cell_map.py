@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from hpa_nb.segmentation_quality import load_cell_truth
 from hpa_nb.labels import N_CLASSES
-from hpa_nb.metrics import cell_average_precisions, cell_map
+from hpa_nb.metrics import READINGS, cell_average_precisions, cell_map
 
 
 def _two_cells() -> np.ndarray:
@@ -49,6 +49,40 @@ def test_iou_threshold_applies():
     assert cell_map({"a": [(half, {0: 1.0})]}, {"a": mask}, truth, iou=0.5) == 1.0
 
 
+def test_the_challenge_reading_drops_classes_the_image_lacks_and_images_without_labelled_cells():
+    mask = _two_cells()
+    truth_masks = {"a": mask, "b": mask, "c": mask}
+    truth_labels = {"a": {1: {0}, 2: {3}}, "b": {}, "c": {1: {5}}}  # b: cells, none labelled
+    predictions = {
+        "a": [(mask == 1, {0: 0.9, 5: 0.99, 3: 0.95}), (mask == 2, {3: 0.8})],  # 5 is not a's; 3 is (cell 2)
+        "b": [(mask == 1, {0: 0.99})],
+        "c": [(mask == 1, {5: 0.7})],
+    }
+    challenge = cell_average_precisions(predictions, truth_masks, truth_labels, reading="challenge")
+    everything = cell_average_precisions(predictions, truth_masks, truth_labels, reading="all_classes")
+    # Class 0: b's 0.99 counts only in all_classes, as a false positive ranked first: precision 1/2 at recall 1.
+    assert challenge[0] == pytest.approx(1.0) and everything[0] == pytest.approx(0.5)
+    # Class 5: a's 0.99 on a cell of class 0 is dropped by the challenge reading, a false positive otherwise.
+    assert challenge[5] == pytest.approx(1.0) and everything[5] == pytest.approx(0.5)
+    # Class 3 is a's, so a's 0.95 on cell 1 (class 0) is a false positive in both readings.
+    assert challenge[3] == everything[3] == pytest.approx(0.5)
+    assert cell_map(predictions, truth_masks, truth_labels) == pytest.approx(2.5 / 3)  # challenge by default
+    assert cell_map(predictions, truth_masks, truth_labels, reading="all_classes") == pytest.approx(1.5 / 3)
+    with pytest.raises(ValueError, match="reading 'kaggle'"):
+        cell_map(predictions, truth_masks, truth_labels, reading="kaggle")
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_empty_predicted_masks_and_empty_truth_cells_do_not_count(reading):
+    mask = _two_cells()
+    truth_labels = {"a": {1: {0}, 2: {0}, 7: {4}}}  # cell 7 has no pixels
+    empty = np.zeros_like(mask, bool)
+    predictions = {"a": [(empty, {0: 0.99, 4: 0.99}), (mask == 1, {0: 0.9}), (mask == 2, {0: 0.8})]}
+    aps = cell_average_precisions(predictions, {"a": mask}, truth_labels, reading=reading)
+    assert aps[0] == pytest.approx(1.0)  # the empty mask is not a false positive ranked first
+    assert aps[4] is None  # no positive: the cell without pixels is not counted as a missed one
+
+
 def test_input_errors_name_the_image():
     mask = _two_cells()
     with pytest.raises(ValueError, match="image b"):
@@ -69,13 +103,16 @@ def _perfect(masks, labels, transform=lambda cell_mask: cell_mask):
             for image_id in masks}
 
 
-def test_perfect_predictions_score_one(sample_truth):
+@pytest.mark.parametrize("reading", READINGS)
+def test_perfect_predictions_score_one(sample_truth, reading):
     masks, labels = sample_truth
     assert sum(len(cells) for cells in labels.values()) > 100
-    assert cell_map(_perfect(masks, labels), masks, labels) == pytest.approx(1.0)
+    assert cell_map(_perfect(masks, labels), masks, labels, reading=reading) == pytest.approx(1.0)
 
 
-def test_shuffled_labels_score_much_lower(sample_truth):
+def test_shuffled_labels_score_much_lower_when_every_class_counts(sample_truth):
+    # Only the all-classes reading: the challenge reading drops a class an image lacks, and the default
+    # sample's cells mostly carry their image's labels, so shuffling across images costs it little.
     masks, labels = sample_truth
     rng = np.random.default_rng(0)
     cells = [(image_id, cell) for image_id in labels for cell in labels[image_id]]
@@ -84,8 +121,8 @@ def test_shuffled_labels_score_much_lower(sample_truth):
     shuffled = {image_id: {} for image_id in labels}
     for (image_id, cell), source in zip(cells, order):
         shuffled[image_id][cell] = vectors[source]
-    score = cell_map(_perfect(masks, shuffled), masks, labels)
-    assert score < 0.4  # measured 0.15 (seeds 0–2)
+    score = cell_map(_perfect(masks, shuffled), masks, labels, reading="all_classes")
+    assert score < 0.4
 
 
 def test_eroded_masks_do_not_match(sample_truth):

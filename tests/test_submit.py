@@ -176,8 +176,12 @@ def test_evaluate_cells_scores_the_sample_test_images(small_sample):
     result = evaluate_cells(fake_classifier, small_sample, progress=False)
     test_ids = pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
     assert sorted(result.predictions) == sorted(test_ids)
-    assert 0.0 <= result.cell_map <= 1.0 and result.segmentation.recall >= 0.9
-    assert len(result.table()) == sum(ap is not None for ap in result.average_precisions) > 0
+    assert sorted(result.cell_maps) == ["all_classes", "challenge"] and result.segmentation.recall >= 0.9
+    assert all(0.0 <= value <= 1.0 for value in result.cell_maps.values())
+    # Dropping detections of classes an image lacks can only remove false positives.
+    assert result.cell_maps["challenge"] >= result.cell_maps["all_classes"]
+    assert len(result.table()) == sum(ap is not None for ap in result.average_precisions["challenge"]) > 0
+    assert "(challenge reading)" in str(result) and "(all classes)" in str(result)
     truth = evaluate_cells(fake_classifier, small_sample, use_truth_masks=True, progress=False)
     assert truth.segmentation.mean_iou == 1.0 and truth.segmentation.recall == 1.0
 
@@ -201,6 +205,6 @@ def test_scored_cells_are_written_and_scored_without_segmenting_again(small_samp
     scored = score_cells(predictions, small_sample)
     monkeypatch.undo()
     fresh = evaluate_cells(fake_classifier, small_sample, test_ids, progress=False)
-    assert scored.cell_map == pytest.approx(fresh.cell_map) and scored.segmentation == fresh.segmentation
+    assert scored.cell_maps == pytest.approx(fresh.cell_maps) and scored.segmentation == fresh.segmentation
     streamed = write_submission(fake_classifier, small_sample, tmp_path / "streamed.csv", progress=False)
     assert streamed.read_bytes() == written.read_bytes()  # one image at a time, the same file
