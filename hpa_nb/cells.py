@@ -256,9 +256,11 @@ def iter_predictions(
     rule: ScoreRule = ScoreRule(),
     masks: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
+    folder: Path | None = None,
     **options,
 ) -> Iterator[tuple[str, CellPredictions]]:
-    """``(ID, CellPredictions)`` for each image of ``data_dir/train`` or ``data_dir/test``, in order.
+    """``(ID, CellPredictions)`` for each image of ``data_dir/train`` or ``data_dir/test`` (or of
+    ``folder``, where given), in order.
 
     Each image is segmented once by ``method``, unless ``masks`` (``{ID: mask}``, e.g. the true
     cells of `load_cell_truth`) holds its mask. Images are read one at a time, so a caller that
@@ -268,8 +270,8 @@ def iter_predictions(
 
     for image_id in tqdm(ids, desc="cells", unit="image", disable=not progress):
         mask = masks[image_id] if masks is not None else None
-        yield image_id, predict_image(classifier, image_folder(data_dir, image_id), image_id, method, rule,
-                                      mask=mask, **options)
+        source = folder if folder is not None else image_folder(data_dir, image_id)
+        yield image_id, predict_image(classifier, source, image_id, method, rule, mask=mask, **options)
 
 
 def predict_images(classifier: CellClassifier, data_dir: Path, ids: Sequence[str], method: str = "classical",

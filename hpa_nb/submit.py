@@ -133,8 +133,8 @@ def write_submission(
         for color in colors_needed(classifier.channels):
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
-    scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, settings=settings,
-                              **method_options)
+    scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, folder=test_dir,
+                              settings=settings, **method_options)
     return write_predictions(scored, out_csv, confidence_floor)
 
 
