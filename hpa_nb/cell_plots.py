@@ -86,3 +86,30 @@ def overlay_figure(data_dir: Path, predictions: Mapping[str, CellPredictions], t
         plot_cells(pixels, cells.mask, truth=truth, ax=axes[0, column], title=title)
         plot_cells(pixels, cells.mask, cells, top=top, ax=axes[1, column], title="top classes per cell")
     return figure
+
+
+def tile_gallery(crops: np.ndarray, info, truth: Mapping[str, str] | None = None, columns: int = 6):
+    """Cell tiles (`hpa_nb.tiles.load_tiles`: uint8 ``[N, S, S, C]`` and their table) in a grid, each titled
+    with its image, cell and weak label (the image's); with `truth` (tile key → label text, such as the
+    sample's ``cells.csv``), also the cell's own label, in red where it lacks a class of the weak label."""
+    from matplotlib.figure import Figure
+
+    from hpa_nb.figures import FIGURE_DPI, show_figures_inline
+    from hpa_nb.labels import COLORS
+
+    show_figures_inline()
+    rows = max(1, -(-len(crops) // columns))
+    figure = Figure(figsize=(2.4 * columns, 2.9 * rows), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    short = lambda text: ", ".join(LABEL_NAMES[int(c)][:12] for c in str(text).split("|"))  # noqa: E731
+    for axis, crop, row in zip(axes, crops, info.itertuples()):
+        channels = {color: crop[..., index].astype(np.float32) for index, color in enumerate(COLORS[:crop.shape[-1]])}
+        axis.imshow(composite(channels))
+        title, color = f"{row.image_id[:8]} cell {row.cell_id}\nweak: {short(row.label)}", "black"
+        if truth is not None and row.key in truth:
+            title += f"\ntrue: {short(truth[row.key])}"
+            color = "black" if set(row.label.split("|")) <= set(truth[row.key].split("|")) else "firebrick"
+        axis.set_title(title, fontsize=8, color=color)
+    for axis in axes:
+        axis.set_axis_off()
+    return figure

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import hpa_nb  # noqa: F401  (picks the Keras backend before anything imports Keras)
-from hpa_nb.cells import COMBINERS, CROPS, NEGATIVE_RULES, ScoreRule  # numpy and scipy only: parsing stays cheap
-from hpa_nb.config import LOSSES, TrainConfig
+from hpa_nb.cells import COMBINED_RULE, COMBINERS, CROPS, NEGATIVE_RULES, ScoreRule  # numpy and scipy only: parsing stays cheap
+from hpa_nb.config import LEVELS, LOSSES, TrainConfig
 from hpa_nb.labels import CHANNEL_SETS
 from hpa_nb.segmentation import SEGMENTERS
 
@@ -64,15 +64,24 @@ def _sample(args: argparse.Namespace) -> None:
 def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="segment the test images, score each cell and write submission.csv")
     p.add_argument("--model", type=Path, required=True, help="training run folder (model.keras, config.json)")
+    p.add_argument("--cell-model", type=Path, default=None,
+                   help="a cell run folder (train --level cell): each cell's score combines the image model's "
+                        "image-level score with this model's score of the cell's tile (default rule: geometric, "
+                        f"image weight {COMBINED_RULE.image_weight})")
     p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
     p.add_argument("--segmentation", choices=tuple(SEGMENTERS), default="classical")
     p.add_argument("--hpacellseg-weights", type=Path, default=None,
                    help="folder with nuclei-model.pth and cell-model.pth (for --segmentation hpacellseg)")
-    p.add_argument("--combine", choices=tuple(COMBINERS), default=ScoreRule.combine,
-                   help="how image-level and cell-crop probabilities are combined")
-    p.add_argument("--image-weight", type=float, default=ScoreRule.image_weight,
-                   help="weight of the image-level probability (0..1)")
+    p.add_argument("--combine", choices=tuple(COMBINERS), default=None,
+                   help=f"how image-level and cell-crop probabilities are combined (default {ScoreRule.combine}, "
+                        f"with --cell-model {COMBINED_RULE.combine})")
+    p.add_argument("--image-weight", type=float, default=None,
+                   help=f"weight of the image-level probability, 0..1 (default {ScoreRule.image_weight}, with "
+                        f"--cell-model {COMBINED_RULE.image_weight})")
+    p.add_argument("--partial-scale", type=float, default=1.0,
+                   help="multiply the scores of cells cut off by the image edge (touching it, under half the "
+                        "median cell area) by this; 1 leaves them")
     p.add_argument("--crop", choices=tuple(CROPS), default=ScoreRule.crop,
                    help="a cell shown in the whole image's frame, or its own square crop")
     p.add_argument("--negative", choices=tuple(NEGATIVE_RULES), default=ScoreRule.negative,
@@ -83,18 +92,23 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from hpa_nb.cells import ScoreRule
+    import dataclasses
+
     from hpa_nb.env import working_dir
     from hpa_nb.submit import submit
 
-    rule = ScoreRule(combine=args.combine, image_weight=args.image_weight, negative=args.negative, crop=args.crop)
+    base = COMBINED_RULE if args.cell_model else ScoreRule()
+    rule = dataclasses.replace(base, combine=args.combine or base.combine, negative=args.negative, crop=args.crop,
+                               image_weight=base.image_weight if args.image_weight is None else args.image_weight,
+                               partial_scale=args.partial_scale)
     out = args.out or working_dir() / "submission.csv"
     options = {}
     if args.segmentation == "hpacellseg" and args.hpacellseg_weights:
         folder = args.hpacellseg_weights
         options = {"nuclei_model": str(folder / "nuclei-model.pth"), "cell_model": str(folder / "cell-model.pth")}
     written = submit(args.model, _data_dir(args.data), out, method=args.segmentation, rule=rule,
-                     confidence_floor=args.confidence_floor, batch_size=args.batch_size, **options)
+                     confidence_floor=args.confidence_floor, batch_size=args.batch_size, cell_run_dir=args.cell_model,
+                     **options)
     print(f"wrote {written}")
 
 
@@ -201,6 +215,28 @@ def _shard(args: argparse.Namespace) -> None:
     print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards")
 
 
+def _tiles_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiles", help="write cell tiles (one uint8 record per cell, other cells masked out)")
+    p.add_argument("--src", default=None, help="data folder in the competition layout (default: discovered)")
+    p.add_argument("--out", type=Path, default=None, help="tile folder (default: SRC/tiles)")
+    p.add_argument("--size", type=int, default=128, help="tile side in px")
+    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default="rgby")
+    p.add_argument("--segmentation", choices=("classical", "hpacellseg", "masks"), default="classical",
+                   help="where the cells come from; masks: the sample's true cells (masks/{ID}.png)")
+    p.add_argument("--images-per-file", type=int, default=None, help="default: about 150 MB per file")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
+    p.set_defaults(handler=_tiles)
+
+
+def _tiles(args: argparse.Namespace) -> None:
+    from hpa_nb.tiles import write_tiles
+
+    manifest = write_tiles(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
+                           segmentation=args.segmentation, images_per_file=args.images_per_file,
+                           skip_bad=args.skip_bad)
+    print(f"wrote {manifest['count']} cells of {manifest['images']} images in {len(manifest['files'])} files")
+
+
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the input pipeline (loader) or training steps (train)")
     p.add_argument("kind", choices=tuple(BENCHES))
@@ -257,6 +293,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                         "continue it there")
     p.add_argument("--shards", help="compact shards written elsewhere (a folder, or OWNER/KERNEL attached under "
                                     "/kaggle/input), paired with --data's train.csv (default: DATA/shards)")
+    p.add_argument("--level", choices=LEVELS, help="image (default): whole images; cell: cell tiles with their "
+                                                   "image's label as a weak target, split by image")
+    p.add_argument("--tiles", help="cell tiles for --level cell (a folder, or OWNER/KERNEL attached under "
+                                   "/kaggle/input; default: DATA/tiles)")
+    p.add_argument("--relabel", action="store_true", default=None,
+                   help="--level cell: train on targets relabelled from out-of-fold cell models (hpa_nb.relabel) "
+                        "instead of each cell's image label")
+    p.add_argument("--split-from", metavar="RUN", help="use the split of this run folder (or split CSV)")
     p.add_argument("--image-size", type=int, help="square input side in px")
     p.add_argument("--channels", choices=tuple(CHANNEL_SETS))
     p.add_argument("--backbone", help="efficientnetb0..b7, efficientnetv2b0..b3, efficientnetv2s or tiny")
@@ -277,8 +321,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
 
-TRAIN_OPTIONS = ("shards", "image_size", "channels", "backbone", "weights", "epochs", "batch_size", "steps_per_epoch",
-                 "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
+TRAIN_OPTIONS = ("shards", "level", "tiles", "relabel", "split_from", "image_size", "channels", "backbone", "weights", "epochs", "batch_size",
+                 "steps_per_epoch", "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
                  "allow_sample_data", "allow_cpu")
 
 
@@ -310,7 +354,7 @@ def _train(args: argparse.Namespace) -> None:
 
 # In the order of the workflow, which is the order `--help` lists them.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _sample_parser, _shard_parser, _train_parser, _evaluate_parser, _submit_parser, _bench_parser, _kaggle_parser,
+    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _submit_parser, _bench_parser, _kaggle_parser,
 ]
 
 

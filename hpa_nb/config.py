@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LOSSES = ("bce", "focal")  # both with per-class positive weights; focal uses focal_gamma
+LEVELS = ("image", "cell")
 
 
 @dataclass
@@ -17,6 +18,15 @@ class TrainConfig:
     # Compact shards elsewhere (a folder, or OWNER/KERNEL of the prepare kernel attached as input), paired with
     # data_dir's train.csv. None: data_dir/shards when it exists, else on Kaggle any attached shards.
     shards: str | None = None
+    # "image": one record per image, its label the target; "cell": one cell tile per record (`hpa_nb.tiles`),
+    # its image's label the weak target, split by image as the image run is.
+    level: str = "image"
+    tiles: str | None = None  # the cell tiles of a cell run (a folder, or OWNER/KERNEL attached); None: data_dir/tiles
+    # A cell run's targets: False, each cell its image's label; True, relabelled from out-of-fold cell models
+    # (hpa_nb.relabel), trained first on `relabel_folds` parts of the training images.
+    relabel: bool = False
+    relabel_folds: int = 2
+    split_from: str | None = None  # a run folder (or split CSV) whose split to use, instead of drawing one
     out_dir: str | None = None  # the run folder; None: hpa_nb.run.default_dir() (<working dir>/run)
     image_size: int = 384
     channels: str = "rgb"  # "rgb" or "rgby"
@@ -103,6 +113,12 @@ def validate(config: TrainConfig) -> None:
     if config.bn_recalibration not in BN_RECALIBRATION:
         raise ValueError(f"bn_recalibration must be one of {', '.join(BN_RECALIBRATION)}, "
                          f"got {config.bn_recalibration!r}")
+    if config.relabel and config.level != "cell":
+        raise ValueError("relabel is for cell runs (level='cell')")
+    if config.relabel_folds < 2:
+        raise ValueError(f"relabel_folds must be at least 2, got {config.relabel_folds}")
+    if config.level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {config.level!r}")
     if config.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if not 0 < config.val_fraction < 1:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from hpa_nb import tiles
 from hpa_nb.bad_input import SkipLog, skip_log
 from hpa_nb.competition import TFRECORD_PATTERN, png_layout, tfrecord_layout
 from hpa_nb.labels import colors_of
@@ -50,9 +51,13 @@ def shard_folder(root: str | Path, channels: str, shards: str | Path | None = No
 
 def choose_layout(root: str | Path, channels: str, ids: Iterable[str] | None, log: SkipLog | None,
                   shards: str | Path | None = None) -> Layout:
-    """The fastest layout of `root`: compact shards (`shard_folder`), then competition TFRecords, then PNGs."""
+    """The fastest layout of `root`: compact shards (`shard_folder`), then competition TFRecords, then PNGs.
+
+    `shards` may also name a folder of cell tiles (`hpa_nb.tiles`), read the same way one record per cell."""
     root = Path(root)
     colors = colors_of(channels)
+    if shards is not None and tiles.is_tile_folder(shards):  # cell tiles: `ids` are tile keys
+        return tiles.tile_layout(Path(shards), tiles.read_manifest(shards), colors, ids)
     found = shard_folder(root, channels, shards)
     if found is not None:
         return shard_layout(*found, colors, ids)
@@ -66,6 +71,9 @@ def choose_layout(root: str | Path, channels: str, ids: Iterable[str] | None, lo
 
 def describe_layout(root: str | Path, channels: str, shards: str | Path | None = None) -> str:
     """In words, which layout a reader of `root` uses (without listing the images), for a run's summary."""
+    if shards is not None and tiles.is_tile_folder(shards):
+        manifest = tiles.read_manifest(shards)
+        return f"cell tiles {shards} ({manifest['count']} cells of {manifest['images']} images, {manifest['size']} px)"
     found = shard_folder(root, channels, shards)
     if found is not None:
         shard_dir, manifest = found
@@ -150,11 +158,27 @@ def _stateless_shuffle(elements: tf.data.Dataset, window: int, seed: tf.Tensor) 
     return elements.batch(window).enumerate().map(permute).unbatch()
 
 
+def _label_replacer(targets: Mapping[str, np.ndarray]) -> Callable[[dict], dict]:
+    """An element map giving each record that `targets` names its target instead of its stored label."""
+    keys = tf.constant(list(targets), tf.string)
+    rows = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, tf.range(len(targets), dtype=tf.int64)),
+                                     -1)
+    matrix = tf.constant(np.stack(list(targets.values())).astype(np.float32))
+
+    def replace(element: dict) -> dict:
+        row = rows.lookup(element["id"])
+        label = tf.where(row >= 0, tf.gather(matrix, tf.maximum(row, 0)), element["label"])
+        return {**element, "label": label}
+
+    return replace
+
+
 def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
                      batch_size: int = 32, seed: int = 0, augment: bool = True, cache: bool = False,
                      drop_remainder: bool = True, num_workers: int = 1, worker_index: int = 0,
                      shuffle_buffer: int = SHUFFLE_BUFFER, deterministic: bool = True,
-                     start_batch: int = 0, shards: str | Path | None = None) -> tf.data.Dataset:
+                     start_batch: int = 0, shards: str | Path | None = None,
+                     targets: Mapping[str, np.ndarray] | None = None) -> tf.data.Dataset:
     """An infinite, shuffled, augmented, batched dataset of ``(image, label)`` for ``model.fit``,
     images as uint8 (`to_uint8`).
 
@@ -166,7 +190,8 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
     compressed records are skipped to get there; competition TFRecords are decoded before their
     records are grouped, so there the images skipped (at most one pass) are decoded too. That
     needs `ids` (a pass is ``len(ids)`` images) and one
-    worker. With ``cache=True`` decoded images are kept in memory (S·S·C·4 bytes each) and
+    worker. `targets` (record ID → 19 floats) replaces the stored labels of the records it names (a
+    relabelled cell run). With ``cache=True`` decoded images are kept in memory (S·S·C·4 bytes each) and
     decoding moves before the cache. `num_workers`/`worker_index` give each host of a
     multi-host run its own part of the data.
     """
@@ -181,6 +206,7 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
     print(f"data: reading {layout.description}")
     channel_count = len(colors_of(channels))
     shard_files = num_workers > 1 and layout.item_count >= num_workers
+    retarget = _label_replacer(targets) if targets is not None else None
 
     def records(pass_seed: tf.Tensor | None) -> tf.data.Dataset:
         # files: each worker takes its own files when there are enough of them, so hosts never
@@ -192,6 +218,8 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
             items = _stateless_shuffle(items, max(layout.item_count, 1), pass_seed)
         # interleave → parse: cheap string work; an image's records are brought together by ID, so the order can be free.
         elements = layout.parse(items, deterministic, image_size)
+        if targets is not None:
+            elements = elements.map(retarget, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         if num_workers > 1 and not shard_files:  # too few files: split records instead
             elements = elements.shard(num_workers, worker_index)
         return elements

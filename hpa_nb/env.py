@@ -123,11 +123,26 @@ def find_shards(reference: str | Path | None = None, input_root: Path = KAGGLE_I
     """
     from hpa_nb.shards import MANIFEST
 
-    def has_manifest(_: Path, files: list[str]) -> bool:
-        return MANIFEST in files
+    return _find_listed(reference, input_root, MANIFEST, "SHARDS", "compact shards",
+                        "attach the prepare kernel's output (python -m hpa_nb kaggle push 03_train --shards OWNER/KERNEL)")
+
+
+def find_tiles(reference: str | Path | None = None, input_root: Path = KAGGLE_INPUT) -> Path | None:
+    """A folder of cell tiles (one holding ``tiles.json``), found as `find_shards` finds shards: so tiles
+    written by one kernel (or uploaded as a dataset) reach another as its attached input."""
+    from hpa_nb.tiles import MANIFEST
+
+    return _find_listed(reference, input_root, MANIFEST, "TILES", "cell tiles",
+                        "attach the output of the kernel that wrote them, or a dataset of them")
+
+
+def _find_listed(reference: str | Path | None, input_root: Path, listing: str, option: str, what: str,
+                 hint: str) -> Path | None:
+    def has_listing(_: Path, files: list[str]) -> bool:
+        return listing in files
 
     if reference is None:
-        found = search_folders(input_root, has_manifest)
+        found = search_folders(input_root, has_listing)
         return found[0] if found else None
     path = Path(reference).expanduser()
     if path.is_dir():
@@ -135,10 +150,9 @@ def find_shards(reference: str | Path | None = None, input_root: Path = KAGGLE_I
     else:
         slug = str(reference).rstrip("/").rpartition("/")[2]
         mounts = search_folders(input_root, lambda folder, _: folder.name == slug, 4)
-    found = [shards for mount in mounts for shards in search_folders(mount, has_manifest, 3)]
+    found = [folder for mount in mounts for folder in search_folders(mount, has_listing, 3)]
     if not found:
-        raise FileNotFoundError(f"SHARDS {reference}: no {MANIFEST} of compact shards in it or below; attach the "
-                                "prepare kernel's output (python -m hpa_nb kaggle push 03_train --shards OWNER/KERNEL)")
+        raise FileNotFoundError(f"{option} {reference}: no {listing} of {what} in it or below; {hint}")
     return found[0]
 
 

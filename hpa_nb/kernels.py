@@ -69,6 +69,8 @@ KERNELS: dict[str, KernelSettings] = {
     "04_evaluate": KernelSettings("HPA 04 Evaluate", kernel_sources=("03_train",)),
     # Code competitions only accept submissions from notebooks with the internet off.
     "05_submission": KernelSettings("HPA 05 Submission", internet=False, kernel_sources=("03_train",)),
+    # CPU: cutting tiles segments with scikit-image, which the TPU image lacks; the image run's split is kept.
+    "06_cells": KernelSettings("HPA 06 Cells", kernel_sources=("03_train",)),
 }
 
 

@@ -2,7 +2,9 @@
 
 A run folder holds ``model.keras`` (loads with `hpa_nb.model.load_model`), ``history.csv``,
 ``config.json`` (every option plus the backend, device, replicas, global batch and a data
-fingerprint), ``split.csv`` (ID, subset) and ``checkpoints/`` (one per epoch, for ``resume``).
+fingerprint), ``split.csv`` (ID, subset; image IDs at both levels) and ``checkpoints/`` (one per
+epoch, for ``resume``). A relabelled cell run also holds ``folds/`` (its out-of-fold runs) and
+``targets.csv`` (the training targets they gave, `hpa_nb.relabel`).
 """
 from __future__ import annotations
 
@@ -12,14 +14,19 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from hpa_nb.config import CONFIG_FIELDS, TrainConfig
 from hpa_nb.files import atomic_path, write_text
+from hpa_nb.labels import N_CLASSES
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
 SPLIT_FILE = "split.csv"
 CHECKPOINT_DIR = "checkpoints"
+TARGETS_FILE = "targets.csv"  # a relabelled cell run's training targets (hpa_nb.relabel)
+FOLDS_DIR = "folds"  # its out-of-fold runs, one run folder each
 FOLDER = "run"  # under the working folder: /kaggle/working/run on Kaggle, out/run elsewhere
 
 
@@ -39,25 +46,49 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig(**{key: value for key, value in saved.items() if key in CONFIG_FIELDS})
 
 
-def load_split(run_dir: str | Path) -> dict[str, list[str]]:
-    """The run's ``split.csv`` as ``{"train": [IDs], "val": [IDs]}``."""
+def _split_path(where: str | Path) -> Path:
+    where = Path(where)
+    return where if where.suffix == ".csv" else where / SPLIT_FILE
+
+
+def load_split(where: str | Path) -> dict[str, list[str]]:
+    """A run's ``split.csv`` (`where` is the run folder or the CSV itself) as ``{"train": [IDs], "val": [IDs]}``."""
     import pandas as pd
 
-    path = Path(run_dir) / SPLIT_FILE
+    path = _split_path(where)
     if not path.is_file():
-        raise FileNotFoundError(f"no {SPLIT_FILE} in run folder {run_dir}")
+        raise FileNotFoundError(f"no {path.name} in {path.parent}")
     saved = pd.read_csv(path, dtype=str, keep_default_na=False)  # IDs as written: "0001" stays "0001"
     if not {"ID", "subset"} <= set(saved.columns):
         raise ValueError(f"{path} must have columns ID,subset")
     return {subset: saved.loc[saved["subset"] == subset, "ID"].tolist() for subset in ("train", "val")}
 
 
-def write_split(run_dir: str | Path, train_ids: list[str], val_ids: list[str]) -> Path:
-    """Write the run's ``split.csv`` (ID, subset), which `load_split` reads back."""
+def write_split(where: str | Path, train_ids: list[str], val_ids: list[str]) -> Path:
+    """Write a run's ``split.csv`` (ID, subset) into the run folder `where` (or as the CSV `where`)."""
     import pandas as pd
 
     frame = pd.DataFrame({"ID": [*train_ids, *val_ids], "subset": ["train"] * len(train_ids) + ["val"] * len(val_ids)})
-    return write_text(Path(run_dir) / SPLIT_FILE, frame.to_csv(index=False))
+    return write_text(_split_path(where), frame.to_csv(index=False))
+
+
+def load_targets(run_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """A cell run's relabelled training targets (``targets.csv``: key, then 19 columns), or None."""
+    import pandas as pd
+
+    path = Path(run_dir) / TARGETS_FILE
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, dtype={"key": str})
+    return dict(zip(frame["key"], frame.drop(columns="key").to_numpy(np.float32)))
+
+
+def write_targets(run_dir: str | Path, targets: dict[str, np.ndarray]) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(np.stack(list(targets.values())), columns=[f"c{c}" for c in range(N_CLASSES)])
+    frame.insert(0, "key", list(targets))
+    return write_text(Path(run_dir) / TARGETS_FILE, frame.to_csv(index=False, float_format="%.5f"))
 
 
 def load_info(run_dir: str | Path) -> dict:
@@ -101,7 +132,7 @@ def clear_previous(run_dir: Path) -> list[str]:
     import shutil
 
     removed = []
-    for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR):
+    for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR, TARGETS_FILE, FOLDS_DIR):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)

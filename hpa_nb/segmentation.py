@@ -48,9 +48,10 @@ def stack_channels(channels: Mapping[str, np.ndarray], channel_mode: str) -> np.
     return np.stack([channels[color] for color in colors_of(channel_mode)], axis=-1)
 
 
-def colors_needed(channels: str) -> list[str]:
-    """The stains one prediction reads: the model's channels plus red, blue and yellow for segmentation."""
-    return sorted(set(colors_of(channels)) | {"red", "blue", "yellow"}, key=COLORS.index)
+def colors_needed(*channels: str) -> list[str]:
+    """The stains one prediction reads: the models' channels plus red, blue and yellow for segmentation."""
+    return sorted({color for mode in channels for color in colors_of(mode)} | {"red", "blue", "yellow"},
+                  key=COLORS.index)
 
 
 def read_mask(data_dir: Path, image_id: str) -> np.ndarray:

@@ -7,7 +7,6 @@ all channels resized once, about 150 MB a shard, listed by ``manifest.json``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -18,7 +17,8 @@ import tensorflow as tf
 
 from hpa_nb.bad_input import SkipLog, first_problem, join_text, skip_log
 from hpa_nb.competition import png_layout
-from hpa_nb.files import TEMPORARY_GLOB, atomic_path, temporary_path, write_text
+from hpa_nb import record_files
+from hpa_nb.files import temporary_path, write_text
 from hpa_nb.labels import N_CLASSES, colors_of, parse_label
 from hpa_nb.reading import (AUTOTUNE, TFRECORD_OVERHEAD, Layout, file_records, file_size, files_at_once,
                             id_predicate, read, resize, to_uint8)
@@ -37,16 +37,7 @@ BUDGET_CHECK_IMAGES = 32
 
 def read_manifest(shard_dir: str | Path) -> dict:
     """The manifest of a folder of compact shards (`write_shards`)."""
-    path = Path(shard_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: not a finished shard folder") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    if manifest.get("format") != SHARD_FORMAT:
-        raise ValueError(f"{path} is not a {SHARD_FORMAT} manifest")
-    return manifest
+    return record_files.read_listing(Path(shard_dir) / MANIFEST, SHARD_FORMAT, "compact shards")
 
 
 _SHARD_FEATURES = {"id": tf.io.FixedLenFeature([], tf.string, default_value=""),
@@ -129,54 +120,17 @@ def pair(shard_dir: Path, manifest: dict, frame: pd.DataFrame, source: str | Pat
     return frame[frame["ID"].isin(held)].reset_index(drop=True)
 
 
+SHARD_GLOB = "shard-*.tfrec"
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.tfrec"
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _finished_shards(out: Path, settings: dict) -> dict[str, dict]:
-    """Shards completed by earlier runs (name → sidecar: ids, labels, bytes); leftovers of a killed run are removed."""
-    for stale in out.glob(TEMPORARY_GLOB):
-        stale.unlink()
-    finished = {}
-    for path in sorted(out.glob("shard-*.tfrec")):  # renamed after its sidecar, so every one has its ID list
-        record = json.loads(_sidecar(path).read_text())
-        if not {"labels", "bytes"} <= set(record):
-            raise ValueError(f"{out} holds shards written by an older hpa-nb (no labels in {_sidecar(path).name}): "
-                             "use another --out")
-        mismatched = {key: record.get(key) for key, value in settings.items() if record.get(key) != value}
-        if mismatched:
-            raise ValueError(f"{out} already holds shards with {mismatched}, not {settings}: use another --out")
-        finished[path.name] = record
-    for sidecar in out.glob("shard-*.tfrec.json"):
-        if not sidecar.with_suffix("").is_file():  # killed between the sidecar and the rename: redo those images
-            sidecar.unlink()
-    return finished
-
-
 def adopt_shards(previous: str | Path, out: str | Path) -> int:
-    """Copy the finished shards of an earlier, stopped run (a read-only folder, such as the attached
-    output of the previous prepare kernel) into `out`, so that `write_shards` goes on from them.
-
-    Each shard is copied under a temporary name, its sidecar first, then renamed: a copy killed
-    half-way leaves nothing that looks finished. Returns the number of shards adopted."""
-    import shutil
-
-    previous, out = Path(previous), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    adopted = 0
-    for path in sorted(previous.glob("shard-*.tfrec")):
-        target = out / path.name
-        if target.is_file() or not _sidecar(path).is_file():
-            continue
-        write_text(_sidecar(target), _sidecar(path).read_text())
-        with atomic_path(target) as temporary:
-            shutil.copyfile(path, temporary)
-        adopted += 1
-    return adopted
+    """Copy the finished shards of an earlier, stopped run (such as the attached output of the previous
+    prepare kernel) into `out`, so that `write_shards` goes on from them (`record_files.adopt`)."""
+    return record_files.adopt(previous, out, SHARD_GLOB)
 
 
 def _label_text(label: np.ndarray) -> str:
@@ -242,7 +196,7 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     out = Path(out) if out is not None else src / SHARD_DIR
     out.mkdir(parents=True, exist_ok=True)
     settings = {"size": size, "channels": channels, "encoding": encoding}
-    finished = _finished_shards(out, settings)
+    finished = record_files.finished_files(out, SHARD_GLOB, settings, {"ids", "labels", "bytes"})
     done_ids = [image_id for record in finished.values() for image_id in record["ids"]]
     log = skip_log(skip_bad)
     layout, expected = _source_layout(src, colors, log, done_ids)
@@ -271,9 +225,7 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
         nonlocal writer, temporary, shard_ids, shard_labels, shard_bytes, index, finished_images, finished_bytes
         writer.close()
         final = out / _shard_name(index)
-        record = {**settings, "ids": shard_ids, "labels": shard_labels, "bytes": temporary.stat().st_size}
-        write_text(_sidecar(final), json.dumps(record))
-        os.replace(temporary, final)  # the rename is the commit: a shard under its final name is whole
+        record = record_files.commit(temporary, final, {**settings, "ids": shard_ids, "labels": shard_labels})
         finished[final.name] = record
         finished_images, finished_bytes = finished_images + len(shard_ids), finished_bytes + record["bytes"]
         writer, temporary, shard_ids, shard_labels, shard_bytes, index = None, None, [], [], 0, index + 1

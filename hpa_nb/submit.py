@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hpa_nb.cells import CellClassifier, CellPredictions, ScoreRule, iter_predictions
+from hpa_nb.cells import COMBINED_RULE, CellClassifier, CellPredictions, ScoreRule, iter_predictions
 from hpa_nb.segmentation import ClassicalSettings, colors_needed
 from hpa_nb.segmentation_quality import SegmentationScore
 from hpa_nb.files import atomic_path
@@ -118,23 +119,26 @@ def write_submission(
     settings: ClassicalSettings = ClassicalSettings(),
     ids: Sequence[str] | None = None,
     progress: bool = True,
+    cell_model: CellClassifier | None = None,
     **method_options,
 ) -> Path:
     """Segment and score every test image, one at a time, and write the submission CSV atomically.
 
     Reads ``data_dir/test/{ID}_{color}.png`` for every ID of ``sample_submission.csv`` (or
     ``ids``); a missing PNG is named before any work starts, and an image whose channel PNGs
-    differ in size is a ValueError naming the file.
+    differ in size is a ValueError naming the file. With a `cell_model` (a cell run's model),
+    `rule` combines the image model's image-level scores with the cell model's tile scores.
     """
     data_dir = Path(data_dir)
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     test_dir = data_dir / "test"
+    channels = [classifier.channels] + ([cell_model.channels] if cell_model is not None else [])
     for image_id in ids:  # fail before hours of work, naming the first missing file
-        for color in colors_needed(classifier.channels):
+        for color in colors_needed(*channels):
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
     scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, folder=test_dir,
-                              settings=settings, **method_options)
+                              settings=settings, cell_model=cell_model, **method_options)
     return write_predictions(scored, out_csv, confidence_floor)
 
 
@@ -147,22 +151,27 @@ def submit(
     confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR,
     batch_size: int = 32,
     progress: bool = True,
+    cell_run_dir: Path | None = None,
     **method_options,
 ) -> Path:
-    """Write ``out_csv`` from a training run (`load_classifier`); see `write_submission`.
+    """Write ``out_csv`` from a training run (`load_classifier`), and a cell run's model if given; see
+    `write_submission`.
 
     `hpa_nb.segmentation.segment` describes the segmentation methods and `ScoreRule` how a cell's
     confidences are made. Returns the written path.
     """
     classifier = load_classifier(run_dir, batch_size)
-    print(f"submission: model {run_dir} ({classifier.image_size} px, {classifier.channels}), "
+    cell_model = None if cell_run_dir is None else load_classifier(cell_run_dir, batch_size, level="cell")
+    cells = "" if cell_model is None else f", cell model {cell_run_dir} ({cell_model.image_size} px tiles)"
+    print(f"submission: model {run_dir} ({classifier.image_size} px, {classifier.channels}){cells}, "
           f"segmentation {method}, {rule}", file=sys.stderr)
     return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
-                            **method_options)
+                            cell_model=cell_model, **method_options)
 
 
-def load_classifier(run_dir: Path, batch_size: int = 32) -> CellClassifier:
-    """The model of a training run folder, with the input size and channels of its config."""
+def load_classifier(run_dir: Path, batch_size: int = 32, level: str = "image") -> CellClassifier:
+    """The model of a training run folder, with the input size and channels of its config; a run of
+    another `level` (``"image"`` or ``"cell"``, `TrainConfig.level`) than asked is refused."""
     from hpa_nb.model import load_model
     from hpa_nb.run import MODEL_FILE, load_config
 
@@ -170,6 +179,9 @@ def load_classifier(run_dir: Path, batch_size: int = 32) -> CellClassifier:
     if not (run_dir / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{run_dir / MODEL_FILE} does not exist (train a model first)")
     config = load_config(run_dir)
+    if config.level != level:
+        raise ValueError(f"{run_dir} holds a {config.level}-level model, not the {level}-level model asked for "
+                         f"(--model takes an image run, --cell-model a cell run)")
     return CellClassifier.from_keras(load_model(run_dir), config.image_size, config.channels, batch_size)
 
 
@@ -217,6 +229,47 @@ def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
     maps = {reading: float(np.mean([ap for ap in aps if ap is not None] or [0.0]))
             for reading, aps in average_precisions.items()}
     return CellEvaluation(maps, average_precisions, segmentation, dict(predictions))
+
+
+@dataclass
+class ModelComparison:
+    """The local cell mAP of the image model alone, the cell model alone and the two combined, on the same cells."""
+
+    evaluations: dict[str, CellEvaluation]  # "image model", "cell model", "image × cell" → its evaluation
+
+    def table(self):
+        """One row per scoring, cell mAP in both readings."""
+        import pandas as pd
+
+        return pd.DataFrame([(name, e.cell_maps["challenge"], e.cell_maps["all_classes"])
+                             for name, e in self.evaluations.items()],
+                            columns=["scoring", "cell mAP (challenge)", "cell mAP (all classes)"])
+
+    def __str__(self) -> str:
+        return "\n".join(f"{name}: {e.describe()}" for name, e in self.evaluations.items())
+
+
+def compare_models(classifier: CellClassifier, cell_model: CellClassifier, data_dir: Path,
+                   ids: Sequence[str] | None = None, method: str = "classical", image_rule: ScoreRule = ScoreRule(),
+                   combined_rule: ScoreRule = COMBINED_RULE, use_truth_masks: bool = False,
+                   progress: bool = True) -> ModelComparison:
+    """Score the test images three ways on the same cells: the image model under `image_rule`, the cell
+    model alone, and both under `combined_rule`. Each image is segmented once (or its true cells used)."""
+    from hpa_nb.cells import predict_images
+    from hpa_nb.segmentation_quality import load_cell_truth
+
+    ids = read_submission_ids(data_dir) if ids is None else list(ids)
+    truth = load_cell_truth(data_dir, ids)
+    image_only = predict_images(classifier, data_dir, ids, method, image_rule,
+                                masks=truth[0] if use_truth_masks else None, progress=progress)
+    masks = {image_id: cells.mask for image_id, cells in image_only.items()}
+    cell_only_rule = dataclasses.replace(combined_rule, image_weight=0.0)
+    scorings = {"image model": image_only,
+                "cell model": predict_images(classifier, data_dir, ids, method, cell_only_rule, masks=masks,
+                                             progress=progress, cell_model=cell_model),
+                "image × cell": predict_images(classifier, data_dir, ids, method, combined_rule, masks=masks,
+                                               progress=progress, cell_model=cell_model)}
+    return ModelComparison({name: score_cells(p, data_dir, truth) for name, p in scorings.items()})
 
 
 def evaluate_cells(

@@ -58,12 +58,53 @@ def _split(root: Path, run_dir: Path, config: TrainConfig,
     if reuse and (run_dir / run.SPLIT_FILE).is_file():
         saved = run.load_split(run_dir)
         train_ids, val_ids = saved["train"], saved["val"]
+    elif config.split_from:
+        saved = run.load_split(config.split_from)
+        unknown = sorted(set(saved["train"] + saved["val"]) - set(ids))
+        if unknown:
+            raise ValueError(f"split_from {config.split_from}: image {unknown[0]} is not in {root}/train.csv")
+        train_ids, val_ids = saved["train"], saved["val"]
+        run.write_split(run_dir, train_ids, val_ids)
     else:
         train_ids, val_ids = split(ids, matrix, config.val_fraction, config.seed)
         run.write_split(run_dir, train_ids, val_ids)
     if not train_ids or not val_ids:
         raise ValueError(f"split of {len(ids)} images in {root} left an empty train or validation subset")
+    if config.level == "cell":
+        return _cell_split(root, config, frame, list(train_ids), list(val_ids))
     return list(train_ids), list(val_ids), _rows(train_ids, ids, matrix), _rows(val_ids, ids, matrix)
+
+
+def _cell_split(root: Path, config: TrainConfig, frame, train_ids: list[str],
+                val_ids: list[str]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """The image split carried over to the tiles: every cell of an image on its image's side, with the
+    image's label as its weak target. Tiles from other data stop the run; images the tiles lack (skipped
+    as bad when they were written) are left out with a warning."""
+    from hpa_nb import tiles
+    from hpa_nb.labels import label_matrix, parse_label
+
+    where = Path(config.tiles) / tiles.MANIFEST
+    manifest = tiles.read_manifest(config.tiles)
+    if not manifest["complete"]:
+        raise ValueError(f"{where}: the tiles are incomplete ({manifest['images']} images; their run stopped at "
+                         "its deadline): run it again to finish them")
+    held = tiles.image_labels(manifest)
+    truth = dict(zip(frame["ID"], frame["Label"]))
+    for image_id, label in held.items():
+        if image_id not in truth or not np.array_equal(parse_label(label, image_id), parse_label(truth[image_id], image_id)):
+            raise ValueError(f"{where}: image {image_id} with label '{label}' in the tiles is not so in "
+                             f"{root}/train.csv: the tiles were written from other data")
+    missing = [image_id for image_id in train_ids + val_ids if image_id not in held]
+    if missing:
+        print(f"warning: {len(missing)} images of the split have no tiles (skipped as bad when the tiles were "
+              f"written, e.g. {missing[0]}); training leaves them out", file=sys.stderr)
+    keys = {side: tiles.tile_keys(manifest, ids) for side, ids in (("train", train_ids), ("val", val_ids))}
+    image_of = {key: key.rpartition("_")[0] for side_keys in keys.values() for key in side_keys}
+
+    def matrix(side_keys: list[str]) -> np.ndarray:
+        return label_matrix(side_keys, [held[image_of[key]] for key in side_keys])
+
+    return keys["train"], keys["val"], matrix(keys["train"]), matrix(keys["val"])
 
 
 def _rows(ids: list[str], all_ids: list[str], matrix: np.ndarray) -> np.ndarray:
@@ -185,7 +226,8 @@ class Plan:
         return "\n".join([
             f"accelerator: {self.accelerator.describe()}",
             f"data: {self.layout}",
-            f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation images",
+            f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation "
+            f"{'cells (tiles, split by image)' if self.config.level == 'cell' else 'images'}",
             f"steps: global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch, "
             f"{self.steps_per_execution} per compiled call",
             f"run: {self.run_dir} ({start}, {self.config.epochs} epochs)"])
@@ -208,7 +250,7 @@ def whole_executions(steps_per_epoch: int, steps_per_execution: int, explicit: b
 
 
 # Options a resumed run must share with the run it continues: they shape the model, its inputs or its split.
-RESUME_INVARIANTS = ("backbone", "image_size", "channels", "batch_size", "seed", "val_fraction")
+RESUME_INVARIANTS = ("level", "relabel", "backbone", "image_size", "channels", "batch_size", "seed", "val_fraction")
 
 
 def prepare(config: TrainConfig) -> Plan:
@@ -235,7 +277,8 @@ def prepare(config: TrainConfig) -> Plan:
     if config.resume_from:
         run.adopt(run.find_previous(config.resume_from), run_dir)
     config = dataclasses.replace(config, data_dir=str(root), out_dir=str(run_dir),
-                                 resume=config.resume or bool(config.resume_from), shards=_find_shards(config.shards))
+                                 resume=config.resume or bool(config.resume_from), shards=_find_shards(config.shards),
+                                 tiles=_find_tiles(root, config) if config.level == "cell" else None)
     accelerator = detect(config.cpu_replicas, config.precision)  # before TF touches its devices
     preflight.check_accelerator(accelerator.device_kind, config.quick, config.allow_cpu)
     keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
@@ -248,7 +291,7 @@ def prepare(config: TrainConfig) -> Plan:
     if config.resume and checkpoint is None:
         print(f"resume: no checkpoint in {run_dir / run.CHECKPOINT_DIR}, starting from scratch", file=sys.stderr)
     train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
-    layout = data.describe_layout(root, config.channels, config.shards)
+    layout = data.describe_layout(root, config.channels, _records(config))
 
     global_batch = accelerator.global_batch_size(config.batch_size)
     steps_per_epoch, steps_per_execution = whole_executions(
@@ -261,8 +304,14 @@ def prepare(config: TrainConfig) -> Plan:
                "steps_per_execution_used": steps_per_execution, "train_images": len(train_ids),
                "val_images": len(val_ids), "data_fingerprint": fingerprint}
     run.write_info(run_dir, config, runtime)
+    targets = None
+    if config.relabel:
+        from hpa_nb.relabel import relabelled_targets
+
+        targets = relabelled_targets(config, run_dir, run.load_split(run_dir)["train"])
+        train_matrix = np.stack([targets[key] for key in train_ids])
     datasets = _datasets(root, train_ids, val_ids, config, global_batch, accelerator.replicas,
-                         start_batch=finished * steps_per_epoch)
+                         start_batch=finished * steps_per_epoch, targets=targets)
     # Classes without both positives and negatives in validation have no AUC; leave them out.
     val_positives = val_matrix.sum(axis=0)
     label_weights = ((val_positives > 0) & (val_positives < len(val_ids))).astype(np.float32)
@@ -354,16 +403,16 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: TrainConfig, global_batch: int,
-              replicas: int, start_batch: int) -> dict:
+              replicas: int, start_batch: int, targets: dict | None = None) -> dict:
     """Training (infinite, augmented, from `start_batch` on), validation (finite, padded) and BN re-estimation data."""
     import tensorflow as tf
 
     from hpa_nb import data
 
     common = {"image_size": config.image_size, "channels": config.channels, "batch_size": global_batch,
-              "shards": config.shards}
+              "shards": _records(config)}
     train_data = data.training_dataset(root, train_ids, seed=config.seed, augment=config.augment,
-                                       cache=config.cache, start_batch=start_batch, **common)
+                                       cache=config.cache, start_batch=start_batch, targets=targets, **common)
     val_bytes = len(val_ids) * config.image_size ** 2 * len(config.channels)  # uint8 images
     val_data = data.eval_dataset(root, val_ids, with_id=False, cache=val_bytes <= config.val_cache_gib * 2**30,
                                  **common)
@@ -405,6 +454,29 @@ def _find_shards(reference: str | None) -> str | None:
         return None
     found = find_shards(reference)
     return None if found is None else str(found)
+
+
+def _find_tiles(root: Path, config: TrainConfig) -> str:
+    """The tile folder a cell run reads: the one `config.tiles` names (a folder, or OWNER/KERNEL attached on
+    Kaggle), else ``root/tiles``, else on Kaggle any attached."""
+    from hpa_nb import tiles
+    from hpa_nb.env import find_tiles, on_kaggle
+
+    if config.tiles is None and tiles.is_tile_folder(root / tiles.TILE_DIR):
+        return str(root / tiles.TILE_DIR)
+    if config.tiles is not None and (tiles.is_tile_folder(config.tiles) or not on_kaggle()):
+        tiles.read_manifest(config.tiles)  # a folder without tiles.json stops here, named
+        return str(config.tiles)
+    found = find_tiles(config.tiles) if on_kaggle() else None
+    if found is None:
+        raise FileNotFoundError(f"a cell run needs cell tiles: none in {root / tiles.TILE_DIR}; write them first "
+                                f"(python -m hpa_nb tiles --src {root}) or name them with --tiles")
+    return str(found)
+
+
+def _records(config: TrainConfig) -> str | None:
+    """What the data layer reads besides data_dir: the cell tiles of a cell run, else the shards (if any)."""
+    return config.tiles if config.level == "cell" else config.shards
 
 
 def _discover() -> Path:

@@ -37,6 +37,22 @@ def trained_run(small_sample, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_cell_run(small_sample, tmp_path_factory) -> Path:
+    """A cell run written by `train` itself on `small_sample`'s tiles (its true cells, 32 px): the same
+    split settings as `trained_run` (a quarter held out, seed 3), two short epochs of the tiny CNN."""
+    from hpa_nb.config import TrainConfig
+    from hpa_nb.tiles import write_tiles
+    from hpa_nb.train import train
+
+    tiles = tmp_path_factory.mktemp("cell_tiles") / "tiles"
+    write_tiles(small_sample, tiles, size=32, segmentation="masks", progress=False)
+    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path_factory.mktemp("cell_run")),
+                                       level="cell", tiles=str(tiles), image_size=32, epochs=2, batch_size=4,
+                                       steps_per_epoch=2, val_fraction=0.25, seed=3, verbose=0)
+    return train(config).run_dir
+
+
+@pytest.fixture(scope="session")
 def default_sample() -> Path:
     """The default sample that every command falls back to (cached under HPA_CACHE)."""
     from hpa_nb.env import ensure_default_sample
@@ -80,3 +96,21 @@ def cli(capfd, monkeypatch, tmp_path):
         return CliResult(status, captured.out, captured.err)
 
     return run
+
+
+def kill_when_written(command: list[str], path: Path, environment: dict, timeout: float = 300) -> None:
+    """Start `command`, SIGKILL it as soon as `path` exists (as a lost Kaggle session would), and check it died so."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if process.poll() is not None:
+            raise AssertionError(f"the process ended before writing {path.name}: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"no {path.name} in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL

@@ -13,7 +13,7 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
-from hpa_nb import bad_input, competition, data, shards, splits  # noqa: E402
+from hpa_nb import bad_input, competition, data, record_files, shards, splits  # noqa: E402
 from hpa_nb.competition import encode_record, write_tfrecord  # noqa: E402
 from hpa_nb.files import temporary_path  # noqa: E402
 from hpa_nb.labels import N_CLASSES, label_matrix, parse_label  # noqa: E402
@@ -406,7 +406,7 @@ def test_bad_label_in_csv_names_the_id(tmp_path):
 def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     out = root / "shards"
-    real_replace = shards.os.replace
+    real_replace = record_files.os.replace
     committed = []
 
     def dying_replace(source, target):
@@ -416,10 +416,10 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypat
             committed.append(target)
         real_replace(source, target)
 
-    monkeypatch.setattr(shards.os, "replace", dying_replace)
+    monkeypatch.setattr(record_files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
-    monkeypatch.setattr(shards.os, "replace", real_replace)
+    monkeypatch.setattr(record_files.os, "replace", real_replace)
     assert not (out / shards.MANIFEST).exists()
     assert sorted(p.name for p in out.glob("*.tfrec")) == ["shard-00000.tfrec", "shard-00001.tfrec"]
     # killed between the sidecar and the rename: an ID list whose shard never arrived
@@ -435,7 +435,7 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypat
     assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)), 10, 3)
     again = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert again["shards"] == manifest["shards"]
-    with pytest.raises(ValueError, match="already holds shards"):
+    with pytest.raises(ValueError, match="already holds files"):
         shards.write_shards(root, out, size=IMAGE_SIZE * 2, channels="rgb", images_per_shard=3, progress=False)
 
 

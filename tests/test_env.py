@@ -107,8 +107,11 @@ def test_hpa_out_overrides_the_working_dir(tmp_path):
 def test_the_cached_sample_is_keyed_by_the_generator_version(tmp_path, monkeypatch):
     environ = {"HPA_CACHE": str(tmp_path)}
     first = env.default_sample_dir(environ)
-    monkeypatch.setattr("hpa_nb.sample.GENERATOR_VERSION", 2)
-    assert env.default_sample_dir(environ) != first and "-v2-" in env.default_sample_dir(environ).name
+    from hpa_nb.sample import GENERATOR_VERSION
+
+    monkeypatch.setattr("hpa_nb.sample.GENERATOR_VERSION", GENERATOR_VERSION + 1)
+    later = env.default_sample_dir(environ)
+    assert later != first and f"-v{GENERATOR_VERSION + 1}-" in later.name
 
 
 def test_find_shards_in_an_attached_kernel_output(tmp_path):

@@ -158,7 +158,7 @@ def bootstrap_cells(notebook) -> list:
 
 
 # --- metadata -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [*kernels.KERNELS, "06_cell_crops"])
+@pytest.mark.parametrize("name", [*kernels.KERNELS, "07_cell_crops"])
 def test_kernel_metadata_for_every_notebook(name, kaggle_api):
     metadata = kernels.kernel_metadata(name)
     owner, slug = metadata["id"].split("/")
@@ -174,7 +174,7 @@ def test_kernel_metadata_for_every_notebook(name, kaggle_api):
 def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
     shapes = {name: kernels.kernel_metadata(name).get("machine_shape") for name in kernels.KERNELS}
     assert shapes == {"00_prepare": None, "01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8",
-                      "04_evaluate": None, "05_submission": None}
+                      "04_evaluate": None, "05_submission": None, "06_cells": None}
     assert {name for name in kernels.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {"03_train"}
     assert not any(kernels.kernel_metadata(name)["enable_gpu"] for name in kernels.KERNELS)
     assert kernels.kernel_metadata("03_train")["enable_internet"] is True  # ImageNet weights download

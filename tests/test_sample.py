@@ -189,11 +189,35 @@ def test_masks_match_images_and_cells_csv_and_cell_labels_union_to_image_label(s
         assert set(np.unique(mask)) - {0} == set(cells[image_id])
         for cell in cells[image_id]:
             assert ndimage.label(mask == cell)[1] == 1, f"{image_id} cell {cell} is in pieces"
+        cell_sets = [{int(c) for c in text.split("|")} for text in cells[image_id].values()]
+        assert all(NEGATIVE not in found or found == {NEGATIVE} for found in cell_sets)  # Negative cells only alone
         if image_id in labels:
-            union = sum(parse_label(text, image_id) for text in cells[image_id].values()) > 0
-            np.testing.assert_array_equal(union, parse_label(labels[image_id], image_id) > 0)
-        if NEGATIVE in [int(c) for text in cells[image_id].values() for c in text.split("|")]:
-            assert set(cells[image_id].values()) == {str(NEGATIVE)}
+            image_label = {int(c) for c in labels[image_id].split("|")}
+            if image_label == {NEGATIVE}:
+                assert cell_sets == [{NEGATIVE}] * len(cell_sets)
+            else:  # the image label is the union of the cells' localisation labels
+                assert set().union(*cell_sets) - {NEGATIVE} == image_label
+
+
+def test_a_label_is_carried_by_some_cells_only_and_rare_cell_cycle_classes_by_the_fewest(default_sample):
+    from hpa_nb.sample import CELL_SHARE
+
+    cells = defaultdict(list)
+    for row in _rows(default_sample / "cells.csv"):
+        cells[row["ID"]].append({int(c) for c in row["Label"].split("|")})
+    share = defaultdict(list)  # class -> share of its images' cells that carry it
+    negative_cells_in_labelled_images = 0
+    for cell_sets in cells.values():
+        for label in set().union(*cell_sets) - {NEGATIVE}:
+            share[label].append(np.mean([label in found for found in cell_sets]))
+        if {NEGATIVE} in cell_sets and any(found != {NEGATIVE} for found in cell_sets):
+            negative_cells_in_labelled_images += 1
+    every_share = [s for shares in share.values() for s in shares]
+    assert np.mean([s < 1 for s in every_share]) > 0.5  # most labels miss some of their image's cells
+    assert negative_cells_in_labelled_images > 20  # images with stained and unstained cells side by side
+    spindle, nucleoplasm = np.mean(share[11]), np.mean(share[0])
+    assert spindle < 0.35 < 0.7 < nucleoplasm
+    assert CELL_SHARE[11] == CELL_SHARE[:NEGATIVE].min()
 
 
 def test_cells_have_nuclei_in_the_blue_channel(small_sample):

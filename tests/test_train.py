@@ -4,16 +4,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import kill_when_written
 from hpa_nb.config import QUICK, TrainConfig
 from hpa_nb.run import load_config
 
@@ -196,16 +195,7 @@ def _train_command(*arguments: str) -> list[str]:
 
 def _kill_after_checkpoint(command: list[str], run: Path, epoch: int, timeout: float = 300) -> None:
     """Start `command`, SIGKILL it as soon as the checkpoint of `epoch` exists (as a lost Kaggle session would)."""
-    process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while not (run / "checkpoints" / f"epoch-{epoch:03d}.keras").is_file():
-        if process.poll() is not None:
-            raise AssertionError(f"training ended before epoch {epoch}: {process.stderr.read()[-2000:]}")
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
+    kill_when_written(command, run / "checkpoints" / f"epoch-{epoch:03d}.keras", _environment(), timeout)
 
 
 @pytest.mark.slow

@@ -1,0 +1,115 @@
+"""Which cells carry an image's labels: out-of-fold relabelling of cell tiles, as the competition's
+top solutions refined their weak cell labels.
+
+A cell run with ``relabel=True`` first trains `TrainConfig.relabel_folds` cell models, each on the
+tiles of all training images but one fold (a run folder each under ``RUN/folds/``), and scores the
+tiles of the fold it never saw. Those out-of-fold scores then set each training tile's target
+(`refine`), and the cell run trains on the targets. Validation tiles keep their weak labels, so
+their scores stay comparable with a run without relabelling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hpa_nb import run
+from hpa_nb.config import TrainConfig
+from hpa_nb.labels import N_CLASSES, NEGATIVE, parse_label
+
+
+def refine(scores: dict[str, np.ndarray], image_labels: dict[str, str]) -> dict[str, np.ndarray]:
+    """Targets for tiles from their out-of-fold scores (tile key → 19 floats) and their images' labels.
+
+    For each class of its image, a tile's target is its score divided by the highest score of that
+    class among the image's tiles: the cell the model finds most likely keeps the label (every label
+    of an image is on at least one of its cells), a cell it finds half as likely gets 0.5. Classes
+    the image lacks stay 0. A cell of a labelled image is Negative as far as it carries none of the
+    labels: ``1 - max`` of its targets. An all-Negative image's cells stay Negative.
+    """
+    by_image: dict[str, list[str]] = {}
+    for key in scores:
+        by_image.setdefault(key.rpartition("_")[0], []).append(key)
+    targets = {}
+    for image_id, keys in by_image.items():
+        weak = parse_label(image_labels[image_id], image_id)
+        if weak[NEGATIVE] > 0:
+            for key in keys:
+                targets[key] = weak.copy()
+            continue
+        block = np.stack([scores[key] for key in keys]).astype(np.float32) * weak
+        best = block.max(axis=0)
+        relative = np.divide(block, best, out=np.zeros_like(block), where=best > 0)
+        relative[:, best <= 0] = weak[best <= 0]  # no score at all for a label: every cell keeps it
+        relative[:, NEGATIVE] = 1.0 - relative.max(axis=1)
+        for key, row in zip(keys, relative):
+            targets[key] = np.clip(row, 0.0, 1.0)
+    return targets
+
+
+def folds_of(image_ids: list[str], folds: int, seed: int) -> list[list[str]]:
+    """`image_ids` dealt into `folds` parts at random (deterministic per seed), in input order within each."""
+    order = np.random.default_rng([seed, 7]).permutation(len(image_ids))
+    fold_of = np.empty(len(image_ids), int)
+    fold_of[order] = np.arange(len(image_ids)) % folds
+    return [[i for i, f in zip(image_ids, fold_of) if f == k] for k in range(folds)]
+
+
+def out_of_fold_scores(config: TrainConfig, run_dir: Path, train_image_ids: list[str]) -> dict[str, np.ndarray]:
+    """Each training tile's score by the fold model that never saw its image (tile key → 19 floats).
+
+    Fold `k` trains in ``run_dir/folds/k`` (a run folder like any other: a killed fold resumes, a
+    finished one is reused) on the other folds' images, validated on its own, which it then scores.
+    """
+    from hpa_nb import tiles
+    from hpa_nb.submit import load_classifier
+    from hpa_nb.train import train
+
+    manifest = tiles.read_manifest(config.tiles)
+    scores: dict[str, np.ndarray] = {}
+    parts = folds_of(train_image_ids, config.relabel_folds, config.seed)
+    for k, held_out in enumerate(parts):
+        fold_dir = run_dir / run.FOLDS_DIR / str(k)
+        split_file = run_dir / run.FOLDS_DIR / f"split-{k}.csv"
+        held = set(held_out)
+        run.write_split(split_file, [i for i in train_image_ids if i not in held], held_out)
+        if not (fold_dir / run.MODEL_FILE).is_file():
+            print(f"relabel: fold {k + 1} of {len(parts)}: training on {len(train_image_ids) - len(held)} images, "
+                  f"scoring the cells of {len(held)}", file=sys.stderr)
+            fold = dataclasses.replace(config, relabel=False, out_dir=str(fold_dir), split_from=str(split_file),
+                                       resume=(fold_dir / run.CONFIG_FILE).is_file(), resume_from=None)
+            train(fold)
+        model = load_classifier(fold_dir, level="cell")
+        crops, info = tiles.load_tiles(config.tiles, image_ids=held_out)
+        crops = crops[..., : len(model.channels)].astype(np.float32)
+        if crops.shape[1] != model.image_size:
+            from hpa_nb.cells import resize_image
+
+            crops = np.stack([resize_image(crop, model.image_size) for crop in crops])
+        fold_scores = model(crops) if len(crops) else np.zeros((0, N_CLASSES), np.float32)
+        scores.update(zip(info["key"] if len(info) else [], fold_scores))
+    expected = set(tiles.tile_keys(manifest, train_image_ids))
+    if set(scores) != expected:
+        raise RuntimeError(f"relabel: {len(expected - set(scores))} training tiles got no out-of-fold score")
+    return scores
+
+
+def relabelled_targets(config: TrainConfig, run_dir: Path, train_image_ids: list[str]) -> dict[str, np.ndarray]:
+    """The training targets of a relabelled cell run: read back from ``targets.csv`` when a resumed run
+    has them, else from the out-of-fold scores (`refine`), written there first."""
+    from hpa_nb import tiles
+
+    saved = run.load_targets(run_dir)
+    if saved is not None:
+        return saved
+    scores = out_of_fold_scores(config, run_dir, train_image_ids)
+    labels = tiles.image_labels(tiles.read_manifest(config.tiles))
+    targets = refine(scores, labels)
+    run.write_targets(run_dir, targets)
+    moved = np.mean([not np.array_equal(target > 0.5, parse_label(labels[key.rpartition("_")[0]]) > 0.5)
+                     for key, target in targets.items()])
+    print(f"relabel: {len(targets)} training cells, {moved:.0%} of them with other classes than their image's label "
+          f"(at 0.5)", file=sys.stderr)
+    return targets
