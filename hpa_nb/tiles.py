@@ -94,7 +94,7 @@ def _example(tiles: ImageTiles, row: int, label: np.ndarray) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString()
 
 
-def _mask(src: Path, folder: Path, image_id: str, pixels: dict, segmentation: str, settings: ClassicalSettings,
+def _mask(src: Path, image_id: str, pixels: dict, segmentation: str, settings: ClassicalSettings,
           method_options: dict) -> np.ndarray:
     if segmentation == "masks":
         mask = read_mask(src, image_id)
@@ -117,7 +117,7 @@ def _image_tiles(src: Path, image_id: str, size: int, channels: str, segmentatio
         raise
     except OSError as exc:  # PIL: not a PNG, truncated
         raise ValueError(f"image {image_id}: {' '.join(str(exc).split())}") from None
-    mask = _mask(src, folder, image_id, pixels, segmentation, settings, method_options)
+    mask = _mask(src, image_id, pixels, segmentation, settings, method_options)
     return cut_tiles(stack_channels(pixels, channels), mask, image_id, size)
 
 
