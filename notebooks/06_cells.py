@@ -36,6 +36,8 @@ DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kag
 RUN_DIR = ""  # empty: <working dir>/run, the image run 03_train writes
 CELL_RUN_DIR = ""  # empty: <working dir>/cell_run
 TILES_FROM = ""  # tiles written elsewhere: a folder, or OWNER/KERNEL attached as input; empty: write them here
+RESUME_TILES_FROM = ""  # the tiles of an earlier version stopped at HOURS (OWNER/KERNEL attached): go on from them
+HOURS = 11.0  # on Kaggle, stop cutting tiles cleanly after this long, keeping every finished file (a CPU session ends at 12 h)
 QUICK = None  # None: quick off Kaggle, full on Kaggle
 SEGMENTATION = ""  # empty: the sample's true cells where it has them (masks/), else "classical"
 TILE_SIZE = 64  # px; 128 or more for full-size images
@@ -43,6 +45,7 @@ RELABEL = False  # True: targets from out-of-fold cell models (hpa_nb.relabel); 
 N_GALLERY = 12
 
 # %%
+import time
 
 import numpy as np
 import pandas as pd
@@ -66,13 +69,20 @@ print(f"data: {DATA}\nimage run: {RUN} ({image_config.backbone}, {image_config.i
 # neighbouring cells alike), padded to a square and resized to `TILE_SIZE`: exactly what the cell scorer
 # shows the cell model at submission time. Each record also keeps the image ID, the cell ID, the image's
 # label, the cell's box, its share of the image and whether it touches the border. A file is renamed into
-# place only when whole, so a stopped run goes on where it was.
+# place only when whole, so a stopped run goes on where it was; on Kaggle the cutting stops cleanly at `HOURS`,
+# and the next version goes on from this one's output with `RESUME_TILES_FROM`.
 
 # %%
 TILES = env.find_tiles(TILES_FROM) if TILES_FROM else env.working_dir() / "tiles"
 if not TILES_FROM:
-    tiles.write_tiles(DATA, TILES, size=TILE_SIZE, segmentation=SEGMENTATION)
+    if RESUME_TILES_FROM:
+        print(f"adopted {tiles.adopt_tiles(env.find_tiles(RESUME_TILES_FROM), TILES)} finished files")
+    deadline = time.time() + HOURS * 3600 if env.on_kaggle() else None
+    tiles.write_tiles(DATA, TILES, size=TILE_SIZE, segmentation=SEGMENTATION, deadline=deadline)
 manifest = tiles.read_manifest(TILES)
+if not manifest["complete"]:
+    raise SystemExit(f"tiles stopped at HOURS with {manifest['images']} images: push this notebook again with "
+                     "RESUME_TILES_FROM set to this version's output to finish them")
 print(f"{manifest['count']} cells of {manifest['images']} images, {manifest['size']} px, {manifest['channels']}")
 
 # %% [markdown]
