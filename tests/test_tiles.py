@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,17 @@ def test_a_killed_tiles_run_goes_on_in_a_fresh_process(default_sample, tmp_path)
     sidecars = {entry["file"]: json.loads((out / f"{entry['file']}.json").read_text()) for entry in manifest["files"]}
     assert all(s["size"] == 32 and s["segmentation"] == "classical" for s in sidecars.values())
     assert Image.open(default_sample / "masks" / f"{train_ids[0]}.png").mode == "I;16"
+
+
+def test_tiles_stopped_at_a_deadline_are_adopted_by_the_next_session(small_sample, tmp_path):
+    first = tmp_path / "session1" / "tiles"
+    stopped = tiles.write_tiles(small_sample, first, size=16, segmentation="masks", images_per_file=7,
+                                progress=False, deadline=time.time() - 1)  # already past: stop after the first file
+    assert (stopped["complete"], stopped["images"], len(stopped["files"])) == (False, 7, 1)
+    second = tmp_path / "session2" / "tiles"  # the next session starts with an empty working folder
+    assert tiles.adopt_tiles(first, second) == 1
+    finished = tiles.write_tiles(small_sample, second, size=16, segmentation="masks", images_per_file=7,
+                                 progress=False)
+    assert finished["complete"] and finished["images"] == len(pd.read_csv(small_sample / "train.csv"))
+    assert finished["files"][0] == stopped["files"][0]
+    assert (second / "tiles-00000.tfrec").read_bytes() == (first / "tiles-00000.tfrec").read_bytes()
