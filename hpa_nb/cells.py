@@ -197,14 +197,20 @@ CROPS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
 COMBINED_RULE = ScoreRule(combine="geometric", image_weight=0.3)
 
 
+def cell_extent(mask: np.ndarray, cell_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of `cell_ids`' area in pixels (float ``[N]``) and whether it touches the image's edge (bool ``[N]``)."""
+    areas = np.asarray(ndimage.sum_labels(np.ones(mask.shape, np.float32), mask, cell_ids), np.float64).reshape(-1)
+    edge = np.unique(np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]))
+    return areas, np.isin(cell_ids, edge)
+
+
 def partial_cells(mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
     """Which of `cell_ids` look cut off by the image's edge: touching it, with less than half the
     median area of the image's cells. bool ``[N]``."""
     if len(cell_ids) == 0:
         return np.zeros(0, bool)
-    areas = ndimage.sum_labels(np.ones(mask.shape, np.float32), mask, cell_ids)
-    edge = np.unique(np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]))
-    return np.isin(cell_ids, edge) & (areas < 0.5 * np.median(areas))
+    areas, border = cell_extent(mask, cell_ids)
+    return border & (areas < 0.5 * np.median(areas))
 
 
 def cell_ids_of(mask: np.ndarray) -> np.ndarray:

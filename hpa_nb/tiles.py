@@ -16,6 +16,7 @@ trained on).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -61,16 +62,15 @@ def cut_tiles(image: np.ndarray, mask: np.ndarray, image_id: str, size: int) -> 
     """The tiles of one image (``[H, W, C]`` float32 on the 0–255 scale) and its instance mask."""
     from scipy import ndimage
 
-    from hpa_nb.cells import cell_crops, cell_ids_of
+    from hpa_nb.cells import cell_crops, cell_extent, cell_ids_of
 
     ids, crops = cell_crops(image, mask, size, cell_ids_of(mask))
     boxes = ndimage.find_objects(mask.astype(np.int32))
     box_rows = np.array([[b[0].start, b[1].start, b[0].stop, b[1].stop] for b in (boxes[i - 1] for i in ids)],
                         np.int64).reshape(-1, 4)
-    areas = ndimage.sum_labels(np.ones(mask.shape, np.float32), mask, ids) / mask.size
-    edge = np.unique(np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]]))
+    areas, border = cell_extent(mask, ids)
     uint8 = np.clip(np.rint(crops), 0, 255).astype(np.uint8)
-    return ImageTiles(image_id, ids, uint8, box_rows, np.asarray(areas, np.float32), np.isin(ids, edge))
+    return ImageTiles(image_id, ids, uint8, box_rows, (areas / mask.size).astype(np.float32), border)
 
 
 def _example(tiles: ImageTiles, row: int, label: np.ndarray) -> bytes:
@@ -254,16 +254,15 @@ def image_labels(manifest: dict) -> dict[str, str]:
 def tile_layout(tile_dir: Path, manifest: dict, colors: tuple[str, ...], keys: Iterable[str] | None):
     """The tiles as a `hpa_nb.reading.Layout` (the shard reader: a tile record holds the shard record's
     ``id``, ``label`` and raw ``image``), for `hpa_nb.data` to read, keeping the tiles named by `keys`."""
-    from hpa_nb.reading import Layout
     from hpa_nb.shards import shard_layout
 
     if colors_of(manifest["channels"])[: len(colors)] != colors:
         raise ValueError(f"{Path(tile_dir) / MANIFEST}: the tiles hold {manifest['channels']}, not {'+'.join(colors)}")
     as_shards = {**manifest, "shards": manifest["files"]}
     layout = shard_layout(Path(tile_dir), as_shards, colors, keys)
-    return Layout("tiles", f"cell tiles {tile_dir} ({manifest['count']} cells of {manifest['images']} images, "
-                           f"{manifest['size']} px, {manifest['channels']}, {manifest['segmentation']} cells)",
-                  layout.items, layout.item_count, layout.parse, layout.decode, layout.decode_can_fail, layout.explain)
+    return dataclasses.replace(layout, kind="tiles", description=(
+        f"cell tiles {tile_dir} ({manifest['count']} cells of {manifest['images']} images, {manifest['size']} px, "
+        f"{manifest['channels']}, {manifest['segmentation']} cells)"))
 
 
 def read_tiles(tile_dir: str | Path, image_size: int | None = None, channels: str | None = None,
