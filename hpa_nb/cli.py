@@ -112,6 +112,42 @@ def _submit(args: argparse.Namespace) -> None:
     print(f"wrote {written}")
 
 
+# --- compare ------------------------------------------------------------------------------
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="cell mAP of the image model, the cell model and both, on images with true cells")
+    p.add_argument("--model", type=Path, required=True, metavar="RUN", help="an image run folder")
+    p.add_argument("--cell-model", type=Path, required=True, metavar="CELL_RUN", help="a cell run folder (train --level cell)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a sample with true cells (masks/, cells.csv); its test images are scored (default: 400 "
+                        "held-out images from the sample generator with seed 1, hpa_nb.env.EVALUATION_SAMPLE, "
+                        "generated on first use)")
+    p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
+                   help="how the scored cells are found; masks: the true cells (no segmentation error)")
+    p.add_argument("--image-weight", type=float, default=COMBINED_RULE.image_weight,
+                   help="the combined rule's image weight (image ** w * cell ** (1 - w))")
+    p.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from hpa_nb.env import ensure_evaluation_sample
+    from hpa_nb.submit import compare_models, load_classifier
+
+    image_model = load_classifier(args.model)
+    cell_model = load_classifier(args.cell_model, level="cell")
+    data = args.data if args.data is not None else ensure_evaluation_sample()
+    if not (data / "cells.csv").is_file():
+        raise FileNotFoundError(f"{data / 'cells.csv'} does not exist: compare needs true cells (a sample)")
+    masks = args.segmentation == "masks"
+    comparison = compare_models(image_model, cell_model, data, method="classical" if masks else args.segmentation,
+                                combined_rule=dataclasses.replace(COMBINED_RULE, image_weight=args.image_weight),
+                                use_truth_masks=masks)
+    images = len(next(iter(comparison.evaluations.values())).predictions)
+    print(f"{images} test images of {data}, cells: {args.segmentation}")
+    print(comparison.table().round(3).to_string(index=False))
+
+
 # --- kaggle -------------------------------------------------------------------------------
 def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kaggle", help="build self-contained Kaggle kernels; push them and fetch results with the kaggle CLI")
@@ -354,7 +390,7 @@ def _train(args: argparse.Namespace) -> None:
 
 # In the order of the workflow, which is the order `--help` lists them.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _submit_parser, _bench_parser, _kaggle_parser,
+    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _submit_parser, _compare_parser, _bench_parser, _kaggle_parser,
 ]
 
 

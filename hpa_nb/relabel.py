@@ -20,14 +20,23 @@ from hpa_nb.config import TrainConfig
 from hpa_nb.labels import N_CLASSES, NEGATIVE, parse_label
 
 
-def refine(scores: dict[str, np.ndarray], image_labels: dict[str, str]) -> dict[str, np.ndarray]:
+# The exponent on each cell's score relative to its image's best cell (`refine`). Measured on the default
+# sample, scored on 400 held-out images (README): 1 gave cell mAP 0.742 / 0.339 (challenge / all classes),
+# 2 gave 0.752 / 0.361, 3 gave 0.762 / 0.368, one run each.
+SHARPNESS = 3.0
+
+
+def refine(scores: dict[str, np.ndarray], image_labels: dict[str, str],
+           sharpness: float = SHARPNESS) -> dict[str, np.ndarray]:
     """Targets for tiles from their out-of-fold scores (tile key → 19 floats) and their images' labels.
 
     For each class of its image, a tile's target is its score divided by the highest score of that
-    class among the image's tiles: the cell the model finds most likely keeps the label (every label
-    of an image is on at least one of its cells), a cell it finds half as likely gets 0.5. Classes
-    the image lacks stay 0. A cell of a labelled image is Negative as far as it carries none of the
-    labels: ``1 - max`` of its targets. An all-Negative image's cells stay Negative.
+    class among the image's tiles, raised to `sharpness`: the cell the model finds most likely keeps
+    the label (every label of an image is on at least one of its cells); with the default 3, a cell it
+    finds half as likely gets 0.125, since a fold model trained on weak labels still gives every cell
+    of a labelled image some of the label. Classes the image lacks stay 0. A cell of a labelled image is
+    Negative as far as it carries none of the labels: ``1 - max`` of its targets. An all-Negative
+    image's cells stay Negative.
     """
     by_image: dict[str, list[str]] = {}
     for key in scores:
@@ -41,7 +50,7 @@ def refine(scores: dict[str, np.ndarray], image_labels: dict[str, str]) -> dict[
             continue
         block = np.stack([scores[key] for key in keys]).astype(np.float32) * weak
         best = block.max(axis=0)
-        relative = np.divide(block, best, out=np.zeros_like(block), where=best > 0)
+        relative = np.divide(block, best, out=np.zeros_like(block), where=best > 0) ** np.float32(sharpness)
         relative[:, best <= 0] = weak[best <= 0]  # no score at all for a label: every cell keeps it
         relative[:, NEGATIVE] = 1.0 - relative.max(axis=1)
         for key, row in zip(keys, relative):

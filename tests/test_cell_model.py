@@ -116,6 +116,14 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
     cells = comparison.evaluations
     assert not np.allclose(cells["cell model"].predictions[written["ID"][0]].scores,
                            cells["image model"].predictions[written["ID"][0]].scores)
+    printed = cli("compare", "--model", trained_run, "--cell-model", trained_cell_run, "--data", small_sample,
+                  "--segmentation", "masks")
+    assert printed.status == 0, printed.err[-2000:]
+    rows = [line.rsplit(None, 2) for line in printed.out.splitlines() if line.strip().startswith(("image", "cell"))]
+    assert [row[0].strip() for row in rows] == table["scoring"].tolist()
+    np.testing.assert_allclose(np.array([row[1:] for row in rows], float), values, atol=6e-4)
+    no_truth = cli("compare", "--model", trained_run, "--cell-model", trained_cell_run, "--data", tmp_path)
+    no_truth.assert_one_error_line(f"{tmp_path / 'cells.csv'} does not exist: compare needs true cells (a sample)")
 
 
 def test_refine_keeps_each_label_on_its_likeliest_cell_and_makes_the_rest_negative():
@@ -126,15 +134,20 @@ def test_refine_keeps_each_label_on_its_likeliest_cell_and_makes_the_rest_negati
         row[3], row[5] = c3, c5
         return row
 
-    targets = refine({"a_1": scores(0.8, 0.2), "a_2": scores(0.4, 0.2), "a_3": scores(0.1, 0.6),
-                      "b_1": scores(0.5, 0.5)}, {"a": "3|5", "b": "18"})
-    expected = {"a_1": {3: 1.0, 5: 1 / 3, 18: 0.0}, "a_2": {3: 0.5, 5: 1 / 3, 18: 0.5},
-                "a_3": {3: 0.125, 5: 1.0, 18: 0.0}, "b_1": {18: 1.0}}
-    for key, classes in expected.items():
-        want = np.zeros(N_CLASSES, np.float32)
-        for c, value in classes.items():
-            want[c] = value
-        np.testing.assert_allclose(targets[key], want, atol=1e-6, err_msg=key)
+    tiles = {"a_1": scores(0.8, 0.2), "a_2": scores(0.4, 0.2), "a_3": scores(0.1, 0.6), "b_1": scores(0.5, 0.5)}
+    labels = {"a": "3|5", "b": "18"}
+    linear = {"a_1": {3: 1.0, 5: 1 / 3, 18: 0.0}, "a_2": {3: 0.5, 5: 1 / 3, 18: 0.5},
+              "a_3": {3: 0.125, 5: 1.0, 18: 0.0}, "b_1": {18: 1.0}}
+    cubed = {"a_1": {3: 1.0, 5: 1 / 27, 18: 0.0}, "a_2": {3: 0.125, 5: 1 / 27, 18: 0.875},
+             "a_3": {3: 1 / 512, 5: 1.0, 18: 0.0}, "b_1": {18: 1.0}}
+    for sharpness, expected in ((1.0, linear), (3.0, cubed)):
+        targets = refine(tiles, labels, sharpness)
+        for key, classes in expected.items():
+            want = np.zeros(N_CLASSES, np.float32)
+            for c, value in classes.items():
+                want[c] = value
+            np.testing.assert_allclose(targets[key], want, atol=1e-6, err_msg=f"{key} at sharpness {sharpness}")
+    np.testing.assert_allclose(refine(tiles, labels)["a_2"], refine(tiles, labels, 3.0)["a_2"])  # the measured default
 
 
 def test_targets_replace_the_stored_labels_of_the_records_they_name(small_sample, trained_cell_run):

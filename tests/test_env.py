@@ -114,6 +114,14 @@ def test_the_cached_sample_is_keyed_by_the_generator_version(tmp_path, monkeypat
     assert later != first and f"-v{GENERATOR_VERSION + 1}-" in later.name
 
 
+def test_the_evaluation_sample_has_a_cache_folder_of_its_own(tmp_path):
+    environ = {"HPA_CACHE": str(tmp_path)}
+    default, evaluation = env.default_sample_dir(environ), env.sample_dir(env.EVALUATION_SAMPLE, environ)
+    assert default.name.endswith(f"-n{env.DEFAULT_SAMPLE['images']}-s256-seed0-b8")  # the name caches already use
+    assert evaluation != default and "-t400-" in evaluation.name and "-seed1-" in evaluation.name
+    assert env.EVALUATION_SAMPLE["seed"] != env.DEFAULT_SAMPLE["seed"]  # never the images a default run trains on
+
+
 def test_find_shards_in_an_attached_kernel_output(tmp_path):
     root = tmp_path / "input"
     shard_dir = root / "hpa-00-prepare" / "shards"  # Kaggle mounts a kernel's output under its slug
