@@ -31,10 +31,11 @@ run: $(VENV)/.installed
 	@echo "executed notebooks and artifacts are in $(OUT)/"
 
 # Unit tests, then nbval over the committed notebooks (fresh outputs into a throw-away HPA_OUT). The training
-# bundle also runs in a Python 3.12 venv of Kaggle's TPU image (.ci/kaggle-tpu-venv, cached by its file's hash).
+# bundle also runs in a Python 3.12 venv of Kaggle's TPU image (.ci/kaggle-tpu-venv, cached by its file's hash), and
+# the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise).
 test: $(VENV)/.installed
-	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && \
-	HPA_TPU_VENV=$$tpu_venv HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
+	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) && \
+	HPA_TPU_VENV=$$tpu_venv HPA_HCS_VENV=$$hcs_venv HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
 
 # The quick loop while editing: the unit tests not marked slow (no training runs, no notebooks, no TPU image venv).
 test-fast: $(VENV)/.installed

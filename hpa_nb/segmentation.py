@@ -119,7 +119,9 @@ def segment(
       solutions used). Needs the ``hpacellseg`` package and its two weight files, passed as
       ``nuclei_model=`` and ``cell_model=`` or found in ``$HPA_CELLSEG_WEIGHTS``
       (``nuclei-model.pth``, ``cell-model.pth``); nothing is downloaded. ``device="cuda"`` (the
-      package falls back to the CPU without a GPU), ``scale_factor=0.25``.
+      CPU without a GPU), ``scale_factor=0.25``, ``work_size=None`` (or e.g. 512: the image is
+      resized to that side first, the fast variant). `hpa_nb.hpacellseg` runs the package with
+      today's torch, numpy and scikit-image.
 
     Rule for edges and fragments (both methods): a cell smaller than ``min_area_fraction``
     (default 0.2) of the image's median cell area is a fragment (a split nucleus, debris) and is
@@ -233,38 +235,21 @@ class SegmentationUnavailableError(ImportError, ValueError):
     """A segmentation method's package is missing; a ValueError too, so the CLI prints one line."""
 
 
-_SEGMENTATORS: dict[tuple[str, str, str, float], object] = {}
+_SEGMENTATORS: dict[tuple, object] = {}
 
 
 def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, settings: ClassicalSettings,
                         nuclei_model: str | None = None, cell_model: str | None = None,
-                        device: str = "cuda", scale_factor: float = 0.25) -> np.ndarray:
-    try:
-        from hpacellseg.cellsegmentator import CellSegmentator
-        from hpacellseg.utils import label_cell
-    except ImportError:
-        raise SegmentationUnavailableError(
-            "segmentation method 'hpacellseg' needs the hpacellseg package (HPA-Cell-Segmentation); "
-            "attach it as a Kaggle dataset and pip-install it from there, or use method='classical'"
-        ) from None
+                        device: str = "cuda", scale_factor: float = 0.25, work_size: int | None = None) -> np.ndarray:
+    from hpa_nb.hpacellseg import HpaCellSegmenter  # torch and the package are imported there, with clear errors
+
     weights = Path(os.environ.get("HPA_CELLSEG_WEIGHTS", "."))
     nuclei_path = Path(nuclei_model) if nuclei_model else weights / "nuclei-model.pth"
     cell_path = Path(cell_model) if cell_model else weights / "cell-model.pth"
-    for path in (nuclei_path, cell_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"hpacellseg weights {path} not found: pass nuclei_model=/cell_model= or set HPA_CELLSEG_WEIGHTS"
-            )
-    key = (str(nuclei_path), str(cell_path), device, float(scale_factor))
+    key = (str(nuclei_path), str(cell_path), device, float(scale_factor), work_size)
     if key not in _SEGMENTATORS:  # loading the two U-Nets takes seconds: once per process
-        _SEGMENTATORS[key] = CellSegmentator(str(nuclei_path), str(cell_path), scale_factor=scale_factor,
-                                             device=device, padding=True, multi_channel_model=True)
-    segmentator = _SEGMENTATORS[key]
-    as_8bit = [(normalise(channel) * 255).astype(np.uint8) for channel in (red, yellow, blue)]
-    nuclei = segmentator.pred_nuclei([as_8bit[2]])[0]
-    cells = segmentator.pred_cells([[as_8bit[0]], [as_8bit[1]], [as_8bit[2]]])[0]
-    _, cell_mask = label_cell(nuclei, cells)
-    return upscale_labels(np.asarray(cell_mask, np.int32), red.shape)
+        _SEGMENTATORS[key] = HpaCellSegmenter(nuclei_path, cell_path, device, work_size, scale_factor)
+    return _SEGMENTATORS[key](red, blue, yellow)
 
 
 SEGMENTERS: dict[str, Callable[..., np.ndarray]] = {

@@ -72,7 +72,7 @@ def test_hpacellseg_without_the_package_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_hpacellseg)
     image = np.zeros((16, 16), np.float32)
-    with pytest.raises(ImportError, match="hpacellseg package.*classical"):
+    with pytest.raises(ImportError, match="needs (torch|hpacellseg)"):
         segment(image, image, image, method="hpacellseg")
 
 
@@ -252,39 +252,26 @@ def test_resize_image_is_the_training_kernel():
         np.testing.assert_array_equal(resized, resize(tf.constant(image), size).numpy())
 
 
-def test_hpacellseg_segmentator_is_cached_per_scale_factor(monkeypatch, tmp_path):
-    import sys
-    import types
-
+def test_hpacellseg_segmenter_is_cached_per_setting(monkeypatch, tmp_path):
     made = []
 
-    class FakeSegmentator:
-        def __init__(self, nuclei_path, cell_path, scale_factor, **kwargs):
-            made.append(scale_factor)
+    class FakeSegmenter:
+        def __init__(self, nuclei_path, cell_path, device, work_size, scale_factor):
+            made.append((scale_factor, work_size))
 
-        def pred_nuclei(self, images):
-            return [np.zeros((8, 8), np.uint8)]
+        def __call__(self, red, blue, yellow):
+            mask = np.zeros(red.shape, np.int32)
+            mask[2:6, 2:6] = 1
+            return mask
 
-        def pred_cells(self, images):
-            return [np.zeros((8, 8, 3), np.uint8)]
-
-    def label_cell(nuclei, cell):
-        mask = np.zeros((8, 8), np.int32)
-        mask[2:6, 2:6] = 1
-        return None, mask
-
-    monkeypatch.setitem(sys.modules, "hpacellseg", types.ModuleType("hpacellseg"))
-    monkeypatch.setitem(sys.modules, "hpacellseg.cellsegmentator",
-                        types.SimpleNamespace(CellSegmentator=FakeSegmentator))
-    monkeypatch.setitem(sys.modules, "hpacellseg.utils", types.SimpleNamespace(label_cell=label_cell))
-    for name in ("nuclei-model.pth", "cell-model.pth"):
-        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setattr("hpa_nb.hpacellseg.HpaCellSegmenter", FakeSegmenter)
     monkeypatch.setenv("HPA_CELLSEG_WEIGHTS", str(tmp_path))
     image = np.ones((8, 8), np.float32)
-    for scale_factor in (0.25, 0.25, 0.5):
-        mask = segment(image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor)
+    for scale_factor, work_size in ((0.25, None), (0.25, None), (0.5, None), (0.5, 512)):
+        mask = segment(image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor,
+                       work_size=work_size)
         assert mask.max() == 1
-    assert made == [0.25, 0.5]  # loaded once per scale factor, not reused across them
+    assert made == [(0.25, None), (0.5, None), (0.5, 512)]  # loaded once per setting, not reused across them
 
 
 def test_predict_cells_without_cells_or_without_crops():

@@ -1,0 +1,1 @@
+"""Stand-in for the pytorch_zoo fork that hpacellseg's model files unpickle into."""
