@@ -134,11 +134,11 @@ def _compare(args: argparse.Namespace) -> None:
     from hpa_nb.env import ensure_evaluation_sample
     from hpa_nb.submit import compare_models, load_classifier
 
+    data = args.data if args.data is not None else ensure_evaluation_sample()
+    if not (data / "cells.csv").is_file():  # before loading two models
+        raise FileNotFoundError(f"{data / 'cells.csv'} does not exist: compare needs true cells (a sample)")
     image_model = load_classifier(args.model)
     cell_model = load_classifier(args.cell_model, level="cell")
-    data = args.data if args.data is not None else ensure_evaluation_sample()
-    if not (data / "cells.csv").is_file():
-        raise FileNotFoundError(f"{data / 'cells.csv'} does not exist: compare needs true cells (a sample)")
     masks = args.segmentation == "masks"
     comparison = compare_models(image_model, cell_model, data, method="classical" if masks else args.segmentation,
                                 combined_rule=dataclasses.replace(COMBINED_RULE, image_weight=args.image_weight),

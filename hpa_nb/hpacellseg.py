@@ -28,35 +28,32 @@ from pathlib import Path
 
 import numpy as np
 
+from hpa_nb.segmentation import SegmentationUnavailableError, _downscale, normalise, upscale_labels
+
 REFERENCE_SIDE = 2048  # the image side the package's pixel-area thresholds were tuned for
 _AREA_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("hpacellseg_area_scale", default=1.0)
-
-
-class HpaCellSegUnavailable(ImportError, ValueError):
-    """The package, its ``pytorch_zoo`` fork or torch is missing or the wrong one; a ValueError too, so
-    the CLI prints its one line."""
 
 
 def _require(module: str, fix: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise HpaCellSegUnavailable(f"hpacellseg needs {module} ({error}): {fix}") from None
+        raise SegmentationUnavailableError(f"hpacellseg needs {module} ({error}): {fix}") from None
 
 
 def _check_fork() -> None:
     """PyPI's ``pytorch-zoo`` is another package of the same import name, without ``pytorch_zoo.unet``,
     which the model files unpickle into."""
     if importlib.util.find_spec("pytorch_zoo") is None:
-        raise HpaCellSegUnavailable("hpacellseg's model files need the pytorch_zoo fork "
+        raise SegmentationUnavailableError("hpacellseg's model files need the pytorch_zoo fork "
                                     "(github.com/haoxusci/pytorch_zoo): put its source folder on sys.path")
     try:
         unet = importlib.util.find_spec("pytorch_zoo.unet")  # imports the package, whose __init__ needs torchvision
     except ImportError as error:
-        raise HpaCellSegUnavailable(f"hpacellseg's pytorch_zoo fork needs {error.name} ({error}): pip install "
+        raise SegmentationUnavailableError(f"hpacellseg's pytorch_zoo fork needs {error.name} ({error}): pip install "
                                     f"{error.name} (on Kaggle it is preinstalled)") from None
     if unet is None:
-        raise HpaCellSegUnavailable("the installed pytorch_zoo is PyPI's pytorch-zoo, not the fork hpacellseg needs "
+        raise SegmentationUnavailableError("the installed pytorch_zoo is PyPI's pytorch-zoo, not the fork hpacellseg needs "
                                     "(no pytorch_zoo.unet): pip uninstall pytorch-zoo, then put the fork's source "
                                     "folder (github.com/haoxusci/pytorch_zoo) on sys.path")
 
@@ -143,8 +140,6 @@ class HpaCellSegmenter:
 
     def __call__(self, red: np.ndarray, blue: np.ndarray, yellow: np.ndarray) -> np.ndarray:
         """Cell labels (int32, 0 = background) of one image's channels (2-D, one shape, any scale)."""
-        from hpa_nb.segmentation import _downscale, normalise, upscale_labels
-
         shape = np.shape(red)
         work = self.work_size or max(shape)
         channels = [_downscale(np.asarray(c, np.float32), work) for c in (red, yellow, blue)]

@@ -232,7 +232,8 @@ def _segment_classical(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray,
 
 
 class SegmentationUnavailableError(ImportError, ValueError):
-    """A segmentation method's package is missing; a ValueError too, so the CLI prints one line."""
+    """A segmentation method's package (or torch, or hpacellseg's pytorch_zoo fork) is missing or the wrong
+    one; a ValueError too, so the CLI prints one line. `hpa_nb.hpacellseg` raises it."""
 
 
 _SEGMENTATORS: dict[tuple, object] = {}

@@ -84,17 +84,14 @@ try:
     hpacellseg.load_model(scratch / "missing.pth")
 except FileNotFoundError as error:
     seen["missing_file"] = str(error)
-sys.modules.pop("pytorch_zoo", None)
-sys.modules.pop("pytorch_zoo.unet", None)
-sys.path.insert(0, str(here / "pypi_pytorch_zoo"))
-try:
-    hpacellseg.load_model(cell_file)
-except hpacellseg.HpaCellSegUnavailable as error:
-    seen["wrong_zoo"] = str(error)
-sys.modules.pop("pytorch_zoo", None)
-sys.path.insert(0, str(here / "fork_without_torchvision"))
-try:
-    hpacellseg.load_model(cell_file)
-except hpacellseg.HpaCellSegUnavailable as error:
-    seen["fork_without_torchvision"] = str(error)
+from hpa_nb.segmentation import SegmentationUnavailableError  # noqa: E402
+
+for name, folder in (("wrong_zoo", "pypi_pytorch_zoo"), ("fork_without_torchvision", "fork_without_torchvision")):
+    for module in ("pytorch_zoo", "pytorch_zoo.unet"):
+        sys.modules.pop(module, None)
+    sys.path.insert(0, str(here / folder))  # this pytorch_zoo now comes first
+    try:
+        hpacellseg.load_model(cell_file)
+    except SegmentationUnavailableError as error:
+        seen[name] = str(error)
 print(json.dumps(seen))
