@@ -60,6 +60,19 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote sample to {args.out}")
 
 
+def _hpacellseg_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hpacellseg-dir", type=Path, default=None, metavar="DIR",
+                   help="for --segmentation hpacellseg: the folder with its weights (nuclei-model.pth, "
+                        "cell-model.pth) and sources (`kaggle hpacellseg-dataset` lays it out; default: "
+                        "$HPA_CELLSEG_DIR, /kaggle/input on Kaggle, else the current folder)")
+
+
+def _segmentation_options(args: argparse.Namespace) -> dict:
+    if args.segmentation == "hpacellseg" and args.hpacellseg_dir is not None:
+        return {"hpacellseg_dir": str(args.hpacellseg_dir)}
+    return {}
+
+
 # --- submit -------------------------------------------------------------------------------
 def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="segment the test images, score each cell and write submission.csv")
@@ -71,8 +84,7 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
     p.add_argument("--segmentation", choices=tuple(SEGMENTERS), default="classical")
-    p.add_argument("--hpacellseg-weights", type=Path, default=None,
-                   help="folder with nuclei-model.pth and cell-model.pth (for --segmentation hpacellseg)")
+    _hpacellseg_option(p)
     p.add_argument("--combine", choices=tuple(COMBINERS), default=None,
                    help=f"how image-level and cell-crop probabilities are combined (default {ScoreRule.combine}, "
                         f"with --cell-model {COMBINED_RULE.combine})")
@@ -102,13 +114,9 @@ def _submit(args: argparse.Namespace) -> None:
                                image_weight=base.image_weight if args.image_weight is None else args.image_weight,
                                partial_scale=args.partial_scale)
     out = args.out or working_dir() / "submission.csv"
-    options = {}
-    if args.segmentation == "hpacellseg" and args.hpacellseg_weights:
-        folder = args.hpacellseg_weights
-        options = {"nuclei_model": str(folder / "nuclei-model.pth"), "cell_model": str(folder / "cell-model.pth")}
     written = submit(args.model, _data_dir(args.data), out, method=args.segmentation, rule=rule,
                      confidence_floor=args.confidence_floor, batch_size=args.batch_size, cell_run_dir=args.cell_model,
-                     **options)
+                     **_segmentation_options(args))
     print(f"wrote {written}")
 
 
@@ -123,6 +131,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                         "generated on first use)")
     p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
                    help="how the scored cells are found; masks: the true cells (no segmentation error)")
+    _hpacellseg_option(p)
     p.add_argument("--image-weight", type=float, default=COMBINED_RULE.image_weight,
                    help="the combined rule's image weight (image ** w * cell ** (1 - w))")
     p.set_defaults(handler=_compare)
@@ -142,7 +151,7 @@ def _compare(args: argparse.Namespace) -> None:
     masks = args.segmentation == "masks"
     comparison = compare_models(image_model, cell_model, data, method="classical" if masks else args.segmentation,
                                 combined_rule=dataclasses.replace(COMBINED_RULE, image_weight=args.image_weight),
-                                use_truth_masks=masks)
+                                use_truth_masks=masks, **_segmentation_options(args))
     images = len(next(iter(comparison.evaluations.values())).predictions)
     print(f"{images} test images of {data}, cells: {args.segmentation}")
     print(comparison.table().round(3).to_string(index=False))
@@ -172,6 +181,15 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--shards", metavar="OWNER/KERNEL",
                       help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
+    offline = actions.add_parser("hpacellseg-dataset", help="lay out HPA-Cell-Segmentation's sources and weights as "
+                                                            "a Kaggle dataset for the internet-off submission kernel")
+    offline.add_argument("--package", type=Path, required=True, help="a clone of CellProfiling/HPA-Cell-Segmentation")
+    offline.add_argument("--fork", type=Path, required=True, help="a clone of haoxusci/pytorch_zoo")
+    offline.add_argument("--weights", type=Path, required=True,
+                         help="folder with dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth (zenodo.org/record/4665863)")
+    offline.add_argument("--out", type=Path, default=Path("build/hpacellseg-offline"), help="dataset folder to write")
+    offline.add_argument("--username", help="Kaggle username, for the dataset id (default: as for push)")
+    offline.add_argument("--create", action="store_true", help="then upload it: `kaggle datasets create -p OUT` (private)")
     p.set_defaults(handler=_kaggle)
 
 
@@ -192,6 +210,16 @@ def _kaggle(args: argparse.Namespace) -> None:
                              enable_internet=False if args.no_internet else None,
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
+    elif args.kaggle_action == "hpacellseg-dataset":
+        from hpa_nb import hpacellseg_offline
+
+        folder = hpacellseg_offline.build(args.package, args.fork, args.weights, args.out,
+                                          kaggle.find_username(args.username))
+        print(f"wrote {folder}")
+        if args.create:
+            kaggle.run_kaggle(["datasets", "create", "-p", str(folder)])
+        else:
+            print(f"upload it with: kaggle datasets create -p {folder}")
     elif args.kaggle_action == "status":
         kaggle.status(args.name, args.username)
     else:
@@ -259,6 +287,7 @@ def _tiles_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default="rgby")
     p.add_argument("--segmentation", choices=("classical", "hpacellseg", "masks"), default="classical",
                    help="where the cells come from; masks: the sample's true cells (masks/{ID}.png)")
+    _hpacellseg_option(p)
     p.add_argument("--images-per-file", type=int, default=None, help="default: about 150 MB per file")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
     p.set_defaults(handler=_tiles)
@@ -269,7 +298,7 @@ def _tiles(args: argparse.Namespace) -> None:
 
     manifest = write_tiles(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
                            segmentation=args.segmentation, images_per_file=args.images_per_file,
-                           skip_bad=args.skip_bad)
+                           skip_bad=args.skip_bad, **_segmentation_options(args))
     print(f"wrote {manifest['count']} cells of {manifest['images']} images in {len(manifest['files'])} files")
 
 

@@ -16,14 +16,19 @@ copying its code, touching only the package's own module namespaces:
   `HpaCellSegmenter` pads every image to a square first and crops the labels after.
 - **Small cells**: ``label_cell`` drops nuclei under 2500 px and cells under 5500 px (and fills holes
   under 1000 px), areas tuned for 2048 px images. Here they scale with ``(side / 2048) ** 2``, so a
-  512 px working size keeps every real cell.
+  512 px working size keeps every real cell; on scikit-image ≥ 0.26 they go to ``max_size``.
+- **The wrong files** stop with one line: a model that does not take and give 3 planes, the hosts'
+  2-channel cell model (by its published name: it has the 3-channel one's architecture), a nuclei
+  model given as the cell model, one file given as both.
 """
 from __future__ import annotations
 
 import contextvars
 import importlib
 import importlib.util
+import inspect
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,10 @@ def _require(module: str, fix: str):
         return importlib.import_module(module)
     except ImportError as error:
         raise SegmentationUnavailableError(f"hpacellseg needs {module} ({error}): {fix}") from None
+
+
+def require_torch():
+    return _require("torch", "pip install torch (on Kaggle it is preinstalled)")
 
 
 def _check_fork() -> None:
@@ -61,7 +70,7 @@ def _check_fork() -> None:
 def load_model(path: str | Path, device: str = "cpu"):
     """One published model file (a whole pickled module) as a torch module on `device`, unwrapped from
     ``DataParallel``. ``weights_only=False`` runs code from the file: only load files you trust."""
-    torch = _require("torch", "pip install torch (on Kaggle it is preinstalled)")
+    torch = require_torch()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hpacellseg model file {path} not found: attach the hosts' published weights "
@@ -72,7 +81,49 @@ def load_model(path: str | Path, device: str = "cpu"):
         module = module.module
     if not isinstance(module, torch.nn.Module):
         raise ValueError(f"{path} holds a {type(module).__name__}, not a whole torch model as hpacellseg publishes")
-    return module.eval()
+    _check_channels(module.eval(), path, torch)
+    return module
+
+
+def _check_channels(module, path: Path, torch) -> None:
+    """Both U-Nets take 3 planes and give 3 (background, border, inside). The fork's models declare
+    theirs; any other module is tried on a small blank image."""
+    declared = getattr(module, "input_channel_num", None), getattr(module, "target_channel_num", None)
+    if None in declared:
+        try:
+            with torch.no_grad():
+                declared = 3, module(torch.zeros(1, 3, 64, 64)).shape[1]
+        except RuntimeError as error:
+            raise ValueError(f"{path} does not run on a 3-channel image ({str(error).splitlines()[0]}): "
+                             "hpacellseg's U-Nets take 3") from None
+    if tuple(declared) != (3, 3):
+        raise ValueError(f"{path} takes {declared[0]} channels and gives {declared[1]}: hpacellseg's U-Nets "
+                         "take 3 and give 3 (use the hosts' dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth)")
+
+
+TWO_CHANNEL_NAMES = ("dpn_unet_cell_v2",)  # the hosts' published 2-channel cell model (no ER plane)
+
+
+def two_channel_error(path: Path) -> ValueError:
+    return ValueError(f"{path} is HPA-Cell-Segmentation's 2-channel cell model: hpa-nb feeds the ER channel and "
+                      "needs the 3-channel one, dpn_unet_cell_3ch_v1.pth")
+
+
+def check_pair(nuclei_model: Path, cell_model: Path) -> None:
+    """Stop before loading when the files cannot be the nuclei model and the 3-channel cell model.
+
+    The 2-channel cell model has the 3-channel one's architecture (the package feeds it a zero ER
+    plane), so only its published name tells them apart; hpa-nb feeds the ER plane, for which the
+    2-channel model was not trained."""
+    nuclei_model, cell_model = Path(nuclei_model), Path(cell_model)
+    name = cell_model.name.lower()
+    if any(stem in name for stem in TWO_CHANNEL_NAMES) or "2ch" in name:
+        raise two_channel_error(cell_model)
+    if "nucle" in name:
+        raise ValueError(f"{cell_model} is named as a nuclei model but given as the cell model: pass the 3-channel "
+                         "cell model (dpn_unet_cell_3ch_v1.pth)")
+    if nuclei_model.is_file() and cell_model.is_file() and nuclei_model.samefile(cell_model):
+        raise ValueError(f"{cell_model} is given as both the nuclei and the cell model: they are two files")
 
 
 class _Proxy(types.ModuleType):
@@ -97,17 +148,23 @@ def _rescale(rescale):
 
 
 def _scaled(function):
-    """`function(image, area, ...)` with the area scaled by the current `_AREA_SCALE`."""
+    """`function(image, area)`, as the package calls it, with the area scaled by the current `_AREA_SCALE`.
+    Where scikit-image has ``max_size`` (0.26 deprecates the positional area), the area goes there: it
+    removes objects up to and including its value, the old argument those under it, hence ``area - 1``."""
+    keyword = "max_size" in inspect.signature(function).parameters
 
     def scaled(image, area=64, *args, **kwargs):
-        return function(image, max(1, int(round(area * _AREA_SCALE.get()))), *args, **kwargs)
+        area = max(1, int(round(area * _AREA_SCALE.get())))
+        if keyword and not args:
+            return function(image, max_size=area - 1, **kwargs)
+        return function(image, area, *args, **kwargs)
 
     return scaled
 
 
 def patch_package() -> tuple[types.ModuleType, types.ModuleType]:
     """Import ``hpacellseg`` and give its two modules the fixes above (once); returns them."""
-    _require("torch", "pip install torch (on Kaggle it is preinstalled)")
+    require_torch()
     segmentator = _require("hpacellseg.cellsegmentator", "put HPA-Cell-Segmentation's source folder on sys.path, "
                                                          "with its requirements opencv and imageio (README)")
     utils = importlib.import_module("hpacellseg.utils")
@@ -134,6 +191,7 @@ class HpaCellSegmenter:
 
         device = device if device == "cpu" or torch.cuda.is_available() else "cpu"  # the package's own fallback
         self.work_size, self.device = work_size, device
+        check_pair(nuclei_model, cell_model)
         self._segmentator = segmentator.CellSegmentator(
             load_model(nuclei_model, device), load_model(cell_model, device), scale_factor=scale_factor,
             device=device, padding=True, multi_channel_model=True)
@@ -154,7 +212,9 @@ class HpaCellSegmenter:
         cells = self._segmentator.pred_cells([[square[0]], [square[1]], [square[2]]])[0]
         token = _AREA_SCALE.set((side / REFERENCE_SIDE) ** 2)
         try:
-            _, labels = self._utils.label_cell(nuclei, cells)
+            with warnings.catch_warnings():  # the package filters label images of one label on every image
+                warnings.filterwarnings("ignore", "Only one label was provided", UserWarning)
+                _, labels = self._utils.label_cell(nuclei, cells)
         finally:
             _AREA_SCALE.reset(token)
         return upscale_labels(np.asarray(labels, np.int32)[:height, :width], shape)

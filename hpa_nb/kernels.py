@@ -67,7 +67,8 @@ KERNELS: dict[str, KernelSettings] = {
     # Internet on so Keras can download ImageNet weights; see the README to run offline.
     "03_train": KernelSettings("HPA 03 Train", accelerator="TpuV5E8"),
     "04_evaluate": KernelSettings("HPA 04 Evaluate", kernel_sources=("03_train",)),
-    # Code competitions only accept submissions from notebooks with the internet off.
+    # Code competitions only accept submissions from notebooks with the internet off. It segments with
+    # HPA-Cell-Segmentation when its offline folder is attached (`push 05_submission --dataset`, README).
     "05_submission": KernelSettings("HPA 05 Submission", internet=False, kernel_sources=("03_train",)),
     # CPU: cutting tiles segments with scikit-image, which the TPU image lacks; the image run's split is kept.
     "06_cells": KernelSettings("HPA 06 Cells", kernel_sources=("03_train",)),

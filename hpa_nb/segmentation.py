@@ -3,7 +3,6 @@ image's original size, by the classical method (scikit-image only, no downloads)
 HPA-Cell-Segmentation package when it and its weights are attached; plus reading an image's channels."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -116,9 +115,10 @@ def segment(
       between their nuclei, bent towards dim seams. The README gives its quality on the default
       sample.
     - ``"hpacellseg"``: HPA-Cell-Segmentation's ``CellSegmentator`` (the method most top
-      solutions used). Needs the ``hpacellseg`` package and its two weight files, passed as
-      ``nuclei_model=`` and ``cell_model=`` or found in ``$HPA_CELLSEG_WEIGHTS``
-      (``nuclei-model.pth``, ``cell-model.pth``); nothing is downloaded. ``device="cuda"`` (the
+      solutions used). Needs torch, and the package, its fork and its two weight files: passed as
+      ``nuclei_model=`` and ``cell_model=``, or found (`hpa_nb.hpacellseg_offline`) in
+      ``hpacellseg_dir=``, ``$HPA_CELLSEG_DIR``, /kaggle/input on Kaggle or the current folder;
+      nothing is downloaded. ``device="cuda"`` (the
       CPU without a GPU), ``scale_factor=0.25``, ``work_size=None`` (or e.g. 512: the image is
       resized to that side first, the fast variant). `hpa_nb.hpacellseg` runs the package with
       today's torch, numpy and scikit-image.
@@ -240,16 +240,20 @@ _SEGMENTATORS: dict[tuple, object] = {}
 
 
 def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, settings: ClassicalSettings,
-                        nuclei_model: str | None = None, cell_model: str | None = None,
-                        device: str = "cuda", scale_factor: float = 0.25, work_size: int | None = None) -> np.ndarray:
-    from hpa_nb.hpacellseg import HpaCellSegmenter  # torch and the package are imported there, with clear errors
+                        hpacellseg_dir: str | None = None, nuclei_model: str | None = None,
+                        cell_model: str | None = None, device: str = "cuda", scale_factor: float = 0.25,
+                        work_size: int | None = None) -> np.ndarray:
+    # torch and the package are imported there, with clear errors
+    from hpa_nb.hpacellseg import HpaCellSegmenter, require_torch
+    from hpa_nb.hpacellseg_offline import resolve
 
-    weights = Path(os.environ.get("HPA_CELLSEG_WEIGHTS", "."))
-    nuclei_path = Path(nuclei_model) if nuclei_model else weights / "nuclei-model.pth"
-    cell_path = Path(cell_model) if cell_model else weights / "cell-model.pth"
-    key = (str(nuclei_path), str(cell_path), device, float(scale_factor), work_size)
+    require_torch()  # the first thing missing, if it is
+    if not (nuclei_model and cell_model):
+        sources = resolve(hpacellseg_dir)
+        nuclei_model, cell_model = sources.nuclei_model, sources.cell_model
+    key = (str(nuclei_model), str(cell_model), device, float(scale_factor), work_size)
     if key not in _SEGMENTATORS:  # loading the two U-Nets takes seconds: once per process
-        _SEGMENTATORS[key] = HpaCellSegmenter(nuclei_path, cell_path, device, work_size, scale_factor)
+        _SEGMENTATORS[key] = HpaCellSegmenter(nuclei_model, cell_model, device, work_size, scale_factor)
     return _SEGMENTATORS[key](red, blue, yellow)
 
 

@@ -252,16 +252,17 @@ class ModelComparison:
 def compare_models(classifier: CellClassifier, cell_model: CellClassifier, data_dir: Path,
                    ids: Sequence[str] | None = None, method: str = "classical", image_rule: ScoreRule = ScoreRule(),
                    combined_rule: ScoreRule = COMBINED_RULE, use_truth_masks: bool = False,
-                   progress: bool = True) -> ModelComparison:
+                   progress: bool = True, **method_options) -> ModelComparison:
     """Score the test images three ways on the same cells: the image model under `image_rule`, the cell
-    model alone, and both under `combined_rule`. Each image is segmented once (or its true cells used)."""
+    model alone, and both under `combined_rule`. Each image is segmented once (or its true cells used),
+    by `method` with `method_options`."""
     from hpa_nb.cells import predict_images
     from hpa_nb.segmentation_quality import load_cell_truth
 
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     truth = load_cell_truth(data_dir, ids)
     image_only = predict_images(classifier, data_dir, ids, method, image_rule,
-                                masks=truth[0] if use_truth_masks else None, progress=progress)
+                                masks=truth[0] if use_truth_masks else None, progress=progress, **method_options)
     masks = {image_id: cells.mask for image_id, cells in image_only.items()}
     cell_only_rule = dataclasses.replace(combined_rule, image_weight=0.0)
     scorings = {"image model": image_only,

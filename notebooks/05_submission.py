@@ -15,8 +15,9 @@
 # **Purpose:** the competition scores cells, not images. Segment every cell, give each one a confidence for
 # each of the 19 classes, score that locally the way Kaggle does, and write `submission.csv`.
 # **Accelerator:** none (CPU; Kaggle runs submission notebooks with internet off). **Runtime:** about 30 s on
-# the default sample (measured, 2 CPU cores). Segmentation took about 1.1 s per image at 2048 px here, so the
-# 559 test images should take roughly 15–25 minutes with the model's predictions (an estimate).
+# the default sample (measured, 2 CPU cores). Classical segmentation took about 1.1 s per image at 2048 px here,
+# so the 559 test images should take roughly 15–25 minutes with the model's predictions (an estimate);
+# HPA-Cell-Segmentation took 13–19 s per 2048 px image on these 2 cores, so about 2–3 hours on a CPU.
 #
 # In this notebook we will:
 # - load the run that `03_train` saved (or train a quick one if there is none);
@@ -29,7 +30,7 @@
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
 RUN_DIR = ""  # empty: <working dir>/run, the folder 03_train writes
 QUICK = None  # None: quick off Kaggle, full on Kaggle (only used if no run exists yet)
-SEGMENTATION = "classical"  # or "hpacellseg" with the package and its weights attached as a Kaggle dataset
+SEGMENTATION = "auto"  # hpacellseg when its offline folder is attached (README), else classical; or name one
 IMAGE_WEIGHT = 0.7  # cell score = IMAGE_WEIGHT * image probability + (1 - IMAGE_WEIGHT) * cell-crop probability
 N_PREVIEW = 3
 
@@ -37,7 +38,7 @@ N_PREVIEW = 3
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import cell_plots, cells, env, figures, run, submit, train
+from hpa_nb import cell_plots, cells, env, figures, hpacellseg_offline, run, submit, train
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
@@ -47,11 +48,17 @@ classifier = submit.load_classifier(RUN)
 rule = cells.ScoreRule(image_weight=IMAGE_WEIGHT)
 test_ids = submit.read_submission_ids(DATA)
 print(f"{len(test_ids)} test images; model {config.backbone} at {classifier.image_size} px ({classifier.channels})")
+if SEGMENTATION == "auto":
+    SEGMENTATION, why = hpacellseg_offline.choose_segmentation()
+    print(why)
 
 # %% [markdown]
 # ## Cells, found without downloads, and scored
-# The default segmentation is classical: nuclei from the blue stain (smoothing, Otsu threshold,
-# distance-transform watershed), then each cell grown from its nucleus by a watershed on red + yellow.
+# The competition's cells were drawn by the hosts' HPA-Cell-Segmentation, so this notebook uses it whenever
+# its offline folder (its code, its fork's code and its two weight files: see the README's recipe) is
+# attached as a dataset, and says so above. Without it, the segmentation is classical: nuclei from the blue
+# stain (smoothing, Otsu threshold, distance-transform watershed), then each cell grown from its nucleus by
+# a watershed on red + yellow.
 # Every test image is segmented once, here, and each of its cells scored under `rule`: the image-level
 # probabilities blended with the cell shown alone. The overlays, the local score and the submission
 # below all reuse these cells. (The masks stay in memory at full size: 8 MiB per 2048 px image.)

@@ -265,7 +265,10 @@ def test_hpacellseg_segmenter_is_cached_per_setting(monkeypatch, tmp_path):
             return mask
 
     monkeypatch.setattr("hpa_nb.hpacellseg.HpaCellSegmenter", FakeSegmenter)
-    monkeypatch.setenv("HPA_CELLSEG_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr("hpa_nb.hpacellseg.require_torch", lambda: None)
+    for name in ("nuclei-model.pth", "cell-model.pth"):  # found by name; FakeSegmenter never reads them
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("HPA_CELLSEG_DIR", str(tmp_path))
     image = np.ones((8, 8), np.float32)
     for scale_factor, work_size in ((0.25, None), (0.25, None), (0.5, None), (0.5, 512)):
         mask = segment(image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor,

@@ -17,16 +17,31 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ROOT / "tests" / "standins" / "checks.py"
 
 
-@pytest.fixture(scope="module")
-def seen(tmp_path_factory) -> dict:
+def _run_in_venv(script: Path, scratch: Path) -> dict:
     venv = os.environ.get("HPA_HCS_VENV") or subprocess.run(
         ["bash", str(ROOT / ".ci" / "hpacellseg-venv"), sys.executable], check=True, capture_output=True,
         text=True).stdout.strip()
-    done = subprocess.run([str(Path(venv) / "bin" / "python"), str(CHECKS), str(tmp_path_factory.mktemp("hcs"))],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([str(Path(venv) / "bin" / "python"), str(script), str(scratch)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HPA_CACHE": str(scratch / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hcs")
+
+
+@pytest.fixture(scope="module")
+def seen(scratch) -> dict:
+    return _run_in_venv(CHECKS, scratch)
+
+
+@pytest.fixture(scope="module")
+def seen_offline(seen, scratch) -> dict:
+    """A second process, after `seen` built the offline folder in `scratch`."""
+    return _run_in_venv(CHECKS.parent / "offline_run.py", scratch)
 
 
 @pytest.mark.slow
@@ -48,6 +63,28 @@ def test_the_adapter_loads_patches_in_scope_and_keeps_orientation_and_small_cell
     assert seen["missing_file"].startswith("hpacellseg model file ") and "missing.pth not found" in seen["missing_file"]
     assert "PyPI's pytorch-zoo" in seen["wrong_zoo"] and "pytorch_zoo.unet" in seen["wrong_zoo"]
     assert seen["fork_without_torchvision"].startswith("hpacellseg's pytorch_zoo fork needs torchvision")
+
+
+@pytest.mark.slow
+def test_the_wrong_model_files_stop_in_one_line(seen):
+    take = "hpacellseg's U-Nets take 3 and give 3 (use the hosts' dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth)"
+    assert seen["wrong_four_planes.pth"] == f"SCRATCH/four_planes.pth takes 4 channels and gives 3: {take}"
+    assert seen["wrong_plain_conv.pth"].startswith("SCRATCH/plain_conv.pth does not run on a 3-channel image (")
+    assert seen["wrong_classifier.pth"] == f"SCRATCH/classifier.pth takes 3 channels and gives 8: {take}"
+    assert seen["pair_two_channel"] == ("SCRATCH/dpn_unet_cell_v2.pth is HPA-Cell-Segmentation's 2-channel cell "
+                                        "model: hpa-nb feeds the ER channel and needs the 3-channel one, "
+                                        "dpn_unet_cell_3ch_v1.pth")
+    assert seen["pair_nuclei_as_cell"].startswith("SCRATCH/dpn_unet_nuclei_v1.pth is named as a nuclei model but")
+    assert seen["pair_one_file_twice"] == ("SCRATCH/cell-model.pth is given as both the nuclei and the cell model: "
+                                           "they are two files")
+
+
+@pytest.mark.slow
+def test_a_built_offline_folder_segments_in_a_process_that_has_only_the_folder(seen_offline, scratch):
+    assert seen_offline["importable_before"] is False
+    assert Path(seen_offline["package_from"]).is_relative_to(scratch / "cache")  # unpacked from the folder's zip
+    assert seen_offline["labels_shape"] == [256, 320] and min(seen_offline["ious"]) > 0.9
+    assert not [w for w in seen_offline["warnings"] if "deprecated" in w or "Only one label" in w], seen_offline
 
 
 def test_submit_with_hpacellseg_and_no_torch_says_so_in_one_line(small_sample, trained_run, tmp_path, cli):

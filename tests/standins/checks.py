@@ -94,4 +94,37 @@ for name, folder in (("wrong_zoo", "pypi_pytorch_zoo"), ("fork_without_torchvisi
         hpacellseg.load_model(cell_file)
     except SegmentationUnavailableError as error:
         seen[name] = str(error)
+for module in ("pytorch_zoo", "pytorch_zoo.unet"):  # the stand-in fork again
+    sys.modules.pop(module, None)
+sys.path.remove(str(here / "fork_without_torchvision"))
+sys.path.remove(str(here / "pypi_pytorch_zoo"))
+from pytorch_zoo.unet import PixelUnet  # noqa: E402
+
+# The wrong files, each stopped in one line.
+wrong = {"four_planes.pth": torch.nn.DataParallel(PixelUnet(0, input_channel_num=4)),
+         "plain_conv.pth": torch.nn.Conv2d(4, 3, 1),  # declares nothing: tried on a blank image
+         "classifier.pth": torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))}
+for name, module in wrong.items():
+    torch.save(module, scratch / name)
+    try:
+        hpacellseg.load_model(scratch / name)
+    except ValueError as error:
+        seen["wrong_" + name] = str(error).replace(str(scratch), "SCRATCH")
+for name, pair in {"two_channel": (nuclei_file, scratch / "dpn_unet_cell_v2.pth"),
+                   "nuclei_as_cell": (nuclei_file, scratch / "dpn_unet_nuclei_v1.pth"),
+                   "one_file_twice": (cell_file, cell_file)}.items():
+    try:
+        hpacellseg.HpaCellSegmenter(*pair, device="cpu")
+    except ValueError as error:
+        seen["pair_" + name] = str(error).replace(str(scratch), "SCRATCH")
+
+# The offline folder, built from the stand-in package and fork with the weights under their Zenodo names.
+from hpa_nb import hpacellseg_offline  # noqa: E402
+
+zenodo = scratch / "zenodo"
+zenodo.mkdir()
+nuclei_file.rename(zenodo / "dpn_unet_nuclei_v1.pth")
+cell_file.rename(zenodo / "dpn_unet_cell_3ch_v1.pth")
+hpacellseg_offline.build(here, here, zenodo, scratch / "offline", "someone")
+np.save(scratch / "planted.npy", np.stack([red, blue, truth]))
 print(json.dumps(seen))
