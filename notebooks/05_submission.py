@@ -17,7 +17,7 @@
 # **Accelerator:** none (CPU; Kaggle runs submission notebooks with internet off). **Runtime:** about 30 s on
 # the default sample (measured, 2 CPU cores). Classical segmentation took about 1.1 s per image at 2048 px here,
 # so the 559 test images should take roughly 15–25 minutes with the model's predictions (an estimate);
-# HPA-Cell-Segmentation took 13–19 s per 2048 px image on these 2 cores, so about 2–3 hours on a CPU.
+# HPA-Cell-Segmentation took 16–22 s per 2048 px image on these 2 cores, so about 3 hours on a CPU.
 #
 # In this notebook we will:
 # - load the run that `03_train` saved (or train a quick one if there is none);
