@@ -466,6 +466,23 @@ def test_status_and_output_ask_the_cli_for_the_username(tmp_path, clean_home, fa
                                                        str(tmp_path / "got")]
 
 
+def test_hpacellseg_dataset_create_uploads_the_folder_through_the_cli(tmp_path, clean_home, fake_kaggle_cli,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_KAGGLE_CONFIG_USERNAME", "bob")
+    for package, module in (("HPA-Cell-Segmentation/hpacellseg", "cellsegmentator.py"), ("zoo/pytorch_zoo", "unet.py")):
+        (tmp_path / package).mkdir(parents=True)
+        (tmp_path / package / module).write_text("")
+    (tmp_path / "weights").mkdir()
+    for name in ("dpn_unet_nuclei_v1.pth", "dpn_unet_cell_3ch_v1.pth"):
+        (tmp_path / "weights" / name).write_bytes(b"weights")
+    out = tmp_path / "offline"
+    assert cli.main(["kaggle", "hpacellseg-dataset", "--package", str(tmp_path / "HPA-Cell-Segmentation"), "--fork",
+                     str(tmp_path / "zoo"), "--weights", str(tmp_path / "weights"), "--out", str(out), "--create"]) == 0
+    assert json.loads(fake_kaggle_cli.read_text()) == ["datasets", "create", "-p", str(out)]
+    assert json.loads((out / "dataset-metadata.json").read_text())["id"] == "bob/hpacellseg-offline"
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
 def test_a_failing_cli_is_one_line_exit_2(clean_home, fake_kaggle_cli, monkeypatch, capsys):
     # e.g. no credentials: the CLI says how to add them, and exits non-zero
     monkeypatch.setenv("FAKE_KAGGLE_OUTPUT", "You must authenticate before you can call the Kaggle API.")
