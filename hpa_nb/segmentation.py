@@ -118,10 +118,10 @@ def segment(
       solutions used). Needs torch, and the package, its fork and its two weight files: passed as
       ``nuclei_model=`` and ``cell_model=``, or found (`hpa_nb.hpacellseg_offline`) in
       ``hpacellseg_dir=``, ``$HPA_CELLSEG_DIR``, /kaggle/input on Kaggle or the current folder;
-      nothing is downloaded. ``device="cuda"`` (the
-      CPU without a GPU), ``scale_factor=0.25``, ``work_size=None`` (or e.g. 512: the image is
-      resized to that side first, the fast variant). `hpa_nb.hpacellseg` runs the package with
-      today's torch, numpy and scikit-image.
+      nothing is downloaded. ``device="cuda"`` (the CPU when there is no GPU),
+      ``scale_factor=0.25``, ``work_size=None`` (or e.g. 512: the image is resized to that side
+      first, the fast variant). `hpa_nb.hpacellseg` runs the package with today's torch, numpy and
+      scikit-image.
 
     Rule for edges and fragments (both methods): a cell smaller than ``min_area_fraction``
     (default 0.2) of the image's median cell area is a fragment (a split nucleus, debris) and is
@@ -245,14 +245,16 @@ def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, s
                         work_size: int | None = None) -> np.ndarray:
     # torch and the package are imported there, with clear errors
     from hpa_nb.hpacellseg import HpaCellSegmenter, require_torch
-    from hpa_nb.hpacellseg_offline import resolve
+    from hpa_nb.hpacellseg_offline import resolve, search_root
 
     require_torch()  # the first thing missing, if it is
-    if not (nuclei_model and cell_model):
-        sources = resolve(hpacellseg_dir)
-        nuclei_model, cell_model = sources.nuclei_model, sources.cell_model
-    key = (str(nuclei_model), str(cell_model), device, float(scale_factor), work_size)
-    if key not in _SEGMENTATORS:  # loading the two U-Nets takes seconds: once per process
+    explicit = bool(nuclei_model and cell_model)
+    where = None if explicit else search_root(hpacellseg_dir)[0].resolve()
+    key = (where, str(nuclei_model), str(cell_model), device, float(scale_factor), work_size)
+    if key not in _SEGMENTATORS:  # finding the files and loading the two U-Nets take seconds: once per process
+        if not explicit:
+            sources = resolve(hpacellseg_dir)
+            nuclei_model, cell_model = sources.nuclei_model, sources.cell_model
         _SEGMENTATORS[key] = HpaCellSegmenter(nuclei_model, cell_model, device, work_size, scale_factor)
     return _SEGMENTATORS[key](red, blue, yellow)
 

@@ -269,12 +269,18 @@ def test_hpacellseg_segmenter_is_cached_per_setting(monkeypatch, tmp_path):
     for name in ("nuclei-model.pth", "cell-model.pth"):  # found by name; FakeSegmenter never reads them
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setenv("HPA_CELLSEG_DIR", str(tmp_path))
+    import hpa_nb.hpacellseg_offline as offline
+
+    searches = []
+    real_resolve = offline.resolve
+    monkeypatch.setattr(offline, "resolve", lambda *args: searches.append(args) or real_resolve(*args))
     image = np.ones((8, 8), np.float32)
     for scale_factor, work_size in ((0.25, None), (0.25, None), (0.5, None), (0.5, 512)):
         mask = segment(image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor,
                        work_size=work_size)
         assert mask.max() == 1
     assert made == [(0.25, None), (0.5, None), (0.5, 512)]  # loaded once per setting, not reused across them
+    assert len(searches) == 3  # the folder is searched when a segmenter is made, not for every image
 
 
 def test_predict_cells_without_cells_or_without_crops():
