@@ -178,6 +178,8 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--resume-from", metavar="OWNER/KERNEL",
                       help="attach that kernel's output (a stopped session's work) and go on from it "
                            "(03_train: its run; 00_prepare: its shards)")
+    push.add_argument("--attach", action="append", default=[], metavar="NAME|OWNER/KERNEL",
+                      help="attach another kernel's output (repeatable), e.g. 05_submission --attach 07_cell_train")
     push.add_argument("--shards", metavar="OWNER/KERNEL",
                       help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
@@ -207,6 +209,7 @@ def _kaggle(args: argparse.Namespace) -> None:
         print(f"wrote {kernels.write_root_metadata()}")
     elif args.kaggle_action == "push":
         folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
+                             attach=args.attach,
                              enable_internet=False if args.no_internet else None,
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
@@ -383,6 +386,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-sample-data", action="store_true", default=None,
                    help="on Kaggle, let a full run train on the synthetic sample")
     p.add_argument("--allow-cpu", action="store_true", default=None, help="on Kaggle, let a full run train on a CPU")
+    p.add_argument("--hours", type=float, help="stop after the epoch in hand once the next would end past this many "
+                                               "hours from now (resume later with --resume); default: no limit")
     p.set_defaults(handler=_train)
 
 
@@ -393,16 +398,18 @@ TRAIN_OPTIONS = ("shards", "level", "tiles", "relabel", "split_from", "image_siz
 
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
+    import time
 
-    from hpa_nb import run
+    from hpa_nb import inputs, run
     from hpa_nb.config import TrainConfig
     from hpa_nb.train import train
 
     explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
     out = args.out or run.default_dir()
     explicit["out_dir"] = str(out)
+    explicit["deadline"] = time.time() + args.hours * 3600 if args.hours else None  # never a saved run's old one
     # A resumed run keeps the options it was started with; the ones given now go on top.
-    previous = run.find_previous(args.resume_from) if args.resume_from else out if args.resume else None
+    previous = inputs.previous_run(args.resume_from) if args.resume_from else out if args.resume else None
     if previous is not None and (previous / run.CONFIG_FILE).is_file():
         saved = run.load_config(previous)
         kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
@@ -414,7 +421,8 @@ def _train(args: argparse.Namespace) -> None:
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
     result = train(config)
     print(f"trained {config.backbone} into {result.run_dir}: "
-          + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items()))
+          + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
+          + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else ""))
 
 
 # In the order of the workflow, which is the order `--help` lists them.

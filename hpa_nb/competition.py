@@ -42,6 +42,8 @@ def load_labels(root: str | Path, skip_bad: bool | SkipLog = False) -> pd.DataFr
     missing = {"ID", "Label"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path} lacks column(s) {sorted(missing)}")
+    if frame.empty:  # written out, it would be an empty set that the next kernel takes for data
+        raise ValueError(f"{path} has no rows: there are no images to read")
     repeated = frame["ID"][frame["ID"].duplicated()]
     if len(repeated):
         raise ValueError(f"{path}: image {repeated.iloc[0]} is listed more than once")

@@ -66,6 +66,9 @@ class TrainConfig:
     verbose: int | str = "auto"  # Keras fit verbosity: progress bar by default
     keep_checkpoints: int = 2
     resume_from: str | None = None  # a run folder, or OWNER/KERNEL attached as input: copied to out_dir, resumed
+    # A time.time() value: stop after the epoch in hand (its checkpoint written) when the next one would end past
+    # it, so a Kaggle version ends cleanly with its output saved (HOURS in 03/07); None: no deadline.
+    deadline: float | None = None
     # On Kaggle a full run stops before training on the synthetic sample or on a CPU (hpa_nb.preflight).
     allow_sample_data: bool = False
     allow_cpu: bool = False

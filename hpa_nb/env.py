@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 COMPETITION = "hpa-single-cell-image-classification"
-KAGGLE_INPUT = Path("/kaggle/input")
-KAGGLE_WORKING = Path("/kaggle/working")
+KAGGLE_ROOT = "/kaggle"  # moved by HPA_KAGGLE_ROOT, so that tests lay out a Kaggle session in a temporary folder
 IMAGE_FOLDERS = ("train", "test", "train_tfrecords")  # tens of thousands of files each: never walked
 
 # The default sample: big enough for every class to show up and for a quick model to learn
@@ -26,6 +25,21 @@ EVALUATION_SAMPLE = {"images": 20, "size": 256, "seed": 1, "bit_depth": 8, "test
 def on_kaggle(environ: Mapping[str, str] = os.environ) -> bool:
     """True inside a Kaggle kernel (interactive or batch)."""
     return bool(environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def kaggle_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where Kaggle mounts a session: ``/kaggle``, or ``HPA_KAGGLE_ROOT`` (a simulated session in tests)."""
+    return Path(environ.get("HPA_KAGGLE_ROOT") or KAGGLE_ROOT)
+
+
+def kaggle_input(environ: Mapping[str, str] = os.environ) -> Path:
+    """The read-only inputs: the competition and the outputs of attached kernels and datasets."""
+    return kaggle_root(environ) / "input"
+
+
+def kaggle_working(environ: Mapping[str, str] = os.environ) -> Path:
+    """The kernel's own output folder, empty when a version starts."""
+    return kaggle_root(environ) / "working"
 
 
 def on_tpu_vm(environ: Mapping[str, str] = os.environ) -> bool:
@@ -67,7 +81,7 @@ def working_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """Where outputs go: ``HPA_OUT`` if set, else /kaggle/working on Kaggle, else ./out."""
     if environ.get("HPA_OUT"):
         return Path(environ["HPA_OUT"]).expanduser()
-    return KAGGLE_WORKING if on_kaggle(environ) else Path("out")
+    return kaggle_working(environ) if on_kaggle(environ) else Path("out")
 
 
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -105,59 +119,16 @@ def search_folders(root: Path, match: Callable[[Path, list[str]], bool], max_dep
     return sorted(found, key=lambda path: (len(path.parts), str(path)))
 
 
-def find_competition_dir(input_root: Path = KAGGLE_INPUT, max_depth: int = 5) -> Path | None:
+def find_competition_dir(input_root: Path | None = None, max_depth: int = 5) -> Path | None:
     """The folder holding train.csv under /kaggle/input, however deeply Kaggle mounted it.
 
     Kaggle has moved its mounts (``/kaggle/input/<slug>``, ``/kaggle/input/competitions/<slug>``),
     so search instead of hard-coding. A folder named after the competition wins over others.
     """
-    found = search_folders(input_root, lambda _, files: "train.csv" in files, max_depth)
+    found = search_folders(input_root or kaggle_input(), lambda _, files: "train.csv" in files, max_depth)
     if not found:
         return None
     return sorted(found, key=lambda path: (COMPETITION not in str(path), len(path.parts), str(path)))[0]
-
-
-def find_shards(reference: str | Path | None = None, input_root: Path = KAGGLE_INPUT) -> Path | None:
-    """A folder of compact shards (one holding ``manifest.json``): in the folder `reference` names,
-    under the attached output ``OWNER/KERNEL`` (or ``KERNEL``) it names, or, with no reference,
-    anywhere under /kaggle/input (None when there is none there).
-
-    Kaggle mounts a kernel's output under its slug, at a depth that has changed over time, so the
-    slug's folder is searched for. A named reference that holds no shards is an error.
-    """
-    from hpa_nb.shards import MANIFEST
-
-    return _find_listed(reference, input_root, MANIFEST, "SHARDS", "compact shards",
-                        "attach the prepare kernel's output (python -m hpa_nb kaggle push 03_train --shards OWNER/KERNEL)")
-
-
-def find_tiles(reference: str | Path | None = None, input_root: Path = KAGGLE_INPUT) -> Path | None:
-    """A folder of cell tiles (one holding ``tiles.json``), found as `find_shards` finds shards: so tiles
-    written by one kernel (or uploaded as a dataset) reach another as its attached input."""
-    from hpa_nb.tiles import MANIFEST
-
-    return _find_listed(reference, input_root, MANIFEST, "TILES", "cell tiles",
-                        "attach the output of the kernel that wrote them, or a dataset of them")
-
-
-def _find_listed(reference: str | Path | None, input_root: Path, listing: str, option: str, what: str,
-                 hint: str) -> Path | None:
-    def has_listing(_: Path, files: list[str]) -> bool:
-        return listing in files
-
-    if reference is None:
-        found = search_folders(input_root, has_listing)
-        return found[0] if found else None
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        mounts = [path]
-    else:
-        slug = str(reference).rstrip("/").rpartition("/")[2]
-        mounts = search_folders(input_root, lambda folder, _: folder.name == slug, 4)
-    found = [folder for mount in mounts for folder in search_folders(mount, has_listing, 3)]
-    if not found:
-        raise FileNotFoundError(f"{option} {reference}: no {listing} of {what} in it or below; {hint}")
-    return found[0]
 
 
 def sample_dir(spec: Mapping[str, int], environ: Mapping[str, str] = os.environ) -> Path:
@@ -205,7 +176,50 @@ def ensure_evaluation_sample(environ: Mapping[str, str] = os.environ) -> Path:
     return ensure_sample(EVALUATION_SAMPLE, environ)
 
 
-def find_data(environ: Mapping[str, str] = os.environ, input_root: Path = KAGGLE_INPUT) -> DataSource:
+def source_record(root: str | Path) -> dict:
+    """Where a data folder came from, in a form that survives a new mount (`resolve_source` reads it back):
+    the synthetic sample (with its settings), the competition (by its slug), or a plain folder."""
+    import json
+
+    root = Path(root)
+    marker = root / "sample.json"  # hpa_nb.sample.MARKER: the sample's settings
+    if marker.is_file():
+        return {"kind": "sample", "spec": json.loads(marker.read_text())}
+    if COMPETITION in root.parts or is_under(root, kaggle_input()):
+        return {"kind": "competition", "slug": COMPETITION}
+    return {"kind": "folder"}
+
+
+def is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_source(record: Mapping | None, saved: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The data folder `record` (`source_record`) describes, here: `saved` when it is still a folder, else the
+    competition wherever this session mounts it, else the same sample generated again."""
+    if saved and Path(saved).is_dir():
+        return Path(saved)
+    kind = (record or {}).get("kind")
+    if kind == "competition":
+        found = find_competition_dir(kaggle_input(environ)) if on_kaggle(environ) else None
+        if found is None:
+            raise FileNotFoundError(f"the run was trained on the competition data ({saved}), which is not attached "
+                                    f"here: add {COMPETITION} as an input, or set DATA_DIR")
+        return found
+    if kind == "sample":
+        spec = {key: record["spec"][key] for key in ("images", "size", "seed", "bit_depth", "test_images")}
+        mounted = find_competition_dir(kaggle_input(environ)) if on_kaggle(environ) else None
+        if mounted is not None and source_record(mounted) == record:  # the same sample, attached elsewhere
+            return mounted
+        return ensure_sample(spec, environ)
+    raise FileNotFoundError(f"data folder {saved} of the run does not exist here: set DATA_DIR (--data) to it")
+
+
+def find_data(environ: Mapping[str, str] = os.environ, input_root: Path | None = None) -> DataSource:
     """The one data discovery every notebook and command uses.
 
     Order: ``HPA_DATA_DIR`` if set; else the competition data when on Kaggle; else the
@@ -218,6 +232,7 @@ def find_data(environ: Mapping[str, str] = os.environ, input_root: Path = KAGGLE
             raise FileNotFoundError(f"HPA_DATA_DIR={explicit} is not a folder")
         return DataSource(path, "HPA_DATA_DIR", "set in the environment")
     if on_kaggle(environ):
+        input_root = input_root or kaggle_input(environ)
         found = find_competition_dir(input_root)
         if found is not None:
             return DataSource(found, "kaggle", f"train.csv found under {input_root}")

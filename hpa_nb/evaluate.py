@@ -210,8 +210,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
 
     Args:
         run_dir: the run folder `train` wrote (model.keras, config.json, split.csv).
-        data_dir: a labelled data folder in the competition layout; by default the run's own
-            ``data_dir`` from its config.
+        data_dir: a labelled data folder in the competition layout; by default the run's own data
+            (`hpa_nb.inputs.run_data`: its saved folder, else the competition or sample found again).
         out_dir: where to write; by default ``RUN/eval_<split>``. Nothing is written when the
             evaluation fails.
         split: "val" scores the run's held-out images (reproduced from its config and checked
@@ -234,11 +234,12 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     from hpa_nb.model import load_model
 
     config = run.load_config(run_dir)
-    if data_dir is None and config.data_dir is None:
+    if data_dir is None:  # the run's own data, found again here (it may be mounted elsewhere than in training)
         from hpa_nb.env import find_data
+        from hpa_nb.inputs import run_data
 
-        data_dir = find_data().path
-    data_dir = Path(data_dir if data_dir is not None else config.data_dir)
+        data_dir = run_data(run_dir) if config.data_dir else find_data().path
+    data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist (pass the labelled data folder with --data)")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{split}"

@@ -98,7 +98,7 @@ def find(root: Path, max_depth: int = 5) -> OfflineSources:
 
 
 def search_root(folder: str | Path | None = None, environ: Mapping[str, str] = os.environ,
-                input_root: Path = env.KAGGLE_INPUT) -> tuple[Path, int]:
+                input_root: Path | None = None) -> tuple[Path, int]:
     """Where to look, and how deep: `folder`, else $HPA_CELLSEG_DIR, else /kaggle/input on Kaggle, else the
     current folder (only its own files and subfolders: not a checkout's .venv)."""
     folder = folder or environ.get("HPA_CELLSEG_DIR")
@@ -106,7 +106,7 @@ def search_root(folder: str | Path | None = None, environ: Mapping[str, str] = o
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"HPA-Cell-Segmentation folder {folder} not found: {RECIPE}")
         return Path(folder), 5
-    return (input_root, 5) if env.on_kaggle(environ) else (Path("."), 1)
+    return (input_root or env.kaggle_input(environ), 5) if env.on_kaggle(environ) else (Path("."), 1)
 
 
 def _unpacked(archive: Path, environ: Mapping[str, str] = os.environ) -> Path:
@@ -136,7 +136,7 @@ def activate(sources: OfflineSources, environ: Mapping[str, str] = os.environ) -
 
 
 def resolve(folder: str | Path | None = None, environ: Mapping[str, str] = os.environ,
-            input_root: Path = env.KAGGLE_INPUT) -> OfflineSources:
+            input_root: Path | None = None) -> OfflineSources:
     """The pieces for a run, activated; a folder without both weight files is a one-line error."""
     root, depth = search_root(folder, environ, input_root)
     sources = find(root, depth)
@@ -149,7 +149,8 @@ def resolve(folder: str | Path | None = None, environ: Mapping[str, str] = os.en
     return sources
 
 
-def choose_segmentation(environ: Mapping[str, str] = os.environ, input_root: Path = env.KAGGLE_INPUT) -> tuple[str, str]:
+def choose_segmentation(environ: Mapping[str, str] = os.environ,
+                        input_root: Path | None = None) -> tuple[str, str]:
     """("hpacellseg", why) when torch and an offline folder are there, else ("classical", why not)."""
     if importlib.util.find_spec("torch") is None:
         return "classical", "classical segmentation (hpacellseg needs torch, which is not installed)"

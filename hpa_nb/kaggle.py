@@ -78,13 +78,16 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
 
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
          push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
-         resume_from: str | None = None, shards: str | None = None, **metadata_options: Any) -> Path:
+         resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
+         **metadata_options: Any) -> Path:
     """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
 
     ``resume_from`` ("OWNER/KERNEL", e.g. the same kernel, whose last version was stopped) attaches
     that kernel's output as input and sets the notebook's ``RESUME_FROM`` to continue its work
     (03_train: the run; 00_prepare: the shards). ``shards`` ("OWNER/KERNEL" of 00_prepare) attaches
-    its output and sets 03_train's ``SHARDS``, so training reads the compact shards.
+    its output and sets 03_train's ``SHARDS``, so training reads the compact shards. ``attach`` adds the output of
+    more kernels: a notebook name ("07_cell_train": the user's own kernel of it) or "OWNER/KERNEL"; the notebook
+    finds each by its marker (`hpa_nb.inputs`).
     Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
     exit status 0.
     """
@@ -98,6 +101,9 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
             raise ValueError(f"--{parameter.lower().replace('_', '-')} takes OWNER/KERNEL "
                              f"(e.g. alice/{kernel_slug(name)}), got {reference!r}")
         parameters[parameter] = reference
+        metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
+    for source in attach:
+        reference = source if "/" in source else kernel_id(source, user)
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
     folder = build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters or None, **metadata_options)
     run_kaggle(["kernels", "push", "-p", str(folder)], environ, refusals=PUSH_REFUSALS)

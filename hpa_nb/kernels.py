@@ -59,6 +59,10 @@ ACCELERATOR_FLAGS: dict[str | None, dict[str, Any]] = {
     "NvidiaTeslaT4": {"machine_shape": "NvidiaTeslaT4", "enable_gpu": True, "enable_tpu": False},
 }
 
+# The chain on Kaggle, in the order it runs (`make run` runs the notebooks in this order too): 00_prepare →
+# 03_train → 04_evaluate; 06_cells → 07_cell_train (with 03_train's split) → 05_submission, last, with every model.
+# Each later kernel reads the earlier ones' output where Kaggle mounts it (hpa_nb.inputs); `kaggle push NAME`
+# attaches the kernels listed in kernel_sources.
 KERNELS: dict[str, KernelSettings] = {
     # CPU, offline: reads the competition's images once and writes compact shards into its output.
     "00_prepare": KernelSettings("HPA 00 Prepare", internet=False),
@@ -67,11 +71,14 @@ KERNELS: dict[str, KernelSettings] = {
     # Internet on so Keras can download ImageNet weights; see the README to run offline.
     "03_train": KernelSettings("HPA 03 Train", accelerator="TpuV5E8"),
     "04_evaluate": KernelSettings("HPA 04 Evaluate", kernel_sources=("03_train",)),
-    # Code competitions only accept submissions from notebooks with the internet off. It segments with
-    # HPA-Cell-Segmentation when its offline folder is attached (`push 05_submission --dataset`, README).
+    # CPU, offline: cutting tiles segments each image with scikit-image, which the TPU image lacks.
+    "06_cells": KernelSettings("HPA 06 Cells", internet=False),
+    # TPU, like 03_train: the cell model on 06_cells' tiles, split by image as 03_train's run was.
+    "07_cell_train": KernelSettings("HPA 07 Cell Train", accelerator="TpuV5E8", kernel_sources=("06_cells", "03_train")),
+    # Code competitions only accept submissions from notebooks with the internet off. It scores cells with the
+    # image run, and with the cell run too when 07_cell_train's output is attached (`push 05_submission --attach
+    # 07_cell_train`); it segments with HPA-Cell-Segmentation when its offline folder is attached (`--dataset`).
     "05_submission": KernelSettings("HPA 05 Submission", internet=False, kernel_sources=("03_train",)),
-    # CPU: cutting tiles segments with scikit-image, which the TPU image lacks; the image run's split is kept.
-    "06_cells": KernelSettings("HPA 06 Cells", kernel_sources=("03_train",)),
 }
 
 
@@ -179,13 +186,13 @@ HPA_NB_ARCHIVE = """
 
 
 def _hpa_nb_bootstrap(archive_base64, expected_sha256):
-    import base64, hashlib, importlib, io, lzma, shutil, sys, tarfile, tempfile
+    import base64, hashlib, importlib, io, lzma, os, shutil, sys, tarfile, tempfile
     from pathlib import Path
 
     tar_bytes = lzma.decompress(base64.b64decode("".join(archive_base64.split())))
     if hashlib.sha256(tar_bytes).hexdigest() != expected_sha256:
         raise RuntimeError("the embedded hpa_nb archive is corrupt: rebuild with `python -m hpa_nb kaggle build`")
-    working = Path("/kaggle/working")
+    working = Path(os.environ.get("HPA_KAGGLE_ROOT") or "/kaggle") / "working"  # moved by tests only
     root = working / "hpa_nb_src" if working.is_dir() else Path(tempfile.mkdtemp(prefix="hpa_nb_src-"))
     shutil.rmtree(root / "hpa_nb", ignore_errors=True)  # no module left over from another version
     (root / "hpa_nb").mkdir(parents=True)

@@ -83,4 +83,6 @@ def read_listing(path: Path, file_format: str, what: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
     if listing.get("format") != file_format:
         raise ValueError(f"{path} is not a {file_format} listing")
+    if not listing.get("count"):
+        raise ValueError(f"{path} lists no records: an empty folder of {what} is no input")
     return listing

@@ -28,6 +28,7 @@ CHECKPOINT_DIR = "checkpoints"
 TARGETS_FILE = "targets.csv"  # a relabelled cell run's training targets (hpa_nb.relabel)
 FOLDS_DIR = "folds"  # its out-of-fold runs, one run folder each
 FOLDER = "run"  # under the working folder: /kaggle/working/run on Kaggle, out/run elsewhere
+CELL_FOLDER = "cell_run"  # a cell run's folder under the working folder
 
 
 def default_dir() -> Path:
@@ -35,6 +36,32 @@ def default_dir() -> Path:
     from hpa_nb.env import working_dir
 
     return working_dir() / FOLDER
+
+
+def is_run(folder: str | Path, level: str | None = None) -> bool:
+    """Whether `folder` holds a trained run (its config and model), of `level` ("image" or "cell") if given."""
+    folder = Path(folder)
+    if not ((folder / CONFIG_FILE).is_file() and (folder / MODEL_FILE).is_file()):
+        return False
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return level is None or saved.get("level", "image") == level
+
+
+def is_resumable(folder: str | Path) -> bool:
+    """Whether `folder` holds a run that can be resumed: its config and a checkpoints folder."""
+    return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / CHECKPOINT_DIR).is_dir()
+
+
+def unfinished(run_dir: str | Path) -> str:
+    """A line for a run that stopped at its deadline before its last epoch (empty when it finished)."""
+    info = load_info(run_dir)
+    if not info.get("stopped_at_deadline"):
+        return ""
+    return (f"{run_dir} stopped at its deadline after epoch {info.get('epochs_run')} of {info.get('epochs')}: "
+            f"its model is usable; push its kernel again with --resume-from to finish it")
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
@@ -145,44 +172,6 @@ def clear_previous(run_dir: Path) -> list[str]:
         print(f"train: new run in {run_dir}: removed the previous run's {', '.join(removed)} "
               "(use --resume to continue it instead)", file=sys.stderr)
     return removed
-
-
-def find_previous(reference: str | Path, input_root: Path | None = None) -> Path:
-    """The run folder `reference` names: a folder, or ``OWNER/KERNEL`` (or ``KERNEL``) attached under /kaggle/input.
-
-    A run folder holds config.json and checkpoints/. Kaggle mounts a kernel's output under its
-    slug, at a depth that has changed over time, so the slug's folder is searched for.
-    """
-    from hpa_nb.env import KAGGLE_INPUT, search_folders
-
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        found = run_folders(path)
-        if not found:
-            raise FileNotFoundError(f"RESUME_FROM {path} holds no run folder ({CONFIG_FILE} and {CHECKPOINT_DIR}/)")
-        return found[0]
-    root = input_root or KAGGLE_INPUT
-    slug = str(reference).rstrip("/").rpartition("/")[2]
-    mounts = search_folders(root, lambda folder, _: folder.name == slug, 4)
-    found = [run for mount in mounts for run in run_folders(mount)]
-    if not found:
-        raise FileNotFoundError(f"RESUME_FROM {reference}: no attached output named {slug!r} with a run folder "
-                                f"under {root}; attach the earlier version as input "
-                                f"(python -m hpa_nb kaggle push 03_train --resume-from OWNER/KERNEL)")
-    return found[0]
-
-
-def run_folders(folder: Path, max_depth: int = 3) -> list[Path]:
-    """Run folders at or below `folder`, shallowest first."""
-    found = []
-    for current, subfolders, files in os.walk(folder):
-        depth = len(Path(current).relative_to(folder).parts)
-        if CONFIG_FILE in files and CHECKPOINT_DIR in subfolders:
-            found.append(Path(current))
-        if depth >= max_depth:
-            subfolders.clear()
-        subfolders.sort()
-    return sorted(found, key=lambda path: len(path.parts))
 
 
 def adopt(source: Path, run_dir: Path) -> int:

@@ -18,6 +18,7 @@ import tensorflow as tf
 from hpa_nb.bad_input import SkipLog, first_problem, join_text, skip_log
 from hpa_nb.competition import png_layout
 from hpa_nb import record_files
+from hpa_nb.budget import DiskBudgetError, Probe
 from hpa_nb.files import temporary_path, write_text
 from hpa_nb.labels import N_CLASSES, colors_of, parse_label
 from hpa_nb.reading import (AUTOTUNE, TFRECORD_OVERHEAD, Layout, file_records, file_size, files_at_once,
@@ -32,7 +33,14 @@ SHARD_TARGET_BYTES = 150 * 2**20
 # A manifest lists every shard's image IDs and labels (version 2), so shards from another source pair with its train.csv.
 MANIFEST_VERSION = 2
 # Images written before the first projection of the total against a byte budget.
-BUDGET_CHECK_IMAGES = 32
+
+
+def is_shard_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds compact shards: a ``manifest.json`` of this format (other data sets have their own)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("format") == SHARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
@@ -145,8 +153,7 @@ def _shard_example(image: np.ndarray, label: np.ndarray, image_id: bytes, encodi
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-class ShardBudgetError(ValueError):
-    """The shards would not fit in the disk budget (Kaggle's /kaggle/working holds 20 GB)."""
+ShardBudgetError = DiskBudgetError  # the shards would not fit in the disk budget (/kaggle/working holds 20 GB)
 
 
 def _source_layout(src: Path, colors: tuple[str, ...], log: SkipLog | None, exclude: list[str]) -> tuple[Layout, int | None]:
@@ -176,10 +183,10 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     a rerun skips finished shards, and the manifest (written last) lists only finished ones.
     ``encoding="png"`` trades read speed for disk space (raw rgby at 512 px is 1 MiB an image).
 
-    With `max_gb`, the total is projected from the bytes per image written so far (first after
-    `BUDGET_CHECK_IMAGES` images, then at every shard) and `ShardBudgetError` stops the run as
-    soon as the projection is over budget. With `deadline` (a ``time.time()`` value), the run
-    stops after the first shard that ends past it and writes a manifest marked incomplete, so a
+    After the first images (`hpa_nb.budget.PROBE_IMAGES`) the whole job's time and size are projected
+    from what they cost (one line). With `max_gb`, the size is projected again at every shard, and
+    `ShardBudgetError` stops the run as soon as the projection is over budget. With `deadline` (a
+    ``time.time()`` value), the run stops after the first shard that ends past it and writes a manifest marked incomplete, so a
     time-limited session ends cleanly and its shards can be adopted (`adopt_shards`) by the next.
     Returns the manifest.
     """
@@ -209,17 +216,12 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     writer, temporary, shard_ids, shard_labels, shard_bytes = None, None, [], [], 0
     finished_images, finished_bytes = len(done_ids), sum(record["bytes"] for record in finished.values())
     stopped_early = False
+    done_images, done_bytes = finished_images, finished_bytes
+    hours = None if deadline is None else (deadline - time.time()) / 3600
+    probe = Probe(f"shards of {src}", expected, done_images, hours, max_gb)
 
     def check_budget() -> None:
-        count, total_bytes = finished_images + len(shard_ids), finished_bytes + shard_bytes
-        if max_gb is None or expected is None or not count:
-            return
-        projected = total_bytes / count * expected / 1e9
-        if projected > max_gb:
-            raise ShardBudgetError(
-                f"shard: {count} images took {total_bytes / count / 1e3:.0f} kB each, so the {expected} images of "
-                f"{src} would need {projected:.1f} GB, over the {max_gb:g} GB budget: use a smaller size "
-                f"(now {size} px) or encoding='png' (now {encoding!r})")
+        probe.check(finished_images + len(shard_ids) - done_images, finished_bytes + shard_bytes - done_bytes, done_bytes)
 
     def close_shard() -> None:
         nonlocal writer, temporary, shard_ids, shard_labels, shard_bytes, index, finished_images, finished_bytes
@@ -244,8 +246,8 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
             shard_labels.append(_label_text(label))
             shard_bytes += len(example) + TFRECORD_OVERHEAD
             bar.update(1)
-            if finished_images + len(shard_ids) == BUDGET_CHECK_IMAGES:
-                check_budget()
+            probe.update(finished_images + len(shard_ids) - done_images, finished_bytes + shard_bytes - done_bytes,
+                         done_bytes)
             if len(shard_ids) == per_shard:
                 close_shard()
                 check_budget()

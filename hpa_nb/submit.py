@@ -162,11 +162,32 @@ def submit(
     """
     classifier = load_classifier(run_dir, batch_size)
     cell_model = None if cell_run_dir is None else load_classifier(cell_run_dir, batch_size, level="cell")
-    cells = "" if cell_model is None else f", cell model {cell_run_dir} ({cell_model.image_size} px tiles)"
-    print(f"submission: model {run_dir} ({classifier.image_size} px, {classifier.channels}){cells}, "
-          f"segmentation {method}, {rule}", file=sys.stderr)
+    print(f"submission: {describe_scoring(run_dir, cell_run_dir, rule)}; segmentation {method}", file=sys.stderr)
     return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
                             cell_model=cell_model, **method_options)
+
+
+def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_weight,
+                partial_scale: float = ScoreRule.partial_scale) -> ScoreRule:
+    """The rule a submission scores cells under: the image × cell rule (`COMBINED_RULE`) when a cell model is
+    there, else the image model's blend of image and crop with `image_weight`; `partial_scale` on either."""
+    if with_cell_model:
+        return dataclasses.replace(COMBINED_RULE, partial_scale=partial_scale)
+    return ScoreRule(image_weight=image_weight, partial_scale=partial_scale)
+
+
+def describe_scoring(run_dir: Path, cell_run_dir: Path | None, rule: ScoreRule) -> str:
+    """One line: which models score the cells, and under which rule."""
+    from hpa_nb.run import load_config
+
+    image = load_config(run_dir)
+    models = f"image run {run_dir} ({image.backbone}, {image.image_size} px, {image.channels})"
+    if cell_run_dir is not None:
+        cell = load_config(cell_run_dir)
+        models += f" and cell run {cell_run_dir} ({cell.backbone}, {cell.image_size} px tiles)"
+    name = "image × cell rule" if cell_run_dir is not None else "image model's rule"
+    return (f"scoring cells with the {models}, under the {name}: {rule.combine}, image weight {rule.image_weight:g}, "
+            f"cells cut off by the edge × {rule.partial_scale:g}")
 
 
 def load_classifier(run_dir: Path, batch_size: int = 32, level: str = "image") -> CellClassifier:
@@ -252,10 +273,11 @@ class ModelComparison:
 def compare_models(classifier: CellClassifier, cell_model: CellClassifier, data_dir: Path,
                    ids: Sequence[str] | None = None, method: str = "classical", image_rule: ScoreRule = ScoreRule(),
                    combined_rule: ScoreRule = COMBINED_RULE, use_truth_masks: bool = False,
-                   progress: bool = True, **method_options) -> ModelComparison:
+                   progress: bool = True, border_scale: float | None = 0.0, **method_options) -> ModelComparison:
     """Score the test images three ways on the same cells: the image model under `image_rule`, the cell
-    model alone, and both under `combined_rule`. Each image is segmented once (or its true cells used),
-    by `method` with `method_options`."""
+    model alone, and both under `combined_rule`; with `border_scale`, a fourth: both, with the scores of cells
+    cut off by the image's edge times it (0: the hosts' "if more than half of the cell is not present, don't
+    predict it"). Each image is segmented once (or its true cells used), by `method` with `method_options`."""
     from hpa_nb.cells import predict_images
     from hpa_nb.segmentation_quality import load_cell_truth
 
@@ -270,6 +292,10 @@ def compare_models(classifier: CellClassifier, cell_model: CellClassifier, data_
                                              progress=progress, cell_model=cell_model),
                 "image × cell": predict_images(classifier, data_dir, ids, method, combined_rule, masks=masks,
                                                progress=progress, cell_model=cell_model)}
+    if border_scale is not None and border_scale != combined_rule.partial_scale:
+        border_rule = dataclasses.replace(combined_rule, partial_scale=border_scale)
+        scorings[f"image × cell, edge cells × {border_scale:g}"] = predict_images(
+            classifier, data_dir, ids, method, border_rule, masks=masks, progress=progress, cell_model=cell_model)
     return ModelComparison({name: score_cells(p, data_dir, truth) for name, p in scorings.items()})
 
 
@@ -281,6 +307,7 @@ def evaluate_cells(
     rule: ScoreRule = ScoreRule(),
     use_truth_masks: bool = False,
     progress: bool = True,
+    cell_model: CellClassifier | None = None,
 ) -> CellEvaluation:
     """Score a model the way the competition does, on sample images with ground-truth cells.
 
@@ -294,5 +321,5 @@ def evaluate_cells(
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     masks, labels = load_cell_truth(data_dir, ids)
     predictions = predict_images(classifier, data_dir, ids, method, rule, masks=masks if use_truth_masks else None,
-                                 progress=progress)
+                                 progress=progress, cell_model=cell_model)
     return score_cells(predictions, data_dir, (masks, labels))

@@ -28,6 +28,7 @@ import numpy as np
 
 from hpa_nb import record_files
 from hpa_nb.bad_input import SkipLog, skip_log
+from hpa_nb.budget import Probe
 from hpa_nb.files import temporary_path, write_text
 from hpa_nb.labels import colors_of, parse_label
 from hpa_nb.segmentation import (ClassicalSettings, colors_needed, read_channels, read_mask, segment,
@@ -124,7 +125,8 @@ def _image_tiles(src: Path, image_id: str, size: int, channels: str, segmentatio
 def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128, channels: str = "rgby",
                 segmentation: str = "classical", images_per_file: int | None = None,
                 skip_bad: bool | SkipLog = False, progress: bool = True, deadline: float | None = None,
-                settings: ClassicalSettings = ClassicalSettings(), **method_options) -> dict:
+                max_gb: float | None = None, settings: ClassicalSettings = ClassicalSettings(),
+                **method_options) -> dict:
     """Write one record per cell of every image in ``src/train.csv`` (PNGs in ``src/train/``).
 
     `out` defaults to ``src/tiles``. Cells come from `segmentation` (`SEGMENTATIONS`; ``"masks"``
@@ -133,7 +135,9 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
     skips the images of finished files, and ``tiles.json`` (written last) lists only finished
     ones. A missing or unreadable image stops the run with one line naming it, or is skipped with
     a warning under `skip_bad`. With `deadline` (a ``time.time()`` value) the run stops after the
-    first file that ends past it and marks the listing incomplete. Returns the listing.
+    first file that ends past it and marks the listing incomplete. After the first images the whole job's
+    time and size are projected from what they cost (`hpa_nb.budget.Probe`, one line); with `max_gb` the run
+    stops before writing more as soon as the projected size passes it. Returns the listing.
     """
     import tensorflow as tf
     from tqdm import tqdm  # plain text bars: the same in a terminal, a notebook and a Kaggle log
@@ -158,6 +162,10 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
           f"{len(done)} already in {len(finished)} files", file=sys.stderr)
     index = max((int(name[6:11]) + 1 for name in finished), default=0)
     writer, temporary, listing, file_bytes, stopped_early = None, None, _empty_listing(), 0, False
+    done_bytes = sum(record["bytes"] for record in finished.values())
+    written = {"images": 0, "bytes": 0}  # by this run
+    hours = None if deadline is None else (deadline - time.time()) / 3600
+    probe = Probe(f"tiles of {src}", len(frame), len(done), hours, max_gb)
 
     def close_file() -> None:
         nonlocal writer, temporary, listing, file_bytes, index
@@ -185,12 +193,16 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
                 example = _example(tiles, row, label)
                 writer.write(example)
                 file_bytes += len(example)
+                written["bytes"] += len(example)
+            written["images"] += 1
             listing["ids"].append(image_id)
             listing["labels"].append(label_text)
             listing["cell_ids"].append(tiles.cell_ids.tolist())
             bar.update(1)
+            probe.update(written["images"], written["bytes"], done_bytes)
             if len(listing["ids"]) == images_per_file or (images_per_file is None and file_bytes >= TARGET_BYTES):
                 close_file()
+                probe.check(written["images"], written["bytes"], done_bytes)
                 if deadline is not None and time.time() > deadline:
                     stopped_early = True
                     break

@@ -26,18 +26,7 @@ class TrainResult:
     model: Any = field(repr=False)
     history: Any = field(repr=False)  # pandas DataFrame of history.csv
     final: dict = field(default_factory=dict)  # validation metrics of the saved model (after BN re-estimation)
-
-
-def ensure_run(run_dir: str | Path, quick: bool = True, data_dir: str | Path | None = None) -> TrainConfig:
-    """The config of the run in `run_dir`, training one first (quick sizes by default) if it has no model yet.
-
-    This lets every notebook after ``03_train`` also run on its own.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / run.MODEL_FILE).is_file():
-        print(f"no trained model in {run_dir}: training a {'quick' if quick else 'full'} one first", file=sys.stderr)
-        train(TrainConfig.make(quick, out_dir=str(run_dir), data_dir=None if data_dir is None else str(data_dir)))
-    return run.load_config(run_dir)
+    stopped_at_deadline: bool = False  # True when the deadline ended it before its last epoch: resume to finish
 
 
 # --- split --------------------------------------------------------------------------------
@@ -189,6 +178,61 @@ def _recalibration_callback(dataset, steps: int):
     return BatchNormRecalibration()
 
 
+def _clock_callback(plan: "Plan"):
+    """Projects the run's time from its first steps, and stops it at the deadline after the epoch in hand."""
+    import time
+
+    import keras
+
+    from hpa_nb.budget import Projection
+
+    config = plan.config
+    images_per_epoch = plan.steps_per_epoch * plan.global_batch
+    hours = None if config.deadline is None else (config.deadline - time.time()) / 3600
+
+    class Clock(keras.callbacks.Callback):
+        """After the first compiled call (compiling is not training), time the steps until a quarter of the epoch,
+        print the projection of all epochs, and after each epoch stop if the next one would end past the deadline.
+        It runs after the epoch's checkpoint is written, so a stopped run resumes after that epoch."""
+
+        def __init__(self):
+            super().__init__()
+            self.first = self.epoch_started = None
+            self.steps = 0
+            self.projected = False
+            self.epoch_seconds: list[float] = []
+            self.stopped_at_deadline = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_started = time.time()
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.time()
+            if self.first is None:
+                self.first, self.steps = now, batch + 1
+                return
+            done = batch + 1 - self.steps
+            if not self.projected and done >= max(1, plan.steps_per_epoch // 4):
+                self.projected = True
+                seconds_per_image = (now - self.first) / (done * plan.global_batch)
+                epoch_seconds = seconds_per_image * images_per_epoch
+                projection = Projection("training", "epoch", config.epochs, plan.finished_epochs, epoch_seconds,
+                                        hours=hours)
+                print(f"{projection.line()} (training steps only: {seconds_per_image * 1e3:.3g} ms per image, "
+                      f"{images_per_epoch} images per epoch)", file=sys.stderr)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_seconds.append(time.time() - self.epoch_started)
+            if config.deadline is not None and time.time() + max(self.epoch_seconds) > config.deadline:
+                self.model.stop_training = True
+                self.stopped_at_deadline = epoch + 1 < config.epochs
+                if self.stopped_at_deadline:
+                    print(f"train: stopping after epoch {epoch + 1} of {config.epochs}: the next one would end past "
+                          "the deadline (HOURS); its checkpoint is saved, resume from this output", file=sys.stderr)
+
+    return Clock()
+
+
 # --- prepare, then fit --------------------------------------------------------------------
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int, global_batch: int):
     """The warmup → sustain → decay schedule training uses, for a run of `config` (plotted in 03_train)."""
@@ -263,8 +307,9 @@ def prepare(config: TrainConfig) -> Plan:
     """
     import keras
 
-    from hpa_nb import data, preflight
+    from hpa_nb import data, inputs, preflight
     from hpa_nb.accelerator import detect
+    from hpa_nb.env import source_record
     from hpa_nb.labels import class_weights
     from hpa_nb.model import build
 
@@ -275,7 +320,7 @@ def prepare(config: TrainConfig) -> Plan:
     preflight.check_data(root, config.quick, config.allow_sample_data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume_from:
-        run.adopt(run.find_previous(config.resume_from), run_dir)
+        run.adopt(inputs.previous_run(config.resume_from), run_dir)
     config = dataclasses.replace(config, data_dir=str(root), out_dir=str(run_dir),
                                  resume=config.resume or bool(config.resume_from), shards=_find_shards(config.shards),
                                  tiles=_find_tiles(root, config) if config.level == "cell" else None)
@@ -302,7 +347,7 @@ def prepare(config: TrainConfig) -> Plan:
                "replicas": accelerator.replicas, "precision": accelerator.precision,
                "global_batch_size": global_batch, "steps_per_epoch_used": steps_per_epoch,
                "steps_per_execution_used": steps_per_execution, "train_images": len(train_ids),
-               "val_images": len(val_ids), "data_fingerprint": fingerprint}
+               "val_images": len(val_ids), "data_fingerprint": fingerprint, "data_source": source_record(root)}
     run.write_info(run_dir, config, runtime)
     targets = None
     if config.relabel:
@@ -370,10 +415,12 @@ def fit(plan: Plan) -> TrainResult:
 
     config, run_dir, model, finished = plan.config, plan.run_dir, plan.model, plan.finished_epochs
     recalibration_steps = min(config.bn_recalibration_steps, plan.steps_per_epoch)
+    callbacks = _callbacks(plan, recalibration_steps)
     history = model.fit(plan.datasets["train"], epochs=config.epochs, initial_epoch=finished,
                         steps_per_epoch=plan.steps_per_epoch, validation_data=plan.datasets["val"],
-                        callbacks=_callbacks(plan, recalibration_steps), verbose=config.verbose,
+                        callbacks=callbacks, verbose=config.verbose,
                         shuffle=False)  # the dataset shuffles itself
+    stopped_at_deadline = callbacks[-1].stopped_at_deadline
     losses = history.history.get("loss", [])
     if any(not np.isfinite(value) for value in losses):
         raise FloatingPointError(f"training loss became NaN/inf in {run_dir}: lower --max-lr or check the data")
@@ -385,14 +432,28 @@ def fit(plan: Plan) -> TrainResult:
     if model.compiled:
         final = {f"val_{k}": float(v) for k, v in
                  model.evaluate(plan.datasets["val"], verbose=0, return_dict=True).items()}
-    with atomic_path(run_dir / run.MODEL_FILE) as temporary:
-        model.save(temporary)
-    runtime = {**plan.runtime, "epochs_run": int(finished + len(losses)), "final": final}
+    save_for_inference(model, run_dir / run.MODEL_FILE)
+    runtime = {**plan.runtime, "epochs_run": int(finished + len(losses)), "final": final,
+               "stopped_at_deadline": stopped_at_deadline}
     run.write_info(run_dir, config, runtime)
     frame = pd.read_csv(run_dir / run.HISTORY_FILE) if (run_dir / run.HISTORY_FILE).is_file() else pd.DataFrame()
     print(f"train: wrote {run_dir / run.MODEL_FILE}; validation of the saved model: "
           + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), file=sys.stderr)
-    return TrainResult(run_dir, model, frame, final)
+    return TrainResult(run_dir, model, frame, final, stopped_at_deadline)
+
+
+def save_for_inference(model, path: Path) -> Path:
+    """Save `model`'s layers and weights without its optimizer, loss and metrics, atomically.
+
+    The file then names no class of this package, so ``keras.saving.load_model(path)`` loads it in any
+    process, with or without ``import hpa_nb`` (the checkpoints keep the optimizer, for resuming).
+    """
+    import keras
+
+    inference = keras.Model(model.input, model.output, name=model.name)  # one input stays one, not a list
+    with atomic_path(path) as temporary:
+        inference.save(temporary)
+    return path
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -443,31 +504,33 @@ def _callbacks(plan: Plan, recalibration_steps: int) -> list:
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.TerminateOnNaN(),
+        _clock_callback(plan),  # last: after the epoch's checkpoint is written
     ]
 
 
 def _find_shards(reference: str | None) -> str | None:
     """The shard folder a run reads: the one `reference` names, else on Kaggle any attached (else None)."""
-    from hpa_nb.env import find_shards, on_kaggle
+    from hpa_nb import inputs
+    from hpa_nb.env import on_kaggle
 
     if reference is None and not on_kaggle():
         return None
-    found = find_shards(reference)
+    found = inputs.find("shards", reference, consumer="03_train", required=False)
     return None if found is None else str(found)
 
 
 def _find_tiles(root: Path, config: TrainConfig) -> str:
     """The tile folder a cell run reads: the one `config.tiles` names (a folder, or OWNER/KERNEL attached on
-    Kaggle), else ``root/tiles``, else on Kaggle any attached."""
-    from hpa_nb import tiles
-    from hpa_nb.env import find_tiles, on_kaggle
+    Kaggle), else ``root/tiles``, else the tiles of 06_cells (on Kaggle: attached; elsewhere: out/tiles)."""
+    from hpa_nb import inputs, tiles
 
     if config.tiles is None and tiles.is_tile_folder(root / tiles.TILE_DIR):
         return str(root / tiles.TILE_DIR)
-    if config.tiles is not None and (tiles.is_tile_folder(config.tiles) or not on_kaggle()):
-        tiles.read_manifest(config.tiles)  # a folder without tiles.json stops here, named
+    if config.tiles is not None and tiles.is_tile_folder(config.tiles):
         return str(config.tiles)
-    found = find_tiles(config.tiles) if on_kaggle() else None
+    if config.tiles is not None and Path(config.tiles).is_dir():
+        tiles.read_manifest(config.tiles)  # a folder without tiles.json stops here, named
+    found = inputs.find("tiles", config.tiles, consumer="07_cell_train", required=False)
     if found is None:
         raise FileNotFoundError(f"a cell run needs cell tiles: none in {root / tiles.TILE_DIR}; write them first "
                                 f"(python -m hpa_nb tiles --src {root}) or name them with --tiles")

@@ -50,7 +50,7 @@ import time
 import pandas as pd
 
 import hpa_nb  # first: it quiets TensorFlow's C++ logs
-from hpa_nb import competition, data, env, figures, plots, preflight, shards
+from hpa_nb import competition, data, env, figures, inputs, plots, preflight, shards
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 SIZE = SIZE or (128 if QUICK else 512)
@@ -68,7 +68,7 @@ print(f"source: {DATA}\nshards: {OUT} ({SIZE} px, {CHANNELS}, {ENCODING})")
 
 # %%
 if RESUME_FROM:
-    adopted = shards.adopt_shards(env.find_shards(RESUME_FROM), OUT)
+    adopted = shards.adopt_shards(inputs.find("shards", RESUME_FROM), OUT)
     print(f"adopted {adopted} finished shards from {RESUME_FROM}")
 
 # %% [markdown]

@@ -40,8 +40,11 @@ EPOCHS = None  # None: 20 (full) / 5 (quick)
 BATCH_SIZE = None  # per replica; None: 16. The global batch is this x replicas
 ALLOW_SAMPLE_DATA = False  # on Kaggle a full run refuses the synthetic sample unless this is True
 ALLOW_CPU = False  # on Kaggle a full run refuses to train on a CPU unless this is True
+HOURS = 8.0  # on Kaggle, stop after the epoch in hand once the next would end past this (a TPU session ends at 9 h)
 
 # %%
+import time
+
 import hpa_nb  # first: it picks the Keras backend (JAX on a TPU VM) and quiets TensorFlow's C++ logs
 from hpa_nb import env, figures, run, train, training_plots
 
@@ -51,8 +54,8 @@ RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
 config = train.TrainConfig.make(QUICK, data_dir=str(DATA), out_dir=str(RUN), backbone=BACKBONE, weights=WEIGHTS,
                                 image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE,
                                 resume_from=RESUME_FROM or None, shards=SHARDS or None,
-                                allow_sample_data=ALLOW_SAMPLE_DATA,
-                                allow_cpu=ALLOW_CPU)
+                                allow_sample_data=ALLOW_SAMPLE_DATA, allow_cpu=ALLOW_CPU,
+                                deadline=time.time() + HOURS * 3600 if env.on_kaggle() else None)
 print(config)
 
 # %% [markdown]
@@ -118,12 +121,15 @@ training_plots.class_distribution(plan.train_labels, max_weight=config.max_posit
 # `fit` is Keras's `model.fit` over the plan: it validates on the held-out split after every epoch, writes
 # the epoch's row of `history.csv` and then a checkpoint, stops early on the validation macro AUC (restoring
 # the best weights) and re-estimates batch-norm statistics before each validation, so the saved model
-# predicts as well in inference mode as it did while training. If the session dies, push again with
-# `python -m hpa_nb kaggle push 03_train --resume-from OWNER/hpa-03-train`: the next version attaches
+# predicts as well in inference mode as it did while training. Once a quarter of the first epoch has run, it
+# prints the whole run's projected time and how many versions of `HOURS` that is. On Kaggle it stops at `HOURS`
+# after the epoch in hand, so the version ends with its output saved rather than being cut off at 9 h; push
+# again with `python -m hpa_nb kaggle push 03_train --resume-from OWNER/hpa-03-train`: the next version attaches
 # this one's output and continues after its last checkpoint, with the same data stream.
 
 # %%
 result = train.fit(plan)
+print(run.unfinished(RUN) or f"finished: {len(result.history)} epochs")
 
 # %%
 # NBVAL_CHECK_OUTPUT

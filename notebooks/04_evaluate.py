@@ -18,27 +18,27 @@
 # the default sample (measured, 2 CPU cores); an estimated 10 minutes for 4,400 held-out images at 384 px on CPU.
 #
 # In this notebook we will:
-# - load the run that `03_train` saved (or train a quick one if there is none);
+# - find the run that `03_train` saved: on Kaggle its attached output, wherever Kaggle mounted it (elsewhere
+#   `out/run`, trained quickly first if there is none);
 # - predict the held-out split, reproduced from the run's saved config;
 # - report per-class ROC AUC, average precision and F1, with macro and micro averages;
 # - plot per-class scores and precision–recall curves;
 # - look at predictions next to their images, and name the weakest classes.
 
 # %% tags=["parameters"]
-DATA_DIR = ""  # empty: the data folder the run was trained on
-RUN_DIR = ""  # empty: <working dir>/run, the folder 03_train writes
-QUICK = None  # None: quick off Kaggle, full on Kaggle (only used if no run exists yet)
+DATA_DIR = ""  # empty: the data the run was trained on, found again here (the competition wherever it is mounted)
+RUN_DIR = ""  # empty: on Kaggle the attached output of 03_train; elsewhere <working dir>/run. Or a folder, OWNER/KERNEL
+QUICK = True  # off Kaggle only: the size of the run trained first when there is none (on Kaggle none is trained)
 TTA = False  # average over the 8 flips and rotations (8x the prediction time)
 N_EXAMPLES = 8
 
 # %%
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import data, env, evaluate, figures, plots, run, train
+from hpa_nb import data, env, evaluate, figures, inputs, plots, run
 
-QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
-RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
-config = train.ensure_run(RUN, quick=QUICK)  # trains a QUICK model only when RUN holds none
-DATA = env.Path(DATA_DIR or config.data_dir)
+RUN = inputs.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)
+config = run.load_config(RUN)
+DATA = inputs.run_data(RUN, DATA_DIR)
 print(f"run: {config.backbone} at {config.image_size} px, {config.channels}, trained on {env.Path(config.data_dir).name}")
 
 # %% [markdown]

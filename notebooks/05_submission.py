@@ -20,7 +20,8 @@
 # HPA-Cell-Segmentation took 16–22 s per 2048 px image on these 2 cores, so about 3 hours on a CPU.
 #
 # In this notebook we will:
-# - load the run that `03_train` saved (or train a quick one if there is none);
+# - find the image run of `03_train`, and the cell run of `07_cell_train` when it is attached (on Kaggle, their
+#   attached outputs wherever Kaggle mounted them), and say which models and which rule score the cells;
 # - segment every test image once and score each of its cells;
 # - overlay the cells found on a few images, next to the sample's true cells, with each cell's top classes;
 # - measure the local cell mAP (mask IoU ≥ 0.6, the competition's metric) on held-out images;
@@ -28,26 +29,29 @@
 
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
-RUN_DIR = ""  # empty: <working dir>/run, the folder 03_train writes
-QUICK = None  # None: quick off Kaggle, full on Kaggle (only used if no run exists yet)
+RUN_DIR = ""  # empty: on Kaggle the attached output of 03_train; elsewhere <working dir>/run. Or a folder, OWNER/KERNEL
+CELL_RUN_DIR = ""  # empty: the cell run of 07_cell_train if attached (elsewhere <working dir>/cell_run if there); "none": image run alone
+QUICK = True  # off Kaggle only: the size of the image run trained first when there is none (on Kaggle none is trained)
 SEGMENTATION = "auto"  # hpacellseg when its offline folder is attached (README), else classical; or name one
-IMAGE_WEIGHT = 0.7  # cell score = IMAGE_WEIGHT * image probability + (1 - IMAGE_WEIGHT) * cell-crop probability
+IMAGE_WEIGHT = 0.7  # image run alone: cell score = IMAGE_WEIGHT * image probability + (1 - IMAGE_WEIGHT) * cell-crop probability
+PARTIAL_SCALE = 1.0  # scores of cells cut off by the image's edge x this (the hosts' advice is 0); 07 measures both
 N_PREVIEW = 3
 
 # %%
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import cell_plots, cells, env, figures, hpacellseg_offline, run, submit, train
+from hpa_nb import cell_plots, cells, env, figures, hpacellseg_offline, inputs, submit
 
-QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
-RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
-config = train.ensure_run(RUN, quick=QUICK)
+RUN = inputs.image_run(RUN_DIR, consumer="05_submission", quick=QUICK)
+CELL_RUN = None if CELL_RUN_DIR == "none" else inputs.find("cell_run", CELL_RUN_DIR, consumer="05_submission",
+                                                            required=False)
 classifier = submit.load_classifier(RUN)
-rule = cells.ScoreRule(image_weight=IMAGE_WEIGHT)
+cell_model = submit.load_classifier(CELL_RUN, level="cell") if CELL_RUN else None
+rule = submit.choose_rule(cell_model is not None, image_weight=IMAGE_WEIGHT, partial_scale=PARTIAL_SCALE)
 test_ids = submit.read_submission_ids(DATA)
-print(f"{len(test_ids)} test images; model {config.backbone} at {classifier.image_size} px ({classifier.channels})")
+print(f"{len(test_ids)} test images; " + submit.describe_scoring(RUN, CELL_RUN, rule))
 if SEGMENTATION == "auto":
     SEGMENTATION, why = hpacellseg_offline.choose_segmentation()
     print(why)
@@ -59,12 +63,14 @@ if SEGMENTATION == "auto":
 # attached as a dataset, and says so above. Without it, the segmentation is classical: nuclei from the blue
 # stain (smoothing, Otsu threshold, distance-transform watershed), then each cell grown from its nucleus by
 # a watershed on red + yellow.
-# Every test image is segmented once, here, and each of its cells scored under `rule`: the image-level
-# probabilities blended with the cell shown alone. The overlays, the local score and the submission
-# below all reuse these cells. (The masks stay in memory at full size: 8 MiB per 2048 px image.)
+# Every test image is segmented once, here, and each of its cells scored under `rule`: with a cell run,
+# the image × cell rule (`image ** 0.3 * cell ** 0.7`, the cell term the cell model's score of the cell's
+# tile); with the image run alone, the image-level probabilities blended with the cell shown alone. The
+# overlays, the local score and the submission below all reuse these cells. (The masks stay in memory at
+# full size: 8 MiB per 2048 px image.)
 
 # %%
-predictions = cells.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule)
+predictions = cells.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model)
 
 # %% [markdown]
 # White outlines are the cells found; on the sample, cyan outlines are the true cells. Underneath, each
@@ -103,7 +109,7 @@ print(scored.segmentation if has_truth else "no ground-truth masks here")
 # %%
 if has_truth:
     oracle_masks = submit.evaluate_cells(classifier, DATA, ids=test_ids, rule=rule, use_truth_masks=True,
-                                         progress=False)
+                                         progress=False, cell_model=cell_model)
     print(scored.describe())
     print("with the true cell masks:", oracle_masks.describe())
     display(scored.table().sort_values("AP (challenge)").head(5))
@@ -131,7 +137,7 @@ print(f"first image: {len(decoded) // 19} cells x 19 classes, masks of shape {de
 
 # %% [markdown]
 # ## What we have
-# - a classical cell segmentation, checked against the sample's true cells;
-# - per-cell class confidences under a documented rule (`hpa_nb.cells.ScoreRule`);
+# - a cell segmentation (classical, or the hosts' tool when attached), checked against the sample's true cells;
+# - per-cell class confidences from every model attached, under a documented rule (`hpa_nb.cells.ScoreRule`);
 # - the local cell mAP, the competition's metric, to compare methods offline;
 # - `submission.csv` in the competition format, ready to submit from this notebook's output on Kaggle.

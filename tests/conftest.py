@@ -60,6 +60,23 @@ def default_sample() -> Path:
     return ensure_default_sample()
 
 
+@pytest.fixture(scope="session")
+def tpu_python() -> Path:
+    """A Python 3.12 venv of exactly Kaggle's TPU image (requirements-kaggle-tpu.txt): HPA_TPU_VENV, or built (or
+    found in the cache) by .ci/kaggle-tpu-venv. Its interpreter."""
+    import subprocess
+
+    venv = os.environ.get("HPA_TPU_VENV")
+    if not venv:
+        built = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / ".ci" / "kaggle-tpu-venv")],
+                               capture_output=True, text=True, timeout=1800)
+        assert built.returncode == 0, built.stderr.strip().splitlines()[-1]  # e.g. no Python 3.12: never a skip
+        venv = built.stdout.strip().splitlines()[-1]
+    python = Path(venv) / "bin" / "python"
+    assert python.is_file(), f"{venv} is not a venv"
+    return python
+
+
 @dataclass
 class CliResult:
     status: int

@@ -103,19 +103,28 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
     assert result.status == 0, result.err[-2000:]
     written = pd.read_csv(tmp_path / "s.csv")
     assert written["ID"].tolist() == pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
-    assert "cell model" in result.err
+    assert f"and cell run {trained_cell_run}" in result.err and "under the image × cell rule: geometric" in result.err
     wrong = cli("submit", "--model", trained_cell_run, "--data", small_sample, "--out", tmp_path / "t.csv")
     assert wrong.status == 2 and "holds a cell-level model" in wrong.errors[0]
     comparison = submit.compare_models(submit.load_classifier(trained_run),
                                        submit.load_classifier(trained_cell_run, level="cell"), small_sample,
                                        use_truth_masks=True, progress=False)
     table = comparison.table()
-    assert table["scoring"].tolist() == ["image model", "cell model", "image × cell"]
+    assert table["scoring"].tolist() == ["image model", "cell model", "image × cell", "image × cell, edge cells × 0"]
     values = table[["cell mAP (challenge)", "cell mAP (all classes)"]].to_numpy()
     assert ((values >= 0) & (values <= 1)).all()
     cells = comparison.evaluations
     assert not np.allclose(cells["cell model"].predictions[written["ID"][0]].scores,
                            cells["image model"].predictions[written["ID"][0]].scores)
+    # the hosts' advice: cells cut off by the edge get no score; every other cell keeps its combined score
+    # (this sample's cells are whole: test_cells scores partial ones)
+    from hpa_nb.cells import partial_cells
+
+    for image_id, combined in cells["image × cell"].predictions.items():
+        dropped = cells["image × cell, edge cells × 0"].predictions[image_id]
+        partial = partial_cells(combined.mask, combined.cell_ids)
+        np.testing.assert_allclose(dropped.scores[~partial], combined.scores[~partial], rtol=1e-6)
+        assert not dropped.scores[partial].any()
     printed = cli("compare", "--model", trained_run, "--cell-model", trained_cell_run, "--data", small_sample,
                   "--segmentation", "masks")
     assert printed.status == 0, printed.err[-2000:]

@@ -475,7 +475,7 @@ def test_shards_of_an_older_writer_are_refused_in_one_line(tmp_path):
 def test_shards_stop_as_soon_as_the_projected_total_is_over_budget(tmp_path):
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     out = tmp_path / "s"
-    with pytest.raises(shards.ShardBudgetError, match=r"the 10 images of .* would need .* GB, over the 1e-06 GB"):
+    with pytest.raises(shards.ShardBudgetError, match=r"shards of .*: .* kB per image, so the 10 images would need .* GB, over the 1e-06 GB"):
         shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
                             max_gb=1e-6)
     # the first shard, finished before the check, is kept for a rerun; nothing else is left

@@ -122,16 +122,3 @@ def test_the_evaluation_sample_has_a_cache_folder_of_its_own(tmp_path):
     assert env.EVALUATION_SAMPLE["seed"] != env.DEFAULT_SAMPLE["seed"]  # never the images a default run trains on
 
 
-def test_find_shards_in_an_attached_kernel_output(tmp_path):
-    root = tmp_path / "input"
-    shard_dir = root / "hpa-00-prepare" / "shards"  # Kaggle mounts a kernel's output under its slug
-    shard_dir.mkdir(parents=True)
-    (shard_dir / "manifest.json").write_text("{}")
-    (root / "competition" / "train" / "shards").mkdir(parents=True)  # an image folder: never walked
-    (root / "competition" / "train" / "shards" / "manifest.json").write_text("{}")
-    assert env.find_shards(None, root) == shard_dir
-    assert env.find_shards("alice/hpa-00-prepare", root) == shard_dir
-    assert env.find_shards(str(shard_dir.parent), root) == shard_dir
-    with pytest.raises(FileNotFoundError, match="SHARDS bob/other: no manifest.json"):
-        env.find_shards("bob/other", root)
-    assert env.find_shards(None, tmp_path / "nothing attached") is None

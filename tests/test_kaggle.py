@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def bootstrap_cells(notebook) -> list:
 
 
 # --- metadata -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [*kernels.KERNELS, "07_cell_crops"])
+@pytest.mark.parametrize("name", [*kernels.KERNELS, "08_cell_crops"])
 def test_kernel_metadata_for_every_notebook(name, kaggle_api):
     metadata = kernels.kernel_metadata(name)
     owner, slug = metadata["id"].split("/")
@@ -174,8 +175,9 @@ def test_kernel_metadata_for_every_notebook(name, kaggle_api):
 def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
     shapes = {name: kernels.kernel_metadata(name).get("machine_shape") for name in kernels.KERNELS}
     assert shapes == {"00_prepare": None, "01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8",
-                      "04_evaluate": None, "05_submission": None, "06_cells": None}
-    assert {name for name in kernels.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {"03_train"}
+                      "04_evaluate": None, "06_cells": None, "07_cell_train": "TpuV5E8", "05_submission": None}
+    assert {name for name in kernels.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {"03_train",
+                                                                                                "07_cell_train"}
     assert not any(kernels.kernel_metadata(name)["enable_gpu"] for name in kernels.KERNELS)
     assert kernels.kernel_metadata("03_train")["enable_internet"] is True  # ImageNet weights download
     assert kernels.kernel_metadata("05_submission")["enable_internet"] is False  # code-competition rule
@@ -454,6 +456,19 @@ def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(c
     with pytest.raises(ValueError, match="has no parameter SHARDS"):  # a notebook that would ignore it
         kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
                     shards="alice/hpa-00-prepare")
+    # --attach: the cell run beside the table's image run, by notebook name (the user's kernel) or OWNER/KERNEL
+    folder = kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
+                         attach=["07_cell_train", "bob/hpa-07-cell-train"])
+    assert json.loads((folder / "kernel-metadata.json").read_text())["kernel_sources"] == [
+        "alice/hpa-03-train", "alice/hpa-07-cell-train", "bob/hpa-07-cell-train"]
+
+
+def test_make_runs_the_notebooks_in_the_order_of_the_kaggle_chain():
+    makefile = (kernels.REPO_ROOT / "Makefile").read_text()
+    listed = re.search(r"^NOTEBOOKS := (.*)$", makefile, re.M).group(1).split()
+    assert listed == list(kernels.KERNELS) and sorted(listed) == kernels.notebook_names()
+    for name, settings in kernels.KERNELS.items():  # every kernel reads only kernels that run before it
+        assert all(listed.index(source) < listed.index(name) for source in settings.kernel_sources)
 
 
 def test_status_and_output_ask_the_cli_for_the_username(tmp_path, clean_home, fake_kaggle_cli, monkeypatch, capsys):

@@ -23,20 +23,6 @@ MISSING_ON_THE_IMAGE = ("plotly", "kaleido", "visualkeras", "skimage", "pycocoto
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tpu_python() -> Path:
-    """The venv's interpreter: HPA_TPU_VENV, or built (or found in the cache) by .ci/kaggle-tpu-venv."""
-    venv = os.environ.get("HPA_TPU_VENV")
-    if not venv:
-        built = subprocess.run(["bash", str(REPO / ".ci" / "kaggle-tpu-venv")], capture_output=True, text=True,
-                               timeout=1800)
-        assert built.returncode == 0, built.stderr.strip().splitlines()[-1]  # e.g. no Python 3.12: never a skip
-        venv = built.stdout.strip().splitlines()[-1]
-    python = Path(venv) / "bin" / "python"
-    assert python.is_file(), f"{venv} is not a venv"
-    return python
-
-
 def test_the_image_list_is_the_shared_one():
     if SHARED_IMAGE_LIST.is_file():  # beside a checkout of the project; a plain clone has only ours
         assert (REPO / "requirements-kaggle-tpu.txt").read_text() == SHARED_IMAGE_LIST.read_text()

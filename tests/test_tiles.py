@@ -115,18 +115,6 @@ def test_bad_images_are_named_in_one_line_or_skipped(small_sample, tmp_path, cli
     assert cli("tiles", "--src", root, "--out", tmp_path / "u", "--size", "16", "--segmentation", "cellpose").status == 2
 
 
-def test_find_tiles_in_an_attached_kernel_output_and_never_as_shards(tmp_path):
-    root = tmp_path / "input"
-    tile_dir = root / "hpa-06-cells" / "tiles"
-    tile_dir.mkdir(parents=True)
-    (tile_dir / tiles.MANIFEST).write_text("{}")
-    assert env.find_tiles(None, root) == tile_dir
-    assert env.find_tiles("alice/hpa-06-cells", root) == tile_dir
-    assert env.find_shards(None, root) is None
-    with pytest.raises(FileNotFoundError, match="TILES bob/other: no tiles.json"):
-        env.find_tiles("bob/other", root)
-
-
 @pytest.mark.slow
 def test_a_killed_tiles_run_goes_on_in_a_fresh_process(default_sample, tmp_path):
     out = tmp_path / "tiles"

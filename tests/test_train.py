@@ -14,7 +14,7 @@ import pytest
 
 from conftest import kill_when_written
 from hpa_nb.config import QUICK, TrainConfig
-from hpa_nb.run import load_config
+from hpa_nb.run import load_config, load_info, unfinished
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--quick", "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "32"]
@@ -39,26 +39,6 @@ def test_load_config_ignores_the_runtime_keys(tmp_path):
 def test_make_picks_quick_or_full_and_ignores_unset_options():
     assert TrainConfig.make(True, epochs=None, image_size=48) == TrainConfig.quick_variant(image_size=48)
     assert TrainConfig.make(False, backbone=None, epochs=3) == TrainConfig(epochs=3)
-
-
-def test_ensure_run_trains_only_when_the_run_has_no_model(tmp_path, monkeypatch):
-    from hpa_nb import run as run_folder
-    from hpa_nb import train as train_module
-
-    calls = []
-
-    def fake_train(config):
-        calls.append(config)
-        Path(config.out_dir, run_folder.MODEL_FILE).write_text("model")
-        run_folder.write_info(Path(config.out_dir), config, {})
-
-    monkeypatch.setattr(train_module, "train", fake_train)
-    run = tmp_path / "run"
-    run.mkdir()
-    first = train_module.ensure_run(run, quick=True, data_dir=tmp_path)
-    second = train_module.ensure_run(run, quick=True)
-    assert len(calls) == 1 and calls[0].quick and calls[0].out_dir == str(run)
-    assert calls[0].data_dir == str(tmp_path) and first == second
 
 
 def test_load_split_reads_both_subsets(tmp_path):
@@ -234,6 +214,46 @@ def test_a_killed_run_resumes_in_a_fresh_process_in_place_and_from_an_attached_c
     assert load_config(elsewhere).image_size == 32 and (elsewhere / "split.csv").read_text() == split
 
 
+@pytest.mark.slow
+def test_a_run_stops_at_its_deadline_with_its_checkpoint_and_the_next_process_finishes_it(small_sample, tmp_path):
+    run = tmp_path / "run"
+    common = ("--epochs", "3", "--steps-per-epoch", "2", "--image-size", "32", "--patience", "10")
+    # a deadline already past: the run stops after the epoch in hand, as a Kaggle version at HOURS would
+    stopped = subprocess.run(_train_command("--data", str(small_sample), "--out", str(run), "--quick", *common,
+                                            "--hours", "1e-9"),
+                             env=_environment(), capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopping after epoch 1 of 3: the next one would end past the deadline" in stopped.stderr
+    assert "projection: training" in stopped.stderr and "stopped at --hours" in stopped.stdout
+    info = load_info(run)
+    assert (info["epochs_run"], info["stopped_at_deadline"]) == (1, True)
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["epoch-001.keras"]
+    assert "stopped at its deadline after epoch 1 of 3" in unfinished(run)
+
+    finished = subprocess.run(_train_command("--resume", "--out", str(run), *common),
+                              env=_environment(), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "continuing after epoch 1" in finished.stderr and "stopping after" not in finished.stderr
+    info = load_info(run)
+    assert (info["epochs_run"], info["stopped_at_deadline"]) == (3, False) and unfinished(run) == ""
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_runs_model_loads_in_a_fresh_process_with_plain_keras(trained_run):
+    path = trained_run / "model.keras"
+    probe = ("import sys, numpy as np{extra}; import keras; model = keras.saving.load_model(sys.argv[1]{options}); "
+             "print(model.predict(np.zeros((1, 32, 32, 3), 'float32'), verbose=0).shape, "
+             "'hpa_nb' in sys.modules)")
+    environment = {key: value for key, value in _environment().items() if key != "PYTHONPATH"}
+    for extra, options, imported in ((", hpa_nb", "", True), ("", "", False), ("", ", compile=False", False)):
+        done = subprocess.run([sys.executable, "-c", probe.format(extra=extra, options=options), str(path)],
+                              env={**environment, "PYTHONPATH": str(REPO)} if imported else environment,
+                              cwd=trained_run, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split() == ["(1,", "19)", str(imported)], done.stdout
+
+
 def test_an_epoch_is_a_whole_number_of_compiled_calls():
     from hpa_nb.train import whole_executions
 
@@ -241,18 +261,6 @@ def test_an_epoch_is_a_whole_number_of_compiled_calls():
     assert whole_executions(5, 2) == (4, 2)
     assert whole_executions(3, 32) == (3, 3)
     assert whole_executions(10, 1) == (10, 1)
-
-
-def test_find_previous_run_looks_for_the_kernel_slug_under_the_input_root(tmp_path):
-    from hpa_nb.run import find_previous
-
-    run = tmp_path / "input" / "notebooks" / "alice" / "hpa-03-train" / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
-    assert find_previous("alice/hpa-03-train", tmp_path / "input") == run
-    assert find_previous(run.parent) == run
-    with pytest.raises(FileNotFoundError, match="--resume-from OWNER/KERNEL"):
-        find_previous("alice/other-kernel", tmp_path / "input")
 
 
 def test_resuming_with_other_model_options_or_other_data_is_refused(small_sample, tmp_path):

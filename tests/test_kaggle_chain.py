@@ -1,0 +1,156 @@
+"""The Kaggle kernels as one chain, run as Kaggle runs them.
+
+Each committed bundle runs with papermill in its own empty working folder under a simulated Kaggle root
+(``HPA_KAGGLE_ROOT``), with ``KAGGLE_KERNEL_RUN_TYPE=Batch``, the repository off ``sys.path``, and the
+earlier kernels' outputs mounted read-only under the input root: one at the classic depth
+(``input/<slug>``), one nested (``input/notebooks/<owner>/<slug>``). The competition moves from the nested
+mount to the classic one after training, so the next kernels must find it again. The training kernels run
+in the venv of Kaggle's TPU image on 8 JAX devices; the others in this venv (Kaggle's CPU image has what it
+lacks). Read-only is a bind mount in a user namespace; and the input tree must hash the same after every
+kernel.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hpa_nb.env import COMPETITION
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "build" / "kaggle"
+TPU_KERNELS = ("03_train", "07_cell_train")
+READ_ONLY = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"')
+
+pytestmark = pytest.mark.slow
+
+
+def _can_mount_read_only(folder: Path) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = ["unshare", "-rm", "sh", "-c", READ_ONLY + ' 2>/dev/null', "sh", str(folder), "sh", "-c",
+             f'! touch "{folder}/probe" 2>/dev/null']
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+class KaggleSession:
+    """A simulated /kaggle: `input/` (read-only to the kernels) and a `working/` emptied before each kernel."""
+
+    def __init__(self, root: Path, tpu_python: Path) -> None:
+        self.root, self.tpu_python = root, tpu_python
+        self.input, self.working = root / "kaggle" / "input", root / "kaggle" / "working"
+        self.input.mkdir(parents=True)
+        self.read_only = _can_mount_read_only(self.input)
+        self.outputs: dict[str, Path] = {}
+
+    def mount(self, source: Path, at: str) -> Path:
+        target = self.input / at
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        return target
+
+    def unmount(self, at: str) -> None:
+        shutil.rmtree(self.input / at)
+
+    def run(self, name: str, *parameters: str) -> str:
+        """Run the committed bundle `name` as a Kaggle version; keep its output; return what it printed."""
+        shutil.rmtree(self.working, ignore_errors=True)
+        self.working.mkdir()
+        python = self.tpu_python if name in TPU_KERNELS else Path(sys.executable)
+        environ = {key: value for key, value in os.environ.items()
+                   if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_OUT", "HPA_DATA_DIR", "HPA_CPU_REPLICAS")
+                   and not key.startswith("KAGGLE_")}
+        environ.update(KAGGLE_KERNEL_RUN_TYPE="Batch", HPA_KAGGLE_ROOT=str(self.root / "kaggle"),
+                       TF_CPP_MIN_LOG_LEVEL="2")
+        if name in TPU_KERNELS:
+            environ.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        executed = self.root / "executed" / f"{name}.ipynb"
+        executed.parent.mkdir(exist_ok=True)
+        command = [str(python), "-m", "papermill", "--cwd", str(self.working), "-k", "python3",
+                   str(BUNDLES / name / f"{name}.ipynb"), str(executed), *parameters]
+        if self.read_only:
+            command = ["unshare", "-rm", "sh", "-c", READ_ONLY, "sh", str(self.input), *command]
+        before = _tree_digest(self.input)
+        done = subprocess.run(command, cwd=self.working, env=environ, capture_output=True, text=True, timeout=900)
+        printed = _printed(executed) if executed.is_file() else ""
+        assert done.returncode == 0, f"{name} failed:\n{printed[-3000:]}\n{done.stderr[-3000:]}"
+        assert _tree_digest(self.input) == before, f"{name} changed its read-only input"
+        self.outputs[name] = self.root / "outputs" / name
+        shutil.rmtree(self.outputs[name], ignore_errors=True)
+        shutil.copytree(self.working, self.outputs[name])
+        return printed
+
+
+def _printed(notebook: Path) -> str:
+    texts = []
+    for cell in json.loads(notebook.read_text())["cells"]:
+        for output in cell.get("outputs", []):
+            texts.append("".join(output.get("text", "")) + "".join(output.get("traceback", [])))
+            texts.append("".join(output.get("data", {}).get("text/plain", "")))
+    return "\n".join(texts)
+
+
+def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, tmp_path):
+    session = KaggleSession(tmp_path, tpu_python)
+    competition = session.mount(small_sample, f"competitions/{COMPETITION}")  # nested, as Kaggle mounts it now
+    (competition / "sample.json").unlink()  # the competition itself, not the synthetic sample a full run refuses
+    quick = ("-p", "QUICK", "True")
+
+    session.run("00_prepare", *quick)
+    assert (session.outputs["00_prepare"] / "shards" / "manifest.json").is_file()
+    session.mount(session.outputs["00_prepare"], "hpa-00-prepare")  # the classic depth
+
+    printed = session.run("03_train", *quick, "-p", "EPOCHS", "2")
+    assert "data: compact shards" in printed and "hpa-00-prepare" in printed  # found without SHARDS set
+    assert "projection: training" in printed
+    info = json.loads((session.outputs["03_train"] / "run" / "config.json").read_text())
+    assert (info["backend"], info["replicas"], info["data_source"]["kind"]) == ("jax", 8, "competition")
+    session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # nested
+    # the competition is mounted elsewhere from now on: the next kernels must find it again
+    session.unmount(f"competitions/{COMPETITION}")
+    session.mount(small_sample, COMPETITION)
+    (session.input / COMPETITION / "sample.json").unlink()
+
+    printed = session.run("04_evaluate")
+    assert "notebooks/alice/hpa-03-train/run" in printed and "training" not in printed.lower()
+    assert not (session.outputs["04_evaluate"] / "run").exists()
+    assert (session.outputs["04_evaluate"] / "04_evaluate" / "metrics.json").is_file()
+
+    session.run("06_cells", *quick)
+    assert (session.outputs["06_cells"] / "tiles" / "tiles.json").is_file()
+    session.mount(session.outputs["06_cells"], "hpa-06-cells")
+
+    image_only = session.run("05_submission")
+    assert "training" not in image_only.lower() and "under the image model's rule" in image_only
+    first = pd.read_csv(session.outputs["05_submission"] / "submission.csv", keep_default_na=False)
+
+    printed = session.run("07_cell_train", *quick, "-p", "EPOCHS", "2")
+    assert "hpa-06-cells/tiles" in printed and "cell tiles" in printed
+    assert (session.outputs["07_cell_train"] / "cell_run" / "model.keras").is_file()
+    session.mount(session.outputs["07_cell_train"], "notebooks/alice/hpa-07-cell-train")
+
+    both = session.run("05_submission")
+    assert "notebooks/alice/hpa-07-cell-train/cell_run" in both and "under the image × cell rule" in both
+    second = pd.read_csv(session.outputs["05_submission"] / "submission.csv", keep_default_na=False)
+    test_ids = pd.read_csv(small_sample / "sample_submission.csv", dtype=str)["ID"].tolist()
+    assert first["ID"].tolist() == second["ID"].tolist() == test_ids
+    assert (second["PredictionString"] != "").all()
+    assert not first["PredictionString"].equals(second["PredictionString"])  # the cell run changed the scores
