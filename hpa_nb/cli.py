@@ -291,6 +291,8 @@ def _tiles_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation", choices=("classical", "hpacellseg", "masks"), default="classical",
                    help="where the cells come from; masks: the sample's true cells (masks/{ID}.png)")
     _hpacellseg_option(p)
+    p.add_argument("--encoding", choices=("raw", "png"), default="raw",
+                   help="raw: fastest to read; png: smaller on disk (what fits the full set in /kaggle/working)")
     p.add_argument("--images-per-file", type=int, default=None, help="default: about 150 MB per file")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
     p.set_defaults(handler=_tiles)
@@ -301,7 +303,7 @@ def _tiles(args: argparse.Namespace) -> None:
 
     manifest = write_tiles(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
                            segmentation=args.segmentation, images_per_file=args.images_per_file,
-                           skip_bad=args.skip_bad, **_segmentation_options(args))
+                           encoding=args.encoding, skip_bad=args.skip_bad, **_segmentation_options(args))
     print(f"wrote {manifest['count']} cells of {manifest['images']} images in {len(manifest['files'])} files")
 
 

@@ -52,8 +52,16 @@ def _matches(holds: Callable[[Path], bool]) -> Callable[[Path, list[str]], bool]
     return lambda folder, _: holds(folder)
 
 
-def _slug_of(reference: str) -> str:
-    return reference.rstrip("/").rpartition("/")[2]
+def _named(reference: str | Path, match: Callable[[Path, list[str]], bool], root: Path) -> tuple[list[Path], str]:
+    """The folders matching `match` in or below the folder `reference` names, or, for ``OWNER/KERNEL`` (or
+    ``KERNEL``), below the folder Kaggle mounted that output at under `root`; and where that was, in words."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return env.search_folders(path, match, 3), str(path)
+    slug = str(reference).rstrip("/").rpartition("/")[2]
+    mounts = env.search_folders(root, lambda folder, _: folder.name == slug, 4)
+    return ([hit for mount in mounts for hit in env.search_folders(mount, match, 3)],
+            f"the attached output {str(reference)!r} under {root}")
 
 
 def attach_hint(kind: str, consumer: str | None = None) -> str:
@@ -81,14 +89,7 @@ def find(kind: str, reference: str | Path | None = None, *, consumer: str | None
     artifact = ARTIFACTS[kind]
     root = input_root or env.kaggle_input(environ)
     if reference:
-        path = Path(reference).expanduser()
-        if path.is_dir():
-            found = env.search_folders(path, _matches(artifact.holds), 3)
-            where = str(path)
-        else:
-            mounts = env.search_folders(root, lambda folder, _: folder.name == _slug_of(str(reference)), 4)
-            found = [hit for mount in mounts for hit in env.search_folders(mount, _matches(artifact.holds), 3)]
-            where = f"the attached output {reference!r} under {root}"
+        found, where = _named(reference, _matches(artifact.holds), root)
         if not found:
             raise MissingInputError(f"{artifact.parameter} {reference}: no {artifact.what} in {where}; "
                                     + attach_hint(kind, consumer))
@@ -132,21 +133,11 @@ def previous_run(reference: str | Path, input_root: Path | None = None,
                  environ: Mapping[str, str] = os.environ) -> Path:
     """The run folder to resume that `reference` names: a folder, or ``OWNER/KERNEL`` attached as input.
     A run to resume needs its config and checkpoints (`run.is_resumable`), not a finished model."""
-    root = input_root or env.kaggle_input(environ)
-    path = Path(reference).expanduser()
-    match = _matches(run.is_resumable)
-    if path.is_dir():
-        found = env.search_folders(path, match, 3)
-        if not found:
-            raise MissingInputError(f"RESUME_FROM {path} holds no run folder ({run.CONFIG_FILE} and "
-                                    f"{run.CHECKPOINT_DIR}/)")
-        return found[0]
-    mounts = env.search_folders(root, lambda folder, _: folder.name == _slug_of(str(reference)), 4)
-    found = [hit for mount in mounts for hit in env.search_folders(mount, match, 3)]
+    found, where = _named(reference, _matches(run.is_resumable), input_root or env.kaggle_input(environ))
     if not found:
-        raise MissingInputError(f"RESUME_FROM {reference}: no attached output named {_slug_of(str(reference))!r} "
-                                f"with a run folder under {root}; attach the earlier version as input "
-                                f"(python -m hpa_nb kaggle push 03_train --resume-from OWNER/KERNEL)")
+        raise MissingInputError(f"RESUME_FROM {reference}: no run folder ({run.CONFIG_FILE} and {run.CHECKPOINT_DIR}/) "
+                                f"in {where}; attach the earlier version as input "
+                                f"(python -m hpa_nb kaggle push NAME --resume-from OWNER/KERNEL)")
     return found[0]
 
 

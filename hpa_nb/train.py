@@ -191,38 +191,40 @@ def _clock_callback(plan: "Plan"):
     hours = None if config.deadline is None else (config.deadline - time.time()) / 3600
 
     class Clock(keras.callbacks.Callback):
-        """After the first compiled call (compiling is not training), time the steps until a quarter of the epoch,
-        print the projection of all epochs, and after each epoch stop if the next one would end past the deadline.
-        It runs after the epoch's checkpoint is written, so a stopped run resumes after that epoch."""
+        """Prints the projection of all epochs once: from the steps after the first compiled call (compiling is not
+        training) up to a quarter of the first epoch, or, for an epoch too short for that, from the whole first
+        epoch. After each epoch it stops the run if the next one would end past the deadline; it runs after the
+        epoch's checkpoint is written, so a stopped run resumes after that epoch."""
 
         def __init__(self):
             super().__init__()
-            self.first = self.epoch_started = None
-            self.steps = 0
-            self.projected = False
+            self.epoch_started, self.first = 0.0, None  # first: (time, step) at the end of the first compiled call
             self.epoch_seconds: list[float] = []
-            self.stopped_at_deadline = False
+            self.projected = self.stopped_at_deadline = False
+
+        def project(self, seconds_per_image: float, what: str) -> None:
+            self.projected = True
+            projection = Projection("training", "epoch", config.epochs, plan.finished_epochs,
+                                    seconds_per_image * images_per_epoch, hours=hours)
+            print(f"{projection.line()} ({what}: {seconds_per_image * 1e3:.3g} ms per image, {images_per_epoch} "
+                  "images per epoch)", file=sys.stderr)
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch_started = time.time()
 
         def on_train_batch_end(self, batch, logs=None):
-            now = time.time()
-            if self.first is None:
-                self.first, self.steps = now, batch + 1
+            if self.projected:
                 return
-            done = batch + 1 - self.steps
-            if not self.projected and done >= max(1, plan.steps_per_epoch // 4):
-                self.projected = True
-                seconds_per_image = (now - self.first) / (done * plan.global_batch)
-                epoch_seconds = seconds_per_image * images_per_epoch
-                projection = Projection("training", "epoch", config.epochs, plan.finished_epochs, epoch_seconds,
-                                        hours=hours)
-                print(f"{projection.line()} (training steps only: {seconds_per_image * 1e3:.3g} ms per image, "
-                      f"{images_per_epoch} images per epoch)", file=sys.stderr)
+            if self.first is None:
+                self.first = (time.time(), batch)
+            elif batch - self.first[1] >= max(1, plan.steps_per_epoch // 4):
+                seconds = (time.time() - self.first[0]) / ((batch - self.first[1]) * plan.global_batch)
+                self.project(seconds, "training steps only")
 
         def on_epoch_end(self, epoch, logs=None):
             self.epoch_seconds.append(time.time() - self.epoch_started)
+            if not self.projected:
+                self.project(self.epoch_seconds[0] / images_per_epoch, "the first epoch, compiling included")
             if config.deadline is not None and time.time() + max(self.epoch_seconds) > config.deadline:
                 self.model.stop_training = True
                 self.stopped_at_deadline = epoch + 1 < config.epochs

@@ -37,7 +37,8 @@ HOURS = 11.0  # on Kaggle, stop cutting tiles cleanly after this long, keeping e
 MAX_GB = 18.0  # /kaggle/working holds 20 GB: stop before writing more as soon as the projected total passes this
 QUICK = None  # None: quick off Kaggle, full on Kaggle
 SEGMENTATION = ""  # empty: the sample's true cells where it has them (masks/), else "classical"
-TILE_SIZE = None  # px; None: 128 (full) / 64 (quick)
+TILE_SIZE = None  # px; None: 96 (full; 128 px projects past 18 GB on 2048 px images) / 64 (quick)
+ENCODING = "png"  # "png": about a third of "raw" on disk (measured), which is what fits the full set in /kaggle/working
 ALLOW_SAMPLE_DATA = False  # on Kaggle a full run refuses the synthetic sample unless this is True
 N_GALLERY = 12
 
@@ -50,12 +51,12 @@ import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ l
 from hpa_nb import cell_plots, env, figures, inputs, preflight, tiles
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
-TILE_SIZE = TILE_SIZE or (64 if QUICK else 128)
+TILE_SIZE = TILE_SIZE or (64 if QUICK else 96)
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
 SEGMENTATION = SEGMENTATION or ("masks" if (DATA / "masks").is_dir() else "classical")
 preflight.check_data(DATA, QUICK, ALLOW_SAMPLE_DATA, purpose="cut the tiles of")
 TILES = env.working_dir() / tiles.TILE_DIR
-print(f"data: {DATA}\ncells: {SEGMENTATION}\ntiles: {TILES} ({TILE_SIZE} px)")
+print(f"data: {DATA}\ncells: {SEGMENTATION}\ntiles: {TILES} ({TILE_SIZE} px, {ENCODING})")
 
 # %% [markdown]
 # ## Tiles: one record per cell
@@ -72,8 +73,8 @@ print(f"data: {DATA}\ncells: {SEGMENTATION}\ntiles: {TILES} ({TILE_SIZE} px)")
 if RESUME_FROM:
     print(f"adopted {tiles.adopt_tiles(inputs.find('tiles', RESUME_FROM), TILES)} finished files")
 deadline = time.time() + HOURS * 3600 if env.on_kaggle() else None
-manifest = tiles.write_tiles(DATA, TILES, size=TILE_SIZE, segmentation=SEGMENTATION, deadline=deadline,
-                             max_gb=MAX_GB if env.on_kaggle() else None)
+manifest = tiles.write_tiles(DATA, TILES, size=TILE_SIZE, segmentation=SEGMENTATION, encoding=ENCODING,
+                             deadline=deadline, max_gb=MAX_GB if env.on_kaggle() else None)
 if not manifest["complete"]:
     raise SystemExit(f"tiles stopped at HOURS with {manifest['images']} images: push this notebook again with "
                      "--resume-from OWNER/hpa-06-cells to finish them")

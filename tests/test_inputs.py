@@ -62,6 +62,10 @@ def test_a_run_of_the_other_level_or_without_a_model_is_not_taken(tmp_path):
         f"no image run attached under {root}: attach the output of 03_train: python -m hpa_nb kaggle push "
         "04_evaluate (it attaches OWNER/hpa-03-train), or Add Input → Notebooks → hpa-03-train")
     assert inputs.previous_run("alice/hpa-03-train", root) == stopped  # but it can be resumed
+    assert inputs.previous_run(stopped.parent, root) == stopped
+    with pytest.raises(inputs.MissingInputError, match="RESUME_FROM alice/other: no run folder .* push NAME "
+                                                       "--resume-from OWNER/KERNEL"):
+        inputs.previous_run("alice/other", root)
 
 
 def test_nothing_attached_on_kaggle_names_what_to_attach_and_how(tmp_path):

@@ -82,6 +82,31 @@ def test_tiles_are_read_through_the_data_layer_by_image(small_sample, true_tiles
     assert len(by_image) == len(keys) and by_image[0][0].shape == (32, 32, 4)
 
 
+def test_png_tiles_hold_the_same_pixels_in_fewer_bytes(small_sample, true_tiles, tmp_path):
+    packed = tiles.write_tiles(small_sample, tmp_path / "png", size=32, segmentation="masks", encoding="png",
+                               progress=False)
+    assert packed["encoding"] == "png" and packed["bytes"] < tiles.read_manifest(true_tiles)["bytes"]
+    raw_crops, raw_info = tiles.load_tiles(true_tiles)
+    png_crops, png_info = tiles.load_tiles(tmp_path / "png")
+    np.testing.assert_array_equal(png_crops, raw_crops)
+    assert png_info["key"].tolist() == raw_info["key"].tolist()
+    through_reader = {key: image for image, _, key in tiles.read_tiles(tmp_path / "png").as_numpy_iterator()}
+    np.testing.assert_array_equal(through_reader[raw_info["key"][0].encode()], raw_crops[0].astype(np.float32))
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        tiles.write_tiles(small_sample, tmp_path / "jpeg", size=32, segmentation="masks", encoding="jpeg")
+
+
+def test_tiles_stop_before_writing_more_when_the_projection_is_over_the_disk_budget(small_sample, tmp_path, capsys):
+    from hpa_nb.budget import DiskBudgetError
+
+    with pytest.raises(DiskBudgetError, match=r"tiles of .*: .* kB per image, so the 40 images would need .* GB, "
+                                              r"over the 1e-06 GB budget"):
+        tiles.write_tiles(small_sample, tmp_path / "t", size=32, segmentation="masks", images_per_file=50,
+                          max_gb=1e-6, progress=False)
+    assert "projection: tiles of" in capsys.readouterr().err  # the line comes before the stop
+    assert not list((tmp_path / "t").glob("tiles-*")) and not (tmp_path / "t" / tiles.MANIFEST).exists()
+
+
 def test_tiles_of_a_16_bit_sample_match_the_8_bit_ones(tmp_path):
     from hpa_nb.sample import write_sample
 
