@@ -308,7 +308,7 @@ def test_official_push_request_for_each_bundle(name, kaggle_api, standin_bundles
     assert request.new_title == expected["title"]
     assert request.language == "python" and request.kernel_type == "notebook"
     assert request.to_dict().get("machineShape") == expected.get("machine_shape")  # absent means CPU
-    assert request.enable_tpu is (name == "03_train")
+    assert request.enable_tpu is (name in ("03_train", "07_cell_train"))
     assert request.enable_internet is expected["enable_internet"]
     assert request.competition_data_sources == [COMPETITION]
     assert request.kernel_data_sources == expected["kernel_sources"]
