@@ -58,7 +58,7 @@ from hpa_nb.labels import LABEL_NAMES
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
 RUN = inputs.image_run(RUN_DIR, consumer="07_cell_train")  # the image run whose split the cell run keeps
-TILES = inputs.find("tiles", TILES_FROM, consumer="07_cell_train", required=False)
+TILES = inputs.find("tiles", TILES_FROM, consumer="07_cell_train")  # on Kaggle: stops here if none is attached
 if TILES is None:  # off Kaggle, nothing cut yet: cut the sample's tiles here, as 06_cells does
     TILES = env.working_dir() / tiles.TILE_DIR
     tiles.write_tiles(DATA, TILES, size=64, segmentation="masks" if (DATA / "masks").is_dir() else "classical")

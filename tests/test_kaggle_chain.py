@@ -70,8 +70,9 @@ class KaggleSession:
     def unmount(self, at: str) -> None:
         shutil.rmtree(self.input / at)
 
-    def run(self, name: str, *parameters: str) -> str:
-        """Run the committed bundle `name` as a Kaggle version; keep its output; return what it printed."""
+    def run(self, name: str, *parameters: str, fails: bool = False) -> str:
+        """Run the committed bundle `name` as a Kaggle version; keep its output; return what it printed.
+        With `fails`, the version must stop with an error instead."""
         shutil.rmtree(self.working, ignore_errors=True)
         self.working.mkdir()
         python = self.tpu_python if name in TPU_KERNELS else Path(sys.executable)
@@ -91,7 +92,8 @@ class KaggleSession:
         before = _tree_digest(self.input)
         done = subprocess.run(command, cwd=self.working, env=environ, capture_output=True, text=True, timeout=900)
         printed = _printed(executed) if executed.is_file() else ""
-        assert done.returncode == 0, f"{name} failed:\n{printed[-3000:]}\n{done.stderr[-3000:]}"
+        assert (done.returncode != 0) is fails, (f"{name} exited {done.returncode}:\n{printed[-3000:]}\n"
+                                                 f"{done.stderr[-3000:]}")
         assert _tree_digest(self.input) == before, f"{name} changed its read-only input"
         self.outputs[name] = self.root / "outputs" / name
         shutil.rmtree(self.outputs[name], ignore_errors=True)
@@ -138,6 +140,12 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     printed = session.run("04_evaluate")
     assert "notebooks/alice/hpa-03-train/run" in printed and not _trained(printed, session.outputs["04_evaluate"])
     assert (session.outputs["04_evaluate"] / "04_evaluate" / "metrics.json").is_file()
+
+    # the cell kernel pushed before 06_cells' output is attached: one line naming it, before any work
+    stopped = session.run("07_cell_train", *quick, fails=True)
+    assert "MissingInputError" in stopped and "no cell tiles attached under" in stopped
+    assert "python -m hpa_nb kaggle push 07_cell_train (it attaches OWNER/hpa-06-cells)" in stopped
+    assert [path.name for path in session.outputs["07_cell_train"].iterdir()] == ["hpa_nb_src"]  # the bootstrap's only
 
     session.run("06_cells", *quick)
     assert (session.outputs["06_cells"] / "tiles" / "tiles.json").is_file()
