@@ -181,8 +181,10 @@ def source_record(root: str | Path) -> dict:
     the synthetic sample (with its settings), the competition (by its slug), or a plain folder."""
     import json
 
+    from hpa_nb.sample import MARKER  # the sample's settings
+
     root = Path(root)
-    marker = root / "sample.json"  # hpa_nb.sample.MARKER: the sample's settings
+    marker = root / MARKER
     if marker.is_file():
         return {"kind": "sample", "spec": json.loads(marker.read_text())}
     if COMPETITION in root.parts or is_under(root, kaggle_input()):
