@@ -1,9 +1,10 @@
 """A Kaggle session's limits, and the projection a long kernel prints before it commits to the long part.
 
 A long kernel (shards, tiles, training) measures its cost per image on its first images, projects the
-whole job from it against the session's limits (`SESSION_HOURS`, `WORKING_GB`) and says in one line how
-long it takes, how many versions that is at ``HOURS`` per version (each goes on where the last stopped),
-and how much of ``/kaggle/working`` it fills. Where the disk cannot hold the output, it stops before
+whole job from it against the version's time (``HOURS``, under Kaggle's 9 h for a TPU session and 12 h
+for a CPU one) and its disk budget (``MAX_GB``, under the 20 GB of ``/kaggle/working``), and says in one
+line how long it takes, how many versions that is (each goes on where the last stopped), and how much of
+``/kaggle/working`` it fills. Where the disk cannot hold the output, it stops before
 writing more (`DiskBudgetError`).
 """
 from __future__ import annotations
@@ -13,10 +14,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-# Kaggle's limits per session (kaggle.com/docs/notebooks): a TPU session ends at 9 h, a CPU or GPU one at 12 h;
-# /kaggle/working, the saved output, holds 20 GB.
-SESSION_HOURS = {"TpuV5E8": 9.0, "NvidiaTeslaT4": 12.0, None: 12.0}
-WORKING_GB = 20.0
 PROBE_IMAGES = 32  # the first images whose cost the projection is made from
 
 
