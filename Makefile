@@ -10,8 +10,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
 .PHONY: run test test-fast install notebooks kaggle bench clean
-# The order the Kaggle chain runs them (hpa_nb.kernels.KERNELS, a test keeps the two equal): the submission last,
+# The order the Kaggle chain runs them (hpa_nb.core.chain.KERNELS, a test keeps the two equal): the submission last,
 # so that it scores cells with every model made before it.
+CHAIN := tests/test_kaggle_chain.py
 NOTEBOOKS := 00_prepare 01_eda 02_augmentation 03_train 04_evaluate 06_cells 07_cell_train 05_submission
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -33,14 +34,22 @@ run: $(VENV)/.installed
 	done
 	@echo "executed notebooks and artifacts are in $(OUT)/"
 
-# Unit tests, then nbval over the committed notebooks (fresh outputs into a throw-away HPA_OUT). The training
-# bundle also runs in a Python 3.12 venv of Kaggle's TPU image (.ci/kaggle-tpu-venv, cached by its file's hash), and
-# the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise).
+# The whole suite as two pytest processes side by side, one per core: the tests (tests/), and beside them nbval
+# over the committed notebooks (fresh outputs into a throw-away HPA_OUT) then the Kaggle chain, whose report
+# follows the tests'. The two take about the same time. The training kernels
+# also run in a Python 3.12 venv of Kaggle's TPU image (.ci/kaggle-tpu-venv, cached by its file's hash), and the
+# HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Fails if either fails.
 test: $(VENV)/.installed
-	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) && \
-	HPA_TPU_VENV=$$tpu_venv HPA_HCS_VENV=$$hcs_venv HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax tests notebooks
+	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) || exit 1; \
+	export HPA_TPU_VENV=$$tpu_venv HPA_HCS_VENV=$$hcs_venv; report=$$(mktemp); \
+	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks $(CHAIN) >$$report 2>&1; \
+	  echo $$? >$$report.status; } & \
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN); tests=$$?; wait; \
+	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain"; cat $$report; \
+	notebooks=$$(cat $$report.status); rm -f $$report $$report.status; test $$tests -eq 0 && test $$notebooks -eq 0
 
-# The quick loop while editing: the unit tests not marked slow (no training runs, no notebooks, no TPU image venv).
+# The quick loop while editing: the tests not marked slow (no notebooks, no venvs, no subprocess kills; the only
+# training is the two shared tiny runs, two steps each at 32 px, that the scoring and evaluation tests read).
 test-fast: $(VENV)/.installed
 	HPA_OUT=$$(mktemp -d) $(PY) -m pytest -m "not slow" tests
 

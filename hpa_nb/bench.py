@@ -12,7 +12,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Callable
+
+import keras
+import tensorflow as tf
+
+from hpa_nb.core.labels import COLORS, N_CLASSES, colors_of
+from hpa_nb.data import competition, pipeline as data, reading, shards
+from hpa_nb.data.competition import encode_record, load_labels, write_tfrecord
+from hpa_nb.sample.writer import write_sample
+from hpa_nb.training.accelerator import detect
+from hpa_nb.training.batch_norm import batch_norm_layers, recalibrate
+from hpa_nb.training.model import WeightedBinaryCrossentropy, build
 
 # Images per generated TFRecord file when a data folder has only PNGs (the competition packs ~20 per file).
 IMAGES_PER_TFRECORD = 16
@@ -25,9 +37,6 @@ def _baseline_reader(files: list[str], image_size: int, channels: str):
     """The baseline notebook's reader, for comparison only: decode every record, filter the
     stream four times by colour and zip the four streams (so each record is decoded four
     times, and with ``ignore_order`` channels of different images get paired)."""
-    import tensorflow as tf
-
-    from hpa_nb.labels import N_CLASSES
 
     features = {name: tf.io.FixedLenFeature([], tf.string) for name in ("image", "image_name", "target")}
 
@@ -56,9 +65,6 @@ def _baseline_reader(files: list[str], image_size: int, channels: str):
 
 def _write_competition_tfrecords(root: Path, out: Path) -> list[str]:
     """Pack a PNG folder into competition-format TFRecords (one record per channel, colours shuffled)."""
-    from hpa_nb.competition import encode_record, load_labels, write_tfrecord
-    from hpa_nb.labels import COLORS
-
     frame = load_labels(root)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -75,10 +81,6 @@ def _floor_reader(files: list[str], image_size: int, channels: str):
     """The physical floor of a competition-TFRecord reader: each wanted record parsed, decoded and
     resized once, by the same kernel `read_tfrecords` uses, with nothing else (no grouping by
     image, no checks). Every `len(channels)` consecutive records count as one image."""
-    import tensorflow as tf
-
-    from hpa_nb import reading
-    from hpa_nb.labels import colors_of
 
     wanted = tf.constant(colors_of(channels))
     features = {name: tf.io.FixedLenFeature([], tf.string) for name in ("image", "image_name")}
@@ -122,15 +124,10 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
     the competition's are 1728–3072 px, 16-bit in train/). Preparation (sample, TFRecords,
     shards) is not timed. Returns the results.
     """
-    from statistics import median
-
-    from hpa_nb import competition, data, shards
 
     with tempfile.TemporaryDirectory(prefix="hpa_bench_") as scratch_name:
         scratch = Path(scratch_name)
         if generate_size:
-            from hpa_nb.sample import write_sample
-
             print(f"bench: writing a {images}-image {bit_depth}-bit sample at {generate_size} px (not timed)",
                   file=sys.stderr)
             data_dir = write_sample(scratch / "sample", images=images, size=generate_size, seed=0, test_images=0,
@@ -144,7 +141,7 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
             files = _write_competition_tfrecords(data_dir, scratch / "train_tfrecords")
         shard_root = scratch / "shard_root"
         print(f"bench: writing {shard_size} px shards (not timed)", file=sys.stderr)
-        manifest = shards.write_shards(data_dir, shard_root / shards.SHARD_DIR, size=shard_size, channels=channels,
+        manifest = shards.write_shards(data_dir, shards.default_dir(shard_root), size=shard_size, channels=channels,
                                      progress=False)
         readers = {
             "baseline filter+zip": lambda: _baseline_reader(files, image_size, channels),
@@ -180,8 +177,6 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
 def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmup_steps: int,
                               steps_per_execution: int = 1) -> float:
     """Training images/s over `steps` steps of one ``fit``, after `warmup_steps` (compilation, pipeline start)."""
-    import keras
-
     class StepClock(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -202,10 +197,8 @@ def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmu
 
 
 def eager_recalibration(model, dataset, steps: int) -> int:
-    """Batch-norm re-estimation as `hpa_nb.batch_norm.recalibrate` did it before it was compiled, for comparison:
+    """Batch-norm re-estimation as `hpa_nb.training.batch_norm.recalibrate` did it before it was compiled, for comparison:
     eager training-mode calls on unsharded batches, momentum ``k/(k+1)`` at the k-th batch."""
-    from hpa_nb.batch_norm import batch_norm_layers
-
     layers = batch_norm_layers(model)
     momenta = [layer.momentum for layer in layers]
     used = 0
@@ -223,9 +216,6 @@ def eager_recalibration(model, dataset, steps: int) -> int:
 
 def _recalibration_seconds(model, dataset, steps: int, rounds: int = 3) -> dict[str, float]:
     """Median seconds of eager and compiled batch-norm re-estimation over `steps` batches, interleaved."""
-    from statistics import median
-
-    from hpa_nb.batch_norm import recalibrate
 
     batches = list(dataset.take(steps).as_numpy_iterator())  # both read the same batches, already decoded
     ways = {"eager (before)": eager_recalibration, "compiled (now)": recalibrate}
@@ -253,30 +243,23 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
           batch_size: int = 16, steps: int = 10, warmup_steps: int = 3, bn_steps: int = 20) -> dict:
     """Training images/s fed by the project's input pipeline against the same model fed from memory.
 
-    The pipeline is `hpa_nb.data.training_dataset` (decode, resize, augment, batch, prefetch),
+    The pipeline is `hpa_nb.data.pipeline.training_dataset` (decode, resize, augment, batch, prefetch),
     streaming (decoding every step, as full-size training does) and with ``cache=True`` (decoded
     once, then only augmented, as ``--quick`` does; timed after one pass fills the cache). The
     in-memory feed repeats a few batches already decoded, so it costs nothing. The ratio says
     whether input is the bottleneck (target: at least 90%). On a CPU the pipeline and the model
     share the same cores, so this is the hardest case. Then the cost of one batch-norm
-    re-estimation (`hpa_nb.batch_norm`, over `bn_steps` batches) beside one epoch's time, eager as
+    re-estimation (`hpa_nb.training.batch_norm`, over `bn_steps` batches) beside one epoch's time, eager as
     it was and compiled as it is now (median of 3 interleaved runs). Returns the results.
     """
-    import keras
-    import tensorflow as tf
-
-    from hpa_nb import data
-    from hpa_nb.accelerator import detect
-    from hpa_nb.competition import load_labels
-    from hpa_nb.model import WeightedBinaryCrossentropy, build
 
     accelerator = detect()
     root = Path(data_dir)
     ids = [str(image_id) for image_id in load_labels(root)["ID"]]
     global_batch = accelerator.global_batch_size(batch_size)
     def pipeline(cache: bool):
-        return data.training_dataset(root, ids, image_size, channels, batch_size=global_batch, seed=0,
-                                     augment=True, cache=cache)
+        return data.training_dataset(root, ids, image_size, channels, batch_size=global_batch,
+                                     stream=data.Stream(seed=0, augment=True, cache=cache))
 
     held = list(pipeline(False).take(4))  # decoded once, outside the timing
     in_memory = tf.data.Dataset.from_tensor_slices((tf.stack([b[0] for b in held]), tf.stack([b[1] for b in held])))

@@ -6,16 +6,34 @@ each handler imports what it needs. User errors print one line and exit with sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
-import hpa_nb  # noqa: F401  (picks the Keras backend before anything imports Keras)
-from hpa_nb.cells import COMBINED_RULE, COMBINERS, CROPS, NEGATIVE_RULES, ScoreRule  # numpy and scipy only: parsing stays cheap
-from hpa_nb.config import LEVELS, LOSSES, TrainConfig
-from hpa_nb.labels import CHANNEL_SETS
-from hpa_nb.segmentation import SEGMENTERS
+import tensorflow as tf
+
+from hpa_nb import bench
+from hpa_nb.cells import relabel
+from hpa_nb.cells.scoring import (COMBINED_RULE, COMBINERS, NEGATIVE_RULES,  # numpy and scipy only: parsing stays cheap
+                                  ScoreRule, load_classifier)
+from hpa_nb.cells.submit import compare_models, submit
+from hpa_nb.core.env import working_dir
+from hpa_nb.core.labels import CHANNEL_SETS
+from hpa_nb.data.bad_input import error_message
+from hpa_nb.data.crops import CROPS
+from hpa_nb.data.shards import write_shards
+from hpa_nb.data.tiles import write_tiles
+from hpa_nb.kaggle import kernels, push as kaggle
+from hpa_nb.sample.sources import DEFAULT_SAMPLE, ensure_evaluation_sample, find_data
+from hpa_nb.sample.writer import write_sample
+from hpa_nb.segmentation import offline as hpacellseg_offline
+from hpa_nb.segmentation.backends import SEGMENTERS
+from hpa_nb.training import inputs, run, train
+from hpa_nb.training.config import LEVELS, LOSSES, TrainConfig
+from hpa_nb.training.evaluate import evaluate, format_table
 
 EXIT_USER_ERROR = 2
 
@@ -25,13 +43,12 @@ class UserError(Exception):
 
 
 def _data_dir(value: str | None) -> Path:
-    """An explicit --data folder, or the one `hpa_nb.env.find_data` discovers (announced)."""
+    """An explicit --data folder, or the one `hpa_nb.core.env.find_data` discovers (announced)."""
     if value:
         path = Path(value)
         if not path.is_dir():
             raise FileNotFoundError(f"data folder {path} does not exist")
         return path
-    from hpa_nb.env import find_data
 
     source = find_data()
     print(f"data: {source}", file=sys.stderr)
@@ -40,8 +57,6 @@ def _data_dir(value: str | None) -> Path:
 
 # --- sample -------------------------------------------------------------------------------
 def _sample_parser(sub: argparse._SubParsersAction) -> None:
-    from hpa_nb.env import DEFAULT_SAMPLE
-
     p = sub.add_parser("sample", help="write an HPA-like synthetic data set in the competition layout")
     p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     p.add_argument("--images", type=int, default=DEFAULT_SAMPLE["images"], help="training images")
@@ -53,8 +68,6 @@ def _sample_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from hpa_nb.sample import write_sample
-
     write_sample(args.out, images=args.images, size=args.size, seed=args.seed,
                  bit_depth=args.bit_depth, test_images=args.test_images)
     print(f"wrote sample to {args.out}")
@@ -104,10 +117,6 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from hpa_nb.env import working_dir
-    from hpa_nb.submit import submit
 
     base = COMBINED_RULE if args.cell_model else ScoreRule()
     rule = dataclasses.replace(base, combine=args.combine or base.combine, negative=args.negative, crop=args.crop,
@@ -127,7 +136,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-model", type=Path, required=True, metavar="CELL_RUN", help="a cell run folder (train --level cell)")
     p.add_argument("--data", type=Path, default=None,
                    help="a sample with true cells (masks/, cells.csv); its test images are scored (default: 400 "
-                        "held-out images from the sample generator with seed 1, hpa_nb.env.EVALUATION_SAMPLE, "
+                        "held-out images from the sample generator with seed 1, hpa_nb.core.env.EVALUATION_SAMPLE, "
                         "generated on first use)")
     p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
                    help="how the scored cells are found; masks: the true cells (no segmentation error)")
@@ -138,10 +147,6 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from hpa_nb.env import ensure_evaluation_sample
-    from hpa_nb.submit import compare_models, load_classifier
 
     data = args.data if args.data is not None else ensure_evaluation_sample()
     if not (data / "cells.csv").is_file():  # before loading two models
@@ -196,8 +201,6 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _kaggle(args: argparse.Namespace) -> None:
-    from hpa_nb import kaggle, kernels
-
     if args.kaggle_action == "build" and args.check:
         problems = kernels.stale_bundles()
         if problems:
@@ -214,8 +217,6 @@ def _kaggle(args: argparse.Namespace) -> None:
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
     elif args.kaggle_action == "hpacellseg-dataset":
-        from hpa_nb import hpacellseg_offline
-
         folder = hpacellseg_offline.build(args.package, args.fork, args.weights, args.out,
                                           kaggle.find_username(args.username))
         print(f"wrote {folder}")
@@ -247,8 +248,6 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from hpa_nb.evaluate import evaluate, format_table
-
     if not args.model.is_dir():
         raise FileNotFoundError(f"run folder {args.model} does not exist")
     result = evaluate(args.model, _data_dir(args.data) if args.data else None, args.out, split=args.split,
@@ -274,8 +273,6 @@ def _shard_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from hpa_nb.shards import write_shards
-
     manifest = write_shards(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
                             encoding=args.encoding, images_per_shard=args.images_per_shard, skip_bad=args.skip_bad,
                             max_gb=args.max_gb)
@@ -299,8 +296,6 @@ def _tiles_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _tiles(args: argparse.Namespace) -> None:
-    from hpa_nb.tiles import write_tiles
-
     manifest = write_tiles(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
                            segmentation=args.segmentation, images_per_file=args.images_per_file,
                            encoding=args.encoding, skip_bad=args.skip_bad, **_segmentation_options(args))
@@ -332,17 +327,13 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _bench_train(args: argparse.Namespace) -> None:
-    from hpa_nb.bench import train  # written by the "model" developer
-
-    train(_data_dir(args.data), image_size=args.image_size, channels=args.channels,
+    bench.train(_data_dir(args.data), image_size=args.image_size, channels=args.channels,
           backbone=args.backbone, batch_size=args.batch_size, steps=args.steps)
 
 
 def _bench_loader(args: argparse.Namespace) -> None:
-    from hpa_nb.bench import loader
-
     data_dir = None if args.size else _data_dir(args.data)
-    loader(data_dir, image_size=args.image_size, channels=args.channels, generate_size=args.size,
+    bench.loader(data_dir, image_size=args.image_size, channels=args.channels, generate_size=args.size,
            images=args.images, seconds=args.seconds, bit_depth=args.bit_depth, rounds=args.rounds)
 
 
@@ -368,7 +359,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", help="cell tiles for --level cell (a folder, or OWNER/KERNEL attached under "
                                    "/kaggle/input; default: DATA/tiles)")
     p.add_argument("--relabel", action="store_true", default=None,
-                   help="--level cell: train on targets relabelled from out-of-fold cell models (hpa_nb.relabel) "
+                   help="--level cell: train on targets relabelled from out-of-fold cell models (hpa_nb.cells.relabel) "
                         "instead of each cell's image label")
     p.add_argument("--split-from", metavar="RUN", help="use the split of this run folder (or split CSV)")
     p.add_argument("--image-size", type=int, help="square input side in px")
@@ -399,12 +390,6 @@ TRAIN_OPTIONS = ("shards", "level", "tiles", "relabel", "split_from", "image_siz
 
 
 def _train(args: argparse.Namespace) -> None:
-    import dataclasses
-    import time
-
-    from hpa_nb import inputs, run
-    from hpa_nb.config import TrainConfig
-    from hpa_nb.train import train
 
     explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
     out = args.out or run.default_dir()
@@ -412,7 +397,7 @@ def _train(args: argparse.Namespace) -> None:
     explicit["deadline"] = time.time() + args.hours * 3600 if args.hours else None  # never a saved run's old one
     # A resumed run keeps the options it was started with; the ones given now go on top.
     previous = inputs.previous_run(args.resume_from) if args.resume_from else out if args.resume else None
-    if previous is not None and (previous / run.CONFIG_FILE).is_file():
+    if previous is not None and run.RunFolder(previous).config.is_file():
         saved = run.load_config(previous)
         kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
         explicit["data_dir"] = str(_data_dir(args.data or kept))
@@ -421,7 +406,9 @@ def _train(args: argparse.Namespace) -> None:
     else:
         explicit["data_dir"] = str(_data_dir(args.data))
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
-    result = train(config)
+    if config.relabel:  # a step of its own, before the cell run that reads its targets
+        relabel.relabel(config)
+    result = train.train(config)
     print(f"trained {config.backbone} into {result.run_dir}: "
           + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
           + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else ""))
@@ -437,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hpa_nb",
         description="HPA Single Cell Classification toolkit: sample data, shards, training, evaluation, "
-                    "submission, benchmarks and Kaggle kernels. Data defaults to hpa_nb.env.find_data().")
+                    "submission, benchmarks and Kaggle kernels. Data defaults to hpa_nb.core.env.find_data().")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)
@@ -448,7 +435,6 @@ def _is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, (UserError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)):
         return True
     try:  # a tf.data pipeline surfaces bad input as an OpError (decode failures, truncated records)
-        import tensorflow as tf
 
         return isinstance(exc, (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError))
     except ImportError:
@@ -458,8 +444,6 @@ def _is_user_error(exc: BaseException) -> bool:
 def _one_line(exc: BaseException) -> str:
     """The error as one line; a TensorFlow error loses its graph-node and op noise."""
     if "tensorflow" in sys.modules and "OpError" in {cls.__name__ for cls in type(exc).__mro__}:
-        from hpa_nb.bad_input import error_message
-
         return error_message(exc)
     return " ".join(str(exc).split()) or type(exc).__name__
 

@@ -50,11 +50,15 @@ import time
 import pandas as pd
 
 import hpa_nb  # first: it quiets TensorFlow's C++ logs
-from hpa_nb import competition, data, env, figures, inputs, plots, preflight, shards
+from hpa_nb.core import env
+from hpa_nb.data import competition, pipeline, shards
+from hpa_nb.sample import sources
+from hpa_nb.plots import charts, figures
+from hpa_nb.training import inputs, preflight
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 SIZE = SIZE or (128 if QUICK else 512)
-DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
+DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
 OUT = env.Path(OUT_DIR) if OUT_DIR else env.working_dir() / "shards"
 preflight.check_data(DATA, QUICK, ALLOW_SAMPLE_DATA, purpose="write shards of")
 print(f"source: {DATA}\nshards: {OUT} ({SIZE} px, {CHANNELS}, {ENCODING})")
@@ -108,9 +112,9 @@ projection.round(3)
 # (microtubules), green (the protein), blue (nucleus) and yellow (ER); the composite shows the first three.
 
 # %%
-dataset = data.open_dataset(DATA, image_size=SIZE, channels=CHANNELS, with_id=True, shards=OUT)
-images, label_rows, ids = data.take_images(dataset, 3)
-figures.saved(plots.channel_grid(images, label_rows, ids), env.working_dir() / "00_prepare" / "shard_images")
+dataset = pipeline.open_dataset(DATA, image_size=SIZE, channels=CHANNELS, with_id=True, shards=OUT)
+images, label_rows, ids = pipeline.take_images(dataset, 3)
+figures.saved(charts.channel_grid(images, label_rows, ids), env.working_dir() / "00_prepare" / "shard_images")
 
 # %% [markdown]
 # ## What we have

@@ -34,11 +34,14 @@ SIZE_SURVEY_LIMIT = None  # None: every image on Kaggle, 200 in quick mode
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import competition, data, env, figures, labels, plots, training_plots
+from hpa_nb.core import env, labels
+from hpa_nb.data import competition, pipeline
+from hpa_nb.sample import sources
+from hpa_nb.plots import charts, figures, training as training_plots
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 SIZE_SURVEY_LIMIT = SIZE_SURVEY_LIMIT or (200 if QUICK else None)
-source = env.find_data() if not DATA_DIR else env.DataSource(env.Path(DATA_DIR), "parameter", "DATA_DIR")
+source = sources.find_data() if not DATA_DIR else sources.DataSource(env.Path(DATA_DIR), "parameter", "DATA_DIR")
 DATA = source.path
 OUT = env.working_dir() / "01_eda"
 OUT.mkdir(parents=True, exist_ok=True)
@@ -86,10 +89,10 @@ print(per_class.to_string())
 # matrix shows which pairs a model will often see together (and may confuse).
 
 # %%
-plots.labels_per_image(matrix)
+charts.labels_per_image(matrix)
 
 # %%
-figures.saved(plots.label_cooccurrence(matrix, normalize=True), OUT / "label_cooccurrence")
+figures.saved(charts.label_cooccurrence(matrix, normalize=True), OUT / "label_cooccurrence")
 
 # %% [markdown]
 # ## Image sizes and bit depths
@@ -98,8 +101,8 @@ figures.saved(plots.label_cooccurrence(matrix, normalize=True), OUT / "label_coo
 
 # %%
 survey_ids = frame["ID"] if SIZE_SURVEY_LIMIT is None else frame["ID"][:SIZE_SURVEY_LIMIT]
-properties = plots.image_properties(DATA, survey_ids)
-figures.saved(plots.image_sizes(properties), OUT / "image_sizes")
+properties = charts.image_properties(DATA, survey_ids)
+figures.saved(charts.image_sizes(properties), OUT / "image_sizes")
 
 # %% [markdown]
 # ## The four stains
@@ -109,12 +112,12 @@ figures.saved(plots.image_sizes(properties), OUT / "image_sizes")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-dataset = data.open_dataset(DATA, image_size=256, channels="rgby", with_id=True)
-images, label_rows, ids = data.take_images(dataset, N_PREVIEW)
+dataset = pipeline.open_dataset(DATA, image_size=256, channels="rgby", with_id=True)
+images, label_rows, ids = pipeline.take_images(dataset, N_PREVIEW)
 print("batch:", images.shape, images.dtype, "| labels:", label_rows.shape, label_rows.dtype)
 
 # %%
-figures.saved(plots.channel_grid(images, label_rows, ids), OUT / "channels")
+figures.saved(charts.channel_grid(images, label_rows, ids), OUT / "channels")
 
 # %% [markdown]
 # ## What we have

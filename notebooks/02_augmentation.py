@@ -34,12 +34,15 @@ N_IMAGES = 2
 import numpy as np
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import augment, data, env, figures, plots
+from hpa_nb.core import env
+from hpa_nb.data import augment, pipeline
+from hpa_nb.sample import sources
+from hpa_nb.plots import charts, figures
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
-DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
-dataset = data.open_dataset(DATA, image_size=IMAGE_SIZE, channels="rgby", with_id=True)
-images, label_rows, ids = data.take_images(dataset, N_IMAGES)
+DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
+dataset = pipeline.open_dataset(DATA, image_size=IMAGE_SIZE, channels="rgby", with_id=True)
+images, label_rows, ids = pipeline.take_images(dataset, N_IMAGES)
 OUT = env.working_dir() / "02_augmentation"
 
 # %% [markdown]
@@ -59,7 +62,7 @@ for number, name in enumerate(augment.STEPS, 1):
 # inside the chain, so the last row combines exactly the draws of the rows above it.
 
 # %%
-figures.saved(plots.augmentation_grid(images[0], seed=SEED, samples=4), OUT / "augmentation_steps")
+figures.saved(charts.augmentation_grid(images[0], seed=SEED, samples=4), OUT / "augmentation_steps")
 
 # %% [markdown]
 # ## The four stains stay aligned
@@ -71,7 +74,7 @@ figures.saved(plots.augmentation_grid(images[0], seed=SEED, samples=4), OUT / "a
 pairs = augment.preview_pairs(images, seed=SEED)
 before_after = np.stack([image for pair in pairs for image in pair])
 titles = [f"{image_id} ({when})" for image_id in ids for when in ("before", "after")]
-figures.saved(plots.channel_grid(before_after, np.repeat(label_rows, 2, axis=0), titles), OUT / "before_after")
+figures.saved(charts.channel_grid(before_after, np.repeat(label_rows, 2, axis=0), titles), OUT / "before_after")
 
 # %% [markdown]
 # A flip or rotation moves pixels without changing them, so each channel's sorted values are the same

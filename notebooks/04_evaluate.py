@@ -34,9 +34,12 @@ N_EXAMPLES = 8
 
 # %%
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import data, env, evaluate, figures, inputs, plots, run
+from hpa_nb.core import env
+from hpa_nb.data import pipeline
+from hpa_nb.plots import charts, figures
+from hpa_nb.training import evaluate, inputs, run, train
 
-RUN = inputs.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)
+RUN = train.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)
 config = run.load_config(RUN)
 DATA = inputs.run_data(RUN, DATA_DIR)
 print(f"run: {config.backbone} at {config.image_size} px, {config.channels}, trained on {env.Path(config.data_dir).name}")
@@ -64,7 +67,7 @@ print(f"{len(result.ids)} held-out images, all of them outside the training spli
 # marked, not scored as 0.5.
 
 # %%
-plots.per_class_scores(result.metrics)
+charts.per_class_scores(result.metrics)
 
 # %% [markdown]
 # ## Precision–recall curves
@@ -72,18 +75,18 @@ plots.per_class_scores(result.metrics)
 # positives.
 
 # %%
-plots.precision_recall_curves(result.y_true, result.y_score)
+charts.precision_recall_curves(result.y_true, result.y_score)
 
 # %% [markdown]
 # ## Predictions next to their images
 # Titles show the true labels and the top predicted classes with their probabilities (✓ where right).
 
 # %%
-dataset = data.open_dataset(DATA, image_size=256, channels=config.channels, with_id=True,
+dataset = pipeline.open_dataset(DATA, image_size=256, channels=config.channels, with_id=True,
                             ids=result.ids[:N_EXAMPLES])
-images, label_rows, ids = data.take_images(dataset, N_EXAMPLES)
+images, label_rows, ids = pipeline.take_images(dataset, N_EXAMPLES)
 rows = [result.ids.index(image_id) for image_id in ids]
-figures.saved(plots.prediction_grid(images, label_rows, result.y_score[rows], ids), OUT / "sample_predictions")
+figures.saved(charts.prediction_grid(images, label_rows, result.y_score[rows], ids), OUT / "sample_predictions")
 
 # %% [markdown]
 # ## Where the model is weak

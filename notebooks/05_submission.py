@@ -41,14 +41,19 @@ N_PREVIEW = 3
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import cell_plots, cells, env, figures, hpacellseg_offline, inputs, submit
+from hpa_nb.core import env
+from hpa_nb.segmentation import offline as hpacellseg_offline
+from hpa_nb.sample import sources
+from hpa_nb.plots import cells as cell_plots, figures
+from hpa_nb.training import inputs, train
+from hpa_nb.cells import scoring, submit
 
-DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
-RUN = inputs.image_run(RUN_DIR, consumer="05_submission", quick=QUICK)
+DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
+RUN = train.image_run(RUN_DIR, consumer="05_submission", quick=QUICK)
 CELL_RUN = None if CELL_RUN_DIR == "none" else inputs.find("cell_run", CELL_RUN_DIR, consumer="05_submission",
                                                             required=False)
-classifier = submit.load_classifier(RUN)
-cell_model = submit.load_classifier(CELL_RUN, level="cell") if CELL_RUN else None
+classifier = scoring.load_classifier(RUN)
+cell_model = scoring.load_classifier(CELL_RUN, level="cell") if CELL_RUN else None
 rule = submit.choose_rule(cell_model is not None, image_weight=IMAGE_WEIGHT, partial_scale=PARTIAL_SCALE)
 test_ids = submit.read_submission_ids(DATA)
 print(f"{len(test_ids)} test images; " + submit.describe_scoring(RUN, CELL_RUN, rule))
@@ -70,7 +75,7 @@ if SEGMENTATION == "auto":
 # full size: 8 MiB per 2048 px image.)
 
 # %%
-predictions = cells.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model)
+predictions = scoring.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model)
 
 # %% [markdown]
 # White outlines are the cells found; on the sample, cyan outlines are the true cells. Underneath, each
@@ -138,6 +143,6 @@ print(f"first image: {len(decoded) // 19} cells x 19 classes, masks of shape {de
 # %% [markdown]
 # ## What we have
 # - a cell segmentation (classical, or the hosts' tool when attached), checked against the sample's true cells;
-# - per-cell class confidences from every model attached, under a documented rule (`hpa_nb.cells.ScoreRule`);
+# - per-cell class confidences from every model attached, under a documented rule (`hpa_nb.cells.scoring.ScoreRule`);
 # - the local cell mAP, the competition's metric, to compare methods offline;
 # - `submission.csv` in the competition format, ready to submit from this notebook's output on Kaggle.

@@ -48,14 +48,18 @@ import time
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb import cell_plots, env, figures, inputs, preflight, tiles
+from hpa_nb.core import env
+from hpa_nb.data import tiles
+from hpa_nb.sample import sources
+from hpa_nb.plots import cells as cell_plots, figures
+from hpa_nb.training import inputs, preflight
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 TILE_SIZE = TILE_SIZE or (64 if QUICK else 96)
-DATA = env.Path(DATA_DIR) if DATA_DIR else env.find_data().path
+DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
 SEGMENTATION = SEGMENTATION or ("masks" if (DATA / "masks").is_dir() else "classical")
 preflight.check_data(DATA, QUICK, ALLOW_SAMPLE_DATA, purpose="cut the tiles of")
-TILES = env.working_dir() / tiles.TILE_DIR
+TILES = tiles.default_dir()
 print(f"data: {DATA}\ncells: {SEGMENTATION}\ntiles: {TILES} ({TILE_SIZE} px, {ENCODING})")
 
 # %% [markdown]

@@ -7,43 +7,51 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
+
+from hpa_nb.cli import main  # noqa: E402
+from hpa_nb.data.tiles import write_tiles  # noqa: E402
+from hpa_nb.sample.sources import ensure_default_sample  # noqa: E402
+from hpa_nb.sample.writer import write_sample  # noqa: E402
+from hpa_nb.training.config import TrainConfig  # noqa: E402
+from hpa_nb.training.train import TrainResult, train  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def small_sample(tmp_path_factory) -> Path:
     """40 training images at 64 px and 4 test images: fast enough for any test."""
-    from hpa_nb.sample import write_sample
-
     root = tmp_path_factory.mktemp("small_sample")
     write_sample(root, images=40, size=64, seed=1, bit_depth=8, test_images=4, progress=False)
     return root
 
 
 @pytest.fixture(scope="session")
-def trained_run(small_sample, tmp_path_factory) -> Path:
-    """A run folder written by `hpa_nb.train.train` itself: two short epochs of the tiny CNN at 32 px on
-    `small_sample` (a quarter held out, seed 3). For the tests that need a model and its run folder,
-    not a good model: `tests/test_train.py` trains the quick model on the default sample for that."""
-    from hpa_nb.config import TrainConfig
-    from hpa_nb.train import train
-
+def trained_result(small_sample, tmp_path_factory) -> TrainResult:
+    """What `hpa_nb.training.train.train` returns for a run of its own: two short epochs (two steps each) of the
+    tiny CNN at 32 px on `small_sample` (a quarter held out, seed 3), with the model still in memory. For the
+    tests that need a model and its run folder, not a good model: the 03_train notebook checks that the quick
+    model learns."""
     config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path_factory.mktemp("trained_run")),
                                        image_size=32, epochs=2, batch_size=4, steps_per_epoch=2, val_fraction=0.25,
                                        seed=3, verbose=0)
-    return train(config).run_dir
+    return train(config)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_result) -> Path:
+    """The folder of `trained_result`."""
+    return trained_result.run_dir
 
 
 @pytest.fixture(scope="session")
 def trained_cell_run(small_sample, tmp_path_factory) -> Path:
     """A cell run written by `train` itself on `small_sample`'s tiles (its true cells, 32 px): the same
     split settings as `trained_run` (a quarter held out, seed 3), two short epochs of the tiny CNN."""
-    from hpa_nb.config import TrainConfig
-    from hpa_nb.tiles import write_tiles
-    from hpa_nb.train import train
-
     tiles = tmp_path_factory.mktemp("cell_tiles") / "tiles"
     write_tiles(small_sample, tiles, size=32, segmentation="masks", progress=False)
     config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path_factory.mktemp("cell_run")),
@@ -55,8 +63,6 @@ def trained_cell_run(small_sample, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_sample() -> Path:
     """The default sample that every command falls back to (cached under HPA_CACHE)."""
-    from hpa_nb.env import ensure_default_sample
-
     return ensure_default_sample()
 
 
@@ -64,8 +70,6 @@ def default_sample() -> Path:
 def tpu_python() -> Path:
     """A Python 3.12 venv of exactly Kaggle's TPU image (requirements-kaggle-tpu.txt): HPA_TPU_VENV, or built (or
     found in the cache) by .ci/kaggle-tpu-venv. Its interpreter."""
-    import subprocess
-
     venv = os.environ.get("HPA_TPU_VENV")
     if not venv:
         built = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / ".ci" / "kaggle-tpu-venv")],
@@ -98,8 +102,6 @@ class CliResult:
 def cli(capfd, monkeypatch, tmp_path):
     """``python -m hpa_nb ARGS`` run in this process (`hpa_nb.cli.main`): a `CliResult` with what reached
     stdout and stderr, C-level writes included. Run folders default to ``tmp_path/out``."""
-    from hpa_nb.cli import main
-
     monkeypatch.delenv("HPA_DEBUG", raising=False)
     monkeypatch.setenv("HPA_OUT", str(tmp_path / "out"))
 
@@ -117,10 +119,6 @@ def cli(capfd, monkeypatch, tmp_path):
 
 def kill_when_written(command: list[str], path: Path, environment: dict, timeout: float = 300) -> None:
     """Start `command`, SIGKILL it as soon as `path` exists (as a lost Kaggle session would), and check it died so."""
-    import signal
-    import subprocess
-    import time
-
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while not path.is_file():

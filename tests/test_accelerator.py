@@ -1,9 +1,9 @@
-"""hpa_nb.accelerator on this CPU; the multi-replica paths run in tests/test_train.py (one backend per process)."""
+"""hpa_nb.training.accelerator on this CPU; the multi-replica paths run in tests/test_train.py (one backend per process)."""
 from __future__ import annotations
 
 import pytest
 
-from hpa_nb import accelerator
+from hpa_nb.training import accelerator
 
 keras = pytest.importorskip("keras")
 

@@ -1,4 +1,4 @@
-"""hpa_nb.augment: seeded and repeatable, channels stay aligned, values stay on 0–255, eagerly and in Dataset.map."""
+"""hpa_nb.data.augment: seeded and repeatable, channels stay aligned, values stay on 0–255, eagerly and in Dataset.map."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from hpa_nb.augment import augment, preview_pairs  # noqa: E402
+from hpa_nb.data.augment import STEPS, augment, preview_pairs  # noqa: E402
 
 SIZE = 12
 
@@ -83,8 +83,6 @@ def test_preview_pairs_returns_before_and_after_for_each_image():
 
 
 def test_each_step_alone_does_what_it_says_and_matches_its_part_of_the_chain():
-    from hpa_nb.augment import STEPS
-
     rng = np.random.default_rng(3)
     image = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
     flips = {tuple(np.all(augment(image, (1, seed), ["flip left-right"]).numpy() == candidate)

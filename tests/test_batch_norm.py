@@ -1,4 +1,4 @@
-"""hpa_nb.batch_norm: the compiled re-estimation gives what the eager one gave, on TF and on JAX over 8 devices."""
+"""hpa_nb.training.batch_norm: the compiled re-estimation gives what the eager one gave, on TF and on JAX over 8 devices."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
+
+from hpa_nb.training.batch_norm import recalibrate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,9 +21,9 @@ COMPARISON = textwrap.dedent("""
     import numpy as np
     import hpa_nb
     import keras
-    from hpa_nb.batch_norm import batch_norm_layers, recalibrate
+    from hpa_nb.training.batch_norm import batch_norm_layers, recalibrate
     from hpa_nb.bench import _Batches, eager_recalibration
-    from hpa_nb.model import build
+    from hpa_nb.training.model import build
 
     def compare(batch_size):
         keras.utils.set_random_seed(0)
@@ -51,9 +54,6 @@ def test_compiled_recalibration_equals_the_eager_one_on_one_device():
 
 
 def test_a_model_without_batch_norm_or_without_steps_is_left_alone():
-    import keras
-
-    from hpa_nb.batch_norm import recalibrate
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))

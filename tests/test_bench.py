@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import math
 
-from hpa_nb import accelerator
+from hpa_nb.bench import loader, train
+from hpa_nb.training import accelerator
 
 
 def test_bench_train_times_several_steps_per_execution(small_sample, monkeypatch):
-    from hpa_nb.bench import train
-
     # Keras calls on_train_batch_end once per execution: 4 steps each, as on a GPU (8) or TPU (32).
     monkeypatch.setitem(accelerator.STEPS_PER_EXECUTION, "cpu", 4)
     summary = train(small_sample, image_size=32, batch_size=4, steps=5)
@@ -18,8 +17,6 @@ def test_bench_train_times_several_steps_per_execution(small_sample, monkeypatch
 
 
 def test_bench_loader_times_the_four_readers_on_the_same_files(small_sample):
-    from hpa_nb.bench import loader
-
     summary = loader(small_sample, image_size=32, channels="rgby", seconds=0.2, rounds=2, shard_size=64)
     readers = ["baseline filter+zip", "floor (decode once)", "read_tfrecords", "shards 64 px"]
     assert list(summary["images_per_second"]) == readers and summary["of_floor"]["floor (decode once)"] == 1.0

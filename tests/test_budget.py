@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpa_nb.budget import DiskBudgetError, Probe, Projection
+from hpa_nb.core.budget import DiskBudgetError, Probe, Projection
 
 
 def test_the_projection_counts_versions_and_disk_against_the_session():

@@ -1,13 +1,13 @@
-"""hpa_nb.metrics.cell_map: the competition's cell-level mAP, checked by hand and on the default sample."""
+"""hpa_nb.core.metrics.cell_map: the competition's cell-level mAP, checked by hand and on the default sample."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from hpa_nb.segmentation_quality import load_cell_truth
-from hpa_nb.labels import N_CLASSES
-from hpa_nb.metrics import READINGS, cell_average_precisions, cell_map
+from hpa_nb.core.labels import N_CLASSES
+from hpa_nb.core.metrics import READINGS, cell_average_precisions, cell_map
+from hpa_nb.segmentation.quality import load_cell_truth
 
 
 def _two_cells() -> np.ndarray:

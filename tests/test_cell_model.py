@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_nb import run, submit, tiles
-from hpa_nb.cells import CellClassifier, ScoreRule, cell_crops, partial_cells, predict_cells
-from hpa_nb.config import TrainConfig
-from hpa_nb.labels import N_CLASSES
+from hpa_nb.cells import scoring, submit
+from hpa_nb.cells.relabel import refine, relabel
+from hpa_nb.cells.scoring import CellClassifier, ScoreRule, predict_cells, rescore
+from hpa_nb.core.labels import N_CLASSES, NEGATIVE, parse_label
+from hpa_nb.data import pipeline, tiles
+from hpa_nb.data.crops import cell_crops, partial_cells
+from hpa_nb.training import run
+from hpa_nb.training.config import TrainConfig
+from hpa_nb.training.train import train
 
 
 def test_a_cell_run_keeps_the_image_runs_split_and_every_cell_on_its_images_side(trained_run, trained_cell_run):
@@ -24,8 +30,6 @@ def test_a_cell_run_keeps_the_image_runs_split_and_every_cell_on_its_images_side
 
 
 def test_tiles_of_other_data_or_no_tiles_stop_a_cell_run_in_one_line(small_sample, trained_cell_run, tmp_path, cli):
-    import shutil
-
     root = tmp_path / "data"
     shutil.copytree(small_sample, root, ignore=shutil.ignore_patterns("tiles", "shards"))
     result = cli("train", "--quick", "--level", "cell", "--data", root, "--out", tmp_path / "r")
@@ -42,11 +46,11 @@ def test_tiles_of_other_data_or_no_tiles_stop_a_cell_run_in_one_line(small_sampl
 
 
 def test_each_model_is_loaded_for_its_own_level(trained_run, trained_cell_run):
-    assert submit.load_classifier(trained_cell_run, level="cell").image_size == 32
+    assert scoring.load_classifier(trained_cell_run, level="cell").image_size == 32
     with pytest.raises(ValueError, match="holds a cell-level model, not the image-level model"):
-        submit.load_classifier(trained_cell_run)
+        scoring.load_classifier(trained_cell_run)
     with pytest.raises(ValueError, match="holds a image-level model, not the cell-level model"):
-        submit.load_classifier(trained_run, level="cell")
+        scoring.load_classifier(trained_run, level="cell")
 
 
 class Recorder:
@@ -79,6 +83,23 @@ def test_the_cell_model_scores_each_cells_tile_and_the_rule_combines_it_with_the
     assert scored.scores[0, 0] > scored.scores[1, 0]  # the bright cell ranks first, from its tile
 
 
+def test_a_rescored_rule_gives_what_predicting_under_it_gives():
+    image = np.zeros((30, 40, 3), np.float32)
+    mask = np.zeros((30, 40), np.uint16)
+    mask[2:12, 2:12], image[2:12, 2:12] = 1, 200.0
+    mask[15:28, 20:38], image[15:28, 20:38] = 2, 50.0
+    mask[0:3, 30:34] = 3  # cut by the edge and small: partial
+    image_model, cell_model = CellClassifier(Recorder(), 24, "rgb"), CellClassifier(Recorder(), 16, "rgb")
+    first = predict_cells(image_model, image, mask, ScoreRule(combine="geometric", image_weight=0.3), cell_model)
+    for rule in (ScoreRule(combine="geometric", image_weight=0.0), ScoreRule(image_weight=0.5, partial_scale=0.0),
+                 ScoreRule(combine="geometric", image_weight=0.3, negative="model")):
+        direct = predict_cells(image_model, image, mask, rule, cell_model)
+        np.testing.assert_allclose(rescore(first, rule).scores, direct.scores, rtol=1e-6)
+    assert rescore(first, ScoreRule(image_weight=0.5, partial_scale=0.0)).scores[2].max() == 0
+    with pytest.raises(ValueError, match="no cell probabilities"):
+        rescore(dataclasses.replace(first, cell_probs=None), ScoreRule())
+
+
 def test_partial_cells_are_scaled_down_on_request():
     mask = np.zeros((40, 40), np.uint16)
     mask[5:20, 5:20] = 1  # whole
@@ -106,8 +127,8 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
     assert f"and cell run {trained_cell_run}" in result.err and "under the image × cell rule: geometric" in result.err
     wrong = cli("submit", "--model", trained_cell_run, "--data", small_sample, "--out", tmp_path / "t.csv")
     assert wrong.status == 2 and "holds a cell-level model" in wrong.errors[0]
-    comparison = submit.compare_models(submit.load_classifier(trained_run),
-                                       submit.load_classifier(trained_cell_run, level="cell"), small_sample,
+    comparison = submit.compare_models(scoring.load_classifier(trained_run),
+                                       scoring.load_classifier(trained_cell_run, level="cell"), small_sample,
                                        use_truth_masks=True, progress=False)
     table = comparison.table()
     assert table["scoring"].tolist() == ["image model", "cell model", "image × cell", "image × cell, edge cells × 0"]
@@ -118,7 +139,6 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
                            cells["image model"].predictions[written["ID"][0]].scores)
     # the hosts' advice: cells cut off by the edge get no score; every other cell keeps its combined score
     # (this sample's cells are whole: test_cells scores partial ones)
-    from hpa_nb.cells import partial_cells
 
     for image_id, combined in cells["image × cell"].predictions.items():
         dropped = cells["image × cell, edge cells × 0"].predictions[image_id]
@@ -136,8 +156,6 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
 
 
 def test_refine_keeps_each_label_on_its_likeliest_cell_and_makes_the_rest_negative():
-    from hpa_nb.relabel import refine
-
     def scores(c3: float, c5: float) -> np.ndarray:
         row = np.full(N_CLASSES, 0.9, np.float32)
         row[3], row[5] = c3, c5
@@ -160,42 +178,41 @@ def test_refine_keeps_each_label_on_its_likeliest_cell_and_makes_the_rest_negati
 
 
 def test_targets_replace_the_stored_labels_of_the_records_they_name(small_sample, trained_cell_run):
-    from hpa_nb import data
-
     tile_dir = run.load_info(trained_cell_run)["tiles"]
     manifest = tiles.read_manifest(tile_dir)
     keys = tiles.tile_keys(manifest)[:6]
     targets = {key: np.full(N_CLASSES, index / 10, np.float32) for index, key in enumerate(keys[:3])}
-    stream = data.training_dataset(small_sample, keys, 32, "rgb", batch_size=6, augment=False, shards=tile_dir,
-                                   targets=targets)
+    stream = pipeline.training_dataset(small_sample, keys, 32, "rgb", batch_size=6, shards=tile_dir,
+                                       stream=pipeline.Stream(augment=False), targets=targets)
     _, labels = next(iter(stream))
     stored = {key: tiles.image_labels(manifest)[key.rpartition("_")[0]] for key in keys[3:]}
     rows = {tuple(np.round(row, 3)) for row in labels.numpy()}
     assert {tuple(np.round(t, 3)) for t in targets.values()} <= rows
-    from hpa_nb.labels import parse_label
 
     assert {tuple(parse_label(text)) for text in stored.values()} <= rows
 
 
 @pytest.mark.slow
 def test_a_relabelled_cell_run_trains_its_folds_then_on_their_targets(small_sample, trained_cell_run, tmp_path):
-    from hpa_nb.train import train
-
     tile_dir = run.load_info(trained_cell_run)["tiles"]
     config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path / "relabelled"), level="cell",
                                        tiles=tile_dir, relabel=True, image_size=32, epochs=1, batch_size=4,
                                        steps_per_epoch=2, val_fraction=0.25, seed=3, verbose=0)
+    with pytest.raises(FileNotFoundError, match="run the relabel step first"):
+        train(config)  # preparing a run never trains its fold models itself
+    assert not run.RunFolder(tmp_path / "relabelled").fold(0).exists()
+    targets_file = relabel(config)
     out = train(config).run_dir
+    assert targets_file == run.RunFolder(out).targets and targets_file.is_file()  # kept by the fresh run
     split = run.load_split(out)
     assert split == run.load_split(trained_cell_run)
-    folds = [run.load_split(out / run.FOLDS_DIR / str(k)) for k in range(2)]
+    folds = [run.load_split(run.RunFolder(out).fold(k)) for k in range(2)]
     assert sorted(folds[0]["val"] + folds[1]["val"]) == sorted(split["train"])  # every training image held out once
     assert not set(folds[0]["val"]) & set(folds[0]["train"])
     targets = run.load_targets(out)
     manifest = tiles.read_manifest(tile_dir)
     assert set(targets) == set(tiles.tile_keys(manifest, split["train"]))
     labels = tiles.image_labels(manifest)
-    from hpa_nb.labels import NEGATIVE, parse_label
 
     for image_id in split["train"][:10]:
         weak = parse_label(labels[image_id])

@@ -1,15 +1,26 @@
-"""hpa_nb.cells: segmentation (quality on the default sample), crops, score rules, per-cell prediction."""
+"""hpa_nb.cells.scoring: segmentation (quality on the default sample), crops, score rules, per-cell prediction."""
 from __future__ import annotations
 
+import builtins
+
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
-from hpa_nb import cell_plots, cells
-from hpa_nb.cells import CellClassifier, ScoreRule, cell_crops, predict_cells
-from hpa_nb.segmentation import ClassicalSettings, clean_labels, read_channels, read_mask, segment, upscale_labels
-from hpa_nb.segmentation_quality import load_cell_truth, score_segmentation, segmentation_quality
-from hpa_nb.labels import N_CLASSES, NEGATIVE
+from hpa_nb.cells.scoring import CellClassifier, ScoreRule, predict_cells
+from hpa_nb.core import metrics
+from hpa_nb.core.labels import N_CLASSES, NEGATIVE
+from hpa_nb.data import crops
+from hpa_nb.data.crops import cell_crops
+from hpa_nb.data.reading import resize
+from hpa_nb.plots import cells as cell_plots
+from hpa_nb.segmentation import offline
+from hpa_nb.segmentation.backends import segment
+from hpa_nb.segmentation.classical import ClassicalSettings, clean_labels, upscale_labels
+from hpa_nb.segmentation.images import colors_needed, read_channels, read_mask
+from hpa_nb.segmentation.quality import load_cell_truth, score_segmentation, segmentation_quality
 
 # The targets are mean matched IoU 0.8 and 90% of cells found; these bounds sit a little under what the
 # defaults reach on the first 24 default-sample images (the README gives the whole-sample figures).
@@ -61,8 +72,6 @@ def test_segment_rejects_bad_input():
 
 
 def test_hpacellseg_without_the_package_says_what_to_do(monkeypatch):
-    import builtins
-
     real_import = builtins.__import__
 
     def no_hpacellseg(name, *args, **kwargs):
@@ -128,13 +137,13 @@ def test_frame_crops_keep_the_cell_where_it_is():
     mask = np.zeros((64, 64), np.uint16)
     mask[0:32, 0:32] = 1
     mask[32:64, 32:64] = 2
-    ids, crops = cells.frame_crops(image, mask, image_size=16)
-    assert list(ids) == [1, 2] and crops.shape == (2, 16, 16, 3)
-    np.testing.assert_allclose(crops[0, :8, :8], 80.0)  # cell 1 in its own quarter, at the image's scale
-    assert crops[0, 8:].max() == 0 and crops[0, :, 8:].max() == 0
-    np.testing.assert_allclose(crops[1, 8:, 8:], 80.0)
-    ids, crops = cells.frame_crops(image, mask, image_size=16, cell_ids=[2])
-    assert list(ids) == [2] and crops[0, :8].max() == 0
+    ids, cut = crops.frame_crops(image, mask, image_size=16)
+    assert list(ids) == [1, 2] and cut.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(cut[0, :8, :8], 80.0)  # cell 1 in its own quarter, at the image's scale
+    assert cut[0, 8:].max() == 0 and cut[0, :, 8:].max() == 0
+    np.testing.assert_allclose(cut[1, 8:, 8:], 80.0)
+    ids, cut = crops.frame_crops(image, mask, image_size=16, cell_ids=[2])
+    assert list(ids) == [2] and cut[0, :8].max() == 0
 
 
 def test_score_rules():
@@ -205,7 +214,7 @@ def _layout_classifier(batch: np.ndarray) -> np.ndarray:
     return probs
 
 
-@pytest.mark.parametrize("crop", sorted(cells.CROPS))
+@pytest.mark.parametrize("crop", sorted(crops.CROPS))
 def test_a_cells_crop_score_sees_only_its_own_pixels(crop):
     image, mask = _regression_image()
     model, rule = CellClassifier(_layout_classifier, 32), ScoreRule("arithmetic", 0.0, "model", crop=crop)
@@ -223,7 +232,7 @@ def test_image_weight_blends_the_image_and_the_crop_probabilities():
     model = CellClassifier(_layout_classifier, 32)
     crop_only = predict_cells(model, image, mask, ScoreRule("arithmetic", 0.0, "model", crop="tight"))
     blended = predict_cells(model, image, mask, ScoreRule("arithmetic", 0.3, "model", crop="tight"))
-    np.testing.assert_allclose(blended.image_probs, _layout_classifier(cells.resize_image(image, 32)[None])[0])
+    np.testing.assert_allclose(blended.image_probs, _layout_classifier(crops.resize_image(image, 32)[None])[0])
     np.testing.assert_allclose(blended.scores, 0.7 * crop_only.scores + 0.3 * blended.image_probs, atol=1e-6)
     assert crop_only.scores[:, :4].std(axis=0).min() > 0.01  # the five cells are told apart
 
@@ -240,14 +249,11 @@ def test_a_tight_crop_ignores_where_the_cell_is_and_a_frame_crop_does_not():
 
 
 def test_resize_image_is_the_training_kernel():
-    import tensorflow as tf
-
-    from hpa_nb.reading import resize
 
     rng = np.random.default_rng(0)
     for shape, size in (((50, 70, 3), 32), ((12, 12, 4), 32), ((32, 32, 3), 32)):  # shrink, enlarge, same
         image = rng.uniform(0, 255, shape).astype(np.float32)
-        resized = cells.resize_image(image, size)
+        resized = crops.resize_image(image, size)
         assert isinstance(resized, np.ndarray) and resized.shape == (size, size, shape[-1])
         np.testing.assert_array_equal(resized, resize(tf.constant(image), size).numpy())
 
@@ -264,12 +270,11 @@ def test_hpacellseg_segmenter_is_cached_per_setting(monkeypatch, tmp_path):
             mask[2:6, 2:6] = 1
             return mask
 
-    monkeypatch.setattr("hpa_nb.hpacellseg.HpaCellSegmenter", FakeSegmenter)
-    monkeypatch.setattr("hpa_nb.hpacellseg.require_torch", lambda: None)
+    monkeypatch.setattr("hpa_nb.segmentation.hpacellseg.HpaCellSegmenter", FakeSegmenter)
+    monkeypatch.setattr("hpa_nb.segmentation.hpacellseg.require_torch", lambda: None)
     for name in ("nuclei-model.pth", "cell-model.pth"):  # found by name; FakeSegmenter never reads them
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setenv("HPA_CELLSEG_DIR", str(tmp_path))
-    import hpa_nb.hpacellseg_offline as offline
 
     searches = []
     real_resolve = offline.resolve
@@ -311,20 +316,16 @@ def test_load_cell_truth_matches_the_masks(small_sample):
 
 
 def test_plot_cells_draws_without_error(small_sample):
-    import matplotlib
-
     matplotlib.use("Agg")
     image_id = pd.read_csv(small_sample / "train.csv")["ID"][0]
     pixels = read_channels(small_sample / "train", image_id)
     mask = read_mask(small_sample, image_id)
-    predictions = cells.CellPredictions(mask, cells.cell_ids_of(mask),
+    predictions = metrics.CellPredictions(mask, crops.cell_ids_of(mask),
                                         np.full((mask.max(), N_CLASSES), 0.3, np.float32))
     ax = cell_plots.plot_cells(pixels, mask, predictions, truth=mask)
     assert len(ax.texts) == len(predictions.cell_ids)
 
 
 def test_colors_needed_adds_the_segmentation_stains_in_channel_order():
-    from hpa_nb.segmentation import colors_needed
-
     assert colors_needed("rgb") == ["red", "green", "blue", "yellow"]  # yellow for segmentation only
     assert colors_needed("rgby") == ["red", "green", "blue", "yellow"]

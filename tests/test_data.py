@@ -1,23 +1,31 @@
-"""hpa_nb.data: every image exactly once, with its own channels and label, from every layout; bad input named."""
+"""hpa_nb.data.pipeline: every image exactly once, with its own channels and label, from every layout; bad input named."""
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import pytest
+import tensorflow as tf
+from conftest import kill_when_written
 from PIL import Image
 
-tf = pytest.importorskip("tensorflow")
+from hpa_nb import cli
+from hpa_nb.core.files import temporary_path
+from hpa_nb.core.labels import N_CLASSES, label_matrix, parse_label
+from hpa_nb.data import bad_input, competition, pipeline, shards, splits
+from hpa_nb.data.competition import encode_record, write_tfrecord
+from hpa_nb.data.pipeline import Stream
 
-from hpa_nb import bad_input, competition, data, record_files, shards, splits  # noqa: E402
-from hpa_nb.competition import encode_record, write_tfrecord  # noqa: E402
-from hpa_nb.files import temporary_path  # noqa: E402
-from hpa_nb.labels import N_CLASSES, label_matrix, parse_label  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
 COLORS = ("red", "green", "blue", "yellow")
 IMAGE_SIZE = 16
 SIZES = (20, 24, 32)  # mixed sizes in one data set, all resized to IMAGE_SIZE
@@ -104,19 +112,19 @@ def planted16(tmp_path_factory) -> Path:
 # --- every image once, its own channels and label --------------------------------------------
 @pytest.mark.parametrize("channels, deterministic", [("rgb", True), ("rgby", False)])
 def test_tfrecords_yield_every_image_once_with_its_own_channels(planted8, channels, deterministic):
-    dataset = data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, channels, with_id=True,
+    dataset = pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, channels, with_id=True,
                                   deterministic=deterministic)
     assert_all_planted(collect(dataset), 12, len(channels))
 
 
 def test_tfrecords_deterministic_order_repeats(planted8):
-    first = [i for _, _, i in data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
-    again = [i for _, _, i in data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
+    first = [i for _, _, i in pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
+    again = [i for _, _, i in pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
     assert first == again and len(first) == 12
 
 
 def test_png_dir_yields_every_image_once_in_csv_order(planted8):
-    dataset = data.read_png_dir(planted8, IMAGE_SIZE, "rgby", with_id=True)
+    dataset = pipeline.read_png_dir(planted8, IMAGE_SIZE, "rgby", with_id=True)
     order = [i.decode() for _, _, i in dataset.as_numpy_iterator()]
     assert order == [image_id(i) for i in range(12)]
     assert_all_planted(collect(dataset), 12, 4)
@@ -124,8 +132,8 @@ def test_png_dir_yields_every_image_once_in_csv_order(planted8):
 
 @pytest.mark.parametrize("reader", ["tfrecords", "png"])
 def test_16_bit_pngs_come_out_on_the_0_255_scale(planted16, reader):
-    dataset = (data.read_tfrecords(planted16 / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True)
-               if reader == "tfrecords" else data.read_png_dir(planted16, IMAGE_SIZE, "rgby", with_id=True))
+    dataset = (pipeline.read_tfrecords(planted16 / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True)
+               if reader == "tfrecords" else pipeline.read_png_dir(planted16, IMAGE_SIZE, "rgby", with_id=True))
     assert_all_planted(collect(dataset), 6, 4)
 
 
@@ -136,33 +144,33 @@ def test_16_bit_values_between_8_bit_steps_are_divided_by_257(tmp_path):
     array = np.full((8, 8), 1000, np.uint16)
     array[0, 0] = 65535
     Image.fromarray(array).save(root / "train" / f"{image_id(0)}_green.png")
-    image, _ = next(iter(data.read_png_dir(root, 8, "rgb")))
+    image, _ = next(iter(pipeline.read_png_dir(root, 8, "rgb")))
     assert image.numpy()[0, 0, 1] == pytest.approx(255.0)
     assert image.numpy()[4, 4, 1] == pytest.approx(1000 / 257, abs=1e-3)
 
 
 def test_labels_without_images_of_other_ids_are_ignored_by_the_id_filter(planted8):
     wanted = [image_id(i) for i in (1, 5, 7)]
-    for dataset in (data.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True, ids=wanted),
-                    data.read_png_dir(planted8, IMAGE_SIZE, with_id=True, ids=wanted),
-                    data.open_dataset(planted8, IMAGE_SIZE, with_id=True, ids=wanted)):
+    for dataset in (pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True, ids=wanted),
+                    pipeline.read_png_dir(planted8, IMAGE_SIZE, with_id=True, ids=wanted),
+                    pipeline.open_dataset(planted8, IMAGE_SIZE, with_id=True, ids=wanted)):
         assert sorted(collect(dataset)) == sorted(wanted)
 
 
 def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys, monkeypatch):
     root = write_dataset(tmp_path / "d", count=4, files=2)
-    assert len(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True))) == 4
+    assert len(collect(pipeline.open_dataset(root, IMAGE_SIZE, with_id=True))) == 4
     assert "competition TFRecords" in capsys.readouterr().out
     shards.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
     capsys.readouterr()
     reads = []
-    monkeypatch.setattr(data, "read_manifest",
+    monkeypatch.setattr(pipeline, "read_manifest",
                         lambda folder, real=shards.read_manifest: reads.append(folder) or real(folder))
-    seen = collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
+    seen = collect(pipeline.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
     assert "compact shards" in capsys.readouterr().out and len(reads) == 1  # the manifest is read once
     assert_all_planted(seen, 4, 4)
     png_only = write_dataset(tmp_path / "p", count=4, tfrecords=False)
-    assert len(collect(data.open_dataset(png_only, IMAGE_SIZE, with_id=True))) == 4
+    assert len(collect(pipeline.open_dataset(png_only, IMAGE_SIZE, with_id=True))) == 4
     assert "PNG folder" in capsys.readouterr().out
 
 
@@ -223,7 +231,7 @@ def test_bad_tfrecords_raise_naming_file_and_id(tmp_path, case):
     root = write_dataset(tmp_path, count=6, files=2, pngs=False)
     bad_file = first_file(root)
     rewrite_records(bad_file, change)
-    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", deterministic=False))
+    message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", deterministic=False))
     assert expected in message
     assert any(image_id(i) in message for i in (0, 2, 4))
     assert str(bad_file) in message
@@ -245,7 +253,7 @@ def test_any_record_order_gives_every_image_exactly_its_own_channels(tmp_path, o
     root = write_dataset(tmp_path, count=9, files=3, pngs=False)
     for path in sorted((root / "train_tfrecords").glob("*.tfrec")):
         rewrite_records(path, RECORD_ORDERS[order])
-    dataset = data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True,
+    dataset = pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True,
                                   deterministic=deterministic)
     assert_all_planted(collect(dataset), 9, 4)
 
@@ -261,11 +269,11 @@ def test_an_image_split_over_two_files_is_read_whole_and_one_missing_a_record_is
 
     rewrite_records(first, take_two)
     rewrite_records(second, lambda rows: rows[:5] + moved + rows[5:])  # ... for the middle of the second
-    seen = collect(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True))
+    seen = collect(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True))
     assert_all_planted(seen, 6, 4)
 
     rewrite_records(second, lambda rows: [row for row in rows if row[0] != moved[0][0]])  # one of them is lost
-    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby"))
+    message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby"))
     assert image_id(0) in message and "only 3 records, expected 4" in message
     assert str(first) in message and str(second) in message  # both files that hold its other records
 
@@ -275,7 +283,7 @@ def test_truncated_tfrecord_raises_naming_the_file(tmp_path):
     bad_file = first_file(root)
     contents = bad_file.read_bytes()
     bad_file.write_bytes(contents[: len(contents) - 100])
-    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE))
+    message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE))
     assert str(bad_file) in message and "truncated" in message
 
 
@@ -283,7 +291,7 @@ def test_skip_bad_skips_only_the_bad_images_and_counts_them(tmp_path, capsys):
     root = write_dataset(tmp_path, count=6, files=2, pngs=False)
     rewrite_records(first_file(root), set_field(1, 1, corrupt_png))  # image 0 of file 0
     log = bad_input.SkipLog()
-    seen = collect(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True, skip_bad=log))
+    seen = collect(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True, skip_bad=log))
     assert log.count == 1 and image_id(0) in log.problems[0]
     assert sorted(seen) == sorted(image_id(i) for i in range(1, 6))
     assert "warning: skipped" in capsys.readouterr().err
@@ -293,21 +301,21 @@ def test_png_dir_bad_input_is_named(tmp_path):
     root = write_dataset(tmp_path, count=4, tfrecords=False)
     (root / "train" / f"{image_id(1)}_blue.png").unlink()
     with pytest.raises(FileNotFoundError, match=f"{image_id(1)}_blue.png"):
-        data.read_png_dir(root, IMAGE_SIZE)
+        pipeline.read_png_dir(root, IMAGE_SIZE)
     log = bad_input.SkipLog(echo=False)
-    assert len(read_all(data.read_png_dir(root, IMAGE_SIZE, skip_bad=log))) == 3 and log.count == 1
+    assert len(read_all(pipeline.read_png_dir(root, IMAGE_SIZE, skip_bad=log))) == 3 and log.count == 1
 
     with (root / "train.csv").open("a") as stream:
         stream.write("deadbeef-no-images,1\n")
     with pytest.raises(FileNotFoundError, match="deadbeef-no-images.*no images"):
-        data.read_png_dir(root, IMAGE_SIZE, ids=["deadbeef-no-images"])
+        pipeline.read_png_dir(root, IMAGE_SIZE, ids=["deadbeef-no-images"])
 
     (root / "train" / f"{image_id(2)}_purple.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="purple"):
-        data.read_png_dir(root, IMAGE_SIZE, ids=[image_id(2)])
+        pipeline.read_png_dir(root, IMAGE_SIZE, ids=[image_id(2)])
 
     (root / "train" / f"{image_id(3)}_red.png").write_bytes(corrupt_png((root / "train" / f"{image_id(3)}_red.png").read_bytes()))
-    message = error_of(data.read_png_dir(root, IMAGE_SIZE, ids=[image_id(3)]))
+    message = error_of(pipeline.read_png_dir(root, IMAGE_SIZE, ids=[image_id(3)]))
     assert image_id(3) in message and "does not decode" in message
 
 
@@ -315,17 +323,17 @@ def test_png_dir_bad_input_is_named(tmp_path):
 def test_corrupt_png_in_png_dir_names_that_file_and_no_other(tmp_path):
     root = write_dataset(tmp_path, count=4, tfrecords=False)
     (root / "train" / f"{image_id(1)}_green.png").write_bytes(b"garbage")
-    message = error_of(data.read_png_dir(root, IMAGE_SIZE, "rgby"))
+    message = error_of(pipeline.read_png_dir(root, IMAGE_SIZE, "rgby"))
     assert message == f"file {root / 'train' / image_id(1)}_green.png: image {image_id(1)}: the green PNG does not decode"
     log = bad_input.SkipLog(echo=False)
-    assert len(read_all(data.read_png_dir(root, IMAGE_SIZE, "rgby", skip_bad=log))) == 3
+    assert len(read_all(pipeline.read_png_dir(root, IMAGE_SIZE, "rgby", skip_bad=log))) == 3
     assert log.problems == [message]
 
 
 def test_png_dir_channels_of_unequal_sizes_name_the_odd_file_and_the_sizes(tmp_path):
     root = write_dataset(tmp_path, count=2, tfrecords=False)  # image 1 is 24 px
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "train" / f"{image_id(1)}_blue.png")
-    message = error_of(data.read_png_dir(root, IMAGE_SIZE, "rgb"))
+    message = error_of(pipeline.read_png_dir(root, IMAGE_SIZE, "rgb"))
     assert message == (f"file {root / 'train' / image_id(1)}_blue.png: image {image_id(1)}: "
                        "channels of unequal sizes (red 24x24, green 24x24, blue 12x10)")
 
@@ -345,11 +353,11 @@ def test_corrupt_png_in_a_tfrecord_names_the_file_the_image_and_the_colour(tmp_p
     bad_file = first_file(root)  # images 0, 2, 4
     rewrite_records(bad_file, change_png(2, "green", corrupt_png))
     for channels in ("rgb", "rgby"):
-        message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, channels, deterministic=False))
+        message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, channels, deterministic=False))
         assert message == (f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
                            "a record is missing or its PNG does not decode (green)")
     rewrite_records(bad_file, change_png(4, "red", lambda png: png_bytes(1, 8, 8)))  # image 4 is 24 px
-    message = error_of(data.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgb", ids=[image_id(4)]))
+    message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgb", ids=[image_id(4)]))
     assert message == (f"file {bad_file}: image {image_id(4)}: "
                        "channels of unequal sizes (red 8x8, green 24x24, blue 24x24)")
 
@@ -403,53 +411,55 @@ def test_bad_label_in_csv_names_the_id(tmp_path):
 
 
 # --- shards ------------------------------------------------------------------------------
-def test_shards_resume_after_a_killed_run_with_every_id_once(tmp_path, monkeypatch):
-    root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
-    out = root / "shards"
-    real_replace = record_files.os.replace
-    committed = []
-
-    def dying_replace(source, target):
-        if str(target).endswith(".tfrec"):
-            if len(committed) == 2:
-                raise KeyboardInterrupt  # killed while the third shard is being finished
-            committed.append(target)
-        real_replace(source, target)
-
-    monkeypatch.setattr(record_files.os, "replace", dying_replace)
-    with pytest.raises(KeyboardInterrupt):
-        shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
-    monkeypatch.setattr(record_files.os, "replace", real_replace)
+@pytest.mark.slow
+def test_shards_resume_after_a_killed_run_with_every_id_once(default_sample, tmp_path):
+    """A real `shard` process SIGKILLed after its second shard, as a lost Kaggle session would be; a new process
+    goes on from the finished shards and every image ends up in exactly one."""
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "hpa_nb", "shard", "--src", str(default_sample), "--out", str(out), "--size",
+               "32", "--channels", "rgb", "--images-per-shard", "20"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    kill_when_written(command, out / "shard-00001.tfrec", environment)
     assert not (out / shards.MANIFEST).exists()
-    assert sorted(p.name for p in out.glob("*.tfrec")) == ["shard-00000.tfrec", "shard-00001.tfrec"]
-    # killed between the sidecar and the rename: an ID list whose shard never arrived
-    assert (out / "shard-00002.tfrec.json").is_file()
-    # what a SIGKILL would also leave: a half-written temporary shard, and an ID list of a lost shard
-    temporary_path(out / "shard-00002.tfrec").write_bytes(b"half a shard")
-    (out / "shard-00009.tfrec.json").write_text('{"ids": ["never written"]}')
-    assert collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)) and True  # no manifest: not read as shards
+    kept = {path.name: path.read_bytes() for path in out.glob(shards.SHARD_GLOB)}
+    assert 2 <= len(kept) < 12
+    # what a kill may also leave: a half-written temporary shard, and the listing of a shard that never arrived
+    temporary_path(out / f"shard-{len(kept):05d}.tfrec").write_bytes(b"half a shard")
+    (out / "shard-00099.tfrec.json").write_text('{"ids": ["never written"]}')
 
-    manifest = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
-    assert manifest["count"] == 10 and [s["count"] for s in manifest["shards"]] == [3, 3, 3, 1]
-    assert not list(out.glob(".tmp-*")) and not (out / "shard-00009.tfrec.json").exists()
-    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True)), 10, 3)
-    again = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
+    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"already in {len(kept)} shards" in resumed.stdout
+    manifest = shards.read_manifest(out)
+    train_ids = pd.read_csv(default_sample / "train.csv")["ID"].tolist()
+    listed = [image_id for entry in manifest["shards"] for image_id in entry["ids"]]
+    assert sorted(listed) == sorted(train_ids) and manifest["complete"]  # every image once
+    assert [entry["count"] for entry in manifest["shards"]] == [20] * 12
+    assert all((out / name).read_bytes() == content for name, content in kept.items())  # finished shards untouched
+    assert not list(out.glob(".tmp-*")) and not (out / "shard-00099.tfrec.json").exists()
+    again = shards.write_shards(default_sample, out, size=32, channels="rgb", images_per_shard=20, progress=False)
     assert again["shards"] == manifest["shards"]
     with pytest.raises(ValueError, match="already holds files"):
-        shards.write_shards(root, out, size=IMAGE_SIZE * 2, channels="rgb", images_per_shard=3, progress=False)
+        shards.write_shards(default_sample, out, size=64, channels="rgb", images_per_shard=20, progress=False)
+
+
+def test_shards_left_without_a_manifest_are_not_read_as_shards(tmp_path):
+    """A shard folder whose run never finished (no manifest) is not a layout: the PNGs are read instead."""
+    root = write_dataset(tmp_path / "d", count=4, tfrecords=False)
+    (root / "shards").mkdir()
+    (root / "shards" / "shard-00000.tfrec").write_bytes(b"not a shard")
+    assert_all_planted(collect(pipeline.open_dataset(root, IMAGE_SIZE, with_id=True)), 4, 3)
 
 
 def test_shards_from_tfrecords_and_png_encoding_keep_every_image(tmp_path):
     root = write_dataset(tmp_path, count=5, files=2, pngs=False)
     manifest = shards.write_shards(root, size=IMAGE_SIZE, channels="rgby", encoding="png", progress=False)
     assert manifest["encoding"] == "png" and manifest["count"] == 5
-    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True)), 5, 4)
-    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, "rgb", with_id=True)), 5, 3)
+    assert_all_planted(collect(pipeline.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True)), 5, 4)
+    assert_all_planted(collect(pipeline.open_dataset(root, IMAGE_SIZE, "rgb", with_id=True)), 5, 3)
 
 
 def test_shard_cli_names_bad_input_in_one_line_or_skips_it(tmp_path, capsys):
-    from hpa_nb import cli
-
     root = write_dataset(tmp_path, count=4, files=2, pngs=False)
     rewrite_records(first_file(root), set_field(2, 0, lambda name: name.rsplit("_", 1)[0] + "_purple"))
     assert cli.main(["shard", "--src", str(root), "--out", str(tmp_path / "s"), "--size", "16"]) == 2
@@ -488,8 +498,6 @@ def test_shards_stop_as_soon_as_the_projected_total_is_over_budget(tmp_path):
 
 
 def test_shards_stopped_at_a_deadline_are_adopted_by_the_next_session(tmp_path):
-    import time
-
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     first = tmp_path / "session1" / "shards"
     stopped = shards.write_shards(root, first, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
@@ -503,12 +511,10 @@ def test_shards_stopped_at_a_deadline_are_adopted_by_the_next_session(tmp_path):
     finished = shards.write_shards(root, second, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False)
     assert (finished["complete"], finished["count"]) == (True, 10)
     assert finished["shards"][0] == stopped["shards"][0]
-    assert_all_planted(collect(data.open_dataset(root, IMAGE_SIZE, with_id=True, shards=second)), 10, 3)
+    assert_all_planted(collect(pipeline.open_dataset(root, IMAGE_SIZE, with_id=True, shards=second)), 10, 3)
 
 
 def test_shards_from_elsewhere_pair_with_train_csv_or_say_why_not(tmp_path, capsys):
-    import pandas as pd
-
     root = write_dataset(tmp_path / "d", count=6, tfrecords=False)
     out = tmp_path / "elsewhere"
     manifest = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", progress=False)
@@ -527,7 +533,7 @@ def test_shards_from_elsewhere_pair_with_train_csv_or_say_why_not(tmp_path, caps
     assert shards.pair(out, {**manifest, "skipped": 1}, more, root).equals(frame)
     assert "skipped as bad" in capsys.readouterr().err
     with pytest.raises(ValueError, match="hold rgb, not rgby"):
-        data.open_dataset(root, IMAGE_SIZE, "rgby", shards=out)
+        pipeline.open_dataset(root, IMAGE_SIZE, "rgby", shards=out)
 
 
 # --- split ----------------------------------------------------------------------------------
@@ -568,7 +574,7 @@ def test_training_dataset_is_static_infinite_and_repeatable(planted8):
     ids = [image_id(i) for i in range(10)]
 
     def first_batches(seed):
-        dataset = data.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, seed=seed)
+        dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, stream=Stream(seed=seed))
         assert dataset.element_spec[0].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
         return [(x.numpy(), y.numpy()) for x, y in dataset.take(6)]  # 24 images: more than one epoch of 10
 
@@ -588,8 +594,8 @@ def test_a_stream_started_at_batch_k_is_the_whole_stream_from_batch_k(planted8, 
     ids = [image_id(i) for i in range(10)]
 
     def batches(start_batch, count):
-        dataset = data.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, seed=3, cache=cache,
-                                        start_batch=start_batch)
+        dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4,
+                                            stream=Stream(seed=3, cache=cache, start_batch=start_batch))
         return [x for x, _ in dataset.take(count).as_numpy_iterator()]
 
     whole = batches(0, 8)  # 32 images: passes of 10 images, batches straddle them
@@ -598,7 +604,7 @@ def test_a_stream_started_at_batch_k_is_the_whole_stream_from_batch_k(planted8, 
             np.testing.assert_array_equal(resumed, expected)
     assert not np.array_equal(whole[0], whole[5])  # a later pass is not a replay of the first
     with pytest.raises(ValueError, match="start_batch"):
-        data.training_dataset(planted8, None, IMAGE_SIZE, "rgb", batch_size=4, start_batch=2)
+        pipeline.training_dataset(planted8, None, IMAGE_SIZE, "rgb", batch_size=4, stream=Stream(start_batch=2))
 
 
 def test_training_dataset_without_augment_keeps_each_image_with_its_label_and_workers_split(planted8):
@@ -606,8 +612,8 @@ def test_training_dataset_without_augment_keeps_each_image_with_its_label_and_wo
     by_label = {tuple(parse_label(label_text(i))): planted(i, 0) for i in range(12)}  # labels are unique here
     seen_per_worker = []
     for worker in range(2):
-        dataset = data.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=2, seed=0, augment=False,
-                                        cache=worker == 1, num_workers=2, worker_index=worker)
+        dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=2, stream=Stream(
+            seed=0, augment=False, cache=worker == 1, num_workers=2, worker_index=worker))
         seen = set()
         for images, labels in dataset.take(6).as_numpy_iterator():
             for image, label in zip(images, labels):
@@ -620,9 +626,9 @@ def test_training_dataset_without_augment_keeps_each_image_with_its_label_and_wo
 
 def test_eval_dataset_is_ordered_and_keeps_the_last_partial_batch(planted8):
     ids = [image_id(i) for i in range(7)]
-    batches = list(data.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3).as_numpy_iterator())
+    batches = list(pipeline.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3).as_numpy_iterator())
     assert [len(b[0]) for b in batches] == [3, 3, 1]
-    again = list(data.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3).as_numpy_iterator())
+    again = list(pipeline.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3).as_numpy_iterator())
     assert [list(b[2]) for b in batches] == [list(b[2]) for b in again]
     assert sorted(i.decode() for b in batches for i in b[2]) == sorted(ids)
 
@@ -630,8 +636,8 @@ def test_eval_dataset_is_ordered_and_keeps_the_last_partial_batch(planted8):
 def test_a_cached_eval_dataset_decodes_its_files_once(tmp_path):
     root = write_dataset(tmp_path, count=5, files=2, pngs=False)
     ids = [image_id(i) for i in range(5)]
-    cached = data.eval_dataset(root, ids, IMAGE_SIZE, "rgb", batch_size=2, cache=True)
-    plain = data.eval_dataset(root, ids, IMAGE_SIZE, "rgb", batch_size=2)
+    cached = pipeline.eval_dataset(root, ids, IMAGE_SIZE, "rgb", batch_size=2, cache=True)
+    plain = pipeline.eval_dataset(root, ids, IMAGE_SIZE, "rgb", batch_size=2)
     first = read_all(cached)
     assert [len(batch[2]) for batch in first] == [2, 2, 1]
     for path in (root / "train_tfrecords").glob("*.tfrec"):
@@ -645,14 +651,14 @@ def test_a_cached_eval_dataset_decodes_its_files_once(tmp_path):
 def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
     frame = competition.load_labels(small_sample)
     ids = list(frame["ID"])
-    pngs = collect(data.read_png_dir(small_sample, 32, "rgby", with_id=True))
+    pngs = collect(pipeline.read_png_dir(small_sample, 32, "rgby", with_id=True))
     assert sorted(pngs) == sorted(ids)
     expected = dict(zip(ids, label_matrix(ids, frame["Label"])))
     for key, (_, label) in pngs.items():
         np.testing.assert_array_equal(label, expected[key])
     records = sorted((small_sample / "train_tfrecords").glob("*.tfrec"))
     if records:
-        from_records = collect(data.read_tfrecords(records, 32, "rgby", with_id=True, deterministic=False))
+        from_records = collect(pipeline.read_tfrecords(records, 32, "rgby", with_id=True, deterministic=False))
         assert sorted(from_records) == sorted(ids)
         for key, (image, label) in from_records.items():
             np.testing.assert_allclose(image, pngs[key][0], atol=1e-3)
@@ -660,11 +666,11 @@ def test_small_sample_reads_through_every_layout(small_sample, tmp_path):
 
 
 def test_take_images_gives_numpy_previews_with_their_ids(small_sample):
-    dataset = data.open_dataset(small_sample, image_size=32, channels="rgby", with_id=True)
-    images, labels, ids = data.take_images(dataset, 3)
+    dataset = pipeline.open_dataset(small_sample, image_size=32, channels="rgby", with_id=True)
+    images, labels, ids = pipeline.take_images(dataset, 3)
     frame = competition.load_labels(small_sample)
     assert images.shape == (3, 32, 32, 4) and images.dtype == np.float32 and labels.shape == (3, 19)
     expected = {row.ID: row.Label for row in frame.itertuples()}
     assert all(np.array_equal(label, parse_label(expected[image_id])) for label, image_id in zip(labels, ids))
     with pytest.raises(ValueError, match="no images"):
-        data.take_images(dataset.take(0), 2)
+        pipeline.take_images(dataset.take(0), 2)

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from hpa_nb import env
+from hpa_nb.core import env
+from hpa_nb.sample import sources
+from hpa_nb.sample.writer import GENERATOR_VERSION
 
 
 def _competition_tree(root: Path) -> Path:
@@ -21,18 +23,18 @@ def test_explicit_data_dir_wins_even_on_kaggle(tmp_path):
     chosen = tmp_path / "mine"
     chosen.mkdir()
     environ = {"HPA_DATA_DIR": str(chosen), "KAGGLE_KERNEL_RUN_TYPE": "Batch"}
-    source = env.find_data(environ, input_root=tmp_path / "input")
+    source = sources.find_data(environ, input_root=tmp_path / "input")
     assert source.path == chosen and source.kind == "HPA_DATA_DIR"
 
 
 def test_missing_explicit_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        env.find_data({"HPA_DATA_DIR": str(tmp_path / "nowhere")})
+        sources.find_data({"HPA_DATA_DIR": str(tmp_path / "nowhere")})
 
 
 def test_kaggle_finds_nested_competition_mount(tmp_path):
     expected = _competition_tree(tmp_path / "input")
-    source = env.find_data({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, input_root=tmp_path / "input")
+    source = sources.find_data({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, input_root=tmp_path / "input")
     assert source.kind == "kaggle" and source.path == expected
 
 
@@ -52,20 +54,20 @@ def test_off_kaggle_falls_back_to_the_cached_sample(tmp_path, monkeypatch):
         made.append(spec)
         Path(out, "train.csv").write_text("ID,Label\n")
 
-    monkeypatch.setattr("hpa_nb.sample.write_sample", fake_write_sample)
+    monkeypatch.setattr("hpa_nb.sample.writer.write_sample", fake_write_sample)
     environ = {"HPA_CACHE": str(tmp_path / "cache")}
-    first = env.find_data(environ)
-    second = env.find_data(environ)
+    first = sources.find_data(environ)
+    second = sources.find_data(environ)
     assert first.kind == "sample" and first.path == second.path
     assert first.path.parent == tmp_path / "cache" and (first.path / "train.csv").is_file()
-    assert made == [env.DEFAULT_SAMPLE]  # generated once, reused afterwards
+    assert made == [sources.DEFAULT_SAMPLE]  # generated once, reused afterwards
     assert not [p for p in (tmp_path / "cache").iterdir() if p != first.path]  # no staging left behind
 
 
 def test_kaggle_without_attached_data_also_falls_back_to_the_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr("hpa_nb.sample.write_sample", lambda out, **spec: Path(out, "train.csv").write_text(""))
+    monkeypatch.setattr("hpa_nb.sample.writer.write_sample", lambda out, **spec: Path(out, "train.csv").write_text(""))
     environ = {"HPA_CACHE": str(tmp_path), "KAGGLE_KERNEL_RUN_TYPE": "Batch"}
-    source = env.find_data(environ, input_root=tmp_path / "no-input")
+    source = sources.find_data(environ, input_root=tmp_path / "no-input")
     assert source.kind == "sample" and "no competition data" in source.reason
 
 
@@ -106,19 +108,18 @@ def test_hpa_out_overrides_the_working_dir(tmp_path):
 
 def test_the_cached_sample_is_keyed_by_the_generator_version(tmp_path, monkeypatch):
     environ = {"HPA_CACHE": str(tmp_path)}
-    first = env.default_sample_dir(environ)
-    from hpa_nb.sample import GENERATOR_VERSION
+    first = sources.default_sample_dir(environ)
 
-    monkeypatch.setattr("hpa_nb.sample.GENERATOR_VERSION", GENERATOR_VERSION + 1)
-    later = env.default_sample_dir(environ)
+    monkeypatch.setattr("hpa_nb.sample.writer.GENERATOR_VERSION", GENERATOR_VERSION + 1)
+    later = sources.default_sample_dir(environ)
     assert later != first and f"-v{GENERATOR_VERSION + 1}-" in later.name
 
 
 def test_the_evaluation_sample_has_a_cache_folder_of_its_own(tmp_path):
     environ = {"HPA_CACHE": str(tmp_path)}
-    default, evaluation = env.default_sample_dir(environ), env.sample_dir(env.EVALUATION_SAMPLE, environ)
-    assert default.name.endswith(f"-n{env.DEFAULT_SAMPLE['images']}-s256-seed0-b8")  # the name caches already use
+    default, evaluation = sources.default_sample_dir(environ), sources.sample_dir(sources.EVALUATION_SAMPLE, environ)
+    assert default.name.endswith(f"-n{sources.DEFAULT_SAMPLE['images']}-s256-seed0-b8")  # the name caches already use
     assert evaluation != default and "-t400-" in evaluation.name and "-seed1-" in evaluation.name
-    assert env.EVALUATION_SAMPLE["seed"] != env.DEFAULT_SAMPLE["seed"]  # never the images a default run trains on
+    assert sources.EVALUATION_SAMPLE["seed"] != sources.DEFAULT_SAMPLE["seed"]  # never the images a default run trains on
 
 

@@ -9,14 +9,15 @@ import pandas as pd
 import pytest
 
 from hpa_nb import cli
-from hpa_nb.evaluate import (DIHEDRAL_TRANSFORMS, evaluate, format_table, predict, read_predictions,
-                             write_predictions)
-from hpa_nb.labels import LABEL_NAMES, N_CLASSES, label_matrix
-from hpa_nb.metrics import f1_score
+from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES, label_matrix
+from hpa_nb.core.metrics import f1_score, image_metrics
+from hpa_nb.training import run as run_folder
+from hpa_nb.training.evaluate import (DIHEDRAL_TRANSFORMS, evaluate, format_table, predict, read_predictions,
+                                      write_predictions)
+from hpa_nb.training.run import load_split
+
 
 def _val_ids(run: Path) -> list[str]:
-    from hpa_nb.run import load_split
-
     return load_split(run)["val"]
 
 
@@ -43,7 +44,6 @@ def test_cli_evaluates_exactly_the_held_out_images(trained_run, small_sample, tm
 def test_a_changed_split_is_refused(trained_run, small_sample, tmp_path):
     altered = tmp_path / "run"
     altered.mkdir()
-    from hpa_nb import run as run_folder
 
     for name in (run_folder.MODEL_FILE, run_folder.CONFIG_FILE):
         (altered / name).write_bytes((trained_run / name).read_bytes())
@@ -114,8 +114,6 @@ def test_predictions_round_trip_keeps_ids_columns_and_order(tmp_path):
 
 
 def test_table_marks_undefined_scores():
-    from hpa_nb.metrics import image_metrics
-
     truth = np.zeros((4, N_CLASSES), np.float32)
     truth[[0, 1], 0] = 1
     table = format_table(image_metrics(truth, np.linspace(0, 1, 4 * N_CLASSES).reshape(4, N_CLASSES)))

@@ -1,4 +1,4 @@
-"""hpa_nb.figures: saving every kind of figure atomically, and showing charts and grids in a notebook."""
+"""hpa_nb.plots.figures: saving every kind of figure atomically, and showing charts and grids in a notebook."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from hpa_nb import figures
+from hpa_nb.plots import figures
 
 
 def test_save_figure_writes_html_for_plotly_and_png_for_matplotlib_and_pil(tmp_path):

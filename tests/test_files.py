@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpa_nb.files import TEMPORARY_GLOB, atomic_path, temporary_path, write_text
+from hpa_nb.core.files import TEMPORARY_GLOB, atomic_path, temporary_path, write_text
 
 
 def leftovers(folder: Path) -> list[Path]:

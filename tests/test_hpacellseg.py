@@ -1,4 +1,4 @@
-"""HPA-Cell-Segmentation with today's libraries (`hpa_nb.hpacellseg`), against a stand-in of the package.
+"""HPA-Cell-Segmentation with today's libraries (`hpa_nb.segmentation.hpacellseg`), against a stand-in of the package.
 
 The real package is not on PyPI and CI has no GitHub, so `tests/standins/` holds a stand-in with the
 package's module names and call signatures that keeps every break (see its docstring). It runs in a venv

@@ -1,4 +1,4 @@
-"""The offline HPA-Cell-Segmentation folder (`hpa_nb.hpacellseg_offline`): built from the downloads, found
+"""The offline HPA-Cell-Segmentation folder (`hpa_nb.segmentation.offline`): built from the downloads, found
 where Kaggle mounts it, and chosen by the submission notebook. No torch needed: the weights here are
 placeholder bytes, and the package is a one-line module that says where it was imported from. The torch
 venv's run of a built folder is in `tests/test_hpacellseg.py`."""
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpa_nb import hpacellseg_offline as offline
+from hpa_nb.segmentation import offline
 
 
 @pytest.fixture

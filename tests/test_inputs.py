@@ -1,13 +1,17 @@
-"""What a kernel reads from the kernels before it (`hpa_nb.inputs`), laid out as Kaggle mounts it: at the
+"""What a kernel reads from the kernels before it (`hpa_nb.training.inputs`), laid out as Kaggle mounts it: at the
 classic depth (/kaggle/input/<slug>) and nested (/kaggle/input/notebooks/<owner>/<slug>)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from hpa_nb import env, inputs, run, shards, tiles
+from hpa_nb.core import env
+from hpa_nb.data import shards, tiles
+from hpa_nb.sample import sources
+from hpa_nb.training import inputs, run, train
 
 KAGGLE = {"KAGGLE_KERNEL_RUN_TYPE": "Batch"}
 
@@ -80,19 +84,15 @@ def test_nothing_attached_on_kaggle_names_what_to_attach_and_how(tmp_path):
 
 
 def test_on_kaggle_a_missing_image_run_is_never_replaced_by_a_trained_one(tmp_path, monkeypatch):
-    from hpa_nb import train
-
     monkeypatch.setenv("HPA_KAGGLE_ROOT", str(tmp_path / "kaggle"))
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     (tmp_path / "kaggle" / "input").mkdir(parents=True)
     monkeypatch.setattr(train, "train", lambda config: pytest.fail("trained a substitute model on Kaggle"))
     with pytest.raises(inputs.MissingInputError, match="no image run attached"):
-        inputs.image_run(None, consumer="05_submission")
+        train.image_run(None, consumer="05_submission")
 
 
 def test_off_kaggle_a_missing_run_is_trained_quickly_once_in_the_default_place(tmp_path, monkeypatch):
-    from hpa_nb import train
-
     monkeypatch.setenv("HPA_OUT", str(tmp_path / "out"))
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
     calls = []
@@ -102,8 +102,8 @@ def test_off_kaggle_a_missing_run_is_trained_quickly_once_in_the_default_place(t
         _run_folder(Path(config.out_dir))
 
     monkeypatch.setattr(train, "train", fake_train)
-    first = inputs.image_run(None)
-    second = inputs.image_run(None)
+    first = train.image_run(None)
+    second = train.image_run(None)
     assert first == second == tmp_path / "out" / "run"
     assert len(calls) == 1 and calls[0].quick and calls[0].out_dir == str(first)
 
@@ -116,8 +116,6 @@ def test_shards_are_told_from_another_data_sets_manifest_json(tmp_path):
 
 
 def test_the_data_is_found_again_where_the_next_kernel_mounts_it(small_sample, tmp_path, monkeypatch):
-    import shutil
-
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     monkeypatch.setenv("HPA_KAGGLE_ROOT", str(tmp_path / "kaggle"))
     # trained where the competition was mounted nested; the next kernel has it at the classic depth
@@ -125,7 +123,7 @@ def test_the_data_is_found_again_where_the_next_kernel_mounts_it(small_sample, t
     now = tmp_path / "kaggle" / "input" / env.COMPETITION
     shutil.copytree(small_sample, now)
     (now / "sample.json").unlink()  # the competition itself, not a sample
-    folder = _run_folder(tmp_path / "run", data_dir=str(trained_on), data_source=env.source_record(trained_on))
+    folder = _run_folder(tmp_path / "run", data_dir=str(trained_on), data_source=sources.source_record(trained_on))
     assert run.load_info(folder)["data_source"] == {"kind": "competition", "slug": env.COMPETITION}
     assert inputs.run_data(folder) == now
     assert inputs.run_data(folder, tmp_path / "given") == tmp_path / "given"  # DATA_DIR still wins
@@ -138,8 +136,8 @@ def test_a_run_on_a_sample_finds_the_same_sample_again(tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
     spec = {"images": 6, "size": 32, "seed": 4, "bit_depth": 8, "test_images": 2}
-    sample = env.ensure_sample(spec)
-    record = env.source_record(sample)
+    sample = sources.ensure_sample(spec)
+    record = sources.source_record(sample)
     assert record == {"kind": "sample", "spec": spec}
     folder = _run_folder(tmp_path / "run", data_dir=str(tmp_path / "gone"), data_source=record)
     assert inputs.run_data(folder) == sample

@@ -18,9 +18,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import requests
+from kagglesdk.kernels.services.kernels_api_service import KernelsApiClient
+from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelResponse
 
-from hpa_nb import cli, kaggle, kernels
-from hpa_nb.env import COMPETITION, find_competition_dir, find_data, on_kaggle, on_tpu_vm, select_backend, working_dir
+from hpa_nb import cli
+from hpa_nb.core import chain
+from hpa_nb.core.env import COMPETITION, find_competition_dir, on_kaggle, on_tpu_vm, select_backend, working_dir
+from hpa_nb.kaggle import kernels, push as kaggle
+from hpa_nb.sample.sources import find_data
 
 SECRETS = {"kaggle.json key": "kjson0secret0key0123456789", "KAGGLE_KEY": "env0secret0key0987654321",
            "KAGGLE_API_TOKEN": "KGAT_token0secret0abcdef"}
@@ -42,8 +48,9 @@ import json
 import sys
 
 import hpa_nb
-from hpa_nb.env import find_data, working_dir
-from hpa_nb.labels import parse_label
+from hpa_nb.sample.sources import find_data
+from hpa_nb.core.env import working_dir
+from hpa_nb.core.labels import parse_label
 
 source = find_data()
 print(source)
@@ -89,7 +96,7 @@ def clean_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-def write_notebooks(folder: Path, names=tuple(kernels.KERNELS)) -> Path:
+def write_notebooks(folder: Path, names=tuple(chain.KERNELS)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         text = STANDIN_TRAIN if name == "03_train" else STANDIN_OTHER.format(name=name)
@@ -123,10 +130,6 @@ def kaggle_api(tmp_path_factory):
         with contextlib.redirect_stdout(io.StringIO()):  # it prints auth help when there are no credentials
             from kaggle.api import kaggle_api_extended
     with pytest.MonkeyPatch.context() as patch:
-        import requests
-        from kagglesdk.kernels.services.kernels_api_service import KernelsApiClient
-        from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelResponse
-
         captured = []
 
         def save_kernel(self, request=None):
@@ -159,7 +162,7 @@ def bootstrap_cells(notebook) -> list:
 
 
 # --- metadata -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [*kernels.KERNELS, "08_cell_crops"])
+@pytest.mark.parametrize("name", [*chain.KERNELS, "08_cell_crops"])
 def test_kernel_metadata_for_every_notebook(name, kaggle_api):
     metadata = kernels.kernel_metadata(name)
     owner, slug = metadata["id"].split("/")
@@ -173,12 +176,12 @@ def test_kernel_metadata_for_every_notebook(name, kaggle_api):
 
 
 def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
-    shapes = {name: kernels.kernel_metadata(name).get("machine_shape") for name in kernels.KERNELS}
+    shapes = {name: kernels.kernel_metadata(name).get("machine_shape") for name in chain.KERNELS}
     assert shapes == {"00_prepare": None, "01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8",
                       "04_evaluate": None, "06_cells": None, "07_cell_train": "TpuV5E8", "05_submission": None}
-    assert {name for name in kernels.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {"03_train",
+    assert {name for name in chain.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {"03_train",
                                                                                                 "07_cell_train"}
-    assert not any(kernels.kernel_metadata(name)["enable_gpu"] for name in kernels.KERNELS)
+    assert not any(kernels.kernel_metadata(name)["enable_gpu"] for name in chain.KERNELS)
     assert kernels.kernel_metadata("03_train")["enable_internet"] is True  # ImageNet weights download
     assert kernels.kernel_metadata("05_submission")["enable_internet"] is False  # code-competition rule
     assert kernels.kernel_metadata("00_prepare")["enable_internet"] is False  # it reads only the competition
@@ -221,8 +224,10 @@ def test_build_is_deterministic_and_embeds_exactly_the_package(tmp_path, standin
     for file in ("03_train.ipynb", "kernel-metadata.json"):
         assert (first / file).read_bytes() == (second / file).read_bytes()
     _, members = kernels.bundle_fingerprint((first / "03_train.ipynb").read_text())
-    expected = {f"hpa_nb/{path.name}": path.read_bytes() for path in kernels.PACKAGE_DIR.glob("*.py")}
+    expected = {f"hpa_nb/{path.relative_to(kernels.PACKAGE_DIR).as_posix()}": path.read_bytes()
+                for path in kernels.PACKAGE_DIR.rglob("*.py") if "__pycache__" not in path.parts}
     assert members == expected
+    assert {"hpa_nb/__init__.py", "hpa_nb/core/__init__.py", "hpa_nb/training/train.py"} <= set(members)
 
 
 def test_bundles_share_one_package_archive_and_are_current_once_built(tmp_path, standin_notebooks):
@@ -292,14 +297,16 @@ def test_bundles_never_contain_credentials_or_other_files(tmp_path, clean_home, 
     folder = kernels.build_bundle("03_train", tmp_path / "out", "alice", standin_notebooks, package)
     assert sorted(path.name for path in folder.iterdir()) == ["03_train.ipynb", "kernel-metadata.json"]
     _, members = kernels.bundle_fingerprint((folder / "03_train.ipynb").read_text())
-    assert sorted(members) == sorted(f"hpa_nb/{path.name}" for path in kernels.PACKAGE_DIR.glob("*.py"))
+    assert sorted(members) == sorted(f"hpa_nb/{path.relative_to(kernels.PACKAGE_DIR).as_posix()}"
+                                     for path in kernels.PACKAGE_DIR.rglob("*.py") if "__pycache__" not in path.parts)
+    assert "hpa_nb/sub/x.py" not in members
     everything = b"".join([*(path.read_bytes() for path in folder.iterdir()), *members.values()])
     for what, secret in SECRETS.items():
         assert secret.encode() not in everything, f"{what} leaked into the bundle"
 
 
 # --- what kaggle kernels push sends ---------------------------------------------------------
-@pytest.mark.parametrize("name", list(kernels.KERNELS))
+@pytest.mark.parametrize("name", list(chain.KERNELS))
 def test_official_push_request_for_each_bundle(name, kaggle_api, standin_bundles):
     request, printed = kaggle_api(standin_bundles / name)
     expected = kernels.kernel_metadata(name)
@@ -365,12 +372,12 @@ def test_bootstrap_replaces_an_already_imported_hpa_nb(tmp_path):
     script = tmp_path / "rerun.py"
     script.write_text(textwrap.dedent("""\
         import sys
-        import hpa_nb.labels  # the repository's copy, as if a kernel had imported it before
+        import hpa_nb.core.labels  # the repository's copy, as if a kernel had imported it before
         cell = open(sys.argv[1]).read()
         for _ in range(2):  # a notebook cell can be run twice
             exec(cell, {})
-        import hpa_nb.labels
-        print(hpa_nb.labels.__file__)
+        import hpa_nb.core.labels
+        print(hpa_nb.core.labels.__file__)
     """))
     (tmp_path / "cell.py").write_text(cell)
     environ = {**os.environ, "PYTHONPATH": str(kernels.REPO_ROOT)}
@@ -378,8 +385,8 @@ def test_bootstrap_replaces_an_already_imported_hpa_nb(tmp_path):
                                capture_output=True, text=True, timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     labels_file = Path(completed.stdout.strip().splitlines()[-1])
-    assert labels_file.parent.parent.name.startswith("hpa_nb_src-")
-    assert labels_file.read_bytes() == (kernels.PACKAGE_DIR / "labels.py").read_bytes()
+    assert labels_file.parent.parent.parent.name.startswith("hpa_nb_src-")
+    assert labels_file.read_bytes() == (kernels.PACKAGE_DIR / "core" / "labels.py").read_bytes()
 
 
 # --- push / status / output through the kaggle CLI ------------------------------------------
@@ -466,8 +473,8 @@ def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(c
 def test_make_runs_the_notebooks_in_the_order_of_the_kaggle_chain():
     makefile = (kernels.REPO_ROOT / "Makefile").read_text()
     listed = re.search(r"^NOTEBOOKS := (.*)$", makefile, re.M).group(1).split()
-    assert listed == list(kernels.KERNELS) and sorted(listed) == kernels.notebook_names()
-    for name, settings in kernels.KERNELS.items():  # every kernel reads only kernels that run before it
+    assert listed == list(chain.KERNELS) and sorted(listed) == kernels.notebook_names()
+    for name, settings in chain.KERNELS.items():  # every kernel reads only kernels that run before it
         assert all(listed.index(source) < listed.index(name) for source in settings.kernel_sources)
 
 
@@ -531,7 +538,7 @@ def test_build_check_reports_stale_bundles(monkeypatch, capsys):
     assert "run `make kaggle`" in capsys.readouterr().err
 
 
-# --- the Kaggle runtime (hpa_nb.env) --------------------------------------------------------
+# --- the Kaggle runtime (hpa_nb.core.env) --------------------------------------------------------
 def test_kaggle_and_tpu_vm_detection():
     assert on_kaggle({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}) and on_kaggle({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"})
     assert not on_kaggle({})

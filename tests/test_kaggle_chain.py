@@ -22,7 +22,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hpa_nb.env import COMPETITION
+from hpa_nb.core.env import COMPETITION
+from hpa_nb.data import shards, tiles
+from hpa_nb.training import run
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "build" / "kaggle"
@@ -123,15 +125,25 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     quick = ("-p", "QUICK", "True")
 
     session.run("00_prepare", *quick)
-    assert (session.outputs["00_prepare"] / "shards" / "manifest.json").is_file()
+    assert (session.outputs["00_prepare"] / shards.SHARD_DIR / shards.MANIFEST).is_file()
     session.mount(session.outputs["00_prepare"], "hpa-00-prepare")  # the classic depth
 
     printed = session.run("03_train", *quick, "-p", "EPOCHS", "2")
     assert "data: compact shards" in printed and "hpa-00-prepare" in printed  # found without SHARDS set
     assert "projection: training" in printed
-    info = json.loads((session.outputs["03_train"] / "run" / "config.json").read_text())
-    assert (info["backend"], info["replicas"], info["data_source"]["kind"]) == ("jax", 8, "competition")
+    assert "hpa_nb sources" in printed and str(REPO) not in printed  # the embedded copy, not the repository
+    assert "visualkeras is not installed" in printed and "versions: python 3.12" in printed  # the TPU image's set
+    first_run = session.outputs["03_train"] / run.FOLDER
+    info = run.load_info(first_run)
+    assert (info["backend"], info["replicas"], info["distribution"], info["epochs_run"]) == ("jax", 8, "DataParallel", 2)
+    assert info["data_source"]["kind"] == "competition" and (first_run / "model_diagram.png").is_file()
     session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # nested
+
+    # the next version goes on from the first one's output, attached as its input (`push --resume-from`)
+    printed = session.run("03_train", *quick, "-p", "EPOCHS", "3", "-p", "RESUME_FROM", "alice/hpa-03-train")
+    assert "continuing after epoch 2" in printed
+    assert run.load_history(session.outputs["03_train"] / run.FOLDER)["epoch"].tolist() == [0, 1, 2]
+    session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # the newest version's output
     # the competition is mounted elsewhere from now on: the next kernels must find it again
     session.unmount(f"competitions/{COMPETITION}")
     session.mount(small_sample, COMPETITION)
@@ -148,7 +160,7 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     assert [path.name for path in session.outputs["07_cell_train"].iterdir()] == ["hpa_nb_src"]  # the bootstrap's only
 
     session.run("06_cells", *quick)
-    assert (session.outputs["06_cells"] / "tiles" / "tiles.json").is_file()
+    assert (session.outputs["06_cells"] / tiles.TILE_DIR / tiles.MANIFEST).is_file()
     session.mount(session.outputs["06_cells"], "hpa-06-cells")
 
     image_only = session.run("05_submission")
@@ -157,7 +169,7 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
 
     printed = session.run("07_cell_train", *quick, "-p", "EPOCHS", "2")
     assert "hpa-06-cells/tiles" in printed and "cell tiles" in printed
-    assert (session.outputs["07_cell_train"] / "cell_run" / "model.keras").is_file()
+    assert run.RunFolder(session.outputs["07_cell_train"] / run.CELL_FOLDER).model.is_file()
     session.mount(session.outputs["07_cell_train"], "notebooks/alice/hpa-07-cell-train")
 
     both = session.run("05_submission")

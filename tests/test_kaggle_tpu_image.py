@@ -4,7 +4,9 @@
 scikit-image or pycocotools). `.ci/kaggle-tpu-venv` builds a venv of exactly that (cached by
 the file's hash; `make test` passes its path as HPA_TPU_VENV), and the committed bundle
 `build/kaggle/03_train/03_train.ipynb` runs there with papermill as Kaggle runs it: from a
-clean folder, the repository off sys.path, 8 virtual JAX devices standing in for the 8 chips.
+clean folder, the repository off sys.path, 8 virtual JAX devices standing in for the 8 chips. Here it must
+refuse a full run on the sample; its training, and a second version resuming from the first one's attached
+output, run in the Kaggle chain (`tests/test_kaggle_chain.py`), which trains the TPU kernels in this venv.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from hpa_nb.training.run import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "build" / "kaggle" / "03_train" / "03_train.ipynb"
@@ -33,6 +37,21 @@ def test_the_venv_is_python_312_without_the_packages_the_image_lacks(tpu_python)
              f"[name for name in {MISSING_ON_THE_IMAGE!r} if importlib.util.find_spec(name)])")
     done = subprocess.run([str(tpu_python), "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split(None, 1) == ["True", "[]\n"], done.stdout + done.stderr
+
+
+def test_every_stage_and_the_cli_import_on_the_image(tpu_python, tmp_path):
+    """What the image lacks is imported only where it is used: every module of the package loads there (the CLI
+    included, `python -m hpa_nb train` on a TPU VM), and none of the missing packages is asked for."""
+    probe = ("import importlib, pkgutil, sys, hpa_nb\n"
+             "names = [m.name for m in pkgutil.walk_packages(hpa_nb.__path__, 'hpa_nb.') if m.name != 'hpa_nb.__main__']\n"
+             "for name in names: importlib.import_module(name)\n"
+             f"print(len(names), [name for name in {MISSING_ON_THE_IMAGE!r} if name in sys.modules])")
+    environ = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "KERAS_BACKEND")}
+    done = subprocess.run([str(tpu_python), "-c", probe], cwd=tmp_path, env={**environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, missing = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) >= 40 and missing == "[]", done.stdout
 
 
 def _papermill(tpu_python: Path, workdir: Path, out: Path, data: Path, *parameters: str,
@@ -57,39 +76,10 @@ def _outputs(workdir: Path) -> str:
     return "\n".join(texts)
 
 
-def test_the_training_bundle_trains_and_resumes_on_eight_jax_devices(tpu_python, small_sample, tmp_path):
-    first = _papermill(tpu_python, tmp_path / "first", tmp_path / "out", small_sample, "-p", "QUICK", "True",
-                       "-p", "IMAGE_SIZE", "32", "-p", "EPOCHS", "2")
-    assert first.returncode == 0, first.stderr[-4000:]
-    run = tmp_path / "out" / "run"
-    info = json.loads((run / "config.json").read_text())
-    assert (info["backend"], info["replicas"], info["distribution"], info["epochs_run"]) == ("jax", 8, "DataParallel", 2)
-    assert (run / "model.keras").is_file() and (run / "model_diagram.png").is_file()
-    printed = _outputs(tmp_path / "first")
-    assert "hpa_nb sources" in printed and str(REPO) not in printed  # the embedded copy, not the repository
-    assert "visualkeras is not installed" in printed and "versions: python 3.12" in printed
-
-    # The next session goes on from the first one's output, and reads compact shards written elsewhere
-    # (as 00_prepare's output is attached on Kaggle), paired with the data's train.csv.
-    from hpa_nb.shards import write_shards
-
-    shard_dir = tmp_path / "prepared" / "shards"
-    write_shards(small_sample, shard_dir, size=32, channels="rgb", encoding="png", progress=False)
-    resumed = _papermill(tpu_python, tmp_path / "second", tmp_path / "out2", small_sample, "-p", "QUICK", "True",
-                         "-p", "IMAGE_SIZE", "32", "-p", "EPOCHS", "3", "-p", "RESUME_FROM", str(run),
-                         "-p", "SHARDS", str(shard_dir))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    printed = _outputs(tmp_path / "second")
-    assert "continuing after epoch 2" in printed
-    assert f"data: compact shards {shard_dir} (40 images, 32 px, rgb, png) with labels checked against" in printed
-    history = (tmp_path / "out2" / "run" / "history.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
-
-
 def test_a_full_run_on_kaggle_with_the_sample_stops_before_training(tpu_python, small_sample, tmp_path):
     refused = _papermill(tpu_python, tmp_path / "nb", tmp_path / "out", small_sample,
                          KAGGLE_KERNEL_RUN_TYPE="Batch")
     assert refused.returncode != 0
     printed = _outputs(tmp_path / "nb")
     assert "PreflightError" in printed and "competition data is not attached" in printed
-    assert not (tmp_path / "out" / "run" / "checkpoints").exists()
+    assert not RunFolder(tmp_path / "out" / "run").checkpoints.exists()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import hpa_nb
-from hpa_nb import labels
+from hpa_nb.core import labels
 
 
 def test_names_are_the_competition_classes_in_index_order():

@@ -1,13 +1,18 @@
-"""hpa_nb.model: the sigmoid head, the 4-channel weight transplant, the weighted loss, metrics, save/load."""
+"""hpa_nb.training.model: the sigmoid head, the 4-channel weight transplant, the weighted loss, metrics, save/load."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+from keras.src.applications import efficientnet
+from keras.src.legacy.saving import legacy_h5_format
 
-import hpa_nb.model as model_lib
-from hpa_nb.labels import N_CLASSES
+from hpa_nb.core.labels import N_CLASSES
+from hpa_nb.core.metrics import roc_auc
+from hpa_nb.training import model as model_lib, run
+from hpa_nb.training.run import RunFolder
 
 keras = pytest.importorskip("keras")
 
@@ -95,10 +100,6 @@ def test_three_channel_weights_file_reproduces_the_source_backbone(b0_weights_fi
 
 def test_keras_imagenet_file_given_as_a_path_matches_weights_imagenet(tmp_path, monkeypatch):
     """Keras's ImageNet .h5 stores the std where the variance belongs; a path must get the same correction."""
-    import h5py
-    from keras.src.applications import efficientnet
-    from keras.src.legacy.saving import legacy_h5_format
-
     source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     normalization = next(layer for layer in source.layers if isinstance(layer, keras.layers.Normalization))
     normalization.set_weights([np.array(model_lib.IMAGENET_MEAN, "float32"),
@@ -122,8 +123,6 @@ def test_v2_backbone_normalises_a_fourth_channel_with_the_mean_imagenet_statisti
 
 
 def test_unreachable_imagenet_weights_explain_the_kaggle_way(monkeypatch):
-    from keras.src.applications import efficientnet
-
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: [Errno -2] Name or service not known")
 
@@ -177,8 +176,6 @@ def test_loss_survives_serialization():
 
 
 def test_auc_metric_leaves_out_classes_absent_from_validation():
-    from hpa_nb.metrics import roc_auc
-
     rng = np.random.default_rng(3)
     y_true = (rng.uniform(size=(40, N_CLASSES)) < 0.4).astype("float32")
     y_true[:, 5] = 0  # no positives: AUC undefined
@@ -197,11 +194,11 @@ def test_save_and_load_round_trip_gives_the_same_predictions(tmp_path):
     images, labels = _images(8), np.eye(N_CLASSES, dtype="float32")[np.arange(8)]
     model.fit(images, labels, epochs=1, batch_size=4, verbose=0)
     (tmp_path / "run").mkdir()
-    model.save(tmp_path / "run" / "model.keras")
-    loaded = model_lib.load_model(tmp_path / "run")
+    model.save(RunFolder(tmp_path / "run").model)
+    loaded = run.load_model(tmp_path / "run")
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5)
     with pytest.raises(FileNotFoundError):
-        model_lib.load_model(tmp_path / "missing")
+        run.load_model(tmp_path / "missing")
 
 
 def test_backbone_weights_written_from_a_trained_model_seed_a_new_one(tmp_path):

@@ -8,8 +8,10 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from hpa_nb import metrics, plots
-from hpa_nb.labels import LABEL_NAMES, N_CLASSES, label_matrix
+from hpa_nb.core import metrics
+from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES, label_matrix
+from hpa_nb.data.augment import STEPS
+from hpa_nb.plots import charts
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def sample_images(small_sample, sample_labels) -> np.ndarray:
         return np.asarray(Image.fromarray(array).resize((32, 32)), np.float32)
 
     ids = sample_labels["ID"][:4]
-    return np.stack([np.stack([channel(i, c) for c in plots.CHANNEL_NAMES], axis=-1) for i in ids])
+    return np.stack([np.stack([channel(i, c) for c in charts.CHANNEL_NAMES], axis=-1) for i in ids])
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +48,34 @@ def _trace_names(fig: go.Figure) -> list[str]:
 
 
 def test_label_statistics_figures(sample_matrix):
-    per_image = plots.labels_per_image(sample_matrix)
+    per_image = charts.labels_per_image(sample_matrix)
     assert sum(per_image.data[0].y) == len(sample_matrix)
-    heatmap = plots.label_cooccurrence(sample_matrix)
+    heatmap = charts.label_cooccurrence(sample_matrix)
     np.testing.assert_array_equal(np.diag(np.asarray(heatmap.data[0].z)), sample_matrix.sum(axis=0))
-    normalised = np.asarray(plots.label_cooccurrence(sample_matrix, normalize=True).data[0].z)
+    normalised = np.asarray(charts.label_cooccurrence(sample_matrix, normalize=True).data[0].z)
     present = sample_matrix.sum(axis=0) > 0
     np.testing.assert_allclose(np.diag(normalised)[present], 1.0)
 
 
 def test_image_sizes_reads_headers(small_sample, sample_labels):
-    properties = plots.image_properties(small_sample, sample_labels["ID"][:6])
+    properties = charts.image_properties(small_sample, sample_labels["ID"][:6])
     assert list(properties.columns) == ["ID", "width", "height", "bit_depth", "mode"]
     assert set(properties["bit_depth"]) <= {8, 16}
-    fig = plots.image_sizes(properties)
+    fig = charts.image_sizes(properties)
     assert sum(sum(trace.y) for trace in fig.data) == 6
     with pytest.raises(FileNotFoundError, match="missing-id"):
-        plots.image_properties(small_sample, ["missing-id"])
+        charts.image_properties(small_sample, ["missing-id"])
 
 
 def test_evaluation_figures_name_every_present_class(sample_matrix, fake_scores):
     truth = sample_matrix.copy()
     truth[:, 4] = 0  # an absent class gets no bar and no curve, and no crash
     result = metrics.image_metrics(truth, fake_scores)
-    bars = plots.per_class_scores(result)
+    bars = charts.per_class_scores(result)
     assert list(bars.data[0].y) == list(LABEL_NAMES)
     assert np.isnan(bars.data[0].x[4])
     assert any(note.text == "absent" for note in bars.layout.annotations)
-    curves = plots.precision_recall_curves(truth, fake_scores)
+    curves = charts.precision_recall_curves(truth, fake_scores)
     present = [LABEL_NAMES[c] for c in range(N_CLASSES) if truth[:, c].any()]
     assert [name.rsplit(" (AP", 1)[0] for name in _trace_names(curves)] == present + ["micro-average"]
 
@@ -81,14 +83,14 @@ def test_evaluation_figures_name_every_present_class(sample_matrix, fake_scores)
 def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_images, sample_matrix, fake_scores,
                                                                     sample_labels):
     ids = list(sample_labels["ID"][:2])
-    grid = plots.channel_grid(sample_images[:2], sample_labels["Label"][:2], ids=ids)
+    grid = charts.channel_grid(sample_images[:2], sample_labels["Label"][:2], ids=ids)
     assert isinstance(grid, Figure)
     titles = [subfigure._suptitle.get_text() for subfigure in grid.subfigs]
     first_names = [LABEL_NAMES[int(c)] for c in sample_labels["Label"][0].split("|")]
     assert titles[0].startswith(ids[0]) and all(name in titles[0] for name in first_names)
     assert len(grid.subfigs[0].axes) == 5  # red, green, blue, yellow, composite
-    assert len(plots.channel_grid(sample_images[:1, ..., :3], sample_matrix[:1]).subfigs[0].axes) == 4
-    predictions = plots.prediction_grid(sample_images, sample_matrix[:4], fake_scores[:4], ids=list(
+    assert len(charts.channel_grid(sample_images[:1, ..., :3], sample_matrix[:1]).subfigs[0].axes) == 4
+    predictions = charts.prediction_grid(sample_images, sample_matrix[:4], fake_scores[:4], ids=list(
         sample_labels["ID"][:4]), columns=3)
     assert isinstance(predictions, Figure)
     top = LABEL_NAMES[int(np.argmax(fake_scores[0]))]
@@ -96,9 +98,7 @@ def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_image
 
 
 def test_augmentation_grid_has_a_row_per_step_plus_the_chain(sample_images):
-    from hpa_nb.augment import STEPS
-
-    grid = plots.augmentation_grid(sample_images[0], seed=3, samples=2)
+    grid = charts.augmentation_grid(sample_images[0], seed=3, samples=2)
     assert isinstance(grid, Figure)
     rows = [axis.get_ylabel() for axis in grid.axes[::3]]
     assert rows == list(STEPS) + ["full chain"]
@@ -110,7 +110,7 @@ def test_image_grids_display_as_one_jpeg_in_a_notebook_without_pyplot(sample_ima
 
     shell = InteractiveShell.instance()
     try:
-        figure = plots.channel_grid(sample_images[:1], ["0"])
+        figure = charts.channel_grid(sample_images[:1], ["0"])
         formatted, _ = shell.display_formatter.format(figure)
         assert "image/jpeg" in formatted and "image/png" not in formatted
         assert formatted["image/jpeg"].startswith("/9j/")  # base64 of a JPEG stream (FF D8 FF)

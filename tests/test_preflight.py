@@ -1,4 +1,4 @@
-"""hpa_nb.preflight: a full Kaggle run stops before training on the sample or a CPU; versions are reported."""
+"""hpa_nb.training.preflight: a full Kaggle run stops before training on the sample or a CPU; versions are reported."""
 from __future__ import annotations
 
 import re
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hpa_nb import preflight
-from hpa_nb.preflight import PreflightError
+from hpa_nb.training import preflight
+from hpa_nb.training.preflight import PreflightError
+from hpa_nb.training.run import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 KAGGLE = {"KAGGLE_KERNEL_RUN_TYPE": "Batch"}
@@ -42,14 +43,14 @@ def test_a_full_kaggle_run_stops_before_training_with_one_line(small_sample, tmp
     on_sample = cli("train", "--data", small_sample, "--out", tmp_path / "a" / "run")
     assert on_sample.status == 2 and len(on_sample.errors) == 1
     assert "competition data is not attached" in on_sample.errors[0] and "Traceback" not in on_sample.err
-    assert not (tmp_path / "a" / "run" / "checkpoints").exists()
+    assert not RunFolder(tmp_path / "a" / "run").checkpoints.exists()
 
     real_looking = tmp_path / "data"
     shutil.copytree(small_sample, real_looking)
     (real_looking / "sample.json").unlink()
     on_cpu = cli("train", "--data", real_looking, "--out", tmp_path / "b" / "run")
     assert on_cpu.status == 2 and len(on_cpu.errors) == 1 and "found only a CPU" in on_cpu.errors[0]
-    assert not (tmp_path / "b" / "run" / "checkpoints").exists()
+    assert not RunFolder(tmp_path / "b" / "run").checkpoints.exists()
 
 
 def test_versions_outside_the_tested_range_are_named():

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 from scipy import ndimage
 
-from hpa_nb import sample
-from hpa_nb.labels import LABEL_NAMES, N_CLASSES, NEGATIVE, parse_label
-from hpa_nb.sample import COLORS, write_sample
+from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES, NEGATIVE, parse_label
+from hpa_nb.sample import writer
+from hpa_nb.sample.writer import CELL_SHARE, COLORS, write_sample
 
 REPO = Path(__file__).resolve().parents[1]
 ID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -33,8 +34,6 @@ def _png(path: Path) -> np.ndarray:
 
 def _tfrecord_examples(root: Path) -> list[tuple[str, dict[str, bytes]]]:
     """(file name, features) for every record, in file and record order, parsed with plain TensorFlow."""
-    import tensorflow as tf
-
     spec = {key: tf.io.FixedLenFeature([], tf.string) for key in ("image", "image_name", "target")}
     examples = []
     for path in sorted((root / "train_tfrecords").glob("*.tfrec")):
@@ -103,8 +102,6 @@ def test_tfrecords_hold_each_image_as_four_contiguous_records_in_varying_colour_
 
 
 def test_tfrecord_pngs_decode_with_tensorflow_like_pil(small_sample):
-    import tensorflow as tf
-
     _, features = _tfrecord_examples(small_sample)[0]
     decoded = tf.io.decode_png(features["image"], channels=1).numpy()[..., 0]
     expected = _png(small_sample / "train" / (features["image_name"].decode() + ".png"))
@@ -138,7 +135,6 @@ def test_sixteen_bit_output(tmp_path):
     assert image.mode == "I;16"
     values = np.asarray(image)
     assert values.dtype == np.uint16 and values.max() > 255
-    import tensorflow as tf
 
     _, features = _tfrecord_examples(root)[0]
     assert tf.io.decode_png(features["image"], channels=1, dtype=tf.uint16).numpy().max() > 255
@@ -147,9 +143,9 @@ def test_sixteen_bit_output(tmp_path):
 # --- labels -------------------------------------------------------------------------------
 @pytest.mark.parametrize("images", [19, 40, 120, 240])
 def test_label_draw_guarantees_every_class_and_negative_alone(images):
-    label_sets = sample.draw_labels(images, np.random.default_rng(images))
+    label_sets = writer.draw_labels(images, np.random.default_rng(images))
     counts = np.bincount([label for labels in label_sets for label in labels], minlength=N_CLASSES)
-    assert counts.min() >= sample.min_class_count(images)
+    assert counts.min() >= writer.min_class_count(images)
     assert all(1 <= len(labels) <= 3 and len(set(labels)) == len(labels) for labels in label_sets)
     assert all(labels == [NEGATIVE] for labels in label_sets if NEGATIVE in labels)
 
@@ -200,8 +196,6 @@ def test_masks_match_images_and_cells_csv_and_cell_labels_union_to_image_label(s
 
 
 def test_a_label_is_carried_by_some_cells_only_and_rare_cell_cycle_classes_by_the_fewest(default_sample):
-    from hpa_nb.sample import CELL_SHARE
-
     cells = defaultdict(list)
     for row in _rows(default_sample / "cells.csv"):
         cells[row["ID"]].append({int(c) for c in row["Label"].split("|")})
@@ -230,10 +224,10 @@ def test_cells_have_nuclei_in_the_blue_channel(small_sample):
 
 
 # --- the green channel follows the labels --------------------------------------------------
-def _green_with(label: int, seed: int = 0, size: int = 96) -> tuple[np.ndarray, sample.Geometry]:
+def _green_with(label: int, seed: int = 0, size: int = 96) -> tuple[np.ndarray, writer.Geometry]:
     rng = np.random.default_rng(seed)
-    geometry = sample.make_geometry(size, rng)
-    channels, _ = sample.render_image(size, [[label]] * geometry.cells, rng, geometry)
+    geometry = writer.make_geometry(size, rng)
+    channels, _ = writer.render_image(size, [[label]] * geometry.cells, rng, geometry)
     return channels["green"], geometry
 
 

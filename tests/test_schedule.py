@@ -1,10 +1,10 @@
-"""hpa_nb.schedule: warmup → sustain → exponential decay, scaled with the global batch."""
+"""hpa_nb.training.schedule: warmup → sustain → exponential decay, scaled with the global batch."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hpa_nb import schedule
+from hpa_nb.training import schedule
 
 keras = pytest.importorskip("keras")
 
@@ -33,7 +33,7 @@ def test_decay_is_exponential_with_a_floor(lr):
     assert _at(lr, 19) == pytest.approx(5e-4)  # one decay period after warmup + sustain
     assert _at(lr, 23) == pytest.approx(2.5e-4)
     assert _at(lr, 1000) == pytest.approx(1e-5)
-    curve = np.asarray(lr(np.arange(60)), np.float64)  # all steps at once, as hpa_nb.training_plots.lr_schedule asks
+    curve = np.asarray(lr(np.arange(60)), np.float64)  # all steps at once, as hpa_nb.plots.training.lr_schedule asks
     assert curve.shape == (60,) and np.all(np.diff(curve[15:]) <= 1e-12)
 
 

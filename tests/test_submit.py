@@ -1,7 +1,8 @@
-"""hpa_nb.submit: mask encoding, the submission file (every ID, PNG sizes, decodable masks) and the CLI verb."""
+"""hpa_nb.cells.submit: mask encoding, the submission file (every ID, PNG sizes, decodable masks) and the CLI verb."""
 from __future__ import annotations
 
 import base64
+import shutil
 import zlib
 from pathlib import Path
 
@@ -11,10 +12,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from hpa_nb.cells import CellClassifier, ScoreRule
-from hpa_nb.segmentation import read_channels, segment
-from hpa_nb.labels import N_CLASSES
-from hpa_nb.submit import decode_mask, encode_mask, parse_prediction_string, submit, write_submission
+from hpa_nb.cells import scoring
+from hpa_nb.cells.scoring import CellClassifier, ScoreRule
+from hpa_nb.cells.submit import (decode_mask, encode_mask, evaluate_cells, parse_prediction_string, score_cells, submit,
+                                 write_predictions, write_submission)
+from hpa_nb.cli import main
+from hpa_nb.core.labels import N_CLASSES
+from hpa_nb.segmentation.backends import segment
+from hpa_nb.segmentation.images import read_channels
 
 
 def coco_decode(text: str, height: int, width: int) -> np.ndarray:
@@ -117,8 +122,6 @@ def test_missing_test_image_is_named(handmade, tmp_path):
 @pytest.fixture(scope="module")
 def odd_green(handmade, tmp_path_factory) -> Path:
     """One test image (img0, 48 × 48 px) whose green PNG is 40 × 48 px."""
-    import shutil
-
     root = tmp_path_factory.mktemp("odd_green")
     (root / "test").mkdir()
     for color in ("red", "green", "blue", "yellow"):
@@ -149,8 +152,6 @@ def test_submit_covers_every_sample_submission_id(small_sample, trained_run, tmp
 
 
 def test_cli_submit(small_sample, trained_run, tmp_path, capsys):
-    from hpa_nb.cli import main
-
     out = tmp_path / "cli.csv"
     assert main(["submit", "--model", str(trained_run), "--data", str(small_sample), "--out", str(out),
                  "--image-weight", "1"]) == 0
@@ -162,8 +163,6 @@ def test_cli_submit(small_sample, trained_run, tmp_path, capsys):
 
 
 def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, trained_run, tmp_path, capsys):
-    from hpa_nb.cli import main
-
     assert main(["submit", "--model", str(trained_run), "--data", str(odd_green), "--out", str(tmp_path / "x.csv"),
                  "--image-weight", "1"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -171,8 +170,6 @@ def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, trained_run
 
 
 def test_evaluate_cells_scores_the_sample_test_images(small_sample):
-    from hpa_nb.submit import evaluate_cells
-
     result = evaluate_cells(fake_classifier, small_sample, progress=False)
     test_ids = pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
     assert sorted(result.predictions) == sorted(test_ids)
@@ -187,13 +184,10 @@ def test_evaluate_cells_scores_the_sample_test_images(small_sample):
 
 
 def test_scored_cells_are_written_and_scored_without_segmenting_again(small_sample, tmp_path, monkeypatch):
-    from hpa_nb import cells
-    from hpa_nb.submit import evaluate_cells, score_cells, write_predictions
-
     test_ids = pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
-    predictions = cells.predict_images(fake_classifier, small_sample, test_ids, progress=False)
+    predictions = scoring.predict_images(fake_classifier, small_sample, test_ids, progress=False)
     assert list(predictions) == test_ids
-    monkeypatch.setattr(cells, "segment", lambda *args, **kwargs: pytest.fail("segmented twice"))
+    monkeypatch.setattr(scoring, "segment", lambda *args, **kwargs: pytest.fail("segmented twice"))
     written = write_predictions(predictions, tmp_path / "submission.csv")
     table = pd.read_csv(written, keep_default_na=False)
     assert table["ID"].tolist() == test_ids

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import kill_when_written
 from PIL import Image
 
-from conftest import kill_when_written
-from hpa_nb import data, env, tiles
-from hpa_nb.cells import cell_crops
-from hpa_nb.segmentation import read_channels, read_mask, stack_channels
+from hpa_nb.core.budget import DiskBudgetError
+from hpa_nb.data import pipeline, tiles
+from hpa_nb.data.crops import cell_crops
+from hpa_nb.sample.writer import write_sample
+from hpa_nb.segmentation.images import read_channels, read_mask, stack_channels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,11 +75,11 @@ def test_tiles_are_read_through_the_data_layer_by_image(small_sample, true_tiles
     manifest = tiles.read_manifest(true_tiles)
     some = manifest["files"][1]["ids"][:3]
     keys = tiles.tile_keys(manifest, some)
-    read = data.open_dataset(small_sample, 24, "rgb", with_id=True, ids=keys, shards=true_tiles)
+    read = pipeline.open_dataset(small_sample, 24, "rgb", with_id=True, ids=keys, shards=true_tiles)
     found = [(key.decode(), image.shape, image.dtype) for image, _, key in read.as_numpy_iterator()]
     assert sorted(key for key, _, _ in found) == sorted(keys) and {(s, d) for _, s, d in found} == {((24, 24, 3), np.dtype("float32"))}
-    assert "cell tiles" in data.describe_layout(small_sample, "rgb", true_tiles)
-    batch, labels = next(iter(data.training_dataset(small_sample, keys, 24, "rgb", batch_size=4, shards=true_tiles)))
+    assert "cell tiles" in pipeline.describe_layout(small_sample, "rgb", true_tiles)
+    batch, labels = next(iter(pipeline.training_dataset(small_sample, keys, 24, "rgb", batch_size=4, shards=true_tiles)))
     assert batch.shape == (4, 24, 24, 3) and labels.shape == (4, 19)
     by_image = list(tiles.read_tiles(true_tiles, image_ids=some).as_numpy_iterator())
     assert len(by_image) == len(keys) and by_image[0][0].shape == (32, 32, 4)
@@ -97,8 +100,6 @@ def test_png_tiles_hold_the_same_pixels_in_fewer_bytes(small_sample, true_tiles,
 
 
 def test_tiles_stop_before_writing_more_when_the_projection_is_over_the_disk_budget(small_sample, tmp_path, capsys):
-    from hpa_nb.budget import DiskBudgetError
-
     with pytest.raises(DiskBudgetError, match=r"tiles of .*: .* kB per image, so the 40 images would need .* GB, "
                                               r"over the 1e-06 GB budget"):
         tiles.write_tiles(small_sample, tmp_path / "t", size=32, segmentation="masks", images_per_file=50,
@@ -108,8 +109,6 @@ def test_tiles_stop_before_writing_more_when_the_projection_is_over_the_disk_bud
 
 
 def test_tiles_of_a_16_bit_sample_match_the_8_bit_ones(tmp_path):
-    from hpa_nb.sample import write_sample
-
     crops = {}
     for depth in (8, 16):
         root = write_sample(tmp_path / f"b{depth}", images=6, size=64, seed=4, bit_depth=depth, test_images=0,
@@ -120,8 +119,6 @@ def test_tiles_of_a_16_bit_sample_match_the_8_bit_ones(tmp_path):
 
 
 def test_bad_images_are_named_in_one_line_or_skipped(small_sample, tmp_path, cli):
-    import shutil
-
     root = tmp_path / "data"
     shutil.copytree(small_sample, root, ignore=shutil.ignore_patterns("tiles", "shards"))
     ids = pd.read_csv(root / "train.csv")["ID"].tolist()

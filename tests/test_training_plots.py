@@ -1,16 +1,19 @@
-"""hpa_nb.training_plots: the training kernel's matplotlib figures, and the model diagram with and without visualkeras."""
+"""hpa_nb.plots.training: the training kernel's matplotlib figures, and the model diagram with and without visualkeras."""
 from __future__ import annotations
 
 import sys
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from hpa_nb import training_plots
-from hpa_nb.figures import Chart
-from hpa_nb.labels import LABEL_NAMES, N_CLASSES
+from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES
+from hpa_nb.plots import training as training_plots
+from hpa_nb.plots.figures import Chart
+from hpa_nb.training.model import build
+from hpa_nb.training.schedule import from_epochs
 
 
 def _line(figure: Chart, axis: int = 0, line: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +39,11 @@ def test_lr_schedule_accepts_python_and_keras_schedules():
     steps, values = _line(training_plots.lr_schedule(lambda step: 1e-3 * 0.5 ** (step // 10), 40, steps_per_epoch=10))
     assert values[0] == pytest.approx(1e-3) and values[-1] == pytest.approx(1.25e-4)
     assert steps[-1] == pytest.approx(3.9)
-    from hpa_nb.schedule import from_epochs
 
     warmup = from_epochs(steps_per_epoch=10, global_batch_size=64, max_lr=1e-3, initial_lr=1e-5)
     _, values = _line(training_plots.lr_schedule(warmup, 50, steps_per_epoch=10))
     assert values[0] == pytest.approx(1e-5) and values.max() == pytest.approx(1e-3)
     assert int(np.argmax(values)) == 10  # the end of the one-epoch warmup
-    import keras
 
     cosine = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=5000)
     steps, values = _line(training_plots.lr_schedule(cosine, 5000))
@@ -65,8 +66,6 @@ def test_training_history_plots_loss_and_auc_for_train_and_val(tmp_path):
 
 
 def _classifier():
-    from hpa_nb.model import build
-
     return build("tiny", image_size=32, channels=3, weights=None)
 
 

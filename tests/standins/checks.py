@@ -1,4 +1,4 @@
-"""Run in a venv with torch (tests/test_hpacellseg.py): hpa_nb.hpacellseg against the stand-in package.
+"""Run in a venv with torch (tests/test_hpacellseg.py): hpa_nb.segmentation.hpacellseg against the stand-in package.
 Prints one JSON object of what it saw. argv[1]: a scratch folder."""
 import json
 import sys
@@ -40,7 +40,7 @@ try:
 except AttributeError as error:
     seen["unpatched_label_cell"] = str(error).splitlines()[0]
 
-from hpa_nb import hpacellseg  # noqa: E402
+from hpa_nb.segmentation import hpacellseg  # noqa: E402
 
 seen["loaded"] = type(hpacellseg.load_model(nuclei_file)).__name__
 segmenter = hpacellseg.HpaCellSegmenter(nuclei_file, cell_file, device="cpu", scale_factor=0.5)
@@ -84,7 +84,7 @@ try:
     hpacellseg.load_model(scratch / "missing.pth")
 except FileNotFoundError as error:
     seen["missing_file"] = str(error)
-from hpa_nb.segmentation import SegmentationUnavailableError  # noqa: E402
+from hpa_nb.segmentation.hpacellseg import SegmentationUnavailableError  # noqa: E402
 
 for name, folder in (("wrong_zoo", "pypi_pytorch_zoo"), ("fork_without_torchvision", "fork_without_torchvision")):
     for module in ("pytorch_zoo", "pytorch_zoo.unet"):
@@ -119,7 +119,7 @@ for name, pair in {"two_channel": (nuclei_file, scratch / "dpn_unet_cell_v2.pth"
         seen["pair_" + name] = str(error).replace(str(scratch), "SCRATCH")
 
 # The offline folder, built from the stand-in package and fork with the weights under their Zenodo names.
-from hpa_nb import hpacellseg_offline  # noqa: E402
+from hpa_nb.segmentation import offline as hpacellseg_offline  # noqa: E402
 
 zenodo = scratch / "zenodo"
 zenodo.mkdir()

@@ -12,7 +12,7 @@ here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # a script's folder comes first: not here
 scratch = Path(sys.argv[1])
 red, blue, truth = np.load(scratch / "planted.npy")
-from hpa_nb.segmentation import segment  # noqa: E402
+from hpa_nb.segmentation.backends import segment  # noqa: E402
 
 seen = {"importable_before": any((Path(p) / "hpacellseg").is_dir() for p in sys.path if p)}
 with warnings.catch_warnings(record=True) as caught:

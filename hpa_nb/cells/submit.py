@@ -1,0 +1,297 @@
+"""The competition submission: every test image's cells, each with a mask and 19 confidences.
+
+Format (one row per ID of ``sample_submission.csv``)::
+
+    ID,ImageWidth,ImageHeight,PredictionString
+    abc,2048,2048,0 0.912345 eNoLy... 16 0.700000 eNoLy... 0 0.120000 eNqz...
+
+``PredictionString`` holds space-separated ``label confidence mask`` triplets; a cell's mask
+is repeated once per label. A mask is pycocotools' RLE of the Fortran-order uint8 mask at the
+PNG's original size, zlib-compressed at the best level, then base64 (`encode_mask`).
+
+Notebook-facing: `submit` (from a run folder), `write_submission` (from any `CellClassifier`),
+`write_predictions` (from cells already scored), `evaluate_cells` / `score_cells` (the local cell
+mAP on sample images with ground truth), `encode_mask` / `decode_mask` / `parse_prediction_string`.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_classifier,
+                                  predict_images, rescore)
+from hpa_nb.core.files import atomic_path
+from hpa_nb.core.labels import LABEL_NAMES
+from hpa_nb.core.metrics import READINGS, CellPredictions, cell_average_precisions
+from hpa_nb.segmentation.classical import ClassicalSettings
+from hpa_nb.segmentation.images import colors_needed
+from hpa_nb.segmentation.quality import SegmentationScore, load_cell_truth, score_segmentation
+from hpa_nb.training.run import load_config
+
+# Emit every class for every cell by default. Under the competition's AP a low-confidence
+# prediction can only add recall (it ranks after every higher one, so it never lowers the
+# precision envelope already reached), so dropping classes can only lose score. The cost is
+# the file's size (the README gives it); `confidence_floor` trims that for a confident model.
+DEFAULT_CONFIDENCE_FLOOR = 0.0
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """A boolean [H, W] mask in the competition's encoding: RLE (pycocotools) → zlib (best) → base64."""
+    from pycocotools import mask as coco_mask  # pycocotools: not on Kaggle's TPU image
+
+    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
+    return base64.b64encode(zlib.compress(rle["counts"], zlib.Z_BEST_COMPRESSION)).decode("ascii")
+
+
+def decode_mask(text: str, height: int, width: int) -> np.ndarray:
+    """The inverse of `encode_mask`: a boolean [height, width] mask."""
+    from pycocotools import mask as coco_mask  # pycocotools: not on Kaggle's TPU image
+
+    counts = zlib.decompress(base64.b64decode(text))
+    return coco_mask.decode({"size": [height, width], "counts": counts}).astype(bool)
+
+
+def prediction_string(predictions: CellPredictions, confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR) -> str:
+    """One image's ``label confidence mask`` triplets: each cell's classes scoring ≥ the floor."""
+    parts: list[str] = []
+    # Comparing a Fortran-ordered mask gives Fortran-ordered cell masks: no transposing copy of the
+    # whole image per cell, which would cost far more than the encoding itself.
+    instances = np.asfortranarray(predictions.mask)
+    for cell_id, scores in zip(predictions.cell_ids, predictions.scores):
+        encoded = encode_mask(instances == cell_id)  # once per cell, repeated per class
+        for label, confidence in enumerate(scores):
+            if confidence >= confidence_floor:
+                parts.append(f"{label} {confidence:.6f} {encoded}")
+    return " ".join(parts)
+
+
+def parse_prediction_string(text: str, height: int, width: int) -> list[tuple[int, float, np.ndarray]]:
+    """``[(label, confidence, boolean mask)]`` from a PredictionString (for checks and notebooks)."""
+    tokens = str(text).split() if isinstance(text, str) else []
+    if len(tokens) % 3:
+        raise ValueError(f"a PredictionString has {len(tokens)} tokens, not a multiple of 3")
+    return [(int(tokens[i]), float(tokens[i + 1]), decode_mask(tokens[i + 2], height, width))
+            for i in range(0, len(tokens), 3)]
+
+
+def read_submission_ids(data_dir: Path) -> list[str]:
+    """The IDs of ``sample_submission.csv``, in its order."""
+    path = Path(data_dir) / "sample_submission.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    table = pd.read_csv(path, dtype=str)
+    if "ID" not in table.columns:
+        raise ValueError(f"{path} has no ID column")
+    return table["ID"].tolist()
+
+
+def write_predictions(predictions: Iterable[tuple[str, CellPredictions]] | Mapping[str, CellPredictions],
+                      out_csv: Path, confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR) -> Path:
+    """Write the submission CSV atomically from ``(ID, CellPredictions)`` pairs (or a dict), in their order.
+
+    Width and height are each mask's own, which `segment` keeps at the PNGs' size.
+    """
+    out_csv = Path(out_csv)
+    pairs = predictions.items() if isinstance(predictions, Mapping) else predictions
+    with atomic_path(out_csv) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["ID", "ImageWidth", "ImageHeight", "PredictionString"])
+            for image_id, cells in pairs:
+                height, width = cells.mask.shape
+                writer.writerow([image_id, width, height, prediction_string(cells, confidence_floor)])
+    return out_csv
+
+
+def write_submission(
+    classifier: CellClassifier,
+    data_dir: Path,
+    out_csv: Path,
+    method: str = "classical",
+    rule: ScoreRule = ScoreRule(),
+    confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR,
+    settings: ClassicalSettings = ClassicalSettings(),
+    ids: Sequence[str] | None = None,
+    progress: bool = True,
+    cell_model: CellClassifier | None = None,
+    **method_options,
+) -> Path:
+    """Segment and score every test image, one at a time, and write the submission CSV atomically.
+
+    Reads ``data_dir/test/{ID}_{color}.png`` for every ID of ``sample_submission.csv`` (or
+    ``ids``); a missing PNG is named before any work starts, and an image whose channel PNGs
+    differ in size is a ValueError naming the file. With a `cell_model` (a cell run's model),
+    `rule` combines the image model's image-level scores with the cell model's tile scores.
+    """
+    data_dir = Path(data_dir)
+    ids = read_submission_ids(data_dir) if ids is None else list(ids)
+    test_dir = data_dir / "test"
+    channels = [classifier.channels] + ([cell_model.channels] if cell_model is not None else [])
+    for image_id in ids:  # fail before hours of work, naming the first missing file
+        for color in colors_needed(*channels):
+            if not (test_dir / f"{image_id}_{color}.png").is_file():
+                raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
+    scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, folder=test_dir,
+                              settings=settings, cell_model=cell_model, **method_options)
+    return write_predictions(scored, out_csv, confidence_floor)
+
+
+def submit(
+    run_dir: Path,
+    data_dir: Path,
+    out_csv: Path,
+    method: str = "classical",
+    rule: ScoreRule = ScoreRule(),
+    confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR,
+    batch_size: int = 32,
+    progress: bool = True,
+    cell_run_dir: Path | None = None,
+    **method_options,
+) -> Path:
+    """Write ``out_csv`` from a training run (`load_classifier`), and a cell run's model if given; see
+    `write_submission`.
+
+    `hpa_nb.segmentation.backends.segment` describes the segmentation methods and `ScoreRule` how a cell's
+    confidences are made. Returns the written path.
+    """
+    classifier = load_classifier(run_dir, batch_size)
+    cell_model = None if cell_run_dir is None else load_classifier(cell_run_dir, batch_size, level="cell")
+    print(f"submission: {describe_scoring(run_dir, cell_run_dir, rule)}; segmentation {method}", file=sys.stderr)
+    return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
+                            cell_model=cell_model, **method_options)
+
+
+def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_weight,
+                partial_scale: float = ScoreRule.partial_scale) -> ScoreRule:
+    """The rule a submission scores cells under: the image × cell rule (`COMBINED_RULE`) when a cell model is
+    there, else the image model's blend of image and crop with `image_weight`; `partial_scale` on either."""
+    if with_cell_model:
+        return dataclasses.replace(COMBINED_RULE, partial_scale=partial_scale)
+    return ScoreRule(image_weight=image_weight, partial_scale=partial_scale)
+
+
+def describe_scoring(run_dir: Path, cell_run_dir: Path | None, rule: ScoreRule) -> str:
+    """One line: which models score the cells, and under which rule."""
+    image = load_config(run_dir)
+    models = f"image run {run_dir} ({image.backbone}, {image.image_size} px, {image.channels})"
+    if cell_run_dir is not None:
+        cell = load_config(cell_run_dir)
+        models += f" and cell run {cell_run_dir} ({cell.backbone}, {cell.image_size} px tiles)"
+    name = "image × cell rule" if cell_run_dir is not None else "image model's rule"
+    return (f"scoring cells with the {models}, under the {name}: {rule.combine}, image weight {rule.image_weight:g}, "
+            f"cells cut off by the edge × {rule.partial_scale:g}")
+
+
+@dataclass
+class CellEvaluation:
+    """The local cell-level score of a model on sample images with ground-truth cells, in both readings
+    of the metric (`hpa_nb.core.metrics.READINGS`: ``"challenge"`` and ``"all_classes"``)."""
+
+    cell_maps: dict[str, float]  # reading → cell mAP
+    average_precisions: dict[str, list[float | None]]  # reading → per class; None where no true cell has the class
+    segmentation: SegmentationScore
+    predictions: dict[str, CellPredictions] = field(repr=False)
+
+    def table(self):
+        """Per-class AP in both readings as a pandas DataFrame, classes absent from the truth left out."""
+        challenge, every = self.average_precisions["challenge"], self.average_precisions["all_classes"]
+        rows = [(c, LABEL_NAMES[c], challenge[c], every[c]) for c in range(len(LABEL_NAMES)) if challenge[c] is not None]
+        return pd.DataFrame(rows, columns=["class", "name", "AP (challenge)", "AP (all classes)"])
+
+    def describe(self) -> str:
+        return (f"cell mAP {self.cell_maps['challenge']:.3f} (challenge reading), "
+                f"{self.cell_maps['all_classes']:.3f} (all classes) over {len(self.predictions)} images")
+
+    def __str__(self) -> str:
+        return f"{self.describe()}; segmentation: {self.segmentation}"
+
+
+def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
+                truth: tuple[dict, dict] | None = None) -> CellEvaluation:
+    """The local cell mAP (both readings) and segmentation quality of cells already scored, against the
+    sample's true cells. ``truth`` is `load_cell_truth`'s ``(masks, labels)``, read from ``data_dir`` if not given.
+    """
+    masks, labels = truth if truth is not None else load_cell_truth(data_dir, list(predictions))
+    segmentation = SegmentationScore(0, 0, 0, 0.0, 0.6)
+    for image_id, predicted in predictions.items():
+        segmentation = segmentation + score_segmentation(predicted.mask, masks[image_id], 0.6)
+    inputs = {i: p.as_map_input() for i, p in predictions.items()}
+    average_precisions = {reading: cell_average_precisions(inputs, masks, labels, reading=reading)
+                          for reading in READINGS}
+    maps = {reading: float(np.mean([ap for ap in aps if ap is not None] or [0.0]))
+            for reading, aps in average_precisions.items()}
+    return CellEvaluation(maps, average_precisions, segmentation, dict(predictions))
+
+
+@dataclass
+class ModelComparison:
+    """The local cell mAP of the image model alone, the cell model alone and the two combined, on the same cells."""
+
+    evaluations: dict[str, CellEvaluation]  # "image model", "cell model", "image × cell" → its evaluation
+
+    def table(self):
+        """One row per scoring, cell mAP in both readings."""
+        return pd.DataFrame([(name, e.cell_maps["challenge"], e.cell_maps["all_classes"])
+                             for name, e in self.evaluations.items()],
+                            columns=["scoring", "cell mAP (challenge)", "cell mAP (all classes)"])
+
+    def __str__(self) -> str:
+        return "\n".join(f"{name}: {e.describe()}" for name, e in self.evaluations.items())
+
+
+def compare_models(classifier: CellClassifier, cell_model: CellClassifier, data_dir: Path,
+                   ids: Sequence[str] | None = None, method: str = "classical", image_rule: ScoreRule = ScoreRule(),
+                   combined_rule: ScoreRule = COMBINED_RULE, use_truth_masks: bool = False,
+                   progress: bool = True, border_scale: float | None = 0.0, **method_options) -> ModelComparison:
+    """Score the test images three ways on the same cells: the image model under `image_rule`, the cell
+    model alone, and both under `combined_rule`; with `border_scale`, a fourth: both, with the scores of cells
+    cut off by the image's edge times it (0: the hosts' "if more than half of the cell is not present, don't
+    predict it"). Each image is segmented once (or its true cells used), by `method` with `method_options`."""
+    ids = read_submission_ids(data_dir) if ids is None else list(ids)
+    truth = load_cell_truth(data_dir, ids)
+    image_only = predict_images(classifier, data_dir, ids, method, image_rule,
+                                masks=truth[0] if use_truth_masks else None, progress=progress, **method_options)
+    masks = {image_id: cells.mask for image_id, cells in image_only.items()}
+    # the image and cell-model probabilities once; the other rules rescore them (`rescore`)
+    combined = predict_images(classifier, data_dir, ids, method, combined_rule, masks=masks, progress=progress,
+                              cell_model=cell_model)
+    rules = {"cell model": dataclasses.replace(combined_rule, image_weight=0.0), "image × cell": combined_rule}
+    if border_scale is not None and border_scale != combined_rule.partial_scale:
+        rules[f"image × cell, edge cells × {border_scale:g}"] = dataclasses.replace(combined_rule,
+                                                                                 partial_scale=border_scale)
+    scorings = {"image model": image_only,
+                **{name: {image_id: rescore(cells, rule) for image_id, cells in combined.items()}
+                   for name, rule in rules.items()}}
+    return ModelComparison({name: score_cells(p, data_dir, truth) for name, p in scorings.items()})
+
+
+def evaluate_cells(
+    classifier: CellClassifier,
+    data_dir: Path,
+    ids: Sequence[str] | None = None,
+    method: str = "classical",
+    rule: ScoreRule = ScoreRule(),
+    use_truth_masks: bool = False,
+    progress: bool = True,
+    cell_model: CellClassifier | None = None,
+) -> CellEvaluation:
+    """Score a model the way the competition does, on sample images with ground-truth cells.
+
+    ``ids`` default to the sample's test images (held out from training, with masks and per-cell
+    labels in ``masks/`` and ``cells.csv``). ``use_truth_masks=True`` scores the true cells instead
+    of segmenting, which separates segmentation error from classification error.
+    """
+    ids = read_submission_ids(data_dir) if ids is None else list(ids)
+    masks, labels = load_cell_truth(data_dir, ids)
+    predictions = predict_images(classifier, data_dir, ids, method, rule, masks=masks if use_truth_masks else None,
+                                 progress=progress, cell_model=cell_model)
+    return score_cells(predictions, data_dir, (masks, labels))

@@ -1,0 +1,158 @@
+"""Every training option in one dataclass, shared by the CLI, the notebooks and ``RUN/config.json``,
+with the quick sizes that CI and smoke runs use."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from hpa_nb.core.labels import CHANNEL_SETS
+from hpa_nb.training.model import BACKBONES, normalize_weights
+
+LOSSES = ("bce", "focal")  # both with per-class positive weights; focal uses focal_gamma
+LEVELS = ("image", "cell")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Every training option, in the sections of `SECTIONS`. Saved flat as ``RUN/config.json``; `quick_variant`
+    gives the CI / smoke-run sizes. Options are given by name (the order of the fields is the sections')."""
+
+    # --- data: what is read, and how the images are split -----------------------------------------------------------
+    data_dir: str | None = None  # None: the folder `hpa_nb.sample.sources.find_data` discovers
+    # Compact shards elsewhere (a folder, or OWNER/KERNEL of the prepare kernel attached as input), paired with
+    # data_dir's train.csv. None: data_dir/shards when it exists, else on Kaggle any attached shards.
+    shards: str | None = None
+    image_size: int = 384
+    channels: str = "rgb"  # "rgb" or "rgby"
+    val_fraction: float = 0.2
+    seed: int = 0
+    split_from: str | None = None  # a run folder (or split CSV) whose split to use, instead of drawing one
+    augment: bool = True
+    cache: bool = False  # cache decoded images in memory (small data sets only)
+
+    # --- model ------------------------------------------------------------------------------------------------------
+    backbone: str = "efficientnetb0"  # a key of hpa_nb.training.model.BACKBONES
+    weights: str | None = "imagenet"  # "imagenet", None ("none" too), or a weights file (see hpa_nb.training.model.build)
+    dropout: float = 0.3
+
+    # --- optimisation: Adam with linear warmup → sustain → exponential decay (hpa_nb.training.schedule) ------------
+    epochs: int = 20
+    batch_size: int = 16  # per replica; the global batch is this × replicas
+    steps_per_epoch: int | None = None  # None: one pass over the training split
+    max_lr: float = 1e-3  # peak for a global batch of 64, scaled linearly with the actual global batch
+    initial_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    sustain_epochs: float = 0.0
+    lr_decay: float = 0.8  # per epoch after the sustain phase
+    min_lr: float = 1e-6
+    loss: str = "bce"  # "bce" or "focal", both with per-class positive weights
+    focal_gamma: float = 2.0
+    max_positive_weight: float = 20.0
+
+    # --- validation -------------------------------------------------------------------------------------------------
+    patience: int = 5  # early stopping on val_auc, best weights restored
+    val_cache_gib: float = 4.0  # keep the decoded validation images in memory when they take at most this
+    # Re-estimate batch-norm statistics over training batches (see hpa_nb.training.batch_norm):
+    # "epoch" before every validation (so val metrics, checkpoints and early stopping see the
+    # statistics the saved model will have), "end" once after training, or "off".
+    bn_recalibration: str = "epoch"
+    bn_recalibration_steps: int = 20
+
+    # --- cell level -------------------------------------------------------------------------------------------------
+    # "image": one record per image, its label the target; "cell": one cell tile per record (`hpa_nb.data.tiles`),
+    # its image's label the weak target, split by image as the image run is.
+    level: str = "image"
+    tiles: str | None = None  # the cell tiles of a cell run (a folder, or OWNER/KERNEL attached); None: data_dir/tiles
+    # A cell run's targets: False, each cell its image's label; True, the targets.csv that the relabel step
+    # (hpa_nb.cells.relabel) wrote from out-of-fold cell models trained on `relabel_folds` parts of the training images.
+    relabel: bool = False
+    relabel_folds: int = 2
+
+    # --- runtime: where it runs, how it stops and resumes -----------------------------------------------------------
+    out_dir: str | None = None  # the run folder; None: hpa_nb.training.run.default_dir() (<working dir>/run)
+    quick: bool = False
+    resume: bool = False
+    resume_from: str | None = None  # a run folder, or OWNER/KERNEL attached as input: copied to out_dir, resumed
+    precision: str | None = None  # None: by device (mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU)
+    steps_per_execution: int | None = None  # None: 32 on TPU, 8 on GPU, 1 on CPU
+    cpu_replicas: int | None = None  # TF only: MirroredStrategy over this many logical CPUs (tests)
+    verbose: int | str = "auto"  # Keras fit verbosity: progress bar by default
+    keep_checkpoints: int = 2
+    # A time.time() value: stop after the epoch in hand (its checkpoint written) when the next one would end past
+    # it, so a Kaggle version ends cleanly with its output saved (HOURS in 03/07); None: no deadline.
+    deadline: float | None = None
+    # On Kaggle a full run stops before training on the synthetic sample or on a CPU (hpa_nb.training.preflight).
+    allow_sample_data: bool = False
+    allow_cpu: bool = False
+
+    def __post_init__(self) -> None:
+        # "none" (the CLI's spelling) becomes None here, so config.json and every reader see one form.
+        if isinstance(self.weights, str) and self.weights.lower() in ("none", ""):
+            self.weights = None
+
+    @classmethod
+    def quick_variant(cls, **overrides: Any) -> "TrainConfig":
+        """The quick configuration (tiny CNN from scratch, 64 px, 5 epochs), with `overrides` applied on top."""
+        return cls(**{**QUICK, **overrides})
+
+    @classmethod
+    def make(cls, quick: bool, **options: Any) -> "TrainConfig":
+        """The quick or the full configuration with `options` on top; an option given as None keeps its default."""
+        given = {name: value for name, value in options.items() if value is not None}
+        return cls.quick_variant(**given) if quick else cls(**given)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The options of one section of `SECTIONS`, e.g. ``config.section("optimisation")``."""
+        return {field: getattr(self, field) for field in SECTIONS[name]}
+
+
+# Sized so the default sample trains in about a minute on two CPU cores and still learns (the README's
+# "Models and cells on the default sample" gives the validation AUC over seeds).
+QUICK: dict[str, Any] = {
+    "quick": True, "backbone": "tiny", "weights": None, "image_size": 64, "epochs": 5, "batch_size": 16,
+    "max_lr": 8e-3, "initial_lr": 1e-4, "warmup_epochs": 0.5, "lr_decay": 0.7, "dropout": 0.2,
+    "patience": 3, "cache": True,
+}
+BN_RECALIBRATION = ("epoch", "end", "off")
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# The sections of TrainConfig, in its order: a run's summary and the README list the options by these.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("data_dir", "shards", "image_size", "channels", "val_fraction", "seed", "split_from", "augment", "cache"),
+    "model": ("backbone", "weights", "dropout"),
+    "optimisation": ("epochs", "batch_size", "steps_per_epoch", "max_lr", "initial_lr", "warmup_epochs",
+                     "sustain_epochs", "lr_decay", "min_lr", "loss", "focal_gamma", "max_positive_weight"),
+    "validation": ("patience", "val_cache_gib", "bn_recalibration", "bn_recalibration_steps"),
+    "cell level": ("level", "tiles", "relabel", "relabel_folds"),
+    "runtime": ("out_dir", "quick", "resume", "resume_from", "precision", "steps_per_execution", "cpu_replicas",
+                "verbose", "keep_checkpoints", "deadline", "allow_sample_data", "allow_cpu"),
+}
+
+
+def validate(config: TrainConfig) -> None:
+    normalize_weights(config.weights)  # a missing weights file fails now, not after the data is read
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
+    if config.channels not in CHANNEL_SETS:
+        raise ValueError(f"channels must be one of {', '.join(CHANNEL_SETS)}, got {config.channels!r}")
+    if config.bn_recalibration not in BN_RECALIBRATION:
+        raise ValueError(f"bn_recalibration must be one of {', '.join(BN_RECALIBRATION)}, "
+                         f"got {config.bn_recalibration!r}")
+    if config.relabel and config.level != "cell":
+        raise ValueError("relabel is for cell runs (level='cell')")
+    if config.relabel_folds < 2:
+        raise ValueError(f"relabel_folds must be at least 2, got {config.relabel_folds}")
+    if config.level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {config.level!r}")
+    if config.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if not 0 < config.val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {config.val_fraction}")
+    for name in ("image_size", "epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.image_size < 32:
+        raise ValueError(f"image_size must be at least 32 px, got {config.image_size}")
