@@ -98,6 +98,7 @@ def test_three_channel_weights_file_reproduces_the_source_backbone(b0_weights_fi
     np.testing.assert_allclose(np.asarray(built(images)), np.asarray(source(images)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # builds EfficientNetB0 twice
 def test_keras_imagenet_file_given_as_a_path_matches_weights_imagenet(tmp_path, monkeypatch):
     """Keras's ImageNet .h5 stores the std where the variance belongs; a path must get the same correction."""
     source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
