@@ -69,6 +69,7 @@ def b0_weights_file(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # builds EfficientNetB0 (its weights file too)
 def test_four_channel_transplant_extends_the_stem_with_the_rgb_mean(b0_weights_file):
     three = model_lib.build("efficientnetb0", SIZE, "rgb", weights=b0_weights_file).get_layer("backbone")
     four = model_lib.build("efficientnetb0", SIZE, "rgby", weights=b0_weights_file).get_layer("backbone")
@@ -90,6 +91,7 @@ def test_four_channel_transplant_extends_the_stem_with_the_rgb_mean(b0_weights_f
                 np.testing.assert_array_equal(value4, value3, err_msg=layer3.name)
 
 
+@pytest.mark.slow  # builds EfficientNetB0 (its weights file too)
 def test_three_channel_weights_file_reproduces_the_source_backbone(b0_weights_file):
     source = keras.applications.EfficientNetB0(include_top=False, weights=b0_weights_file,
                                                input_shape=(SIZE, SIZE, 3))

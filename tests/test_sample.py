@@ -307,6 +307,7 @@ def _cli(*arguments: str) -> subprocess.CompletedProcess:
                           env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow  # a whole sample through the command; the writer's own tests stay quick
 def test_cli_writes_a_sample(tmp_path):
     result = _cli("--out", str(tmp_path / "cli"), "--images", "8", "--size", "48", "--test-images", "2")
     assert result.returncode == 0, result.stderr
