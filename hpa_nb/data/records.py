@@ -160,12 +160,12 @@ class RollingWriter:
             self._temporary.unlink(missing_ok=True)
 
 
-def finish(path: Path, listing: dict, skipped: int, stopped: str) -> dict:
-    """Write a folder's listing (`path`) last, then say what was skipped and, where the deadline stopped the
+def finish(path: Path, listing: dict, stopped: str) -> dict:
+    """Write a folder's listing (`path`) last, then say what it skipped and, where the deadline stopped the
     writer (`stopped` is then its line), how the next run goes on. Returns the listing."""
     write_text(path, json.dumps(listing, indent=1))
-    if skipped:
-        print(f"warning: skipped {skipped} bad images or files (listed above)", file=sys.stderr)
+    if listing["skipped"]:
+        print(f"warning: skipped {listing['skipped']} bad images or files (listed above)", file=sys.stderr)
     if not listing["complete"]:
         print(stopped, file=sys.stderr)
     return listing

@@ -230,7 +230,7 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
             bar.close()
     manifest = _manifest(finished, settings, src, complete=not writer.stopped_at_deadline,
                          skipped=log.count if log else 0)
-    return record_files.finish(manifest_path(out), manifest, manifest["skipped"],
+    return record_files.finish(manifest_path(out), manifest,
                                f"shard: stopped at the deadline with {manifest['count']} images in {len(finished)} "
                                "shards; run again (adopting these shards) to go on")
 

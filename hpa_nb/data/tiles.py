@@ -197,7 +197,7 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
         finally:
             bar.close()
     manifest = _manifest(finished, file_settings, src, not writer.stopped_at_deadline, log.count if log else 0)
-    return records.finish(manifest_path(out), manifest, manifest["skipped"],
+    return records.finish(manifest_path(out), manifest,
                           f"tiles: stopped at the deadline with {manifest['images']} images in {len(finished)} files; "
                           "run again (adopting these files, `adopt_tiles`) to go on")
 

@@ -192,11 +192,6 @@ def write_info(run_dir: Path, config: TrainConfig, runtime: dict) -> None:
     write_text(run_dir / CONFIG_FILE, json.dumps({**config.to_json(), **runtime}, indent=1) + "\n")
 
 
-def checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    """The checkpoint written after `epoch` epochs (1-based)."""
-    return RunFolder(run_dir).checkpoint(epoch)
-
-
 def last_checkpoint(run_dir: Path) -> tuple[int, Path | None]:
     """(epochs finished, their checkpoint), or (0, None) when the run has none."""
     found = RunFolder(run_dir).saved_checkpoints()
@@ -246,7 +241,7 @@ def adopt(source: Path, run_dir: Path) -> int:
         if (source / name).is_file():
             with atomic_path(run_dir / name) as temporary:
                 shutil.copyfile(source / name, temporary)
-    with atomic_path(checkpoint_path(run_dir, finished)) as temporary:
+    with atomic_path(RunFolder(run_dir).checkpoint(finished)) as temporary:
         shutil.copyfile(checkpoint, temporary)
     print(f"resume: copied {source} (after epoch {finished}) into {run_dir}", file=sys.stderr)
     return finished
