@@ -17,9 +17,10 @@ import tensorflow as tf
 
 from hpa_nb import bench
 from hpa_nb.cells import relabel
+from hpa_nb.cells.compare import TUNING_PARTS, compare_models
 from hpa_nb.cells.scoring import (COMBINED_RULE, COMBINERS, NEGATIVE_RULES,  # numpy and scipy only: parsing stays cheap
                                   ScoreRule, load_classifier)
-from hpa_nb.cells.submit import compare_models, submit
+from hpa_nb.cells.submit import load_rule, submit
 from hpa_nb.core.env import working_dir
 from hpa_nb.core.labels import CHANNEL_SETS
 from hpa_nb.data.bad_input import error_message
@@ -31,7 +32,7 @@ from hpa_nb.sample.sources import DEFAULT_SAMPLE, ensure_evaluation_sample, find
 from hpa_nb.sample.writer import write_sample
 from hpa_nb.segmentation import offline as hpacellseg_offline
 from hpa_nb.segmentation.backends import SEGMENTERS
-from hpa_nb.training import inputs, run, train
+from hpa_nb.training import folds, inputs, run, train
 from hpa_nb.training.config import LEVELS, LOSSES, TrainConfig
 from hpa_nb.training.evaluate import evaluate, format_table
 
@@ -89,11 +90,20 @@ def _segmentation_options(args: argparse.Namespace) -> dict:
 # --- submit -------------------------------------------------------------------------------
 def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="segment the test images, score each cell and write submission.csv")
-    p.add_argument("--model", type=Path, required=True, help="training run folder (model.keras, config.json)")
-    p.add_argument("--cell-model", type=Path, default=None,
-                   help="a cell run folder (train --level cell): each cell's score combines the image model's "
-                        "image-level score with this model's score of the cell's tile (default rule: geometric, "
-                        f"image weight {COMBINED_RULE.image_weight})")
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
+                   help="training run folder (model.keras, config.json); several: their average (an ensemble)")
+    p.add_argument("--cell-model", type=Path, nargs="+", default=None, metavar="CELL_RUN",
+                   help="a cell run folder (train --level cell), or several: each cell's score combines the image "
+                        "model's image-level score with this model's score of the cell's tile (default rule: "
+                        f"geometric, image weight {COMBINED_RULE.image_weight})")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="the image runs' weights (default equal)")
+    p.add_argument("--cell-weights", type=float, nargs="+", default=None, help="the cell runs' weights (default equal)")
+    p.add_argument("--tta", action="store_true", help="average every image, crop and tile over 8 flips and rotations")
+    p.add_argument("--rule", type=Path, default=None, metavar="RULE_JSON",
+                   help="the rule `compare --out` tuned (its weights and edge scale); options given still win")
+    p.add_argument("--cam-weight", type=float, default=None,
+                   help="weight of the CAM cell score (the image model's class maps inside each cell), taken from "
+                        "the cell term's (default 0)")
     p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
     p.add_argument("--segmentation", choices=tuple(SEGMENTERS), default="classical")
@@ -104,12 +114,12 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-weight", type=float, default=None,
                    help=f"weight of the image-level probability, 0..1 (default {ScoreRule.image_weight}, with "
                         f"--cell-model {COMBINED_RULE.image_weight})")
-    p.add_argument("--partial-scale", type=float, default=1.0,
+    p.add_argument("--partial-scale", type=float, default=None,
                    help="multiply the scores of cells cut off by the image edge (touching it, under half the "
-                        "median cell area) by this; 1 leaves them")
-    p.add_argument("--crop", choices=tuple(CROPS), default=ScoreRule.crop,
-                   help="a cell shown in the whole image's frame, or its own square crop")
-    p.add_argument("--negative", choices=tuple(NEGATIVE_RULES), default=ScoreRule.negative,
+                        "median cell area) by this; 1 (default) leaves them")
+    p.add_argument("--crop", choices=tuple(CROPS), default=None,
+                   help=f"a cell shown in the whole image's frame, or its own square crop (default {ScoreRule.crop})")
+    p.add_argument("--negative", choices=tuple(NEGATIVE_RULES), default=None,
                    help="Negative = max(Negative, 1 - max other) ('complement') or as predicted")
     p.add_argument("--confidence-floor", type=float, default=0.0, help="omit a cell's classes scoring below this")
     p.add_argument("--batch-size", type=int, default=32, help="cell crops per classifier batch")
@@ -118,22 +128,28 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
 
 def _submit(args: argparse.Namespace) -> None:
 
-    base = COMBINED_RULE if args.cell_model else ScoreRule()
-    rule = dataclasses.replace(base, combine=args.combine or base.combine, negative=args.negative, crop=args.crop,
-                               image_weight=base.image_weight if args.image_weight is None else args.image_weight,
-                               partial_scale=args.partial_scale)
+    base = load_rule(args.rule) if args.rule else COMBINED_RULE if args.cell_model else ScoreRule()
+    given = {"combine": args.combine, "image_weight": args.image_weight, "partial_scale": args.partial_scale,
+             "cam_weight": args.cam_weight, "negative": args.negative, "crop": args.crop}
+    rule = dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
     out = args.out or working_dir() / "submission.csv"
     written = submit(args.model, _data_dir(args.data), out, method=args.segmentation, rule=rule,
                      confidence_floor=args.confidence_floor, batch_size=args.batch_size, cell_run_dir=args.cell_model,
-                     **_segmentation_options(args))
+                     weights=args.weights, cell_weights=args.cell_weights, tta=args.tta, **_segmentation_options(args))
     print(f"wrote {written}")
 
 
 # --- compare ------------------------------------------------------------------------------
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="cell mAP of the image model, the cell model and both, on images with true cells")
-    p.add_argument("--model", type=Path, required=True, metavar="RUN", help="an image run folder")
-    p.add_argument("--cell-model", type=Path, required=True, metavar="CELL_RUN", help="a cell run folder (train --level cell)")
+    p = sub.add_parser("compare", help="cell mAP of every scoring (image, cell, CAM, combined, tuned, ensembles, "
+                                       "TTA) on images with true cells")
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
+                   help="an image run folder; several (e.g. the runs of each fold) add ensemble rows")
+    p.add_argument("--cell-model", type=Path, nargs="+", required=True, metavar="CELL_RUN",
+                   help="a cell run folder (train --level cell), or several")
+    p.add_argument("--no-tta", action="store_true", help="leave out the rows with test-time augmentation (8× work)")
+    p.add_argument("--out", type=Path, default=None, metavar="RULE_JSON",
+                   help="write the best row's rule here, for submit --rule")
     p.add_argument("--data", type=Path, default=None,
                    help="a sample with true cells (masks/, cells.csv); its test images are scored (default: 400 "
                         "held-out images from the sample generator with seed 1, hpa_nb.core.env.EVALUATION_SAMPLE, "
@@ -141,8 +157,6 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
                    help="how the scored cells are found; masks: the true cells (no segmentation error)")
     _hpacellseg_option(p)
-    p.add_argument("--image-weight", type=float, default=COMBINED_RULE.image_weight,
-                   help="the combined rule's image weight (image ** w * cell ** (1 - w))")
     p.set_defaults(handler=_compare)
 
 
@@ -151,15 +165,16 @@ def _compare(args: argparse.Namespace) -> None:
     data = args.data if args.data is not None else ensure_evaluation_sample()
     if not (data / "cells.csv").is_file():  # before loading two models
         raise FileNotFoundError(f"{data / 'cells.csv'} does not exist: compare needs true cells (a sample)")
-    image_model = load_classifier(args.model)
-    cell_model = load_classifier(args.cell_model, level="cell")
+    image_models = [load_classifier(folder) for folder in args.model]
+    cell_models = [load_classifier(folder, level="cell") for folder in args.cell_model]
     masks = args.segmentation == "masks"
-    comparison = compare_models(image_model, cell_model, data, method="classical" if masks else args.segmentation,
-                                combined_rule=dataclasses.replace(COMBINED_RULE, image_weight=args.image_weight),
-                                use_truth_masks=masks, **_segmentation_options(args))
-    images = len(next(iter(comparison.evaluations.values())).predictions)
-    print(f"{images} test images of {data}, cells: {args.segmentation}")
+    comparison = compare_models(image_models, cell_models, data, method="classical" if masks else args.segmentation,
+                                use_truth_masks=masks, tta=not args.no_tta, **_segmentation_options(args))
+    print(f"{len(comparison.images)} test images of {data}, cells: {args.segmentation}; tuned rows: each "
+          f"image under weights tuned on the other {TUNING_PARTS - 1} of {TUNING_PARTS} parts")
     print(comparison.table().round(3).to_string(index=False))
+    if args.out:
+        print(f"wrote {comparison.write_rule(args.out)} (the rule of '{comparison.best().name}')")
 
 
 # --- kaggle -------------------------------------------------------------------------------
@@ -185,6 +200,9 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
                            "(03_train: its run; 00_prepare: its shards)")
     push.add_argument("--attach", action="append", default=[], metavar="NAME|OWNER/KERNEL",
                       help="attach another kernel's output (repeatable), e.g. 05_submission --attach 07_cell_train")
+    push.add_argument("--fold", type=int, metavar="K", help="03_train: train fold K (with --folds) as a kernel of its "
+                                                             "own, hpa-03-train-fold-K, so all folds can be attached")
+    push.add_argument("--folds", type=int, default=5, help="with --fold: how many folds (default 5)")
     push.add_argument("--shards", metavar="OWNER/KERNEL",
                       help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
@@ -212,7 +230,7 @@ def _kaggle(args: argparse.Namespace) -> None:
         print(f"wrote {kernels.write_root_metadata()}")
     elif args.kaggle_action == "push":
         folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
-                             attach=args.attach,
+                             attach=args.attach, fold=None if args.fold is None else (args.fold, args.folds),
                              enable_internet=False if args.no_internet else None,
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
@@ -233,8 +251,9 @@ def _kaggle(args: argparse.Namespace) -> None:
 # --- evaluate -----------------------------------------------------------------------------
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a training run on held-out images: predictions.csv, metrics.json, plots")
-    p.add_argument("--model", type=Path, required=True, metavar="RUN",
-                   help="training run folder (model.keras, config.json, split.csv)")
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
+                   help="training run folder (model.keras, config.json, split.csv); several: their average")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="the runs' weights (default equal)")
     p.add_argument("--data", help="labelled competition-layout folder (default: the run's data_dir from config.json)")
     p.add_argument("--out", type=Path, default=None, help="folder to write (default: RUN/eval_SPLIT)")
     p.add_argument("--split", choices=("val", "all"), default="val",
@@ -248,12 +267,27 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    if not args.model.is_dir():
-        raise FileNotFoundError(f"run folder {args.model} does not exist")
     result = evaluate(args.model, _data_dir(args.data) if args.data else None, args.out, split=args.split,
-                      tta=args.tta, batch_size=args.batch_size, thresholds=args.thresholds)
+                      tta=args.tta, batch_size=args.batch_size, thresholds=args.thresholds, weights=args.weights)
     print(format_table(result.metrics))
     print(f"wrote {', '.join(str(path) for path in result.files)}")
+
+
+# --- folds --------------------------------------------------------------------------------
+def _folds_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("folds", help="gather fold runs' held-out predictions into out-of-fold figures")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="the runs of every fold (train --folds K --fold k); "
+                                                                     "several of one fold are averaged")
+    p.add_argument("--data", default=None, help="their labelled data folder (default: the first run's)")
+    p.add_argument("--out", type=Path, default=None, help="write the out-of-fold predictions here (predictions.csv)")
+    p.set_defaults(handler=_folds)
+
+
+def _folds(args: argparse.Namespace) -> None:
+    gathered = folds.gather(args.runs, args.data)
+    print(gathered.table().round(4).to_string(index=False))
+    if args.out:
+        print(f"wrote {gathered.write(args.out)}")
 
 
 # --- shard + bench (data) -----------------------------------------------------------------
@@ -345,8 +379,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a multi-label classifier and write a run folder",
                        description="Options left out take the TrainConfig defaults, or the quick values with "
                                    "--quick; options given always win (--quick --epochs 1).")
-    p.add_argument("--data", default=None, help="data folder (default: discovered; off Kaggle the default sample)")
+    p.add_argument("--data", default=None, nargs="+", metavar="FOLDER",
+                   help="data folder (default: discovered; off Kaggle the default sample); more folders in the "
+                        "competition layout are extra sources, only trained on (their IDs must not collide)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: out/run, /kaggle/working/run)")
+    p.add_argument("--folds", type=int, help="K-fold training: K multi-label stratified folds, --fold held out")
+    p.add_argument("--fold", type=int, help="the fold held out (0..K-1) with --folds")
     p.add_argument("--quick", action="store_true", help="tiny CNN from scratch, 64 px, 5 epochs: CI and smoke runs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     p.add_argument("--resume-from", metavar="RUN_OR_KERNEL",
@@ -384,7 +422,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
 
-TRAIN_OPTIONS = ("shards", "level", "tiles", "relabel", "split_from", "image_size", "channels", "backbone", "weights", "epochs", "batch_size",
+TRAIN_OPTIONS = ("shards", "folds", "fold", "level", "tiles", "relabel", "split_from", "image_size", "channels", "backbone", "weights", "epochs", "batch_size",
                  "steps_per_epoch", "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
                  "allow_sample_data", "allow_cpu")
 
@@ -397,14 +435,17 @@ def _train(args: argparse.Namespace) -> None:
     explicit["deadline"] = time.time() + args.hours * 3600 if args.hours else None  # never a saved run's old one
     # A resumed run keeps the options it was started with; the ones given now go on top.
     previous = inputs.previous_run(args.resume_from) if args.resume_from else out if args.resume else None
+    data, *extra = args.data or [None]
+    if extra:
+        explicit["extra_data"] = [str(_data_dir(folder)) for folder in extra]
     if previous is not None and run.RunFolder(previous).config.is_file():
         saved = run.load_config(previous)
         kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
-        explicit["data_dir"] = str(_data_dir(args.data or kept))
+        explicit["data_dir"] = str(_data_dir(data or kept))
         config = dataclasses.replace(saved, resume=True, resume_from=str(previous) if args.resume_from else None,
                                      **explicit)
     else:
-        explicit["data_dir"] = str(_data_dir(args.data))
+        explicit["data_dir"] = str(_data_dir(data))
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
     if config.relabel:  # a step of its own, before the cell run that reads its targets
         relabel.relabel(config)
@@ -416,7 +457,7 @@ def _train(args: argparse.Namespace) -> None:
 
 # In the order of the workflow, which is the order `--help` lists them.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _submit_parser, _compare_parser, _bench_parser, _kaggle_parser,
+    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _folds_parser, _submit_parser, _compare_parser, _bench_parser, _kaggle_parser,
 ]
 
 

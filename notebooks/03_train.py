@@ -38,6 +38,9 @@ IMAGE_SIZE = None  # None: 384 (full) / 64 (quick)
 CHANNELS = None  # None: "rgb"; "rgby" adds the yellow ER stain as a 4th input channel
 EPOCHS = None  # None: 20 (full) / 5 (quick)
 BATCH_SIZE = None  # per replica; None: 16. The global batch is this x replicas
+FOLDS = None  # K-fold training: None, one split by the validation fraction; K, fold FOLD of K stratified folds held out
+FOLD = 0  # the fold held out (0..FOLDS-1); push one version per fold (`kaggle push 03_train --fold k`)
+EXTRA_DATA = []  # more folders in the competition layout (e.g. public HPA images attached as a dataset), trained on only
 ALLOW_SAMPLE_DATA = False  # on Kaggle a full run refuses the synthetic sample unless this is True
 ALLOW_CPU = False  # on Kaggle a full run refuses to train on a CPU unless this is True
 HOURS = 8.0  # on Kaggle, stop after the epoch in hand once the next would end past this (a TPU session ends at 9 h)
@@ -56,6 +59,7 @@ DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
 RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
 config = train.TrainConfig.make(QUICK, data_dir=str(DATA), out_dir=str(RUN), backbone=BACKBONE, weights=WEIGHTS,
                                 image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE,
+                                folds=FOLDS, fold=FOLD if FOLDS else None, extra_data=list(EXTRA_DATA) or None,
                                 resume_from=RESUME_FROM or None, shards=SHARDS or None,
                                 allow_sample_data=ALLOW_SAMPLE_DATA, allow_cpu=ALLOW_CPU,
                                 deadline=time.time() + HOURS * 3600 if env.on_kaggle() else None)

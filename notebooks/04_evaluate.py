@@ -23,7 +23,8 @@
 # - predict the held-out split, reproduced from the run's saved config;
 # - report per-class ROC AUC, average precision and F1, with macro and micro averages;
 # - plot per-class scores and precision–recall curves;
-# - look at predictions next to their images, and name the weakest classes.
+# - look at predictions next to their images, and see where the model looks (class activation maps);
+# - name the weakest classes.
 
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: the data the run was trained on, found again here (the competition wherever it is mounted)
@@ -31,12 +32,14 @@ RUN_DIR = ""  # empty: on Kaggle the attached output of 03_train; elsewhere <wor
 QUICK = True  # off Kaggle only: the size of the run trained first when there is none (on Kaggle none is trained)
 TTA = False  # average over the 8 flips and rotations (8x the prediction time)
 N_EXAMPLES = 8
+N_CLASS_MAPS = 4  # held-out images whose class activation maps are drawn
 
 # %%
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
 from hpa_nb.core import env
-from hpa_nb.data import pipeline
-from hpa_nb.plots import charts, figures
+from hpa_nb.cells import cam
+from hpa_nb.data import competition, pipeline
+from hpa_nb.plots import cells as cell_plots, charts, figures
 from hpa_nb.training import evaluate, inputs, run, train
 
 RUN = train.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)
@@ -89,6 +92,20 @@ rows = [result.ids.index(image_id) for image_id in ids]
 figures.saved(charts.prediction_grid(images, label_rows, result.y_score[rows], ids), OUT / "sample_predictions")
 
 # %% [markdown]
+# ## Where the model looks: class activation maps
+# The head is global average pooling then one dense layer, so each class's score is the average over the image of a
+# map: the backbone's last features weighted by that class's dense weights (CAM, exact, no gradients). Bright where
+# the class's evidence is. For each image: the true classes (black titles) and the two strongest classes it lacks
+# (red), each with the image-level probability. Pooled inside a cell's mask, the same map gives that cell's CAM
+# score, the third way to score cells beside the image and cell models (`python -m hpa_nb compare` measures it).
+
+# %%
+labels = dict(zip(*competition.load_labels(DATA)[["ID", "Label"]].to_numpy().T))
+views = cam.class_map_views(run.load_model(RUN), config.image_size, config.channels, DATA,
+                            result.ids[:N_CLASS_MAPS], labels)
+figures.saved(cell_plots.class_map_figure(views), OUT / "class_maps")
+
+# %% [markdown]
 # ## Where the model is weak
 # The classes with the lowest average precision are where to look first: more data, a larger input size,
 # the yellow channel (`rgby`), or a pretrained backbone usually help most.
@@ -102,6 +119,6 @@ weakest
 # ## What we have
 # - held-out predictions in `predictions.csv` and every score in `metrics.json` (in the working dir);
 # - per-class AUC/AP bars and precision–recall curves;
-# - example predictions with their images;
+# - example predictions with their images, and the class maps of a few;
 # - the weakest classes, the first place to improve. Next: `05_submission` turns image-level predictions
 #   into cell-level ones and writes a competition submission.

@@ -20,8 +20,9 @@
 # HPA-Cell-Segmentation took 16–22 s per 2048 px image on these 2 cores, so about 3 hours on a CPU.
 #
 # In this notebook we will:
-# - find the image run of `03_train`, and the cell run of `07_cell_train` when it is attached (on Kaggle, their
-#   attached outputs wherever Kaggle mounted them), and say which models and which rule score the cells;
+# - find every image run attached (`03_train`, and its fold kernels), and every cell run of `07_cell_train` (on
+#   Kaggle, their outputs wherever Kaggle mounted them), average each kind into one ensemble, and say which models and
+#   which rule score the cells;
 # - segment every test image once and score each of its cells;
 # - overlay the cells found on a few images, next to the sample's true cells, with each cell's top classes;
 # - measure the local cell mAP (mask IoU ≥ 0.6, the competition's metric) on held-out images;
@@ -29,12 +30,16 @@
 
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
-RUN_DIR = ""  # empty: on Kaggle the attached output of 03_train; elsewhere <working dir>/run. Or a folder, OWNER/KERNEL
-CELL_RUN_DIR = ""  # empty: the cell run of 07_cell_train if attached (elsewhere <working dir>/cell_run if there); "none": image run alone
+RUN_DIR = ""  # empty: on Kaggle every image run attached (03_train, its fold kernels); elsewhere <working dir>/run.
+# Or folders / OWNER/KERNEL references, comma-separated. Several runs are averaged (an ensemble).
+CELL_RUN_DIR = ""  # empty: every cell run attached (07_cell_train; elsewhere <working dir>/cell_run if there); "none": image runs alone
 QUICK = True  # off Kaggle only: the size of the image run trained first when there is none (on Kaggle none is trained)
 SEGMENTATION = "auto"  # hpacellseg when its offline folder is attached (README), else classical; or name one
 IMAGE_WEIGHT = 0.7  # image run alone: cell score = IMAGE_WEIGHT * image probability + (1 - IMAGE_WEIGHT) * cell-crop probability
 PARTIAL_SCALE = 1.0  # scores of cells cut off by the image's edge x this (the hosts' advice is 0); 07 measures both
+CAM_WEIGHT = 0.0  # the CAM cell score's weight (the image model's class maps inside each cell), from the cell term's
+RULE_FILE = ""  # a rule tuned by `compare --out` (attached or local): its weights replace the three above
+TTA = False  # average every image, crop and tile over the 8 flips and rotations (8x the model time)
 N_PREVIEW = 3
 
 # %%
@@ -49,14 +54,16 @@ from hpa_nb.training import inputs, train
 from hpa_nb.cells import scoring, submit
 
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
-RUN = train.image_run(RUN_DIR, consumer="05_submission", quick=QUICK)
-CELL_RUN = None if CELL_RUN_DIR == "none" else inputs.find("cell_run", CELL_RUN_DIR, consumer="05_submission",
-                                                            required=False)
-classifier = scoring.load_classifier(RUN)
-cell_model = scoring.load_classifier(CELL_RUN, level="cell") if CELL_RUN else None
-rule = submit.choose_rule(cell_model is not None, image_weight=IMAGE_WEIGHT, partial_scale=PARTIAL_SCALE)
+RUNS = (inputs.find_all("image_run", RUN_DIR, consumer="05_submission", required=env.on_kaggle())
+        or [train.image_run(consumer="05_submission", quick=QUICK)])  # off Kaggle, with none there: a quick one
+CELL_RUNS = [] if CELL_RUN_DIR == "none" else inputs.find_all("cell_run", CELL_RUN_DIR, consumer="05_submission",
+                                                               required=False)
+classifier = scoring.load_ensemble(RUNS, tta=TTA)
+cell_model = scoring.load_ensemble(CELL_RUNS, level="cell", tta=TTA) if CELL_RUNS else None
+rule = (submit.load_rule(RULE_FILE) if RULE_FILE else
+        submit.choose_rule(cell_model is not None, IMAGE_WEIGHT, PARTIAL_SCALE, cam_weight=CAM_WEIGHT))
 test_ids = submit.read_submission_ids(DATA)
-print(f"{len(test_ids)} test images; " + submit.describe_scoring(RUN, CELL_RUN, rule))
+print(f"{len(test_ids)} test images; " + submit.describe_scoring(RUNS, CELL_RUNS, rule) + ("; TTA x8" if TTA else ""))
 if SEGMENTATION == "auto":
     SEGMENTATION, why = hpacellseg_offline.choose_segmentation()
     print(why)

@@ -28,7 +28,8 @@
 # - prepare the cell run: checks, accelerator, the image run's split carried over to the cells, the model;
 # - call `fit`, which projects the whole run from its first steps and stops after the epoch in hand at `HOURS`;
 # - compare a few cells' image-model and cell-model scores;
-# - give the local cell mAP of the image model, the cell model and the two combined, in both readings.
+# - give the local cell mAP of the image model, the cell model, the CAM cell score and their combinations, tuned on
+#   other images than those reported, with and without TTA, in both readings.
 
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
@@ -57,7 +58,7 @@ from hpa_nb.data import tiles
 from hpa_nb.sample import sources
 from hpa_nb.training import inputs, run, train
 from hpa_nb.training.config import TrainConfig
-from hpa_nb.cells import relabel, scoring, submit
+from hpa_nb.cells import compare, relabel, scoring
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
@@ -125,30 +126,37 @@ if has_truth:
     display(pd.DataFrame(rows))
 
 # %% [markdown]
-# ## The local cell mAP: image model, cell model, both
+# ## The local cell mAP: every scoring, with and without TTA
 # Scored on held-out images with true cells, each segmented once, in both readings of the metric
-# (`05_submission` explains them). "image × cell" is the combined rule of `submit --cell-model`:
-# `image ** 0.3 * cell ** 0.7`, then a cell where no class is likely becomes Negative. The sample's own
-# held-out images (50 validation and 16 test images) are too few to tell scorings apart: a class seen in one
-# image only, on one cell, moves the mAP by 0.04 when that cell changes rank. So the comparison runs on 400 fresh
-# images from the same generator with another seed, which neither model has seen
-# (`python -m hpa_nb compare --model RUN --cell-model CELL_RUN` gives the same table).
+# (`05_submission` explains them). The rows:
+# - **image model**: the image run's own rule (its image-level score blended with the cell shown alone);
+# - **cell model**: the cell model's score of each cell's tile;
+# - **CAM**: the image model's class activation maps pooled inside each cell (`04_evaluate` draws them);
+# - **image × cell**: the rule of `submit --cell-model`, `image ** 0.3 * cell ** 0.7`, then a cell where no class is
+#   likely becomes Negative; and the same with the scores of cells cut off by the image's edge times 0, the hosts'
+#   advice ("if more than half of the cell is not present, don't predict it");
+# - **image × cell × CAM, tuned**: the three terms' weights and the edge scale, cross-tuned: the images are dealt into
+#   4 parts, and each part is scored under the weights tuned on the other 3 (`hpa_nb.cells.compare.cross_tune`), so
+#   no image is scored with weights tuned on it;
+# - with TTA: the same rows with every image and tile averaged over its 8 flips and rotations.
 #
-# The last row follows the hosts' advice on cells cut off by the image's edge ("if more than half of the cell
-# is not present, don't predict it"): the combined scores of a partial cell (`crops.partial_cells`) times 0.
-# `05_submission` takes it (`PARTIAL_SCALE = 0`) where it measures better. This comparison segments with
-# scikit-image, so it runs off Kaggle (on Kaggle only the synthetic sample has true cells, and the TPU image
-# lacks scikit-image).
+# The sample's own held-out images (50 validation and 16 test images) are too few to tell scorings apart: a class
+# seen in one image only, on one cell, moves the mAP by 0.04 when that cell changes rank. So the comparison runs on 400
+# fresh images from the same generator with another seed, which neither model has seen
+# (`python -m hpa_nb compare --model RUN --cell-model CELL_RUN` gives the same table;
+# with the runs of several folds it adds ensemble rows). This comparison segments with scikit-image, so it runs off
+# Kaggle (on Kaggle only the synthetic sample has true cells, and the TPU image lacks scikit-image).
 
 # %%
 if has_truth and not env.on_kaggle():
     evaluation = env.Path(EVAL_DATA) if EVAL_DATA else sources.ensure_evaluation_sample()
-    comparison = submit.compare_models(image_model, cell_model, evaluation, progress=False)
-    print(f"{len(comparison.evaluations['cell model'].predictions)} held-out images of {evaluation}")
+    comparison = compare.compare_models(image_model, cell_model, evaluation, progress=False)
+    print(f"{len(comparison.images)} held-out images of {evaluation}")
     display(comparison.table().round(3))
-    maps = {name: e.cell_maps["challenge"] for name, e in comparison.evaluations.items()}
+    maps = {(s.name, s.tta): s.maps["challenge"] for s in comparison.scorings}
     # the headline, checked (CI fails here): the cell model tells cells apart, the image model cannot
-    assert maps["cell model"] > maps["image model"] + 0.03 and maps["image × cell"] > maps["image model"], maps
+    assert maps[("cell model", False)] > maps[("image model", False)] + 0.03, maps
+    assert maps[("image × cell", False)] > maps[("image model", False)], maps
 # %% [markdown]
 # ## What we have
 # - a cell model trained on weak labels, split by image as the image run was, in `cell_run/` (the kernel's

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_nb.cells import scoring, submit
+from hpa_nb.cells import compare, scoring
 from hpa_nb.cells.relabel import refine, relabel
 from hpa_nb.cells.scoring import CellClassifier, ScoreRule, predict_cells, rescore
 from hpa_nb.core.labels import N_CLASSES, NEGATIVE, parse_label
@@ -127,30 +128,33 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
     assert f"and cell run {trained_cell_run}" in result.err and "under the image × cell rule: geometric" in result.err
     wrong = cli("submit", "--model", trained_cell_run, "--data", small_sample, "--out", tmp_path / "t.csv")
     assert wrong.status == 2 and "holds a cell-level model" in wrong.errors[0]
-    comparison = submit.compare_models(scoring.load_classifier(trained_run),
-                                       scoring.load_classifier(trained_cell_run, level="cell"), small_sample,
-                                       use_truth_masks=True, progress=False)
+    comparison = compare.compare_models(scoring.load_classifier(trained_run),
+                                        scoring.load_classifier(trained_cell_run, level="cell"), small_sample,
+                                        use_truth_masks=True, progress=False, tta=False)
     table = comparison.table()
-    assert table["scoring"].tolist() == ["image model", "cell model", "image × cell", "image × cell, edge cells × 0"]
+    assert table["scoring"].tolist() == ["image model", "cell model", "CAM", "image × cell",
+                                         "image × cell, edge cells × 0", "image × cell × CAM, tuned"]
     values = table[["cell mAP (challenge)", "cell mAP (all classes)"]].to_numpy()
     assert ((values >= 0) & (values <= 1)).all()
-    cells = comparison.evaluations
-    assert not np.allclose(cells["cell model"].predictions[written["ID"][0]].scores,
-                           cells["image model"].predictions[written["ID"][0]].scores)
+    reported = comparison.images[0]
+    assert not np.allclose(comparison["cell model"].predictions[reported].scores,
+                           comparison["image model"].predictions[reported].scores)
+    assert not np.allclose(comparison["CAM"].predictions[reported].scores,
+                           comparison["image model"].predictions[reported].scores)
     # the hosts' advice: cells cut off by the edge get no score; every other cell keeps its combined score
     # (this sample's cells are whole: test_cells scores partial ones)
-
-    for image_id, combined in cells["image × cell"].predictions.items():
-        dropped = cells["image × cell, edge cells × 0"].predictions[image_id]
+    for image_id, combined in comparison["image × cell"].predictions.items():
+        dropped = comparison["image × cell, edge cells × 0"].predictions[image_id]
         partial = partial_cells(combined.mask, combined.cell_ids)
         np.testing.assert_allclose(dropped.scores[~partial], combined.scores[~partial], rtol=1e-6)
         assert not dropped.scores[partial].any()
     printed = cli("compare", "--model", trained_run, "--cell-model", trained_cell_run, "--data", small_sample,
-                  "--segmentation", "masks")
+                  "--segmentation", "masks", "--no-tta")
     assert printed.status == 0, printed.err[-2000:]
-    rows = [line.rsplit(None, 2) for line in printed.out.splitlines() if line.strip().startswith(("image", "cell"))]
-    assert [row[0].strip() for row in rows] == table["scoring"].tolist()
-    np.testing.assert_allclose(np.array([row[1:] for row in rows], float), values, atol=6e-4)
+    rows = [re.match(r"\s*(.+?)\s+no\s+([\d.]+)\s+([\d.]+)\s", line) for line in printed.out.splitlines()]
+    rows = [row for row in rows if row]
+    assert [row.group(1) for row in rows] == table["scoring"].tolist()
+    np.testing.assert_allclose(np.array([row.groups()[1:] for row in rows], float), values, atol=6e-4)
     no_truth = cli("compare", "--model", trained_run, "--cell-model", trained_cell_run, "--data", tmp_path)
     no_truth.assert_one_error_line(f"{tmp_path / 'cells.csv'} does not exist: compare needs true cells (a sample)")
 

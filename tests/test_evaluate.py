@@ -12,8 +12,8 @@ from hpa_nb import cli
 from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES, label_matrix
 from hpa_nb.core.metrics import f1_score, image_metrics
 from hpa_nb.training import run as run_folder
-from hpa_nb.training.evaluate import (DIHEDRAL_TRANSFORMS, evaluate, format_table, predict, read_predictions,
-                                      write_predictions)
+from hpa_nb.training.evaluate import evaluate, format_table
+from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, predict, read_predictions, write_predictions
 from hpa_nb.training.run import load_split
 
 

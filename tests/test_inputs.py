@@ -56,6 +56,21 @@ def test_the_producers_own_output_wins_over_a_shallower_one(tmp_path):
     assert inputs.find("image_run", input_root=root, environ=KAGGLE) == other
 
 
+def test_every_run_attached_is_found_for_an_ensemble(tmp_path):
+    root = tmp_path / "input"
+    fold1 = _run_folder(root / "hpa-03-train-fold-1" / "run")
+    fold0 = _run_folder(root / "notebooks" / "alice" / "hpa-03-train" / "run")
+    _run_folder(root / "notebooks" / "alice" / "hpa-07-cell-train" / "cell_run", level="cell")
+    assert inputs.find_all("image_run", input_root=root, environ=KAGGLE) == [fold0, fold1]  # the producer's first
+    assert inputs.find_all("image_run", "hpa-03-train-fold-1, alice/hpa-03-train", input_root=root,
+                           environ=KAGGLE) == [fold1, fold0]
+    assert inputs.find_all("cell_run", input_root=root, environ=KAGGLE) == [root / "notebooks" / "alice" /
+                                                                            "hpa-07-cell-train" / "cell_run"]
+    with pytest.raises(inputs.MissingInputError, match="no cell tiles attached under"):
+        inputs.find_all("tiles", input_root=root, environ=KAGGLE)
+    assert inputs.find_all("tiles", input_root=root, environ=KAGGLE, required=False) == []
+
+
 def test_a_run_of_the_other_level_or_without_a_model_is_not_taken(tmp_path):
     root = tmp_path / "input"
     _run_folder(root / "hpa-07-cell-train" / "cell_run", level="cell")

@@ -42,6 +42,8 @@ QUICK = False
 EPOCHS = 30
 RESUME_FROM = ""
 SHARDS = ""
+FOLDS = None
+FOLD = 0
 
 # %%
 import json
@@ -463,6 +465,14 @@ def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(c
     with pytest.raises(ValueError, match="has no parameter SHARDS"):  # a notebook that would ignore it
         kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
                     shards="alice/hpa-00-prepare")
+    # --fold: a kernel of its own per fold, with the notebook's FOLDS and FOLD set
+    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, fold=(1, 3))
+    metadata = json.loads((folder / "kernel-metadata.json").read_text())
+    assert (metadata["id"], metadata["title"]) == ("alice/hpa-03-train-fold-1", "HPA 03 Train Fold 1")
+    source = "".join(json.loads((folder / "03_train.ipynb").read_text())["cells"][injected]["source"])
+    assert "FOLDS = 3" in source and "FOLD = 1" in source
+    with pytest.raises(ValueError, match="--fold 3 --folds 3"):
+        kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, fold=(3, 3))
     # --attach: the cell run beside the table's image run, by notebook name (the user's kernel) or OWNER/KERNEL
     folder = kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
                          attach=["07_cell_train", "bob/hpa-07-cell-train"])

@@ -25,6 +25,7 @@ import pytest
 from hpa_nb.core.env import COMPETITION
 from hpa_nb.data import shards, tiles
 from hpa_nb.training import run
+from hpa_nb.training.predictions import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "build" / "kaggle"
@@ -128,7 +129,8 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     assert (session.outputs["00_prepare"] / shards.SHARD_DIR / shards.MANIFEST).is_file()
     session.mount(session.outputs["00_prepare"], "hpa-00-prepare")  # the classic depth
 
-    printed = session.run("03_train", *quick, "-p", "EPOCHS", "2")
+    folds = ("-p", "FOLDS", "2")
+    printed = session.run("03_train", *quick, *folds, "-p", "FOLD", "0", "-p", "EPOCHS", "2")
     assert "data: compact shards" in printed and "hpa-00-prepare" in printed  # found without SHARDS set
     assert "projection: training" in printed
     assert "hpa_nb sources" in printed and str(REPO) not in printed  # the embedded copy, not the repository
@@ -140,10 +142,18 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # nested
 
     # the next version goes on from the first one's output, attached as its input (`push --resume-from`)
-    printed = session.run("03_train", *quick, "-p", "EPOCHS", "3", "-p", "RESUME_FROM", "alice/hpa-03-train")
+    printed = session.run("03_train", *quick, *folds, "-p", "FOLD", "0", "-p", "EPOCHS", "3",
+                          "-p", "RESUME_FROM", "alice/hpa-03-train")
     assert "continuing after epoch 2" in printed
     assert run.load_history(session.outputs["03_train"] / run.FOLDER)["epoch"].tolist() == [0, 1, 2]
-    session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # the newest version's output
+    fold0 = session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train") / run.FOLDER  # the newest
+    # the other fold, a kernel of its own (`kaggle push 03_train --fold 1 --folds 2`), attached beside the first
+    session.run("03_train", *quick, *folds, "-p", "FOLD", "1", "-p", "EPOCHS", "2")
+    fold1 = session.mount(session.outputs["03_train"], "hpa-03-train-fold-1") / run.FOLDER
+    held = [run.load_split(folder)["val"] for folder in (fold0, fold1)]
+    assert sorted(held[0] + held[1]) == sorted(pd.read_csv(small_sample / "train.csv", dtype=str)["ID"])
+    for folder, ids in zip((fold0, fold1), held):  # written under DataParallel over 8 devices, padded batches
+        assert read_predictions(run.RunFolder(folder).oof)[0] == ids
     # the competition is mounted elsewhere from now on: the next kernels must find it again
     session.unmount(f"competitions/{COMPETITION}")
     session.mount(small_sample, COMPETITION)
@@ -152,6 +162,7 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     printed = session.run("04_evaluate")
     assert "notebooks/alice/hpa-03-train/run" in printed and not _trained(printed, session.outputs["04_evaluate"])
     assert (session.outputs["04_evaluate"] / "04_evaluate" / "metrics.json").is_file()
+    assert (session.outputs["04_evaluate"] / "04_evaluate" / "class_maps.png").is_file()
 
     # the cell kernel pushed before 06_cells' output is attached: one line naming it, before any work
     stopped = session.run("07_cell_train", *quick, fails=True)
@@ -164,6 +175,7 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     session.mount(session.outputs["06_cells"], "hpa-06-cells")
 
     image_only = session.run("05_submission")
+    assert "an ensemble of 2 image runs" in image_only and "hpa-03-train-fold-1/run" in image_only
     assert "under the image model's rule" in image_only and not _trained(image_only, session.outputs["05_submission"])
     first = pd.read_csv(session.outputs["05_submission"] / "submission.csv", keep_default_na=False)
 

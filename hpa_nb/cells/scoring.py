@@ -16,15 +16,18 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hpa_nb.cells.cam import ClassMaps, cell_scores
 from hpa_nb.core.labels import N_CLASSES, NEGATIVE
 from hpa_nb.core.metrics import CellPredictions
 from hpa_nb.data.crops import CROPS, cell_crops, cell_ids_of, partial_cells, resize_image
 from hpa_nb.segmentation.backends import segment
 from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed, image_folder, read_channels, stack_channels
+from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, transform_names
 from hpa_nb.training.run import RunFolder, load_config, load_model
 
 Classifier = Callable[[np.ndarray], np.ndarray]
+CamScorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (image, mask, cell ids) → [N, 19]
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,67 @@ class CellClassifier:
     predict: Classifier
     image_size: int
     channels: str = "rgb"
+    # The CAM cell score (`hpa_nb.cells.cam`): the image ``[H, W, C]`` (0–255, these channels), its mask and cell ids
+    # to ``[N, 19]``; None for a model without the GAP → Dense head.
+    cam: CamScorer | None = None
+    name: str = ""  # the run it came from, in words
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.predict(batch), np.float32)
 
+    def cam_scores(self, image: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+        if self.cam is None:
+            raise ValueError(f"{self.name or 'this model'} has no class activation maps (no GAP → Dense head)")
+        return self.cam(image, mask, cell_ids)
+
+    def with_tta(self, transforms: Sequence[str] | None = None) -> "CellClassifier":
+        """This classifier with test-time augmentation: every batch (whole image, crops, tiles) predicted under
+        the flips and rotations `transforms` (default all 8 of `DIHEDRAL_TRANSFORMS`), averaged. The CAM stays."""
+        names = transform_names(True, transforms)
+
+        def predict(batch: np.ndarray) -> np.ndarray:  # every transform in one call: the classifier batches it
+            batch = np.asarray(batch)
+            stacked = np.concatenate([DIHEDRAL_TRANSFORMS[name](batch) for name in names])
+            return np.asarray(self.predict(stacked), np.float32).reshape(len(names), len(batch), -1).mean(axis=0)
+
+        return dataclasses.replace(self, predict=predict, name=f"{self.name} with TTA ×{len(names)}")
+
     @classmethod
-    def from_keras(cls, model, image_size: int, channels: str, batch_size: int = 32) -> "CellClassifier":
+    def average(cls, members: Sequence["CellClassifier"], weights: Sequence[float] | None = None) -> "CellClassifier":
+        """An ensemble: the weighted average (default equal) of `members`' probabilities, and of their CAM scores.
+
+        It takes the largest member's input size, each member seeing the batch resized to its own; its channels are
+        the widest member's (``rgb`` is the first three of ``rgby``), each member reading its own."""
+        members = list(members)
+        if len(members) == 1 and weights is None:
+            return members[0]
+        if weights is None:
+            weights = [1.0] * len(members)
+        if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"{len(members)} models need {len(members)} weights ≥ 0 that are not all 0, got {list(weights)}")
+        weights = [float(w) / sum(weights) for w in weights]
+        size = max(member.image_size for member in members)
+        channels = max((member.channels for member in members), key=len)
+
+        def member_input(member: CellClassifier, batch: np.ndarray) -> np.ndarray:
+            batch = np.asarray(batch, np.float32)[..., : len(member.channels)]
+            if batch.shape[1] == member.image_size:
+                return batch
+            return np.stack([resize_image(image, member.image_size) for image in batch])
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return sum(w * member(member_input(member, batch)) for member, w in zip(members, weights))
+
+        def cam(image: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+            return sum(w * member.cam_scores(image[..., : len(member.channels)], mask, cell_ids)
+                       for member, w in zip(members, weights))
+
+        with_cam = all(member.cam is not None for member in members)
+        name = "ensemble of " + ", ".join(f"{member.name} × {w:.2f}" for member, w in zip(members, weights))
+        return cls(predict, size, channels, cam if with_cam else None, name)
+
+    @classmethod
+    def from_keras(cls, model, image_size: int, channels: str, batch_size: int = 32, name: str = "") -> "CellClassifier":
         """Wrap a Keras model with sigmoid outputs, run compiled in chunks of ``batch_size``.
 
         A chunk is padded with zeros to a power of two (at most `batch_size` rows), so the compiled predict step
@@ -58,18 +116,29 @@ class CellClassifier:
                 outputs.append(np.asarray(model.predict_on_batch(padded))[: len(chunk)])
             return np.concatenate(outputs) if outputs else np.zeros((0, N_CLASSES), np.float32)
 
-        return cls(predict, int(image_size), str(channels))
+        try:
+            maps = ClassMaps.of(model)
+        except ValueError:
+            maps = None
+
+        def cam(image: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+            return cell_scores(maps(resize_image(image, image_size)[None])[0], mask, cell_ids)
+
+        return cls(predict, int(image_size), str(channels), cam if maps is not None else None, name or model.name)
 
 
-def _combine_geometric(image: np.ndarray, cell: np.ndarray, image_weight: float) -> np.ndarray:
-    return np.power(image, image_weight) * np.power(cell, 1.0 - image_weight)
+Terms = Sequence[tuple[np.ndarray, float]]  # (probabilities, weight) pairs, the weights summing to 1
 
 
-def _combine_arithmetic(image: np.ndarray, cell: np.ndarray, image_weight: float) -> np.ndarray:
-    return image_weight * image + (1.0 - image_weight) * cell
+def _combine_geometric(terms: Terms) -> np.ndarray:
+    return np.prod([np.power(probs, weight) for probs, weight in terms], axis=0)
 
 
-COMBINERS: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
+def _combine_arithmetic(terms: Terms) -> np.ndarray:
+    return np.sum([weight * probs for probs, weight in terms], axis=0)
+
+
+COMBINERS: dict[str, Callable[[Terms], np.ndarray]] = {
     "geometric": _combine_geometric,
     "arithmetic": _combine_arithmetic,
 }
@@ -109,6 +178,9 @@ class ScoreRule:
       ``max(Negative, 1 - max(other classes))``: a cell where no class is likely is a Negative
       cell, even if the model (which sees Negative only on whole negative images) did not say so.
       ``"model"`` keeps the combined Negative probability as it is.
+    - ``cam_weight``: the weight of the CAM cell score (`hpa_nb.cells.cam`: the image model's class maps pooled
+      inside the cell), taken from the cell term's: the cell term weighs ``1 - image_weight - cam_weight``.
+      Default 0, no CAM.
     - ``partial_scale``: every score of a partial cell (`partial_cells`: it touches the image's edge
       and has less than half the image's median cell area) is multiplied by this. The host advised
       "if more than half of the cell is not present, don't predict it"; the default 1.0 leaves the
@@ -128,6 +200,7 @@ class ScoreRule:
     negative: str = "complement"
     crop: str = "frame"
     partial_scale: float = 1.0
+    cam_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINERS:
@@ -140,11 +213,25 @@ class ScoreRule:
             raise ValueError(f"image_weight {self.image_weight} is outside [0, 1]")
         if not 0.0 <= self.partial_scale <= 1.0:
             raise ValueError(f"partial_scale {self.partial_scale} is outside [0, 1]")
+        if not 0.0 <= self.cam_weight <= 1.0 - self.image_weight + 1e-9:
+            raise ValueError(f"cam_weight {self.cam_weight} is outside [0, 1 - image_weight]")
 
-    def apply(self, image_probs: np.ndarray, cell_probs: np.ndarray) -> np.ndarray:
-        """Scores ``[N, 19]`` from image probabilities ``[19]`` and cell probabilities ``[N, 19]``."""
-        image = np.broadcast_to(np.asarray(image_probs, np.float64), np.shape(cell_probs))
-        combined = COMBINERS[self.combine](image, np.asarray(cell_probs, np.float64), self.image_weight)
+    @property
+    def cell_weight(self) -> float:
+        """The cell term's weight: what the image and CAM terms leave."""
+        return max(0.0, 1.0 - self.image_weight - self.cam_weight)
+
+    def apply(self, image_probs: np.ndarray, cell_probs: np.ndarray, cam_probs: np.ndarray | None = None) -> np.ndarray:
+        """Scores ``[N, 19]`` from image probabilities ``[19]``, cell probabilities ``[N, 19]`` and, with a
+        ``cam_weight``, CAM cell scores ``[N, 19]``."""
+        shape = np.shape(cell_probs)
+        terms = [(np.broadcast_to(np.asarray(image_probs, np.float64), shape), self.image_weight),
+                 (np.asarray(cell_probs, np.float64), self.cell_weight)]
+        if self.cam_weight > 0:
+            if cam_probs is None:
+                raise ValueError("a rule with a cam_weight needs the CAM cell scores")
+            terms.append((np.asarray(cam_probs, np.float64), self.cam_weight))
+        combined = COMBINERS[self.combine]([(probs, weight) for probs, weight in terms if weight > 0])
         return np.clip(NEGATIVE_RULES[self.negative](combined), 0.0, 1.0).astype(np.float32)
 
 
@@ -162,7 +249,18 @@ def load_classifier(run_dir: Path, batch_size: int = 32, level: str = "image") -
     if config.level != level:
         raise ValueError(f"{run_dir} holds a {config.level}-level model, not the {level}-level model asked for "
                          f"(--model takes an image run, --cell-model a cell run)")
-    return CellClassifier.from_keras(load_model(run_dir), config.image_size, config.channels, batch_size)
+    return CellClassifier.from_keras(load_model(run_dir), config.image_size, config.channels, batch_size,
+                                     name=str(run_dir))
+
+
+def load_ensemble(run_dirs: Sequence[Path], weights: Sequence[float] | None = None, level: str = "image",
+                  tta: bool = False, batch_size: int = 32) -> CellClassifier:
+    """The runs' models as one classifier (`CellClassifier.average`, weights default equal), with test-time
+    augmentation if asked (`CellClassifier.with_tta`)."""
+    if not run_dirs:
+        raise ValueError(f"no {level} run given")
+    ensemble = CellClassifier.average([load_classifier(folder, batch_size, level) for folder in run_dirs], weights)
+    return ensemble.with_tta() if tta else ensemble
 
 
 def predict_cells(
@@ -180,7 +278,8 @@ def predict_cells(
     image resized to its input size, then all cells' crops (``CROPS[rule.crop]``) in one call:
     batching is the classifier's job. With a `cell_model` (trained on `hpa_nb.data.tiles`), the cell
     term is its score of each cell's tile, cut from ``cell_image`` (the image in the cell model's
-    channel order; default ``image``). Returns the cells' ids and scores ``[N, 19]``.
+    channel order; default ``image``). With a ``rule.cam_weight``, the classifier's CAM cell scores are computed too
+    and kept (`CellPredictions.cam_probs`). Returns the cells' ids and scores ``[N, 19]``.
     """
     ids = cell_ids_of(mask)
     size = classifier.image_size
@@ -188,26 +287,27 @@ def predict_cells(
         else np.ones(N_CLASSES, np.float32)
     if len(ids) == 0:
         return CellPredictions(mask, ids, np.zeros((0, N_CLASSES), np.float32), image_probs)
-    if rule.image_weight < 1 and cell_model is not None:
+    cam_probs = classifier.cam_scores(image, mask, ids) if rule.cam_weight > 0 else None
+    if rule.cell_weight > 0 and cell_model is not None:
         _, tiles = cell_crops(image if cell_image is None else cell_image, mask, cell_model.image_size, ids)
         crop_probs = cell_model(tiles)
-    elif rule.image_weight < 1:
+    elif rule.cell_weight > 0:
         # All crops at once: the image and mask are resized (or boxed) once, not once per batch.
         _, crops = CROPS[rule.crop](image, mask, size, ids)
         crop_probs = classifier(crops)
     else:
         crop_probs = np.ones((len(ids), N_CLASSES), np.float32)
-    return rescore(CellPredictions(mask, ids, np.zeros((len(ids), N_CLASSES), np.float32), image_probs, crop_probs),
-                   rule)
+    return rescore(CellPredictions(mask, ids, np.zeros((len(ids), N_CLASSES), np.float32), image_probs, crop_probs,
+                                   cam_probs), rule)
 
 
 def rescore(predictions: CellPredictions, rule: ScoreRule) -> CellPredictions:
     """The same cells scored under another `rule`, from the probabilities `predict_cells` kept: no image is read
     and no model called again. `rule` must need no other probabilities than those (the same crops or cell model,
-    and the image term whenever its ``image_weight`` is above 0)."""
+    and the image and CAM terms whenever their weights are above 0)."""
     if predictions.cell_probs is None:
         raise ValueError("these predictions kept no cell probabilities to rescore")
-    scores = rule.apply(predictions.image_probs, predictions.cell_probs)
+    scores = rule.apply(predictions.image_probs, predictions.cell_probs, predictions.cam_probs)
     if rule.partial_scale < 1:
         scores[partial_cells(predictions.mask, predictions.cell_ids)] *= np.float32(rule.partial_scale)
     return dataclasses.replace(predictions, scores=scores)

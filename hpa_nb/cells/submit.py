@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import json
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_classifier,
-                                  predict_images, rescore)
+from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_ensemble,
+                                  predict_images)
 from hpa_nb.core.files import atomic_path
 from hpa_nb.core.labels import LABEL_NAMES
 from hpa_nb.core.metrics import READINGS, CellPredictions, cell_average_precisions
@@ -145,8 +146,17 @@ def write_submission(
     return write_predictions(scored, out_csv, confidence_floor)
 
 
+Runs = Path | Sequence[Path]  # one run folder, or several: an ensemble
+
+
+def _runs(runs: Runs | None) -> list[Path]:
+    if runs is None:
+        return []
+    return [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+
+
 def submit(
-    run_dir: Path,
+    run_dir: Runs,
     data_dir: Path,
     out_csv: Path,
     method: str = "classical",
@@ -154,41 +164,66 @@ def submit(
     confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR,
     batch_size: int = 32,
     progress: bool = True,
-    cell_run_dir: Path | None = None,
+    cell_run_dir: Runs | None = None,
+    weights: Sequence[float] | None = None,
+    cell_weights: Sequence[float] | None = None,
+    tta: bool = False,
     **method_options,
 ) -> Path:
-    """Write ``out_csv`` from a training run (`load_classifier`), and a cell run's model if given; see
-    `write_submission`.
+    """Write ``out_csv`` from one training run or several (`load_ensemble`: averaged with `weights`, default equal),
+    and one cell run or several if given; see `write_submission`. With `tta`, every model's input (whole image,
+    crop, tile) is averaged over the 8 flips and rotations.
 
     `hpa_nb.segmentation.backends.segment` describes the segmentation methods and `ScoreRule` how a cell's
     confidences are made. Returns the written path.
     """
-    classifier = load_classifier(run_dir, batch_size)
-    cell_model = None if cell_run_dir is None else load_classifier(cell_run_dir, batch_size, level="cell")
-    print(f"submission: {describe_scoring(run_dir, cell_run_dir, rule)}; segmentation {method}", file=sys.stderr)
+    image_runs, cell_runs = _runs(run_dir), _runs(cell_run_dir)
+    classifier = load_ensemble(image_runs, weights, "image", tta, batch_size)
+    cell_model = load_ensemble(cell_runs, cell_weights, "cell", tta, batch_size) if cell_runs else None
+    print(f"submission: {describe_scoring(image_runs, cell_runs, rule)}; segmentation {method}"
+          + ("; TTA ×8" if tta else ""), file=sys.stderr)
     return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
                             cell_model=cell_model, **method_options)
 
 
 def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_weight,
-                partial_scale: float = ScoreRule.partial_scale) -> ScoreRule:
+                partial_scale: float = ScoreRule.partial_scale, cam_weight: float = 0.0) -> ScoreRule:
     """The rule a submission scores cells under: the image × cell rule (`COMBINED_RULE`) when a cell model is
-    there, else the image model's blend of image and crop with `image_weight`; `partial_scale` on either."""
+    there, else the image model's blend of image and crop with `image_weight`; `partial_scale` and `cam_weight`
+    (the CAM cell score's share, taken from the cell term) on either."""
     if with_cell_model:
-        return dataclasses.replace(COMBINED_RULE, partial_scale=partial_scale)
-    return ScoreRule(image_weight=image_weight, partial_scale=partial_scale)
+        return dataclasses.replace(COMBINED_RULE, partial_scale=partial_scale, cam_weight=cam_weight)
+    return ScoreRule(image_weight=image_weight, partial_scale=partial_scale, cam_weight=cam_weight)
 
 
-def describe_scoring(run_dir: Path, cell_run_dir: Path | None, rule: ScoreRule) -> str:
+def load_rule(path: str | Path) -> ScoreRule:
+    """A rule written by ``compare --out`` (`hpa_nb.cells.compare.ModelComparison.write_rule`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"rule file {path} does not exist")
+    try:
+        saved = json.loads(path.read_text())
+        return ScoreRule(**{f.name: saved[f.name] for f in dataclasses.fields(ScoreRule) if f.name in saved})
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path} is not a rule file written by compare ({exc})") from None
+
+
+def describe_scoring(run_dir: Runs, cell_run_dir: Runs | None, rule: ScoreRule) -> str:
     """One line: which models score the cells, and under which rule."""
-    image = load_config(run_dir)
-    models = f"image run {run_dir} ({image.backbone}, {image.image_size} px, {image.channels})"
-    if cell_run_dir is not None:
-        cell = load_config(cell_run_dir)
-        models += f" and cell run {cell_run_dir} ({cell.backbone}, {cell.image_size} px tiles)"
-    name = "image × cell rule" if cell_run_dir is not None else "image model's rule"
-    return (f"scoring cells with the {models}, under the {name}: {rule.combine}, image weight {rule.image_weight:g}, "
-            f"cells cut off by the edge × {rule.partial_scale:g}")
+    def described(runs: list[Path], kind: str) -> str:
+        parts = []
+        for folder in runs:
+            config = load_config(folder)
+            size = f"{config.image_size} px" + (" tiles" if kind == "cell" else f", {config.channels}")
+            parts.append(f"{kind} run {folder} ({config.backbone}, {size})")
+        return (f"an ensemble of {len(runs)} {kind} runs: " if len(runs) > 1 else "") + ", ".join(parts)
+
+    image_runs, cell_runs = _runs(run_dir), _runs(cell_run_dir)
+    models = described(image_runs, "image") + (" and " + described(cell_runs, "cell") if cell_runs else "")
+    name = "image × cell rule" if cell_runs else "image model's rule"
+    cam = f", CAM weight {rule.cam_weight:g}" if rule.cam_weight else ""
+    return (f"scoring cells with the {models}, under the {name}: {rule.combine}, image weight {rule.image_weight:g}"
+            f"{cam}, cells cut off by the edge × {rule.partial_scale:g}")
 
 
 @dataclass
@@ -230,48 +265,6 @@ def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
     maps = {reading: float(np.mean([ap for ap in aps if ap is not None] or [0.0]))
             for reading, aps in average_precisions.items()}
     return CellEvaluation(maps, average_precisions, segmentation, dict(predictions))
-
-
-@dataclass
-class ModelComparison:
-    """The local cell mAP of the image model alone, the cell model alone and the two combined, on the same cells."""
-
-    evaluations: dict[str, CellEvaluation]  # "image model", "cell model", "image × cell" → its evaluation
-
-    def table(self):
-        """One row per scoring, cell mAP in both readings."""
-        return pd.DataFrame([(name, e.cell_maps["challenge"], e.cell_maps["all_classes"])
-                             for name, e in self.evaluations.items()],
-                            columns=["scoring", "cell mAP (challenge)", "cell mAP (all classes)"])
-
-    def __str__(self) -> str:
-        return "\n".join(f"{name}: {e.describe()}" for name, e in self.evaluations.items())
-
-
-def compare_models(classifier: CellClassifier, cell_model: CellClassifier, data_dir: Path,
-                   ids: Sequence[str] | None = None, method: str = "classical", image_rule: ScoreRule = ScoreRule(),
-                   combined_rule: ScoreRule = COMBINED_RULE, use_truth_masks: bool = False,
-                   progress: bool = True, border_scale: float | None = 0.0, **method_options) -> ModelComparison:
-    """Score the test images three ways on the same cells: the image model under `image_rule`, the cell
-    model alone, and both under `combined_rule`; with `border_scale`, a fourth: both, with the scores of cells
-    cut off by the image's edge times it (0: the hosts' "if more than half of the cell is not present, don't
-    predict it"). Each image is segmented once (or its true cells used), by `method` with `method_options`."""
-    ids = read_submission_ids(data_dir) if ids is None else list(ids)
-    truth = load_cell_truth(data_dir, ids)
-    image_only = predict_images(classifier, data_dir, ids, method, image_rule,
-                                masks=truth[0] if use_truth_masks else None, progress=progress, **method_options)
-    masks = {image_id: cells.mask for image_id, cells in image_only.items()}
-    # the image and cell-model probabilities once; the other rules rescore them (`rescore`)
-    combined = predict_images(classifier, data_dir, ids, method, combined_rule, masks=masks, progress=progress,
-                              cell_model=cell_model)
-    rules = {"cell model": dataclasses.replace(combined_rule, image_weight=0.0), "image × cell": combined_rule}
-    if border_scale is not None and border_scale != combined_rule.partial_scale:
-        rules[f"image × cell, edge cells × {border_scale:g}"] = dataclasses.replace(combined_rule,
-                                                                                 partial_scale=border_scale)
-    scorings = {"image model": image_only,
-                **{name: {image_id: rescore(cells, rule) for image_id, cells in combined.items()}
-                   for name, rule in rules.items()}}
-    return ModelComparison({name: score_cells(p, data_dir, truth) for name, p in scorings.items()})
 
 
 def evaluate_cells(

@@ -233,9 +233,62 @@ def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float =
     In both, a predicted mask without pixels is dropped and a ground-truth cell without pixels is
     not counted, as the OpenImages evaluator does.
     """
-    if reading not in READINGS:
-        raise ValueError(f"reading {reading!r} is not one of {', '.join(READINGS)}")
-    unknown = sorted(set(predictions) - set(truth_masks))
+    matches = match_cells({image_id: [mask for mask, _ in cells] for image_id, cells in predictions.items()},
+                          truth_masks, truth_labels)
+    return matches.average_precisions([scores for cells in predictions.values() for _, scores in cells], iou, reading)
+
+
+@dataclass
+class CellMatches:
+    """Predicted cells matched against the true ones once (every mask IoU), to be ranked under any scores:
+    `average_precisions` costs a sort per class, so scoring rules can be compared or tuned on the same cells."""
+
+    cell_classes: dict[str, dict[int, set[int]]]  # image → true cell → its classes
+    evaluatable: dict[str, set[int]]  # image → the classes of its labelled cells
+    positives: np.ndarray  # [19] true cells per class
+    rows: list[tuple[str, np.ndarray | None]]  # per predicted cell, in order: (image, IoU with each true cell id)
+
+    def average_precisions(self, scores: Sequence, iou: float = 0.6, reading: str = "challenge") -> list[float | None]:
+        """Per-class AP (`cell_average_precisions`) with ``scores[i]`` the scores of predicted cell ``i``."""
+        if reading not in READINGS:
+            raise ValueError(f"reading {reading!r} is not one of {', '.join(READINGS)}")
+        if len(scores) != len(self.rows):
+            raise ValueError(f"{len(scores)} cells' scores for {len(self.rows)} predicted cells")
+        detections: list[list[tuple[float, str, np.ndarray]]] = [[] for _ in LABEL_NAMES]
+        for (image_id, overlap), cell_scores in zip(self.rows, scores):
+            if overlap is None:  # a mask without pixels
+                continue
+            for c, confidence in _scores_by_class(cell_scores).items():
+                if reading == "all_classes" or c in self.evaluatable[image_id]:
+                    detections[c].append((confidence, image_id, overlap))
+        results: list[float | None] = []
+        for c in range(len(LABEL_NAMES)):
+            if self.positives[c] == 0:
+                results.append(None)
+                continue
+            ranked = sorted(detections[c], key=lambda item: -item[0])  # sorted() is stable
+            matched: set[tuple[str, int]] = set()
+            true_positive = np.zeros(len(ranked))
+            for row, (_, image_id, overlap) in enumerate(ranked):
+                candidates = [cell for cell, classes in self.cell_classes[image_id].items()
+                              if c in classes and cell < overlap.size]
+                if not candidates:
+                    continue
+                best = max(candidates, key=lambda cell: overlap[cell])
+                if overlap[best] >= iou and (image_id, best) not in matched:
+                    matched.add((image_id, best))
+                    true_positive[row] = 1.0
+            results.append(_average_precision(true_positive, int(self.positives[c])))
+        return results
+
+    def mean_average_precision(self, scores: Sequence, iou: float = 0.6, reading: str = "challenge") -> float:
+        """The mean of `average_precisions` over the classes present (0 when none is)."""
+        return float(np.mean([ap for ap in self.average_precisions(scores, iou, reading) if ap is not None] or [0.0]))
+
+
+def match_cells(prediction_masks: Mapping[str, Sequence[np.ndarray]], truth_masks, truth_labels) -> CellMatches:
+    """`CellMatches` of the predicted cell masks (``{image: [bool mask, ...]}``, in order) against the truth."""
+    unknown = sorted(set(prediction_masks) - set(truth_masks))
     if unknown:
         raise ValueError(f"image {unknown[0]} has predictions but no ground-truth mask")
     cell_classes: dict[str, dict[int, set[int]]] = {}
@@ -249,44 +302,24 @@ def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float =
         for classes in cells.values():
             for c in classes:
                 positives[c] += 1
-    # One IoU row per predicted cell, against every truth id of its image (mask repeated per class
-    # costs nothing extra this way).
-    detections: list[list[tuple[float, str, np.ndarray]]] = [[] for _ in LABEL_NAMES]
-    for image_id, cells in predictions.items():
+    # One IoU row per predicted cell, against every truth id of its image.
+    rows: list[tuple[str, np.ndarray | None]] = []
+    for image_id, masks in prediction_masks.items():
         truth = np.asarray(truth_masks[image_id])
         truth_area = np.bincount(truth.ravel())
-        for mask, scores in cells:
+        for mask in masks:
             mask = np.asarray(mask, bool)
             if mask.shape != truth.shape:
                 raise ValueError(f"image {image_id}: predicted mask {mask.shape} differs from truth {truth.shape}")
             area = mask.sum()
             if area == 0:
+                rows.append((image_id, None))
                 continue
             inside = np.bincount(truth[mask], minlength=truth_area.size)
             overlap = inside / np.maximum(area + truth_area - inside, 1)
             overlap[0] = 0.0
-            for c, confidence in _scores_by_class(scores).items():
-                if reading == "all_classes" or c in evaluatable[image_id]:
-                    detections[c].append((confidence, image_id, overlap))
-    results: list[float | None] = []
-    for c in range(len(LABEL_NAMES)):
-        if positives[c] == 0:
-            results.append(None)
-            continue
-        ranked = sorted(detections[c], key=lambda item: -item[0])  # sorted() is stable
-        matched: set[tuple[str, int]] = set()
-        true_positive = np.zeros(len(ranked))
-        for row, (_, image_id, overlap) in enumerate(ranked):
-            candidates = [cell for cell, classes in cell_classes[image_id].items()
-                          if c in classes and cell < overlap.size]
-            if not candidates:
-                continue
-            best = max(candidates, key=lambda cell: overlap[cell])
-            if overlap[best] >= iou and (image_id, best) not in matched:
-                matched.add((image_id, best))
-                true_positive[row] = 1.0
-        results.append(_average_precision(true_positive, int(positives[c])))
-    return results
+            rows.append((image_id, overlap))
+    return CellMatches(cell_classes, evaluatable, positives, rows)
 
 
 def cell_map(predictions, truth_masks, truth_labels, iou: float = 0.6, reading: str = "challenge") -> float:
@@ -314,6 +347,7 @@ class CellPredictions:
     scores: np.ndarray  # float32 [N, 19]
     image_probs: np.ndarray = field(default_factory=lambda: np.zeros(N_CLASSES, np.float32))
     cell_probs: np.ndarray | None = None  # float32 [N, 19]: the cell term the scores were made from, where kept
+    cam_probs: np.ndarray | None = None  # float32 [N, 19]: the image model's class maps pooled in each cell, where kept
 
     def as_map_input(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The ``(boolean mask, scores[19])`` list that `hpa_nb.core.metrics.cell_map` takes per image."""

@@ -67,8 +67,12 @@ def kernel_metadata(
     dataset_sources: Sequence[str] = (),
     model_sources: Sequence[str] = (),
     kernel_sources: Sequence[str] = (),
+    variant: str = "",
 ) -> dict[str, Any]:
     """The kernel-metadata.json content for notebook ``name`` (pure: no files read).
+
+    ``variant`` (e.g. "Fold 1") makes a kernel of its own beside the notebook's: its title and slug end in it
+    ("HPA 03 Train Fold 1", hpa-03-train-fold-1), so each fold's output stays attachable beside the others.
 
     ``code_file`` defaults to ``<name>.ipynb`` beside the metadata. ``enable_internet`` overrides the
     table (False to run offline, with the ImageNet weights attached through ``dataset_sources`` or
@@ -80,8 +84,8 @@ def kernel_metadata(
     if settings.accelerator not in ACCELERATOR_FLAGS:
         raise ValueError(f"unknown Kaggle accelerator {settings.accelerator!r} for {name}")
     return {
-        "id": kernel_id(name, username),
-        "title": settings.title,
+        "id": kernel_id(f"{name} {variant}" if variant else name, username),
+        "title": f"{settings.title} {variant}" if variant else settings.title,
         "code_file": code_file or f"{name}.ipynb",
         "language": "python",
         "kernel_type": "notebook",

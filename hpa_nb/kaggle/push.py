@@ -80,7 +80,7 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
          push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
          resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
-         **metadata_options: Any) -> Path:
+         fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
     """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
 
     ``resume_from`` ("OWNER/KERNEL", e.g. the same kernel, whose last version was stopped) attaches
@@ -88,7 +88,8 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
     (03_train: the run; 00_prepare: the shards). ``shards`` ("OWNER/KERNEL" of 00_prepare) attaches
     its output and sets 03_train's ``SHARDS``, so training reads the compact shards. ``attach`` adds the output of
     more kernels: a notebook name ("07_cell_train": the user's own kernel of it) or "OWNER/KERNEL"; the notebook
-    finds each by its marker (`hpa_nb.training.inputs`).
+    finds each by its marker (`hpa_nb.training.inputs`). ``fold`` ``(k, K)`` (03_train) sets ``FOLD`` and ``FOLDS``
+    and pushes a kernel of its own per fold (hpa-03-train-fold-k), so every fold's run can be attached at once.
     Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
     exit status 0.
     """
@@ -106,6 +107,12 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
     for source in attach:
         reference = source if "/" in source else kernel_id(source, user)
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
+    if fold is not None:
+        k, folds = fold
+        if not 0 <= k < folds or folds < 2:
+            raise ValueError(f"--fold {k} --folds {folds}: the fold must be one of 0..folds-1, with at least 2 folds")
+        parameters.update(FOLDS=folds, FOLD=k)
+        metadata_options["variant"] = f"Fold {k}"
     folder = build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters or None, **metadata_options)
     run_kaggle(["kernels", "push", "-p", str(folder)], environ, refusals=PUSH_REFUSALS)
     return folder

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -109,4 +109,32 @@ def tile_gallery(crops: np.ndarray, info, truth: Mapping[str, str] | None = None
         axis.set_title(title, fontsize=8, color=color)
     for axis in axes:
         axis.set_axis_off()
+    return figure
+
+
+def class_map_figure(views: Sequence, false_ones: int = 2) -> Figure:
+    """Where an image model looks: per image (a `hpa_nb.cells.cam.ClassMapView`), the image, then the class map of
+    each true class and of its `false_ones` strongest false ones over it, titled with the image-level probability
+    (true classes in black, false ones in red)."""
+    show_figures_inline()
+    columns = 1 + max(len(view.classes(false_ones)) for view in views)
+    figure = Figure(figsize=(2.6 * columns, 2.8 * len(views)), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(len(views), columns, squeeze=False)
+    for row, view in zip(axes, views):
+        rgb = composite(view.channels)
+        row[0].imshow(rgb)
+        row[0].set_title(view.image_id[:12], fontsize=8)
+        height, width = rgb.shape[:2]
+        grid_h, grid_w = view.logit_map.shape[:2]
+        for axis, c in zip(row[1:], view.classes(false_ones)):
+            probabilities = 1.0 / (1.0 + np.exp(-np.clip(view.logit_map[..., c], -60, 60)))
+            axis.imshow(rgb // 2)
+            axis.imshow(probabilities, cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0, interpolation="bilinear",
+                        extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+            axis.set_title(f"{LABEL_NAMES[c][:16]} {view.probabilities[c]:.2f}", fontsize=8,
+                           color="black" if c in view.truth else "firebrick")
+        for axis in row:
+            axis.set_axis_off()
+    figure.suptitle(f"class maps ({grid_h}×{grid_w} positions): true classes in black, strongest false ones in red",
+                    fontsize=9)
     return figure

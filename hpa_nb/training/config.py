@@ -28,6 +28,14 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     split_from: str | None = None  # a run folder (or split CSV) whose split to use, instead of drawing one
+    # K-fold training: `folds` multi-label stratified folds of data_dir's images (the same for a seed), fold `fold`
+    # held out and the others trained on; None: one split by val_fraction. Every run writes its held-out
+    # predictions (RUN/oof.csv), and `hpa_nb.training.folds` gathers a set of fold runs' into out-of-fold figures.
+    folds: int | None = None
+    fold: int = 0
+    # More folders in the competition layout (e.g. public HPA images as train.csv + PNGs), read beside data_dir
+    # (`hpa_nb.data.combined`): their images are only ever trained on, never held out. IDs must not collide.
+    extra_data: list[str] = dataclasses.field(default_factory=list)
     augment: bool = True
     cache: bool = False  # cache decoded images in memory (small data sets only)
 
@@ -90,6 +98,7 @@ class TrainConfig:
         # "none" (the CLI's spelling) becomes None here, so config.json and every reader see one form.
         if isinstance(self.weights, str) and self.weights.lower() in ("none", ""):
             self.weights = None
+        self.extra_data = [str(folder) for folder in self.extra_data or ()]
 
     @classmethod
     def quick_variant(cls, **overrides: Any) -> "TrainConfig":
@@ -121,7 +130,8 @@ BN_RECALIBRATION = ("epoch", "end", "off")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # The sections of TrainConfig, in its order: a run's summary and the README list the options by these.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": ("data_dir", "shards", "image_size", "channels", "val_fraction", "seed", "split_from", "augment", "cache"),
+    "data": ("data_dir", "shards", "image_size", "channels", "val_fraction", "seed", "split_from", "folds", "fold",
+             "extra_data", "augment", "cache"),
     "model": ("backbone", "weights", "dropout"),
     "optimisation": ("epochs", "batch_size", "steps_per_epoch", "max_lr", "initial_lr", "warmup_epochs",
                      "sustain_epochs", "lr_decay", "min_lr", "loss", "focal_gamma", "max_positive_weight"),
@@ -145,6 +155,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("relabel is for cell runs (level='cell')")
     if config.relabel_folds < 2:
         raise ValueError(f"relabel_folds must be at least 2, got {config.relabel_folds}")
+    if config.folds is not None and (config.folds < 2 or not 0 <= config.fold < config.folds):
+        raise ValueError(f"folds must be at least 2 and fold one of 0..folds-1, got folds={config.folds}, "
+                         f"fold={config.fold}")
+    if config.extra_data and config.shards:
+        raise ValueError("extra data sources are read from their PNGs beside data_dir's; leave shards out")
     if config.level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {config.level!r}")
     if config.loss not in LOSSES:

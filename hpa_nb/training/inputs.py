@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from hpa_nb.core import chain, env
 from hpa_nb.data import shards, tiles
@@ -106,6 +106,28 @@ def find(kind: str, reference: str | Path | None = None, *, consumer: str | None
     if not required:
         return None
     raise MissingInputError(f"no {artifact.what} attached under {root}: " + attach_hint(kind, consumer))
+
+
+def find_all(kind: str, references: str | Path | Sequence[str | Path] | None = None, *, consumer: str | None = None,
+             required: bool = True, input_root: Path | None = None,
+             environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """Every folder of `kind` a kernel reads, for an ensemble: each reference's (`find`), or with none given, on
+    Kaggle every one attached (the producer's own first, then by path), elsewhere the default place's."""
+    if isinstance(references, (str, Path)):
+        references = [part for part in str(references).split(",") if part.strip()]
+    if references:
+        return [find(kind, reference.strip() if isinstance(reference, str) else reference, consumer=consumer,
+                     input_root=input_root, environ=environ) for reference in references]
+    if not env.on_kaggle(environ):
+        found = find(kind, None, consumer=consumer, required=required, input_root=input_root, environ=environ)
+        return [] if found is None else [found]
+    artifact = ARTIFACTS[kind]
+    root = input_root or env.kaggle_input(environ)
+    found = sorted(env.search_folders(root, _matches(artifact.holds), 6),
+                   key=lambda path: (artifact.slug() not in path.parts, str(path)))
+    if not found and required:
+        raise MissingInputError(f"no {artifact.what} attached under {root}: " + attach_hint(kind, consumer))
+    return found
 
 
 def previous_run(reference: str | Path, input_root: Path | None = None,

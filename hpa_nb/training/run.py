@@ -3,8 +3,8 @@
 `RunFolder` names every path in one (nothing else spells them). A run folder holds ``model.keras``
 (`load_model`), ``history.csv``,
 ``config.json`` (every option plus the backend, device, replicas, global batch and a data
-fingerprint), ``split.csv`` (ID, subset; image IDs at both levels) and ``checkpoints/`` (one per
-epoch, for ``resume``). A relabelled cell run also holds ``folds/`` (its out-of-fold runs) and
+fingerprint), ``split.csv`` (ID, subset; image IDs at both levels), ``oof.csv`` (the held-out predictions)
+and ``checkpoints/`` (one per epoch, for ``resume``). A relabelled cell run also holds ``folds/`` (its out-of-fold runs) and
 ``targets.csv`` (the training targets they gave, `hpa_nb.cells.relabel`).
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
 SPLIT_FILE = "split.csv"
 CHECKPOINT_DIR = "checkpoints"
+OOF_FILE = "oof.csv"  # the saved model's predictions for the held-out images (out-of-fold for a fold run)
 TARGETS_FILE = "targets.csv"  # a relabelled cell run's training targets (hpa_nb.cells.relabel)
 FOLDS_DIR = "folds"  # its out-of-fold runs, one run folder each
 FOLDER = "run"  # under the working folder: /kaggle/working/run on Kaggle, out/run elsewhere
@@ -65,6 +66,11 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINT_DIR
+
+    @property
+    def oof(self) -> Path:
+        """The held-out images' predictions (predictions.csv format), written when the run finishes."""
+        return self.path / OOF_FILE
 
     @property
     def targets(self) -> Path:
@@ -208,7 +214,7 @@ def clear_previous(run_dir: Path, keep: tuple[str, ...] = ()) -> list[str]:
     step's `RELABEL_FILES`, which the new run reads). Returns the names removed.
     """
     removed = []
-    for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, SPLIT_FILE, CHECKPOINT_DIR, *RELABEL_FILES):
+    for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, SPLIT_FILE, OOF_FILE, CHECKPOINT_DIR, *RELABEL_FILES):
         path = run_dir / name
         if name in keep:
             continue

@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from hpa_nb.core.env import on_kaggle
+from hpa_nb.core.env import on_kaggle, working_dir
 from hpa_nb.core.files import atomic_path
 from hpa_nb.core.labels import class_weights, label_matrix, parse_label
-from hpa_nb.data import pipeline, shards, tiles
+from hpa_nb.data import combined, pipeline, shards, tiles
 from hpa_nb.data.competition import load_labels
-from hpa_nb.data.splits import split
+from hpa_nb.data.splits import holdout
 from hpa_nb.sample.sources import find_data, source_record
-from hpa_nb.training import callbacks, inputs, preflight, run, schedule
+from hpa_nb.training import callbacks, inputs, predictions, preflight, run, schedule
 from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import recalibrate
 from hpa_nb.training.config import TrainConfig, validate
@@ -46,7 +46,8 @@ class TrainResult:
 def image_split(root: Path, run_dir: Path, config: TrainConfig,
                 reuse: bool) -> tuple[list[str], list[str], pd.DataFrame]:
     """The image-level train / validation IDs a run uses, and the labels they come from, without writing anything:
-    the saved split when resuming, else `config.split_from`'s, else a stratified split by `config.seed`."""
+    the saved split when resuming, else `config.split_from`'s, else a stratified split by `config.seed` (fold
+    `config.fold` of `config.folds` when set), the images of extra data sources on the training side."""
     frame = load_labels(root)
     found = pipeline.shard_folder(root, config.channels, config.shards)
     if found is not None:  # shards written elsewhere: only the images they hold, and only if they match train.csv
@@ -60,7 +61,8 @@ def image_split(root: Path, run_dir: Path, config: TrainConfig,
         if unknown:
             raise ValueError(f"split_from {config.split_from}: image {unknown[0]} is not in {root}/train.csv")
     else:
-        train_ids, val_ids = split(ids, label_matrix(ids, frame["Label"]), config.val_fraction, config.seed)
+        train_ids, val_ids = holdout(ids, label_matrix(ids, frame["Label"]), config.val_fraction, config.seed,
+                                     config.folds, config.fold, train_only=combined.extra_ids(root))
         saved = {"train": train_ids, "val": val_ids}
     if not saved["train"] or not saved["val"]:
         raise ValueError(f"split of {len(ids)} images in {root} left an empty train or validation subset")
@@ -198,7 +200,16 @@ def whole_executions(steps_per_epoch: int, steps_per_execution: int, explicit: b
 
 
 # Options a resumed run must share with the run it continues: they shape the model, its inputs or its split.
-RESUME_INVARIANTS = ("level", "relabel", "backbone", "image_size", "channels", "batch_size", "seed", "val_fraction")
+RESUME_INVARIANTS = ("level", "relabel", "backbone", "image_size", "channels", "batch_size", "seed", "val_fraction",
+                     "folds", "fold", "extra_data")
+
+
+def data_root(config: TrainConfig) -> Path:
+    """The folder a resolved run reads: data_dir, or with extra data sources their view (`hpa_nb.data.combined`)
+    in the working folder."""
+    if not config.extra_data:
+        return Path(config.data_dir)
+    return combined.combine([config.data_dir, *config.extra_data], working_dir())
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -207,7 +218,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     validate(config)
     root = Path(config.data_dir) if config.data_dir else _discover()
     run_dir = Path(config.out_dir) if config.out_dir else run.default_dir()
-    preflight.check_data(root, config.quick, config.allow_sample_data)
+    for folder in (root, *config.extra_data):
+        preflight.check_data(Path(folder), config.quick, config.allow_sample_data)
     return dataclasses.replace(config, data_dir=str(root), out_dir=str(run_dir),
                                resume=config.resume or bool(config.resume_from), shards=_find_shards(config.shards),
                                tiles=_find_tiles(root, config) if config.level == "cell" else None)
@@ -238,7 +250,7 @@ def prepare(config: TrainConfig) -> Plan:
 
     preflight.report_versions(sys.stderr)
     config = resolve(config)
-    root, run_dir = Path(config.data_dir), Path(config.out_dir)
+    root, run_dir = data_root(config), Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume_from:
         run.adopt(inputs.previous_run(config.resume_from), run_dir)
@@ -265,7 +277,8 @@ def prepare(config: TrainConfig) -> Plan:
                "replicas": accelerator.replicas, "precision": accelerator.precision,
                "global_batch_size": global_batch, "steps_per_epoch_used": steps_per_epoch,
                "steps_per_execution_used": steps_per_execution, "train_images": len(train_ids),
-               "val_images": len(val_ids), "data_fingerprint": fingerprint, "data_source": source_record(root)}
+               "val_images": len(val_ids), "data_fingerprint": fingerprint,
+               "data_source": source_record(Path(config.data_dir))}  # the first source, not a view of several
     run.write_info(run_dir, config, runtime)
     targets = _relabelled_targets(run_dir, train_ids) if config.relabel else None
     if targets is not None:
@@ -342,6 +355,7 @@ def fit(plan: Plan) -> TrainResult:
         final = {f"val_{k}": float(v) for k, v in
                  model.evaluate(plan.datasets["val"], verbose=0, return_dict=True).items()}
     save_for_inference(model, run.RunFolder(run_dir).model)
+    write_held_out_predictions(plan)
     runtime = {**plan.runtime, "epochs_run": int(finished + len(losses)), "final": final,
                "stopped_at_deadline": stopped_at_deadline}
     run.write_info(run_dir, config, runtime)
@@ -349,6 +363,18 @@ def fit(plan: Plan) -> TrainResult:
     print(f"train: wrote {run.RunFolder(run_dir).model}; validation of the saved model: "
           + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), file=sys.stderr)
     return TrainResult(run_dir, model, frame, final, stopped_at_deadline)
+
+
+def write_held_out_predictions(plan: Plan) -> Path:
+    """``RUN/oof.csv``: the saved model's predictions for every held-out image (or tile), in the
+    predictions.csv format. For a fold run these are its out-of-fold predictions (`hpa_nb.training.folds`)."""
+    config = plan.config
+    dataset = pipeline.eval_dataset(data_root(config), plan.val_ids, config.image_size, config.channels,
+                                    plan.global_batch, with_id=True, shards=_records(config))
+    ids, _, scores = predictions.predict(plan.model, dataset, total=len(plan.val_ids), desc="held-out predictions",
+                                           multiple=plan.accelerator.replicas)
+    (scores,) = predictions.reorder(plan.val_ids, ids, scores)  # in split.csv's order
+    return predictions.write_predictions(run.RunFolder(plan.run_dir).oof, plan.val_ids, scores)
 
 
 def save_for_inference(model, path: Path) -> Path:
