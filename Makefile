@@ -9,10 +9,11 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast install notebooks kaggle bench clean
+.PHONY: run test test-fast install notebooks kaggle bench clean tpu-image-set
 # The order the Kaggle chain runs them (hpa_nb.core.chain.KERNELS, a test keeps the two equal): the submission last,
 # so that it scores cells with every model made before it.
 CHAIN := tests/test_kaggle_chain.py
+TPU_TODAY := requirements-kaggle-tpu-2026-12.txt
 NOTEBOOKS := 00_prepare 01_eda 02_augmentation 03_train 04_evaluate 06_cells 07_cell_train 05_submission
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -37,11 +38,15 @@ run: $(VENV)/.installed
 # The whole suite as two pytest processes side by side, one per core: the tests (tests/), and beside them nbval
 # over the committed notebooks (fresh outputs into a throw-away HPA_OUT) then the Kaggle chain, whose report
 # follows the tests'. The two take about the same time. The training kernels
-# also run in a Python 3.12 venv of Kaggle's TPU image (.ci/kaggle-tpu-venv, cached by its file's hash), and the
-# HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Fails if either fails.
+# also run in Python 3.12 venvs of Kaggle's TPU image, one per package set (.ci/kaggle-tpu-venv, cached by its file's
+# hash), and the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Without a Python 3.12
+# the TPU-image checks are skipped with one line, except in CI (CI=true), where they are required. Fails if either
+# pytest process fails.
 test: $(VENV)/.installed
-	@tpu_venv=$$(bash .ci/kaggle-tpu-venv) && hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) || exit 1; \
-	export HPA_TPU_VENV=$$tpu_venv HPA_HCS_VENV=$$hcs_venv; report=$$(mktemp); \
+	@hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) || exit 1; export HPA_HCS_VENV=$$hcs_venv; \
+	if tpu_venv=$$(bash .ci/kaggle-tpu-venv) && tpu_today=$$(bash .ci/kaggle-tpu-venv $(TPU_TODAY)); then \
+	  export HPA_TPU_VENV=$$tpu_venv HPA_TPU_VENV_2026_12=$$tpu_today; \
+	elif [ $$? -eq 3 ]; then export HPA_NO_PYTHON312=1; else exit 1; fi; report=$$(mktemp); \
 	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks $(CHAIN) >$$report 2>&1; \
 	  echo $$? >$$report.status; } & \
 	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN); tests=$$?; wait; \
@@ -69,6 +74,11 @@ bench: $(VENV)/.installed
 	$(PY) -m hpa_nb bench train
 	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  $(PY) -m hpa_nb bench train --image-size 64 --batch-size 2
+
+# Kaggle's TPU image floats (keras, jax and numpy unpinned): resolve its recipe again into this month's package set,
+# requirements-kaggle-tpu-YYYY-MM.txt (then point TPU_TODAY at it and run make test).
+tpu-image-set: $(VENV)/.installed
+	$(PY) -m hpa_nb kaggle image-set
 
 # Self-contained Kaggle kernels: build/kaggle/<name>/ per notebook (commit build/kaggle/03_train/).
 kaggle: $(VENV)/.installed

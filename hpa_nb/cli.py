@@ -27,7 +27,7 @@ from hpa_nb.data.bad_input import error_message
 from hpa_nb.data.crops import CROPS
 from hpa_nb.data.shards import write_shards
 from hpa_nb.data.tiles import write_tiles
-from hpa_nb.kaggle import kernels, push as kaggle
+from hpa_nb.kaggle import image_set, kernels, push as kaggle
 from hpa_nb.sample.sources import DEFAULT_SAMPLE, ensure_evaluation_sample, find_data
 from hpa_nb.sample.writer import write_sample
 from hpa_nb.segmentation import offline as hpacellseg_offline
@@ -206,6 +206,12 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--shards", metavar="OWNER/KERNEL",
                       help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
+    image_set_parser = actions.add_parser("image-set", help="resolve Kaggle's TPU image recipe again into a pinned package "
+                                                     "set (requirements-kaggle-tpu-DATE.txt), for Python 3.12")
+    image_set_parser.add_argument("--recipe", type=Path, default=None, help="default: .ci/kaggle-tpu-recipe.txt")
+    image_set_parser.add_argument("--out", type=Path, default=None,
+                           help="default: requirements-kaggle-tpu-YYYY-MM.txt of this month, in the repository")
+    image_set_parser.add_argument("--python", default=None, help="a Python 3.12 interpreter (default: this one, or pyenv's)")
     offline = actions.add_parser("hpacellseg-dataset", help="lay out HPA-Cell-Segmentation's sources and weights as "
                                                             "a Kaggle dataset for the internet-off submission kernel")
     offline.add_argument("--package", type=Path, required=True, help="a clone of CellProfiling/HPA-Cell-Segmentation")
@@ -234,6 +240,9 @@ def _kaggle(args: argparse.Namespace) -> None:
                              enable_internet=False if args.no_internet else None,
                              dataset_sources=args.dataset, model_sources=args.model)
         print(f"pushed {folder}")
+    elif args.kaggle_action == "image-set":
+        out = args.out or image_set.REPO_ROOT / f"requirements-kaggle-tpu-{time.strftime('%Y-%m')}.txt"
+        print(f"wrote {image_set.write(args.recipe or image_set.RECIPE, out, args.python or image_set.default_python())}")
     elif args.kaggle_action == "hpacellseg-dataset":
         folder = hpacellseg_offline.build(args.package, args.fork, args.weights, args.out,
                                           kaggle.find_username(args.username))

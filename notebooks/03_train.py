@@ -32,7 +32,8 @@ RUN_DIR = ""  # empty: <working dir>/run (/kaggle/working/run on Kaggle)
 RESUME_FROM = ""  # a killed run to continue: its folder, or OWNER/KERNEL of an earlier version attached as input
 SHARDS = ""  # compact shards from 00_prepare: a folder or OWNER/KERNEL attached; empty: on Kaggle any attached
 QUICK = None  # None: quick off Kaggle (tiny CNN, 64 px, 5 epochs), full on Kaggle
-BACKBONE = None  # None: efficientnetb0 (full) / tiny (quick); also efficientnetb1..b7, efficientnetv2b0..b3, efficientnetv2s
+BACKBONE = None  # None: efficientnetb0 (full) / tiny (quick); also efficientnetb1..b7, efficientnetv2b0..b3, efficientnetv2s,
+# or a KerasHub preset: kaggle://OWNER/MODEL/keras/VARIATION (internet off: attach it, `kaggle push --model`), or a folder
 WEIGHTS = None  # None: "imagenet" (full) / none (quick); or a weights file attached under /kaggle/input
 IMAGE_SIZE = None  # None: 384 (full) / 64 (quick)
 CHANNELS = None  # None: "rgb"; "rgby" adds the yellow ER stain as a 4th input channel
@@ -44,6 +45,7 @@ EXTRA_DATA = []  # more folders in the competition layout (e.g. public HPA image
 ALLOW_SAMPLE_DATA = False  # on Kaggle a full run refuses the synthetic sample unless this is True
 ALLOW_CPU = False  # on Kaggle a full run refuses to train on a CPU unless this is True
 HOURS = 8.0  # on Kaggle, stop after the epoch in hand once the next would end past this (a TPU session ends at 9 h)
+TRACK = False  # True: install wandb here (internet on) and log to Weights & Biases with a WANDB_API_KEY Kaggle secret
 
 # %%
 import time
@@ -52,8 +54,10 @@ import hpa_nb  # first: it picks the Keras backend (JAX on a TPU VM) and quiets 
 from hpa_nb.core import env
 from hpa_nb.sample import sources
 from hpa_nb.plots import figures, training as training_plots
-from hpa_nb.training import run, train
+from hpa_nb.training import run, tracking, train
 
+if TRACK:
+    tracking.install()
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
 RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()

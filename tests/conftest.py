@@ -66,19 +66,33 @@ def default_sample() -> Path:
     return ensure_default_sample()
 
 
-@pytest.fixture(scope="session")
-def tpu_python() -> Path:
-    """A Python 3.12 venv of exactly Kaggle's TPU image (requirements-kaggle-tpu.txt): HPA_TPU_VENV, or built (or
-    found in the cache) by .ci/kaggle-tpu-venv. Its interpreter."""
-    venv = os.environ.get("HPA_TPU_VENV")
+# Kaggle's TPU image as two package sets: the August 2026 resolution and the same recipe resolved on 2026-12-05.
+TPU_PACKAGE_SETS = {"2026-08": ("requirements-kaggle-tpu.txt", "HPA_TPU_VENV"),
+                    "2026-12": ("requirements-kaggle-tpu-2026-12.txt", "HPA_TPU_VENV_2026_12")}
+
+
+def tpu_venv_python(package_set: str) -> Path:
+    """The interpreter of a Python 3.12 venv of exactly one package set of Kaggle's TPU image: its environment
+    variable's venv (`make test` sets both), or built (or found in the cache) by .ci/kaggle-tpu-venv. Where
+    `make test` found no Python 3.12 outside CI, it set HPA_NO_PYTHON312 and these tests are skipped, said once."""
+    requirements, variable = TPU_PACKAGE_SETS[package_set]
+    if os.environ.get("HPA_NO_PYTHON312"):
+        pytest.skip("no Python 3.12 on this machine: the checks in Kaggle's TPU image were not run")
+    venv = os.environ.get(variable)
     if not venv:
-        built = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / ".ci" / "kaggle-tpu-venv")],
-                               capture_output=True, text=True, timeout=1800)
+        built = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / ".ci" / "kaggle-tpu-venv"),
+                                requirements], capture_output=True, text=True, timeout=1800)
         assert built.returncode == 0, built.stderr.strip().splitlines()[-1]  # e.g. no Python 3.12: never a skip
         venv = built.stdout.strip().splitlines()[-1]
     python = Path(venv) / "bin" / "python"
     assert python.is_file(), f"{venv} is not a venv"
     return python
+
+
+@pytest.fixture(scope="session")
+def tpu_python() -> Path:
+    """The August package set's interpreter (`tpu_venv_python`): the set the Kaggle chain runs its TPU kernels in."""
+    return tpu_venv_python("2026-08")
 
 
 @dataclass

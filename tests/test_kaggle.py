@@ -426,6 +426,11 @@ def test_push_builds_with_the_username_and_calls_the_cli(tmp_path, clean_home, f
     printed = capfd.readouterr()
     assert "fake kaggle ok" in printed.out
     assert SECRETS["KAGGLE_KEY"] not in printed.out + printed.err
+    # a KerasHub preset from Kaggle Models, attached to an internet-off kernel (BACKBONE names its handle)
+    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
+                         enable_internet=False, model_sources=["keras/resnet/keras/resnet_50_imagenet/2"])
+    metadata = json.loads((folder / "kernel-metadata.json").read_text())
+    assert metadata["model_sources"] == ["keras/resnet/keras/resnet_50_imagenet/2"] and not metadata["enable_internet"]
 
 
 @pytest.mark.parametrize("printed", [

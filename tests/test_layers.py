@@ -19,7 +19,8 @@ STAGES = ("core", "segmentation", "data", "sample", "plots", "training", "cells"
 ENTRY_POINTS = ("cli", "bench", "__main__")  # above every stage
 # Imported inside the function that needs it: absent from one of Kaggle's images, or heavy and optional.
 LOCAL_ONLY = ("torch", "plotly", "kaleido", "visualkeras", "hpacellseg", "skimage", "pycocotools", "IPython", "jax",
-              "jupytext", "nbformat", "matplotlib.pyplot", "pytorch_zoo")
+              "jupytext", "nbformat", "matplotlib.pyplot", "pytorch_zoo", "wandb", "kaggle_secrets",
+              "keras_hub")
 
 
 def module_name(path: Path, root: Path = PACKAGE.parent) -> str:

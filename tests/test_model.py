@@ -231,3 +231,22 @@ def test_backbone_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
     model_lib.save_backbone_weights(tiny, path)
     model_lib.build("tiny", SIZE, "rgby", weights=path)  # the file loads
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_kaggle_models_handle_is_read_from_where_kaggle_mounted_it(tmp_path):
+    from hpa_nb.training.model import is_preset, resolve_preset
+
+    root = tmp_path / "kaggle"
+    for version in ("1", "2"):
+        folder = root / "input" / "resnet" / "keras" / "resnet_50_imagenet" / version
+        folder.mkdir(parents=True)
+        for name in ("config.json", "metadata.json"):
+            (folder / name).write_text("{}")
+    on_kaggle = {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "HPA_KAGGLE_ROOT": str(root)}
+    handle = "kaggle://keras/resnet/keras/resnet_50_imagenet"
+    assert resolve_preset(f"{handle}/1", on_kaggle) == str(root / "input/resnet/keras/resnet_50_imagenet/1")
+    assert resolve_preset(handle, on_kaggle) == str(root / "input/resnet/keras/resnet_50_imagenet/2")  # the newest
+    assert resolve_preset(handle, {}) == handle  # off Kaggle KerasHub downloads it
+    assert resolve_preset("kaggle://keras/other/keras/x", on_kaggle) == "kaggle://keras/other/keras/x"
+    assert is_preset(handle) and is_preset(str(root / "input/resnet/keras/resnet_50_imagenet/1"))
+    assert not is_preset("tiny") and not is_preset(str(tmp_path))

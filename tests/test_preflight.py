@@ -78,7 +78,21 @@ def test_the_tested_ranges_are_the_bounds_of_requirements_txt_and_admit_the_tpu_
         lines = re.findall(rf"^{name}(?:-cpu)?(?:\[cpu\])?>={re.escape(low)},<{re.escape(high)}\b", requirements,
                            flags=re.M)
         assert lines, f"requirements do not bound {name} as >={low},<{high}"
-    image = (REPO / "requirements-kaggle-tpu.txt").read_text()
-    pins = dict(re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", image, flags=re.M))
-    versions = {"keras": pins["keras"], "numpy": pins["numpy"], "jax": pins["jax"], "tensorflow": pins["tensorflow-cpu"]}
-    assert preflight.untested(versions) == []
+    for package_set in ("requirements-kaggle-tpu.txt", "requirements-kaggle-tpu-2026-12.txt"):  # August and today
+        image = (REPO / package_set).read_text()
+        pins = dict(re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", image, flags=re.M))
+        versions = {"keras": pins["keras"], "numpy": pins["numpy"], "jax": pins["jax"],
+                    "tensorflow": pins["tensorflow-cpu"]}
+        assert preflight.untested(versions) == [], package_set
+
+
+def test_a_tpu_vm_whose_jax_sees_no_tpu_stops_naming_jax_jaxlib_and_libtpu():
+    tpu_vm = {"ISTPUVM": "1", **KAGGLE}
+    for quick in (True, False):  # even a smoke run: the session was meant for the chips
+        with pytest.raises(preflight.PreflightError) as stopped:
+            preflight.check_accelerator("cpu", quick=quick, environ=tpu_vm)
+        message = str(stopped.value)
+        assert re.search(r"JAX sees no TPU \(cpu only\) with jax [\d.]+, jaxlib [\d.]+, libtpu not installed", message)
+        assert "\n" not in message
+    preflight.check_accelerator("tpu", quick=False, environ=tpu_vm)
+    preflight.check_accelerator("cpu", quick=False, allow_cpu=True, environ=tpu_vm)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpa_nb.core.labels import CHANNEL_SETS
-from hpa_nb.training.model import BACKBONES, normalize_weights
+from hpa_nb.training.model import BACKBONES, is_preset, normalize_weights
 
 LOSSES = ("bce", "focal")  # both with per-class positive weights; focal uses focal_gamma
 LEVELS = ("image", "cell")
@@ -40,7 +40,7 @@ class TrainConfig:
     cache: bool = False  # cache decoded images in memory (small data sets only)
 
     # --- model ------------------------------------------------------------------------------------------------------
-    backbone: str = "efficientnetb0"  # a key of hpa_nb.training.model.BACKBONES
+    backbone: str = "efficientnetb0"  # a key of hpa_nb.training.model.BACKBONES, or a KerasHub preset (handle or folder)
     weights: str | None = "imagenet"  # "imagenet", None ("none" too), or a weights file (see hpa_nb.training.model.build)
     dropout: float = 0.3
 
@@ -144,8 +144,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 def validate(config: TrainConfig) -> None:
     normalize_weights(config.weights)  # a missing weights file fails now, not after the data is read
-    if config.backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
+    if config.backbone not in BACKBONES and not is_preset(config.backbone):
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub "
+                         "preset (kaggle://OWNER/MODEL/keras/VARIATION, or its folder)")
     if config.channels not in CHANNEL_SETS:
         raise ValueError(f"channels must be one of {', '.join(CHANNEL_SETS)}, got {config.channels!r}")
     if config.bn_recalibration not in BN_RECALIBRATION:

@@ -9,14 +9,17 @@ Batch norm follows Keras's ``training`` flag (no ``training=True`` hack).
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import keras
 import numpy as np
 from keras import layers, ops
 
+from hpa_nb.core.env import kaggle_input, on_kaggle, search_folders
 from hpa_nb.core.files import atomic_path
 from hpa_nb.core.labels import CHANNEL_SETS, N_CLASSES, colors_of
 
@@ -196,12 +199,85 @@ def _fit_channels(value: np.ndarray, shape: tuple[int, ...], layer_name: str) ->
     raise ValueError(f"cannot copy weights of layer {layer_name}: shape {value.shape} does not fit {shape}")
 
 
+# --- KerasHub presets ------------------------------------------------------------------------
+PRESET_FILES = ("config.json", "metadata.json")  # what `save_to_preset` (and a Kaggle Models version) holds
+
+
+def is_preset(backbone: str) -> bool:
+    """Whether `backbone` names a KerasHub preset: a handle (``kaggle://OWNER/MODEL/keras/VARIATION[/VERSION]``,
+    ``hf://…``) or a preset folder, rather than a key of `BACKBONES`."""
+    if backbone in BACKBONES:
+        return False
+    folder = Path(backbone).expanduser()
+    return "://" in backbone or all((folder / name).is_file() for name in PRESET_FILES)
+
+
+def resolve_preset(preset: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Where `preset` is read from: on Kaggle, a ``kaggle://OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]`` handle is the
+    folder Kaggle mounted that model version at under /kaggle/input (attached with ``kaggle push --model``, which is
+    how an internet-off kernel gets it), the newest version when none is named; elsewhere, and when nothing is
+    attached, the preset as given (KerasHub downloads a handle)."""
+    if not preset.startswith("kaggle://") or not on_kaggle(environ):
+        return preset
+    parts = preset.removeprefix("kaggle://").strip("/").split("/")[1:]  # the owner is not part of the mount
+
+    def matches(folder: Path, files: list[str]) -> bool:  # .../MODEL/FRAMEWORK/VARIATION[/VERSION]
+        named = list(folder.parts[-len(parts):]) == parts
+        a_version = folder.name.isdigit() and list(folder.parts[-len(parts) - 1:-1]) == parts
+        return all(name in files for name in PRESET_FILES) and (named or a_version)
+
+    found = search_folders(kaggle_input(environ), matches, 8)
+    if not found:
+        return preset
+    return str(max(found, key=lambda folder: int(folder.name) if folder.name.isdigit() else -1))
+
+
+def _keras_hub():
+    import keras_hub  # keras-hub: on Kaggle's TPU image; imported only for a preset backbone
+
+    return keras_hub
+
+
+def register_classes(backbone: str) -> None:
+    """Register the classes a saved model of `backbone` names (a preset's are KerasHub's), before loading it."""
+    if is_preset(backbone):
+        _keras_hub()
+
+
+def _preset_backbone(preset: str, image_size: int, channels: int, pretrained: bool) -> keras.Model:
+    """A KerasHub backbone from `preset` (named "backbone", 0–255 inputs, 3 or 4 channels): its own input scaling
+    (the preset's ImageConverter, else 1/255) and, for 4 channels, its weights copied by `transplant`."""
+    keras_hub = _keras_hub()
+    preset = resolve_preset(preset)
+    source = keras_hub.models.Backbone.from_preset(preset, load_weights=pretrained)
+    target = source
+    if channels != 3 or tuple(source.image_shape or ())[:2] != (image_size, image_size):
+        config = {**source.get_config(), "image_shape": (image_size, image_size, channels)}
+        target = type(source).from_config(config)
+        if pretrained:
+            transplant(source, target)
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+        scale, offset = converter.scale, converter.offset
+    except (ValueError, FileNotFoundError):  # a preset saved from a backbone alone has no converter
+        scale, offset = 1.0 / 255.0, None
+    scale = scale if np.ndim(scale) == 0 else _extend(np.asarray(scale), channels).tolist()
+    offset = 0.0 if offset is None else offset if np.ndim(offset) == 0 else _extend(np.asarray(offset), channels).tolist()
+    inputs = keras.Input((image_size, image_size, channels))
+    x = layers.Rescaling(scale, offset=offset, name="preset_rescale")(inputs)
+    return keras.Model(inputs, target(x), name="backbone")
+
+
 def build_backbone(backbone: str = "efficientnetb0", image_size: int = 224, channels: str | int = 3,
                    weights: str | Path | None = "imagenet") -> keras.Model:
-    """The feature extractor alone (named "backbone"), taking 0–255 inputs; see `build` for the arguments."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+    """The feature extractor alone (named "backbone"), taking 0–255 inputs; see `build` for the arguments.
+    A KerasHub preset (`is_preset`) brings its own weights: ``weights`` "imagenet" loads them, None does not."""
     channel_total = channel_count(channels)
+    if is_preset(backbone):
+        return _preset_backbone(backbone, image_size, channel_total, normalize_weights(weights) is not None)
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub preset "
+                         "(kaggle://OWNER/MODEL/keras/VARIATION, or its folder)")
     weights = normalize_weights(weights)
     spec = BACKBONES[backbone]
     if spec.family == "tiny":
@@ -251,7 +327,8 @@ def build(backbone: str = "efficientnetb0", image_size: int = 224, channels: str
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(n_classes, activation="sigmoid", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=f"hpa_{backbone}")
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", backbone.rstrip("/").rpartition("/")[2]) if is_preset(backbone) else backbone
+    return keras.Model(inputs, outputs, name=f"hpa_{name}")
 
 
 def save_backbone_weights(model: keras.Model, path: str | Path) -> Path:

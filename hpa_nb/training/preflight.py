@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Mapping
 
-from hpa_nb.core.env import COMPETITION, on_kaggle
+from hpa_nb.core.env import COMPETITION, on_kaggle, on_tpu_vm
 from hpa_nb.sample.writer import MARKER
 
 # The versions this project is tested with: the bounds of requirements.txt (a test keeps them
@@ -24,7 +24,7 @@ TESTED_VERSIONS: dict[str, tuple[str, str]] = {
     "python": ("3.11", "3.13"),
     "keras": ("3.5", "3.16"),
     "tensorflow": ("2.16", "2.22"),
-    "jax": ("0.4.30", "0.11"),
+    "jax": ("0.4.30", "0.13"),
     "numpy": ("1.26", "2.6"),
 }
 DISTRIBUTIONS = {"keras": ("keras",), "tensorflow": ("tensorflow-cpu", "tensorflow", "tensorflow-tpu"),
@@ -52,9 +52,31 @@ def check_data(root: str | Path, quick: bool, allow_sample_data: bool = False,
         f"ALLOW_SAMPLE_DATA = True (--allow-sample-data) to train on the sample on purpose")
 
 
+def tpu_runtime_versions() -> str:
+    """The installed jax, jaxlib and libtpu, in words: what decides whether JAX can drive a TPU."""
+    found = []
+    for name, distributions in (("jax", ("jax",)), ("jaxlib", ("jaxlib",)), ("libtpu", ("libtpu", "libtpu-nightly"))):
+        version = None
+        for distribution in distributions:
+            try:
+                version = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        found.append(f"{name} {version or 'not installed'}")
+    return ", ".join(found)
+
+
 def check_accelerator(device_kind: str, quick: bool, allow_cpu: bool = False,
                       environ: Mapping[str, str] = os.environ) -> None:
-    """On Kaggle, refuse a full run on a CPU: it cannot finish inside a session."""
+    """On a TPU VM, refuse any run whose JAX sees no TPU (a libtpu that does not suit the image's jax); on Kaggle,
+    refuse a full run on a CPU: it cannot finish inside a session."""
+    if on_tpu_vm(environ) and device_kind != "tpu" and not allow_cpu:
+        raise PreflightError(
+            f"this is a TPU VM, but JAX sees no TPU ({device_kind} only) with {tpu_runtime_versions()}: the image's "
+            "libtpu does not suit its jax. Pin a matching pair in the notebook's first cell (pip install "
+            "'jax[tpu]==VERSION', which brings its own libtpu, then restart), or set ALLOW_CPU = True (--allow-cpu) "
+            "to run on the CPU on purpose")
     if quick or allow_cpu or not on_kaggle(environ) or device_kind != "cpu":
         return
     raise PreflightError(

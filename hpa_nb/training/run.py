@@ -24,6 +24,7 @@ from hpa_nb.core.env import working_dir
 from hpa_nb.core.files import atomic_path, write_text
 from hpa_nb.core.labels import N_CLASSES
 from hpa_nb.training.config import CONFIG_FIELDS, TrainConfig
+from hpa_nb.training.model import register_classes
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -259,6 +260,8 @@ def load_model(run_dir: str | Path) -> keras.Model:
     path = RunFolder(path).model if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (run `python -m hpa_nb train` first)")
+    if (path.parent / CONFIG_FILE).is_file():  # a KerasHub backbone's classes are registered by importing keras_hub
+        register_classes(load_config(path.parent).backbone)
     return keras.saving.load_model(path, compile=False)
 
 

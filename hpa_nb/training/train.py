@@ -22,11 +22,11 @@ from hpa_nb.data import combined, pipeline, shards, tiles
 from hpa_nb.data.competition import load_labels
 from hpa_nb.data.splits import holdout
 from hpa_nb.sample.sources import find_data, source_record
-from hpa_nb.training import callbacks, inputs, predictions, preflight, run, schedule
+from hpa_nb.training import callbacks, inputs, predictions, preflight, run, schedule, tracking
 from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import recalibrate
 from hpa_nb.training.config import TrainConfig, validate
-from hpa_nb.training.model import WeightedBinaryCrossentropy, build, make_metrics
+from hpa_nb.training.model import WeightedBinaryCrossentropy, build, make_metrics, register_classes
 
 MONITOR = "val_auc"  # early stopping and "best epoch" follow the validation macro ROC AUC
 
@@ -291,6 +291,7 @@ def prepare(config: TrainConfig) -> Plan:
     schedule = learning_rate_schedule(config, steps_per_epoch, global_batch)
     with accelerator.scope():
         if checkpoint is not None:
+            register_classes(config.backbone)
             model = load_checkpoint(checkpoint)  # weights, optimizer state and step count
             print(f"resume: continuing after epoch {finished} from {checkpoint}", file=sys.stderr)
         else:
@@ -338,6 +339,9 @@ def fit(plan: Plan) -> TrainResult:
     config, run_dir, model, finished = plan.config, plan.run_dir, plan.model, plan.finished_epochs
     recalibration_steps = min(config.bn_recalibration_steps, plan.steps_per_epoch)
     callbacks = _callbacks(plan, recalibration_steps)
+    tracker = tracking.start(run_dir, {**config.to_json(), **plan.runtime})  # None, said in one line, when off
+    if tracker is not None:
+        callbacks.insert(-1, tracker)  # the clock stays last
     history = model.fit(plan.datasets["train"], epochs=config.epochs, initial_epoch=finished,
                         steps_per_epoch=plan.steps_per_epoch, validation_data=plan.datasets["val"],
                         callbacks=callbacks, verbose=config.verbose,
@@ -360,6 +364,8 @@ def fit(plan: Plan) -> TrainResult:
                "stopped_at_deadline": stopped_at_deadline}
     run.write_info(run_dir, config, runtime)
     frame = run.load_history(run_dir)
+    if tracker is not None:
+        tracker.finish(final, epochs_run=runtime["epochs_run"], stopped_at_deadline=stopped_at_deadline)
     print(f"train: wrote {run.RunFolder(run_dir).model}; validation of the saved model: "
           + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), file=sys.stderr)
     return TrainResult(run_dir, model, frame, final, stopped_at_deadline)
