@@ -23,7 +23,7 @@ from hpa_nb.data.crops import CROPS, cell_crops, cell_ids_of, partial_cells, res
 from hpa_nb.segmentation.backends import segment
 from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed, image_folder, read_channels, stack_channels
-from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, transform_names
+from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, ensemble_weights, transform_names
 from hpa_nb.training.run import RunFolder, load_config, load_model
 
 Classifier = Callable[[np.ndarray], np.ndarray]
@@ -75,11 +75,7 @@ class CellClassifier:
         members = list(members)
         if len(members) == 1 and weights is None:
             return members[0]
-        if weights is None:
-            weights = [1.0] * len(members)
-        if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"{len(members)} models need {len(members)} weights ≥ 0 that are not all 0, got {list(weights)}")
-        weights = [float(w) / sum(weights) for w in weights]
+        weights = ensemble_weights(members, weights)
         size = max(member.image_size for member in members)
         channels = max((member.channels for member in members), key=len)
 

@@ -36,7 +36,7 @@ from hpa_nb.core.metrics import READINGS, CellPredictions, cell_average_precisio
 from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed
 from hpa_nb.segmentation.quality import SegmentationScore, load_cell_truth, score_segmentation
-from hpa_nb.training.run import load_config
+from hpa_nb.training.run import folders, load_config
 
 # Emit every class for every cell by default. Under the competition's AP a low-confidence
 # prediction can only add recall (it ranks after every higher one, so it never lowers the
@@ -146,13 +146,7 @@ def write_submission(
     return write_predictions(scored, out_csv, confidence_floor)
 
 
-Runs = Path | Sequence[Path]  # one run folder, or several: an ensemble
-
-
-def _runs(runs: Runs | None) -> list[Path]:
-    if runs is None:
-        return []
-    return [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+Runs = Path | Sequence[Path]  # one run folder, or several: an ensemble (`hpa_nb.training.run.folders`)
 
 
 def submit(
@@ -177,7 +171,7 @@ def submit(
     `hpa_nb.segmentation.backends.segment` describes the segmentation methods and `ScoreRule` how a cell's
     confidences are made. Returns the written path.
     """
-    image_runs, cell_runs = _runs(run_dir), _runs(cell_run_dir)
+    image_runs, cell_runs = folders(run_dir), folders(cell_run_dir)
     classifier = load_ensemble(image_runs, weights, "image", tta, batch_size)
     cell_model = load_ensemble(cell_runs, cell_weights, "cell", tta, batch_size) if cell_runs else None
     print(f"submission: {describe_scoring(image_runs, cell_runs, rule)}; segmentation {method}"
@@ -218,7 +212,7 @@ def describe_scoring(run_dir: Runs, cell_run_dir: Runs | None, rule: ScoreRule) 
             parts.append(f"{kind} run {folder} ({config.backbone}, {size})")
         return (f"an ensemble of {len(runs)} {kind} runs: " if len(runs) > 1 else "") + ", ".join(parts)
 
-    image_runs, cell_runs = _runs(run_dir), _runs(cell_run_dir)
+    image_runs, cell_runs = folders(run_dir), folders(cell_run_dir)
     models = described(image_runs, "image") + (" and " + described(cell_runs, "cell") if cell_runs else "")
     name = "image × cell rule" if cell_runs else "image model's rule"
     cam = f", CAM weight {rule.cam_weight:g}" if rule.cam_weight else ""

@@ -32,7 +32,7 @@ from hpa_nb.plots.training import training_history
 from hpa_nb.sample.sources import find_data
 from hpa_nb.training import run
 from hpa_nb.training.inputs import run_data
-from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, predict, reorder, write_predictions
+from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, ensemble_weights, predict, reorder, write_predictions
 from hpa_nb.training.run import load_model
 
 SPLITS = ("val", "all")
@@ -164,7 +164,7 @@ def evaluate(run_dir: str | os.PathLike | Sequence[str | os.PathLike], data_dir:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, os.PathLike)) else [Path(r) for r in run_dir]
+    run_dirs = run.folders(run_dir)
     weights = ensemble_weights(run_dirs, weights)
     for folder in run_dirs:
         if not folder.is_dir():
@@ -215,12 +215,3 @@ def evaluate(run_dir: str | os.PathLike | Sequence[str | os.PathLike], data_dir:
     result.files = _write_outputs(out_dir, result, run_dirs[0])
     return result
 
-
-def ensemble_weights(members: Sequence[Any], weights: Sequence[float] | None) -> list[float]:
-    """`weights` normalised to sum to 1 (default: equal), one per member; a wrong count or a negative one stops."""
-    if weights is None:
-        return [1.0 / len(members)] * len(members)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"{len(members)} models need {len(members)} weights ≥ 0 that are not all 0, got {weights}")
-    return [w / sum(weights) for w in weights]

@@ -84,6 +84,16 @@ def padded(model: Any, multiple: int) -> Callable[[np.ndarray], np.ndarray]:
     return predict_batch
 
 
+def ensemble_weights(members: Sequence[Any], weights: Sequence[float] | None) -> list[float]:
+    """`weights` normalised to sum to 1 (default: equal), one per member; a wrong count or a negative one stops."""
+    if weights is None:
+        return [1.0 / len(members)] * len(members)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"{len(members)} models need {len(members)} weights ≥ 0 that are not all 0, got {weights}")
+    return [w / sum(weights) for w in weights]
+
+
 def reorder(wanted: Sequence[str], ids: Sequence[str], *arrays: np.ndarray) -> list[np.ndarray]:
     """`arrays` (rows in `ids` order, as a dataset yielded them: TFRecords come in file order) in `wanted` order;
     an ID missing from `ids` is named."""

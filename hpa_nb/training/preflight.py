@@ -52,19 +52,21 @@ def check_data(root: str | Path, quick: bool, allow_sample_data: bool = False,
         f"ALLOW_SAMPLE_DATA = True (--allow-sample-data) to train on the sample on purpose")
 
 
+def _installed(distributions: tuple[str, ...]) -> str | None:
+    """The version of the first of `distributions` that is installed (None: none is)."""
+    for distribution in distributions:
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def tpu_runtime_versions() -> str:
     """The installed jax, jaxlib and libtpu, in words: what decides whether JAX can drive a TPU."""
-    found = []
-    for name, distributions in (("jax", ("jax",)), ("jaxlib", ("jaxlib",)), ("libtpu", ("libtpu", "libtpu-nightly"))):
-        version = None
-        for distribution in distributions:
-            try:
-                version = metadata.version(distribution)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        found.append(f"{name} {version or 'not installed'}")
-    return ", ".join(found)
+    found = {"jax": _installed(("jax",)), "jaxlib": _installed(("jaxlib",)),
+             "libtpu": _installed(("libtpu", "libtpu-nightly"))}
+    return ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items())
 
 
 def check_accelerator(device_kind: str, quick: bool, allow_cpu: bool = False,
@@ -98,16 +100,8 @@ def _version_key(text: str) -> tuple[int, ...]:
 
 def installed_versions() -> dict[str, str | None]:
     """Python's version and the installed version of keras, tensorflow, jax and numpy (None: not installed)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name, distributions in DISTRIBUTIONS.items():
-        found[name] = None
-        for distribution in distributions:
-            try:
-                found[name] = metadata.version(distribution)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return found
+    return {"python": platform.python_version(),
+            **{name: _installed(distributions) for name, distributions in DISTRIBUTIONS.items()}}
 
 
 def untested(versions: Mapping[str, str | None]) -> list[str]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -96,6 +98,13 @@ class RunFolder:
     def evaluation(self, split: str) -> Path:
         """Where `hpa_nb.training.evaluate` writes by default: ``eval_<split>``."""
         return self.path / f"eval_{split}"
+
+
+def folders(runs: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """One run folder or several (an ensemble) as a list; None as none."""
+    if runs is None:
+        return []
+    return [Path(runs)] if isinstance(runs, (str, os.PathLike)) else [Path(r) for r in runs]
 
 
 def default_dir() -> Path:

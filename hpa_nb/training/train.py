@@ -169,6 +169,7 @@ class Plan:
     datasets: dict = field(repr=False)  # "train", "val" and "recalibration"
     runtime: dict = field(repr=False)  # what config.json records beside the options
     layout: str = ""  # which layout the images come from, in words
+    root: Path | None = None  # the folder read: data_dir, or the view of several sources (`data_root`)
 
     def summary(self) -> str:
         """What the run will do, in a few lines."""
@@ -299,7 +300,7 @@ def prepare(config: TrainConfig) -> Plan:
             _compile(model, config, schedule, class_weights(train_matrix, config.max_positive_weight), label_weights,
                      steps_per_execution)
     plan = Plan(config, run_dir, accelerator, train_ids, val_ids, train_matrix, global_batch, steps_per_epoch,
-                steps_per_execution, schedule, model, finished, datasets, runtime, layout)
+                steps_per_execution, schedule, model, finished, datasets, runtime, layout, root)
     return plan
 
 
@@ -375,7 +376,7 @@ def write_held_out_predictions(plan: Plan) -> Path:
     """``RUN/oof.csv``: the saved model's predictions for every held-out image (or tile), in the
     predictions.csv format. For a fold run these are its out-of-fold predictions (`hpa_nb.training.folds`)."""
     config = plan.config
-    dataset = pipeline.eval_dataset(data_root(config), plan.val_ids, config.image_size, config.channels,
+    dataset = pipeline.eval_dataset(plan.root, plan.val_ids, config.image_size, config.channels,
                                     plan.global_batch, with_id=True, shards=_records(config))
     ids, _, scores = predictions.predict(plan.model, dataset, total=len(plan.val_ids), desc="held-out predictions",
                                            multiple=plan.accelerator.replicas)
