@@ -32,7 +32,7 @@ from hpa_nb.sample.sources import DEFAULT_SAMPLE, ensure_evaluation_sample, find
 from hpa_nb.sample.writer import write_sample
 from hpa_nb.segmentation import offline as hpacellseg_offline
 from hpa_nb.segmentation.backends import SEGMENTERS
-from hpa_nb.training import folds, inputs, run, train
+from hpa_nb.training import folds, hosts, inputs, run, train
 from hpa_nb.training.config import LEVELS, LOSSES, TrainConfig
 from hpa_nb.training.evaluate import evaluate, format_table
 
@@ -428,6 +428,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-cpu", action="store_true", default=None, help="on Kaggle, let a full run train on a CPU")
     p.add_argument("--hours", type=float, help="stop after the epoch in hand once the next would end past this many "
                                                "hours from now (resume later with --resume); default: no limit")
+    several = p.add_argument_group("several hosts (a TPU pod slice is found by itself; see the README)")
+    several.add_argument("--coordinator", metavar="ADDRESS:PORT", help="host 0's address, the same on every host")
+    several.add_argument("--num-processes", type=int, metavar="N", help="how many hosts train together")
+    several.add_argument("--process-id", type=int, metavar="K", help="this host's number, 0..N-1 (0 writes the run)")
     p.set_defaults(handler=_train)
 
 
@@ -438,6 +442,7 @@ TRAIN_OPTIONS = ("shards", "folds", "fold", "level", "tiles", "relabel", "split_
 
 def _train(args: argparse.Namespace) -> None:
 
+    several = hosts.from_options(args.coordinator, args.num_processes, args.process_id)
     explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
     out = args.out or run.default_dir()
     explicit["out_dir"] = str(out)
@@ -456,9 +461,11 @@ def _train(args: argparse.Namespace) -> None:
     else:
         explicit["data_dir"] = str(_data_dir(data))
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
+    if config.relabel and several.several:
+        raise ValueError("--relabel trains on one host: leave out --coordinator, --num-processes and --process-id")
     if config.relabel:  # a step of its own, before the cell run that reads its targets
         relabel.relabel(config)
-    result = train.train(config)
+    result = train.train(config, several)
     print(f"trained {config.backbone} into {result.run_dir}: "
           + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
           + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else ""))

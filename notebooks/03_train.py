@@ -86,6 +86,7 @@ print(config)
 # %%
 plan = train.prepare(config)
 print(plan.summary())
+FIGURES = RUN if plan.hosts.writer else env.working_dir()  # on a TPU pod slice host 0 alone writes the run folder
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -107,7 +108,7 @@ print(f"{len(plan.train_ids)} training and {len(plan.val_ids)} validation images
 plan.model.summary()
 
 # %%
-training_plots.model_diagram(plan.model, RUN / "model_diagram.png")
+training_plots.model_diagram(plan.model, FIGURES / "model_diagram.png")
 
 # %% [markdown]
 # ## The learning-rate schedule
@@ -117,7 +118,7 @@ training_plots.model_diagram(plan.model, RUN / "model_diagram.png")
 
 # %%
 figures.saved(training_plots.lr_schedule(plan.schedule, config.epochs * plan.steps_per_epoch,
-                                         steps_per_epoch=plan.steps_per_epoch), RUN / "lr_schedule")
+                                         steps_per_epoch=plan.steps_per_epoch), FIGURES / "lr_schedule")
 
 # %% [markdown]
 # ## Class weights that work for multi-label targets
@@ -156,7 +157,7 @@ if QUICK and DATA == sources.default_sample_dir() and EPOCHS is None:  # the REA
 # Loss and macro AUC per epoch, on the training batches and on the held-out split.
 
 # %%
-figures.saved(training_plots.training_history(result.history), RUN / "training_history")
+figures.saved(training_plots.training_history(result.history), FIGURES / "training_history")
 
 # %% [markdown]
 # ## What we have

@@ -607,21 +607,52 @@ def test_a_stream_started_at_batch_k_is_the_whole_stream_from_batch_k(planted8, 
         pipeline.training_dataset(planted8, None, IMAGE_SIZE, "rgb", batch_size=4, stream=Stream(start_batch=2))
 
 
-def test_training_dataset_without_augment_keeps_each_image_with_its_label_and_workers_split(planted8):
+def test_training_dataset_without_augment_keeps_each_image_with_its_label(planted8):
     ids = [image_id(i) for i in range(12)]
     by_label = {tuple(parse_label(label_text(i))): planted(i, 0) for i in range(12)}  # labels are unique here
-    seen_per_worker = []
-    for worker in range(2):
+    for cache in (False, True):
         dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=2, stream=Stream(
-            seed=0, augment=False, cache=worker == 1, num_workers=2, worker_index=worker))
-        seen = set()
+            seed=0, augment=False, cache=cache))
+        seen = []
         for images, labels in dataset.take(6).as_numpy_iterator():
             for image, label in zip(images, labels):
                 expected = by_label[tuple(label)]
                 assert image[..., 0].min() == pytest.approx(expected, abs=0.01)
-                seen.add(expected)
-        seen_per_worker.append(seen)
-    assert not seen_per_worker[0] & seen_per_worker[1]
+                seen.append(expected)
+        assert sorted(seen) == sorted(by_label.values())  # 6 batches of 2: one pass, each image once
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_workers_feed_their_rows_of_the_one_worker_stream_and_resume_with_it(planted8, tmp_path, cache):
+    """Two hosts' batches side by side are the one-host stream's, augmentation included, from any start batch:
+    each pass feeds every image once across the hosts, and each host decodes only its own rows."""
+    ids = [image_id(i) for i in range(12)]
+
+    def batches(workers: int, worker: int, start_batch: int = 0, count: int = 9):
+        trace = tmp_path / f"ids-{workers}-{worker}-{start_batch}.txt"
+        stream = Stream(seed=5, cache=cache, start_batch=start_batch, num_workers=workers, worker_index=worker,
+                        trace=str(trace))
+        dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, stream=stream)
+        found = list(dataset.take(count).as_numpy_iterator())
+        return found, trace.read_text().split()
+
+    whole, whole_ids = batches(1, 0)
+    halves = [batches(2, worker) for worker in (0, 1)]
+    for step, (images, labels) in enumerate(whole):
+        assert [len(half[0][step][0]) for half in halves] == [2, 2]
+        np.testing.assert_array_equal(np.concatenate([half[0][step][0] for half in halves]), images)
+        np.testing.assert_array_equal(np.concatenate([half[0][step][1] for half in halves]), labels)
+    fed = [half[1][:18] for half in halves]  # the traced IDs of the 9 batches taken (prefetching traces more)
+    assert not set(fed[0][:6]) & set(fed[1][:6])
+    for first in (0, 12, 24):  # passes of 12 images = 3 global batches; host k feeds rows 2k, 2k+1 of each
+        per_pass = [image for step in range(first // 4, first // 4 + 3) for half in fed
+                    for image in half[2 * step:2 * step + 2]]
+        assert sorted(per_pass) == sorted(ids) and per_pass == whole_ids[first:first + 12]
+    resumed = batches(2, 1, start_batch=4, count=3)[0]
+    for step, (images, _) in enumerate(resumed):
+        np.testing.assert_array_equal(images, halves[1][0][4 + step][0])
+    with pytest.raises(ValueError, match="does not split evenly"):
+        pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=3, stream=Stream(num_workers=2))
 
 
 def test_eval_dataset_is_ordered_and_keeps_the_last_partial_batch(planted8):

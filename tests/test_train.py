@@ -276,7 +276,8 @@ def test_a_missing_weights_file_is_one_line_exit_2(small_sample, tmp_path, capsy
 def test_weights_none_reaches_a_full_run_and_survives_config_json(small_sample, tmp_path, monkeypatch):
     configs = []
 
-    def fake_train(config):
+    def fake_train(config, hosts=None):  # the CLI passes its hosts: one here
+        assert hosts is None or not hosts.several
         configs.append(config)
         return TrainResult(Path(config.out_dir), model=None, history=None)
 

@@ -183,11 +183,14 @@ class Stream:
     augment: bool = True
     cache: bool = False  # keep decoded images in memory (S·S·C·4 bytes each); decoding moves before the cache
     start_batch: int = 0  # begin at this batch of the stream: a resumed run continues where it stopped
-    num_workers: int = 1  # hosts of a multi-host run, each reading its own part (`worker_index`)
+    # The hosts of a multi-host run (`hpa_nb.training.hosts`): worker k of n feeds rows k·B/n … (k+1)·B/n - 1 of
+    # every global batch of B, and decodes only those.
+    num_workers: int = 1
     worker_index: int = 0
     shuffle_buffer: int = SHUFFLE_BUFFER
     deterministic: bool = True
     drop_remainder: bool = True  # a TPU compiles for one static batch shape
+    trace: str | None = None  # a file: the ID of every image this worker feeds is appended to it, in order
 
 
 def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
@@ -203,73 +206,91 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
     where it stopped instead of replaying the first epoch. From shards and PNG folders only
     compressed records are skipped to get there; competition TFRecords are decoded before their
     records are grouped, so there the images skipped (at most one pass) are decoded too. That
-    needs `ids` (a pass is ``len(ids)`` images) and one
-    worker. `targets` (record ID → 19 floats) replaces the stored labels of the records it names (a
-    relabelled cell run). With ``cache=True`` decoded images are kept in memory (S·S·C·4 bytes each) and
-    decoding moves before the cache. `num_workers`/`worker_index` give each host of a
-    multi-host run its own part of the data.
+    needs `ids` (a pass is ``len(ids)`` images). `targets` (record ID → 19 floats) replaces the stored labels of
+    the records it names (a relabelled cell run). With ``cache=True`` decoded images are kept in memory
+    (S·S·C·4 bytes each) and decoding moves before the cache.
+
+    With ``stream.num_workers`` n > 1, `batch_size` is the global batch B and this worker yields its B/n rows of
+    each: the workers' batches side by side are the one-worker stream's, so no image is fed twice or left out of
+    a pass, and a run gives the same batches on any number of hosts. Every worker reads the records (the
+    compressed bytes) but decodes only its own rows; with `cache` every worker decodes every image once.
     """
     seed, augment, cache, start_batch = stream.seed, stream.augment, stream.cache, stream.start_batch
     num_workers, worker_index, deterministic = stream.num_workers, stream.worker_index, stream.deterministic
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} is outside 0..{num_workers - 1}")
+    if batch_size % num_workers:
+        raise ValueError(f"a global batch of {batch_size} does not split evenly over {num_workers} workers")
     ids = None if ids is None else list(ids)
-    if start_batch and (ids is None or num_workers > 1):
-        raise ValueError("start_batch needs the image IDs and a single worker")
+    if start_batch and ids is None:
+        raise ValueError("start_batch needs the image IDs")
     layout = choose_layout(root, channels, ids, None, shards)
     print(f"data: reading {layout.description}")
     channel_count = len(colors_of(channels))
-    shard_files = num_workers > 1 and layout.item_count >= num_workers
     retarget = _label_replacer(targets) if targets is not None else None
+    local = batch_size // num_workers
+    start = start_batch * batch_size  # the stream position of the first image yielded (a batch boundary)
 
     def records(pass_seed: tf.Tensor | None) -> tf.data.Dataset:
-        # files: each worker takes its own files when there are enough of them, so hosts never
-        # read the same bytes; the file order changes every pass.
+        # files: the file order changes every pass.
         items = layout.items()
-        if shard_files:
-            items = items.shard(num_workers, worker_index)
         if pass_seed is not None:
             items = _stateless_shuffle(items, max(layout.item_count, 1), pass_seed)
         # interleave → parse: cheap string work; an image's records are brought together by ID, so the order can be free.
         elements = layout.parse(items, deterministic, image_size)
         if targets is not None:
             elements = elements.map(retarget, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-        if num_workers > 1 and not shard_files:  # too few files: split records instead
-            elements = elements.shard(num_workers, worker_index)
         return elements
+
+    def mine(elements: tf.data.Dataset) -> tf.data.Dataset:
+        """This worker's rows of every global batch, before they are decoded (the stream starts at `start`)."""
+        if num_workers == 1:
+            return elements
+        rows = elements.enumerate(start=start).filter(lambda index, _: (index % batch_size) // local == worker_index)
+        return rows.map(lambda _, element: element)
 
     def pass_seed(pass_index: tf.Tensor) -> tf.Tensor:
         return tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), pass_index)
 
     images_per_pass = len(set(ids)) if ids is not None else 0
-    first_pass, offset = divmod(start_batch * batch_size, max(images_per_pass, 1)) if start_batch else (0, 0)
+    first_pass, offset = divmod(start, max(images_per_pass, 1)) if start_batch else (0, 0)
     passes = tf.data.Dataset.range(first_pass, 2**62)
     if cache:
         # decode once into the cache (decoding is the expensive part), then permute the cached images each pass.
         decoded = decode_stage(records(None), layout, image_size, channel_count, deterministic, None).cache()
         window = images_per_pass or stream.shuffle_buffer
-        images = passes.flat_map(lambda index: _stateless_shuffle(decoded, window, pass_seed(index))).skip(offset)
+        images = mine(passes.flat_map(lambda index: _stateless_shuffle(decoded, window, pass_seed(index))).skip(offset))
     else:
         # shuffle, skip to the start, and only then decode: decoding is the parallel, AUTOTUNEd map, and
         # the shuffle holds compressed records (TFRecords: decoded channels at S px, grouped in `parse`).
         elements = passes.flat_map(lambda index: _stateless_shuffle(records(pass_seed(index)), stream.shuffle_buffer,
                                                                     pass_seed(index)))
-        images = decode_stage(elements.skip(offset), layout, image_size, channel_count, deterministic, None)
-    # augment: stateless, seeded by (seed, worker, position in the whole stream) so a run repeats exactly.
-    base_seed = tf.constant([seed, worker_index], tf.int64)
+        images = decode_stage(mine(elements.skip(offset)), layout, image_size, channel_count, deterministic, None)
+    if stream.trace:
+        images = images.map(lambda image, label, image_id: (
+            image, label, _traced(image_id, stream.trace)))  # sequential: the file keeps the stream's order
+    # augment: stateless, seeded by (seed, position in the whole stream) so a run repeats exactly, on any number of
+    # workers: the j-th image of this worker sits at position start + (j // local)·B + worker_index·local + j % local.
+    base_seed = tf.constant([seed, 0], tf.int64)
 
     def augment_element(index: tf.Tensor, element: tuple) -> tuple:
         image, label, _ = element
         if augment:
-            image = augment_image(image, tf.random.experimental.stateless_fold_in(base_seed, index))
+            position = start + index // local * batch_size + worker_index * local + index % local
+            image = augment_image(image, tf.random.experimental.stateless_fold_in(base_seed, position))
         return to_uint8(image), label
 
-    images = images.enumerate(start=start_batch * batch_size).map(
-        augment_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    images = images.enumerate().map(augment_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     # batch with drop_remainder: a TPU compiles for one static batch shape.
-    images = images.batch(batch_size, drop_remainder=stream.drop_remainder)
+    images = images.batch(local, drop_remainder=stream.drop_remainder)
     # prefetch: decode the next batches while the accelerator runs this one.
     return images.prefetch(AUTOTUNE)
+
+
+def _traced(image_id: tf.Tensor, path: str) -> tf.Tensor:
+    """`image_id`, after appending it as a line to the file at `path`."""
+    with tf.control_dependencies([tf.print(image_id, output_stream=f"file://{path}")]):
+        return tf.identity(image_id)
 
 
 def eval_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",

@@ -10,6 +10,8 @@ JAX backend, JAX sees TPU devices          ``keras.distribution.DataParallel`` o
 TF backend, several GPUs                   ``MirroredStrategy``
 JAX backend, several devices of any kind   ``DataParallel`` (also 8 CPU devices simulated with
                                            ``XLA_FLAGS=--xla_force_host_platform_device_count=8``)
+JAX backend, several hosts                 ``DataParallel`` over every device of every host, each
+(`hpa_nb.training.hosts`)                  host feeding its rows of each batch (a TPU pod slice)
 TF backend, ``cpu_replicas`` / env         ``MirroredStrategy`` over that many logical CPU devices,
 ``HPA_CPU_REPLICAS`` > 1                   to exercise the multi-replica path without a GPU
 otherwise                                  one device, no strategy
@@ -30,6 +32,7 @@ import keras
 import tensorflow as tf
 
 from hpa_nb.core.env import tensorflow_sees_tpu
+from hpa_nb.training.hosts import Hosts
 
 PRECISION = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": "float32"}
 # Steps run per compiled call: on an accelerator, one host round trip per step would idle it.
@@ -50,10 +53,11 @@ class Accelerator:
     backend: str  # "tensorflow" or "jax"
     device_kind: str  # "tpu", "gpu" or "cpu"
     device_name: str  # e.g. "TPU v5 lite", "NVIDIA H200", "cpu"
-    replicas: int
+    replicas: int  # every device of every host
     precision: str  # Keras dtype policy name
     strategy: Any = field(default=None, repr=False)  # tf.distribute.Strategy, TF paths only
     distribution: Any = field(default=None, repr=False)  # keras.distribution.DataParallel, JAX paths only
+    hosts: Hosts = Hosts()  # the processes training together (`hpa_nb.training.hosts`)
 
     @property
     def path(self) -> str:
@@ -67,8 +71,12 @@ class Accelerator:
         return STEPS_PER_EXECUTION[self.device_kind]
 
     def global_batch_size(self, per_replica: int) -> int:
-        """Images per training step across all replicas."""
+        """Images per training step across all replicas (of all hosts)."""
         return per_replica * self.replicas
+
+    def local_batch_size(self, global_batch: int) -> int:
+        """The rows of each global batch that this host feeds."""
+        return global_batch // self.hosts.count
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
@@ -82,19 +90,21 @@ class Accelerator:
             keras.mixed_precision.set_global_policy(previous)
 
     def describe(self) -> str:
-        return (f"{self.backend} on {self.replicas} × {self.device_kind} ({self.device_name}), {self.path}, "
+        hosts = f" over {self.hosts.count} hosts" if self.hosts.several else ""
+        return (f"{self.backend} on {self.replicas} × {self.device_kind} ({self.device_name}){hosts}, {self.path}, "
                 f"precision {self.precision}")
 
 
 def detect(cpu_replicas: int | None = None, precision: str | None = None,
-           environ: Mapping[str, str] = os.environ) -> Accelerator:
+           environ: Mapping[str, str] = os.environ, hosts: Hosts = Hosts()) -> Accelerator:
     """Find the accelerator and prepare it (connect the TPU, set the JAX distribution).
 
     ``cpu_replicas`` (default: env ``HPA_CPU_REPLICAS``) splits the CPU into that many logical
     devices on the TF backend; it must be given before TensorFlow first touches its devices. On
     JAX, simulate devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before
     JAX starts instead. `precision` (a Keras dtype policy such as "float32" or "mixed_bfloat16")
-    replaces the device's default.
+    replaces the device's default. With several `hosts` (joined by `hpa_nb.training.hosts.start` first) the
+    devices are those of every host.
     """
     if cpu_replicas is None:
         cpu_replicas = int(environ.get(CPU_REPLICAS_VARIABLE, "1") or 1)
@@ -102,7 +112,7 @@ def detect(cpu_replicas: int | None = None, precision: str | None = None,
     finder = {"tensorflow": _detect_tensorflow, "jax": _detect_jax}.get(backend)
     if finder is None:
         raise ValueError(f"Keras backend {backend!r} is not supported: use KERAS_BACKEND=tensorflow or jax")
-    found = finder(cpu_replicas)
+    found = dataclasses.replace(finder(cpu_replicas), hosts=hosts)
     if precision is not None:
         found = dataclasses.replace(found, precision=precision)
     return found
@@ -139,11 +149,12 @@ def _detect_tensorflow(cpu_replicas: int) -> Accelerator:
 def _detect_jax(cpu_replicas: int) -> Accelerator:
     import jax  # jax: on the JAX backend only, not installed with TensorFlow alone
 
-    devices = jax.devices()  # the default platform: TPU, else GPU, else CPU
+    devices = jax.devices()  # the default platform: TPU, else GPU, else CPU; every host's, once they are joined
     kind = JAX_PLATFORMS.get(devices[0].platform, "cpu")
     name = getattr(devices[0], "device_kind", kind)
     distribution = None
     if len(devices) > 1:
-        distribution = keras.distribution.DataParallel(devices=devices)
+        # Each host feeds its own rows of every batch (`hpa_nb.data.pipeline.Stream`): Keras must not shard the data.
+        distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=jax.process_count() == 1)
         keras.distribution.set_distribution(distribution)
     return Accelerator("jax", kind, name, len(devices), PRECISION[kind], distribution=distribution)

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from hpa_nb.training import hosts
+
 _COMPILED: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
 
 
@@ -44,13 +46,15 @@ def _statistics_function(model, layers: list) -> Callable:
     if keras.backend.backend() == "jax":
         import jax  # jax: on the JAX backend only
 
-        compiled = jax.jit(statistics)
         distribution = keras.distribution.distribution()
+        # The statistics come back whole on every device, so every host reads the same values.
+        compiled = jax.jit(statistics, **({} if distribution is None else {"out_shardings": hosts.replicated(distribution)}))
 
         def place(images):  # shard the batch over the devices like Keras's own training step does
             if distribution is None:
                 return images
-            return jax.device_put(images, distribution.get_data_layout(images.shape).backend_layout)
+            # over several hosts, `images` are this host's rows of the batch
+            return hosts.place(images, distribution.get_data_layout(images.shape).backend_layout)
     else:
         compiled = tf.function(statistics, reduce_retracing=True)
         place = tf.convert_to_tensor

@@ -11,11 +11,11 @@ import keras
 
 from hpa_nb.core.budget import Projection
 from hpa_nb.core.files import atomic_path
-from hpa_nb.training import run
+from hpa_nb.training import hosts, run
 from hpa_nb.training.batch_norm import recalibrate
 
 
-def epoch_recorder(run_dir: Path, keep: int):
+def epoch_recorder(run_dir: Path, keep: int, several: hosts.Hosts = hosts.Hosts()):
     folder = run.RunFolder(run_dir)
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -29,7 +29,7 @@ def epoch_recorder(run_dir: Path, keep: int):
         def on_epoch_end(self, epoch, logs=None):
             run.append_history(run_dir, epoch, logs or {})
             folder.checkpoints.mkdir(exist_ok=True)
-            with atomic_path(folder.checkpoint(epoch + 1)) as temporary:  # ends in .keras, as Keras requires
+            with atomic_path(folder.checkpoint(epoch + 1)) as temporary, hosts.alone(several):  # ends in .keras
                 self.model.save(temporary)
             run.prune_checkpoints(run_dir, keep)
 
@@ -75,6 +75,8 @@ def clock(plan):
 
         def project(self, seconds_per_image: float, what: str) -> None:
             self.projected = True
+            if not plan.hosts.writer:  # one projection per run, not one per host
+                return
             projection = Projection("training", "epoch", config.epochs, plan.finished_epochs,
                                     seconds_per_image * images_per_epoch, hours=hours)
             print(f"{projection.line()} ({what}: {seconds_per_image * 1e3:.3g} ms per image, {images_per_epoch} "
@@ -96,10 +98,12 @@ def clock(plan):
             self.epoch_seconds.append(time.time() - self.epoch_started)
             if not self.projected:
                 self.project(self.epoch_seconds[0] / images_per_epoch, "the first epoch, compiling included")
-            if config.deadline is not None and time.time() + max(self.epoch_seconds) > config.deadline:
+            # Every host stops after the same epoch: host 0's clock decides for all.
+            if config.deadline is not None and hosts.agree(time.time() + max(self.epoch_seconds) > config.deadline,
+                                                           plan.hosts):
                 self.model.stop_training = True
                 self.stopped_at_deadline = epoch + 1 < config.epochs
-                if self.stopped_at_deadline:
+                if self.stopped_at_deadline and plan.hosts.writer:
                     print(f"train: stopping after epoch {epoch + 1} of {config.epochs}: the next one would end past "
                           "the deadline (HOURS); its checkpoint is saved, resume from this output", file=sys.stderr)
 

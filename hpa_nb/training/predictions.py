@@ -72,14 +72,17 @@ def averaged(predict_batch: Callable[[np.ndarray], np.ndarray], batch: np.ndarra
                     for name in names], axis=0)
 
 
-def padded(model: Any, multiple: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``model.predict_on_batch`` with the batch padded with zero rows to a multiple of `multiple` (a data-parallel
-    model splits every batch evenly over its devices), the padding's rows dropped from the answer."""
+def padded(model: Any, multiple: int, forward: Callable[[np.ndarray], np.ndarray] | None = None
+           ) -> Callable[[np.ndarray], np.ndarray]:
+    """``model.predict_on_batch`` (or `forward`) with the batch padded with zero rows to a multiple of `multiple` (a
+    data-parallel model splits every batch evenly over its devices), the padding's rows dropped from the answer."""
+    forward = forward or model.predict_on_batch
+
     def predict_batch(batch: np.ndarray) -> np.ndarray:
         missing = (-len(batch)) % multiple
         if missing:
             batch = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
-        return np.asarray(model.predict_on_batch(batch))[: len(batch) - missing]
+        return np.asarray(forward(batch))[: len(batch) - missing]
 
     return predict_batch
 
@@ -107,16 +110,17 @@ def reorder(wanted: Sequence[str], ids: Sequence[str], *arrays: np.ndarray) -> l
 
 
 def predict(model: Any, dataset: Iterable, tta: bool = False, total: int | None = None,
-            transforms: Sequence[str] | None = None, desc: str = "predicting",
-            multiple: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
+            transforms: Sequence[str] | None = None, desc: str = "predicting", multiple: int = 1,
+            forward: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Run `model` over a batched ``(image, label, id)`` dataset: (IDs, labels [N, 19], probabilities [N, 19]).
 
     With `tta`, each batch is predicted under every transform in `transforms` (default: all 8
     of `DIHEDRAL_TRANSFORMS`, so 8× the work) and the probabilities are averaged. Batches are padded to a
-    multiple of `multiple` rows (the replicas of a data-parallel model).
+    multiple of `multiple` rows (the replicas of a data-parallel model). `forward` replaces
+    ``model.predict_on_batch`` (a model trained over several hosts: `hpa_nb.training.hosts.predictor`).
     """
     names = transform_names(tta, transforms)
-    predict_batch = padded(model, multiple)
+    predict_batch = padded(model, multiple, forward)
     all_ids: list[str] = []
     labels, scores = [], []
     with tqdm(total=total, unit="image", desc=desc + (f" (TTA ×{len(names)})" if tta else "")) as progress:

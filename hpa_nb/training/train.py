@@ -22,10 +22,11 @@ from hpa_nb.data import combined, pipeline, shards, tiles
 from hpa_nb.data.competition import load_labels
 from hpa_nb.data.splits import holdout
 from hpa_nb.sample.sources import find_data, source_record
-from hpa_nb.training import callbacks, inputs, predictions, preflight, run, schedule, tracking
+from hpa_nb.training import callbacks, hosts as hosting, inputs, predictions, preflight, run, schedule, tracking
 from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import recalibrate
 from hpa_nb.training.config import TrainConfig, validate
+from hpa_nb.training.hosts import Hosts
 from hpa_nb.training.model import WeightedBinaryCrossentropy, build, make_metrics, register_classes
 
 MONITOR = "val_auc"  # early stopping and "best epoch" follow the validation macro ROC AUC
@@ -69,11 +70,16 @@ def image_split(root: Path, run_dir: Path, config: TrainConfig,
     return list(saved["train"]), list(saved["val"]), frame
 
 
-def _split(root: Path, run_dir: Path, config: TrainConfig,
-           reuse: bool) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """Train / validation IDs (`image_split`, written to the run's split.csv) and their label matrices."""
-    train_ids, val_ids, frame = image_split(root, run_dir, config, reuse)
-    run.write_split(run_dir, train_ids, val_ids)
+def _split(root: Path, run_dir: Path, config: TrainConfig, reuse: bool,
+           writer: bool = True) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Train / validation IDs (`image_split`, written to the run's split.csv) and their label matrices. Every host
+    but the writer reads the split that the writer wrote."""
+    if not writer and not run.RunFolder(run_dir).split.is_file():
+        raise FileNotFoundError(f"{run.RunFolder(run_dir).split}: host 0 wrote it and this host does not see it; the "
+                                "run folder must be one folder that every host sees (a bucket or NFS share)")
+    train_ids, val_ids, frame = image_split(root, run_dir, config, reuse or not writer)
+    if writer:
+        run.write_split(run_dir, train_ids, val_ids)
     if config.level == "cell":
         return _cell_split(root, config, frame, train_ids, val_ids)
     ids = frame["ID"].tolist()
@@ -171,11 +177,17 @@ class Plan:
     layout: str = ""  # which layout the images come from, in words
     root: Path | None = None  # the folder read: data_dir, or the view of several sources (`data_root`)
 
+    @property
+    def hosts(self) -> Hosts:
+        return self.accelerator.hosts
+
     def summary(self) -> str:
         """What the run will do, in a few lines."""
         start = f"resuming after epoch {self.finished_epochs}" if self.finished_epochs else "a fresh run"
         return "\n".join([
             f"accelerator: {self.accelerator.describe()}",
+            *([f"hosts: {self.hosts.describe()}, feeding {self.global_batch // self.hosts.count} of each "
+               f"{self.global_batch} images"] if self.hosts.several else []),
             f"data: {self.layout}",
             f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation "
             f"{'cells (tiles, split by image)' if self.config.level == 'cell' else 'images'}",
@@ -240,33 +252,44 @@ def _relabelled_targets(run_dir: Path, train_keys: list[str]) -> dict[str, np.nd
     return targets
 
 
-def prepare(config: TrainConfig) -> Plan:
+def prepare(config: TrainConfig, hosts: Hosts | None = None) -> Plan:
     """Check everything that can fail cheaply, then build the run: accelerator, split, data, model.
 
     On Kaggle a full run stops here, before its first training step, when it would train on the
     synthetic sample or on a CPU (`hpa_nb.training.preflight`). ``resume_from`` copies an earlier run
     (a killed Kaggle session's output) into ``out_dir`` and resumes it; so does ``resume`` with
     the run already there. A fresh run clears the folder's previous run first.
+
+    `hosts` (default: `hpa_nb.training.hosts.from_environment`, one unless a TPU slice or Keras's variables say
+    otherwise) are joined first; then host 0 alone writes the run folder and the others read it.
     """
 
     preflight.report_versions(sys.stderr)
     config = resolve(config)
+    hosts = hosts or hosting.from_environment()
+    hosting.start(hosts, config.seed)  # before JAX touches a device
     root, run_dir = data_root(config), Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.resume_from:
-        run.adopt(inputs.previous_run(config.resume_from), run_dir)
-    accelerator = detect(config.cpu_replicas, config.precision)  # before TF touches its devices
+    if hosts.writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume_from:
+            run.adopt(inputs.previous_run(config.resume_from), run_dir)
+    accelerator = detect(config.cpu_replicas, config.precision, hosts=hosts)  # before TF touches its devices
     preflight.check_accelerator(accelerator.device_kind, config.quick, config.allow_cpu)
     keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
     fingerprint = run.data_fingerprint(root)
-    if config.resume:
+    if hosts.writer and config.resume:
         _check_resumable(run_dir, config, fingerprint)
-    else:  # a relabelled run keeps the targets its relabel step wrote (hpa_nb.cells.relabel)
+    elif hosts.writer:  # a relabelled run keeps the targets its relabel step wrote (hpa_nb.cells.relabel)
         run.clear_previous(run_dir, keep=run.RELABEL_FILES if config.relabel else ())
+    if hosts.writer:
+        train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
+    hosting.barrier("hpa_nb: the run folder is ready", hosts)  # host 0 has cleared or adopted it, and split
+    if not hosts.writer:
+        train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=True, writer=False)
     finished, checkpoint = run.last_checkpoint(run_dir) if config.resume else (0, None)
+    _check_same_on_every_host(hosts, run_dir, finished, fingerprint)
     if config.resume and checkpoint is None:
         print(f"resume: no checkpoint in {run.RunFolder(run_dir).checkpoints}, starting from scratch", file=sys.stderr)
-    train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
     layout = pipeline.describe_layout(root, config.channels, _records(config))
 
     global_batch = accelerator.global_batch_size(config.batch_size)
@@ -278,14 +301,15 @@ def prepare(config: TrainConfig) -> Plan:
                "replicas": accelerator.replicas, "precision": accelerator.precision,
                "global_batch_size": global_batch, "steps_per_epoch_used": steps_per_epoch,
                "steps_per_execution_used": steps_per_execution, "train_images": len(train_ids),
-               "val_images": len(val_ids), "data_fingerprint": fingerprint,
+               "val_images": len(val_ids), "data_fingerprint": fingerprint, "hosts": hosts.count,
                "data_source": source_record(Path(config.data_dir))}  # the first source, not a view of several
-    run.write_info(run_dir, config, runtime)
+    if hosts.writer:
+        run.write_info(run_dir, config, runtime)
     targets = _relabelled_targets(run_dir, train_ids) if config.relabel else None
     if targets is not None:
         train_matrix = np.stack([targets[key] for key in train_ids])
     datasets = _datasets(root, train_ids, val_ids, config, global_batch, accelerator.replicas,
-                         start_batch=finished * steps_per_epoch, targets=targets)
+                         start_batch=finished * steps_per_epoch, targets=targets, hosts=hosts)
     # Classes without both positives and negatives in validation have no AUC; leave them out.
     val_positives = val_matrix.sum(axis=0)
     label_weights = ((val_positives > 0) & (val_positives < len(val_ids))).astype(np.float32)
@@ -299,9 +323,26 @@ def prepare(config: TrainConfig) -> Plan:
             model = build(config.backbone, config.image_size, config.channels, config.weights, config.dropout)
             _compile(model, config, schedule, class_weights(train_matrix, config.max_positive_weight), label_weights,
                      steps_per_execution)
+        hosting.share_weights(model, hosts)  # every host starts from host 0's weights
     plan = Plan(config, run_dir, accelerator, train_ids, val_ids, train_matrix, global_batch, steps_per_epoch,
                 steps_per_execution, schedule, model, finished, datasets, runtime, layout, root)
     return plan
+
+
+def _check_same_on_every_host(hosts: Hosts, run_dir: Path, finished: int, fingerprint: str) -> None:
+    """Stop on a host whose data or run folder is not host 0's: every host must read the same images and the
+    same checkpoints, or their replicas would silently part."""
+    if not hosts.several:
+        return
+    # int32: JAX's default integer; the fingerprint's hex digits in groups of four
+    mine = np.array([finished, *(int(fingerprint[at:at + 4], 16) for at in range(0, len(fingerprint), 4))], np.int32)
+    theirs = hosting.agree(mine, hosts)
+    if not np.array_equal(theirs[1:], mine[1:]):
+        raise ValueError(f"host {hosts.index} reads other data than host 0 (fingerprint {fingerprint}): give every "
+                         "host the same data folder")
+    if theirs[0] != mine[0]:
+        raise ValueError(f"host {hosts.index} sees {finished} finished epochs in {run_dir}, host 0 sees {theirs[0]}: "
+                         "the run folder must be one folder that every host sees (a bucket or NFS share)")
 
 
 def _check_resumable(run_dir: Path, config: TrainConfig, fingerprint: str) -> None:
@@ -337,15 +378,16 @@ def fit(plan: Plan) -> TrainResult:
     validation (``bn_recalibration``), so the saved model predicts well in inference mode.
     """
 
-    config, run_dir, model, finished = plan.config, plan.run_dir, plan.model, plan.finished_epochs
+    config, run_dir, model, finished, writer = plan.config, plan.run_dir, plan.model, plan.finished_epochs, plan.hosts.writer
     recalibration_steps = min(config.bn_recalibration_steps, plan.steps_per_epoch)
     callbacks = _callbacks(plan, recalibration_steps)
-    tracker = tracking.start(run_dir, {**config.to_json(), **plan.runtime})  # None, said in one line, when off
+    # None, said in one line, when off; only the host that writes the run folder tracks it
+    tracker = tracking.start(run_dir, {**config.to_json(), **plan.runtime}) if writer else None
     if tracker is not None:
         callbacks.insert(-1, tracker)  # the clock stays last
     history = model.fit(plan.datasets["train"], epochs=config.epochs, initial_epoch=finished,
                         steps_per_epoch=plan.steps_per_epoch, validation_data=plan.datasets["val"],
-                        callbacks=callbacks, verbose=config.verbose,
+                        callbacks=callbacks, verbose=config.verbose if writer else 0,
                         shuffle=False)  # the dataset shuffles itself
     stopped_at_deadline = callbacks[-1].stopped_at_deadline
     losses = history.history.get("loss", [])
@@ -359,10 +401,15 @@ def fit(plan: Plan) -> TrainResult:
     if model.compiled:
         final = {f"val_{k}": float(v) for k, v in
                  model.evaluate(plan.datasets["val"], verbose=0, return_dict=True).items()}
-    save_for_inference(model, run.RunFolder(run_dir).model)
-    write_held_out_predictions(plan)
+    if writer:
+        with hosting.alone(plan.hosts):
+            save_for_inference(model, run.RunFolder(run_dir).model)
+    write_held_out_predictions(plan)  # every host computes its part; the writer writes them
     runtime = {**plan.runtime, "epochs_run": int(finished + len(losses)), "final": final,
                "stopped_at_deadline": stopped_at_deadline}
+    if not writer:  # host 0 has written every epoch's row by now: it joined the collective steps since
+        print(f"train: host {plan.hosts.index} done; host 0 wrote {run_dir}", file=sys.stderr)
+        return TrainResult(run_dir, model, run.load_history(run_dir), final, stopped_at_deadline)
     run.write_info(run_dir, config, runtime)
     frame = run.load_history(run_dir)
     if tracker is not None:
@@ -374,14 +421,17 @@ def fit(plan: Plan) -> TrainResult:
 
 def write_held_out_predictions(plan: Plan) -> Path:
     """``RUN/oof.csv``: the saved model's predictions for every held-out image (or tile), in the
-    predictions.csv format. For a fold run these are its out-of-fold predictions (`hpa_nb.training.folds`)."""
-    config = plan.config
+    predictions.csv format. For a fold run these are its out-of-fold predictions (`hpa_nb.training.folds`).
+    Over several hosts each computes its rows of every batch (`hpa_nb.training.hosts.predictor`), and host 0 writes."""
+    config, hosts = plan.config, plan.hosts
     dataset = pipeline.eval_dataset(plan.root, plan.val_ids, config.image_size, config.channels,
                                     plan.global_batch, with_id=True, shards=_records(config))
     ids, _, scores = predictions.predict(plan.model, dataset, total=len(plan.val_ids), desc="held-out predictions",
-                                           multiple=plan.accelerator.replicas)
+                                           multiple=plan.accelerator.replicas,
+                                           forward=hosting.predictor(plan.model, hosts) if hosts.several else None)
     (scores,) = predictions.reorder(plan.val_ids, ids, scores)  # in split.csv's order
-    return predictions.write_predictions(run.RunFolder(plan.run_dir).oof, plan.val_ids, scores)
+    path = run.RunFolder(plan.run_dir).oof
+    return predictions.write_predictions(path, plan.val_ids, scores) if hosts.writer else path
 
 
 def save_for_inference(model, path: Path) -> Path:
@@ -396,20 +446,24 @@ def save_for_inference(model, path: Path) -> Path:
     return path
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, hosts: Hosts | None = None) -> TrainResult:
     """`prepare` then `fit`: the whole run, as the CLI does it, with the plan's summary on stderr."""
-    plan = prepare(config)
+    plan = prepare(config, hosts)
     print(plan.summary(), file=sys.stderr)
     return fit(plan)
 
 
 def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: TrainConfig, global_batch: int,
-              replicas: int, start_batch: int, targets: dict | None = None) -> dict:
-    """Training (infinite, augmented, from `start_batch` on), validation (finite, padded) and BN re-estimation data."""
+              replicas: int, start_batch: int, targets: dict | None = None, hosts: Hosts = Hosts()) -> dict:
+    """Training (infinite, augmented, from `start_batch` on), validation (finite, padded) and BN re-estimation data:
+    this host's rows of every global batch."""
 
     common = {"image_size": config.image_size, "channels": config.channels, "batch_size": global_batch,
               "shards": _records(config)}
-    stream = pipeline.Stream(seed=config.seed, augment=config.augment, cache=config.cache, start_batch=start_batch)
+    workers = {"num_workers": hosts.count, "worker_index": hosts.index}
+    trace = hosting.trace_path(hosts)
+    stream = pipeline.Stream(seed=config.seed, augment=config.augment, cache=config.cache, start_batch=start_batch,
+                             trace=None if trace is None else str(trace), **workers)
     train_data = pipeline.training_dataset(root, train_ids, stream=stream, targets=targets, **common)
     val_bytes = len(val_ids) * config.image_size ** 2 * len(config.channels)  # uint8 images
     val_data = pipeline.eval_dataset(root, val_ids, with_id=False, cache=val_bytes <= config.val_cache_gib * 2**30,
@@ -417,21 +471,22 @@ def _datasets(root: Path, train_ids: list[str], val_ids: list[str], config: Trai
     # A known length keeps Keras from warning "ran out of data" after every validation pass.
     val_data = val_data.apply(tf.data.experimental.assert_cardinality(math.ceil(len(val_ids) / global_batch)))
     if replicas > 1:
-        val_data = pad_batches(val_data, replicas)
+        val_data = hosting.local_rows(pad_batches(val_data, replicas), hosts)
     # BN statistics are for inference inputs: training images without augmentation.
-    unaugmented = pipeline.Stream(seed=config.seed + 1, augment=False)
+    unaugmented = pipeline.Stream(seed=config.seed + 1, augment=False, **workers)
     recalibration_data = pipeline.training_dataset(root, train_ids, stream=unaugmented, **common)
     return {"train": train_data, "val": val_data, "recalibration": recalibration_data}
 
 
 def _callbacks(plan: Plan, recalibration_steps: int) -> list:
-    run_dir, config, finished = plan.run_dir, plan.config, plan.finished_epochs
-    run.truncate_history(run_dir, finished)  # the finished epochs' rows; not those of an epoch without its checkpoint
+    run_dir, config, finished, writer = plan.run_dir, plan.config, plan.finished_epochs, plan.hosts.writer
+    if writer:  # the finished epochs' rows; not those of an epoch without its checkpoint
+        run.truncate_history(run_dir, finished)
     recalibration = ([callbacks.recalibration(plan.datasets["recalibration"], recalibration_steps)]
                      if config.bn_recalibration == "epoch" else [])
     return [
         *recalibration,  # runs before each validation, so checkpoints and early stopping see its statistics
-        callbacks.epoch_recorder(run_dir, config.keep_checkpoints),
+        *([callbacks.epoch_recorder(run_dir, config.keep_checkpoints, plan.hosts)] if writer else []),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.TerminateOnNaN(),
