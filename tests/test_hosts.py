@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import tpu_venv_python
 
 from hpa_nb.cli import main
 from hpa_nb.training import hosts
@@ -128,12 +129,12 @@ def _environment(devices: int, trace: Path, watch: Path | None = None, writes: P
     return environ
 
 
-def _train(arguments: list[str]) -> list[str]:
-    return [sys.executable, "-m", "hpa_nb", "train", *arguments]
+def _train(arguments: list[str], python: str = sys.executable) -> list[str]:
+    return [python, "-m", "hpa_nb", "train", *arguments]
 
 
 def _two_hosts(arguments: list[str], out: Path, trace: Path, stop_at: Path | None = None,
-               timeout: float = 420) -> tuple[float, list[str]]:
+               timeout: float = 420, python: str = sys.executable) -> tuple[float, list[str]]:
     """Run `train` as hosts 0 and 1 of a fresh coordinator; with `stop_at`, SIGKILL both once it exists, as a
     preempted slice would be. Returns the wall time and each host's stderr; stops both if one fails."""
     (out.parent / "hook").mkdir(exist_ok=True)
@@ -144,7 +145,8 @@ def _two_hosts(arguments: list[str], out: Path, trace: Path, stop_at: Path | Non
     started = time.monotonic()
     for index in range(2):
         environ = _environment(4, trace, watch=out, writes=out.parent / f"writes-host{index}.txt")
-        command = _train([*arguments, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(index)])
+        command = _train([*arguments, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(index)],
+                         python)
         processes.append(subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
                                           stderr=logs[index].open("w")))
     try:
@@ -235,3 +237,17 @@ def test_two_hosts_train_as_one_with_one_writer_resume_together_and_match_one_pr
           f"{single_seconds:.1f} s (two runs); largest difference: history "
           f"{np.abs(history.to_numpy() - alone.to_numpy()).max():.2g}, oof.csv "
           f"{np.abs(oof.to_numpy() - reference.to_numpy()).max():.2g}")
+
+
+@pytest.mark.slow
+def test_two_hosts_train_with_the_tpu_images_december_packages(hosts_sample, tmp_path):
+    """The same two hosts with jax 0.12 and Keras as Kaggle's TPU image holds them in December 2026."""
+    data, split = hosts_sample
+    run = tmp_path / "run"
+    _, errors = _two_hosts([*RUN, "--data", str(data), "--split-from", str(split), "--out", str(run), "--epochs", "2"],
+                           run, tmp_path / "trace", python=str(tpu_venv_python("2026-12")))
+    assert "python 3.12" in errors[0] and "jax 0.12" in errors[0] and "8 devices in all, 4 here" in errors[1]
+    info = json.loads(RunFolder(run).config.read_text())
+    assert (info["replicas"], info["hosts"]) == (8, 2) and RunFolder(run).oof.is_file()
+    assert pd.read_csv(RunFolder(run).history)["epoch"].tolist() == [0, 1]
+    assert not (tmp_path / "writes-host1.txt").exists() and "model.keras" in (tmp_path / "writes-host0.txt").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def _records(path: Path):
             yield record
 
 
+def _complete_log(path: Path, seconds: float = 60) -> list:
+    """The records of a transaction log once it ends with its run's exit record: wandb's service process may
+    still be writing it when the run's own process has exited (a `make test` failed once without this)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        records = list(_records(path))
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if "exit" in kinds and "run" in kinds:
+            return records
+        assert time.monotonic() < deadline, f"{path} holds no complete run after {seconds} s: records {kinds}"
+        time.sleep(0.5)
+
+
 def _items(update) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in update}
 
@@ -60,7 +74,7 @@ def test_an_offline_wandb_run_holds_the_config_every_epoch_and_the_final_figures
     assert f"tracking: W&B run tracked (offline, under {out / 'wandb'})" in result.err
     logs = list((out / "wandb").glob(f"offline-run-*-{tracking.run_id(out)}/run-{tracking.run_id(out)}.wandb"))
     assert len(logs) == 1
-    records = list(_records(logs[0]))
+    records = _complete_log(logs[0])
     started = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert started.display_name == "tracked" and started.project == tracking.PROJECT
     config = _items(started.config.update)
