@@ -154,7 +154,8 @@ def _detect_jax(cpu_replicas: int) -> Accelerator:
     name = getattr(devices[0], "device_kind", kind)
     distribution = None
     if len(devices) > 1:
-        # Each host feeds its own rows of every batch (`hpa_nb.data.pipeline.Stream`): Keras must not shard the data.
-        distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=jax.process_count() == 1)
+        # Each host feeds its own rows of every batch (`hpa_nb.data.pipeline.Stream`): Keras must not shard the data
+        # (on one host it never does).
+        distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
         keras.distribution.set_distribution(distribution)
     return Accelerator("jax", kind, name, len(devices), PRECISION[kind], distribution=distribution)

@@ -62,8 +62,8 @@ class Hosts:
         """Whether this host writes the run folder (host 0 alone)."""
         return self.index == 0
 
-    def rows(self, count: int) -> slice:
-        """This host's rows of a global batch of `count` rows (a multiple of the host count)."""
+    def rows(self, count):
+        """This host's rows of a global batch of `count` rows (a multiple of the host count; an int, or a tensor)."""
         width = count // self.count
         return slice(self.index * width, (self.index + 1) * width)
 
@@ -151,8 +151,8 @@ def local_rows(dataset: tf.data.Dataset, hosts: Hosts) -> tf.data.Dataset:
         return dataset
 
     def rows(*tensors):
-        width = tf.shape(tensors[0])[0] // hosts.count
-        return tuple(tensor[hosts.index * width:(hosts.index + 1) * width] for tensor in tensors)
+        mine = hosts.rows(tf.shape(tensors[0])[0])
+        return tuple(tensor[mine] for tensor in tensors)
 
     return dataset.map(rows)
 
@@ -174,12 +174,13 @@ def replicated(distribution) -> Any:
 
 
 def agree(value: Any, hosts: Hosts) -> Any:
-    """Host 0's `value` (a number or an array) on every host."""
+    """Host 0's `value` (a number, an array, or a list of them) on every host, in one collective."""
     if not hosts.several:
         return value
+    import jax  # jax: on the JAX backend only
     from jax.experimental import multihost_utils  # jax: on the JAX backend only
 
-    return multihost_utils.broadcast_one_to_all(np.asarray(value))
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, value)))
 
 
 def share_weights(model, hosts: Hosts) -> None:
@@ -192,16 +193,9 @@ def share_weights(model, hosts: Hosts) -> None:
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         variables += list(optimizer.variables)
-    values = agree_tree([np.asarray(variable.value) for variable in variables], hosts)
+    values = agree([variable.value for variable in variables], hosts)
     for variable, value in zip(variables, values):
         variable.assign(value)
-
-
-def agree_tree(values: list[np.ndarray], hosts: Hosts) -> list[np.ndarray]:
-    """Host 0's arrays on every host, in one collective."""
-    from jax.experimental import multihost_utils  # jax: on the JAX backend only
-
-    return [np.asarray(value) for value in multihost_utils.broadcast_one_to_all(values)]
 
 
 @contextlib.contextmanager

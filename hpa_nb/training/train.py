@@ -186,8 +186,8 @@ class Plan:
         start = f"resuming after epoch {self.finished_epochs}" if self.finished_epochs else "a fresh run"
         return "\n".join([
             f"accelerator: {self.accelerator.describe()}",
-            *([f"hosts: {self.hosts.describe()}, feeding {self.global_batch // self.hosts.count} of each "
-               f"{self.global_batch} images"] if self.hosts.several else []),
+            *([f"hosts: {self.hosts.describe()}, feeding {self.accelerator.local_batch_size(self.global_batch)} "
+               f"of each {self.global_batch} images"] if self.hosts.several else []),
             f"data: {self.layout}",
             f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation "
             f"{'cells (tiles, split by image)' if self.config.level == 'cell' else 'images'}",
@@ -277,11 +277,11 @@ def prepare(config: TrainConfig, hosts: Hosts | None = None) -> Plan:
     preflight.check_accelerator(accelerator.device_kind, config.quick, config.allow_cpu)
     keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
     fingerprint = run.data_fingerprint(root)
-    if hosts.writer and config.resume:
-        _check_resumable(run_dir, config, fingerprint)
-    elif hosts.writer:  # a relabelled run keeps the targets its relabel step wrote (hpa_nb.cells.relabel)
-        run.clear_previous(run_dir, keep=run.RELABEL_FILES if config.relabel else ())
     if hosts.writer:
+        if config.resume:
+            _check_resumable(run_dir, config, fingerprint)
+        else:  # a relabelled run keeps the targets its relabel step wrote (hpa_nb.cells.relabel)
+            run.clear_previous(run_dir, keep=run.RELABEL_FILES if config.relabel else ())
         train_ids, val_ids, train_matrix, val_matrix = _split(root, run_dir, config, reuse=config.resume)
     hosting.barrier("hpa_nb: the run folder is ready", hosts)  # host 0 has cleared or adopted it, and split
     if not hosts.writer:
