@@ -20,7 +20,7 @@ from hpa_nb.core.metrics import image_metrics
 from hpa_nb.data.competition import load_labels
 from hpa_nb.training import run
 from hpa_nb.training.inputs import run_data
-from hpa_nb.training.predictions import read_predictions, write_predictions
+from hpa_nb.training.predictions import read_predictions, reorder, write_predictions
 
 
 @dataclass
@@ -87,10 +87,7 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
     all_ids, blocks = [], []
     for fold in sorted(by_fold):
         ids = by_fold[fold][0][0]
-        aligned = []
-        for member_ids, scores in by_fold[fold]:
-            position = {image_id: index for index, image_id in enumerate(member_ids)}
-            aligned.append(scores[[position[image_id] for image_id in ids]])
+        aligned = [reorder(ids, member_ids, scores)[0] for member_ids, scores in by_fold[fold]]
         all_ids += ids
         blocks.append(np.mean(aligned, axis=0))
     if len(set(all_ids)) != len(all_ids):
