@@ -99,13 +99,19 @@ def find(kind: str, reference: str | Path | None = None, *, consumer: str | None
     if not env.on_kaggle(environ):
         default = artifact.default()
         return default if artifact.holds(default) else None
+    found = _attached(kind, root, consumer, required)
+    return found[0] if found else None
+
+
+def _attached(kind: str, root: Path, consumer: str | None, required: bool) -> list[Path]:
+    """Every folder of `kind` attached under `root`, the producer's own output first; none found is a
+    `MissingInputError` naming what to attach when `required`."""
+    artifact = ARTIFACTS[kind]
     found = env.search_folders(root, _matches(artifact.holds), 6)
     found.sort(key=lambda path: artifact.slug() not in path.parts)  # stable: the producer's own output first
-    if found:
-        return found[0]
-    if not required:
-        return None
-    raise MissingInputError(f"no {artifact.what} attached under {root}: " + attach_hint(kind, consumer))
+    if not found and required:
+        raise MissingInputError(f"no {artifact.what} attached under {root}: " + attach_hint(kind, consumer))
+    return found
 
 
 def find_all(kind: str, references: str | Path | Sequence[str | Path] | None = None, *, consumer: str | None = None,
@@ -121,13 +127,9 @@ def find_all(kind: str, references: str | Path | Sequence[str | Path] | None = N
     if not env.on_kaggle(environ):
         found = find(kind, None, consumer=consumer, required=required, input_root=input_root, environ=environ)
         return [] if found is None else [found]
-    artifact = ARTIFACTS[kind]
-    root = input_root or env.kaggle_input(environ)
-    found = sorted(env.search_folders(root, _matches(artifact.holds), 6),
-                   key=lambda path: (artifact.slug() not in path.parts, str(path)))
-    if not found and required:
-        raise MissingInputError(f"no {artifact.what} attached under {root}: " + attach_hint(kind, consumer))
-    return found
+    slug = ARTIFACTS[kind].slug()
+    return sorted(_attached(kind, input_root or env.kaggle_input(environ), consumer, required),
+                  key=lambda path: (slug not in path.parts, str(path)))
 
 
 def previous_run(reference: str | Path, input_root: Path | None = None,
