@@ -1,62 +1,30 @@
 """``python -m hpa_nb <verb>``: one thin subcommand per job, each over a library function.
 
-Parsing is cheap (no TensorFlow import) so ``--help`` and bad arguments answer at once;
-each handler imports what it needs. User errors print one line and exit with status 2.
+Parsing is cheap: this module and the constants its options read (`hpa_nb.cells.rules`, `hpa_nb.training.config`,
+`hpa_nb.sample.specs`, ...) load no TensorFlow, Keras or JAX, so ``--help``, a bad argument and the verbs that
+train nothing answer at once. Each parser names its handler as ``"module:function"`` under `hpa_nb.commands`, and
+`main` imports that module only when its verb runs (pip's ``create_command`` works the same way): the one place
+in the package that imports its own modules on demand. User errors print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-import tensorflow as tf
-
-from hpa_nb import bench
-from hpa_nb.cells import relabel
-from hpa_nb.cells.compare import TUNING_PARTS, compare_models
-from hpa_nb.cells.scoring import (COMBINED_RULE, COMBINERS, NEGATIVE_RULES,  # numpy and scipy only: parsing stays cheap
-                                  ScoreRule, load_classifier)
-from hpa_nb.cells.submit import load_rule, submit
-from hpa_nb.core.env import working_dir
+from hpa_nb.cells.rules import COMBINED_RULE, COMBINERS, CROP_KINDS, NEGATIVE_RULES, ScoreRule
 from hpa_nb.core.labels import CHANNEL_SETS
-from hpa_nb.data.bad_input import error_message
-from hpa_nb.data.crops import CROPS
-from hpa_nb.data.shards import write_shards
-from hpa_nb.data.tiles import write_tiles
-from hpa_nb.kaggle import image_set, kernels, push as kaggle
-from hpa_nb.sample.sources import DEFAULT_SAMPLE, ensure_evaluation_sample, find_data
-from hpa_nb.sample.writer import write_sample
-from hpa_nb.segmentation import offline as hpacellseg_offline
+from hpa_nb.sample.specs import DEFAULT_SAMPLE
 from hpa_nb.segmentation.backends import SEGMENTERS
-from hpa_nb.training import folds, hosts, inputs, run, train
 from hpa_nb.training.config import LEVELS, LOSSES, TrainConfig
-from hpa_nb.training.evaluate import evaluate, format_table
 
 EXIT_USER_ERROR = 2
+BENCH_KINDS = ("loader", "train")  # `hpa_nb.commands.bench.BENCHES` runs them
 
 
-class UserError(Exception):
-    """An error caused by the user's input; the CLI prints it as one line."""
-
-
-def _data_dir(value: str | None) -> Path:
-    """An explicit --data folder, or the one `hpa_nb.core.env.find_data` discovers (announced)."""
-    if value:
-        path = Path(value)
-        if not path.is_dir():
-            raise FileNotFoundError(f"data folder {path} does not exist")
-        return path
-
-    source = find_data()
-    print(f"data: {source}", file=sys.stderr)
-    return source.path
-
-
-# --- sample -------------------------------------------------------------------------------
 def _sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write an HPA-like synthetic data set in the competition layout")
     p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
@@ -65,13 +33,7 @@ def _sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=DEFAULT_SAMPLE["size"], help="largest image side in px")
     p.add_argument("--seed", type=int, default=DEFAULT_SAMPLE["seed"])
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=DEFAULT_SAMPLE["bit_depth"])
-    p.set_defaults(handler=_sample)
-
-
-def _sample(args: argparse.Namespace) -> None:
-    write_sample(args.out, images=args.images, size=args.size, seed=args.seed,
-                 bit_depth=args.bit_depth, test_images=args.test_images)
-    print(f"wrote sample to {args.out}")
+    p.set_defaults(handler="hpa_nb.commands.sample:main")
 
 
 def _hpacellseg_option(p: argparse.ArgumentParser) -> None:
@@ -81,225 +43,6 @@ def _hpacellseg_option(p: argparse.ArgumentParser) -> None:
                         "$HPA_CELLSEG_DIR, /kaggle/input on Kaggle, else the current folder)")
 
 
-def _segmentation_options(args: argparse.Namespace) -> dict:
-    if args.segmentation == "hpacellseg" and args.hpacellseg_dir is not None:
-        return {"hpacellseg_dir": str(args.hpacellseg_dir)}
-    return {}
-
-
-# --- submit -------------------------------------------------------------------------------
-def _submit_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="segment the test images, score each cell and write submission.csv")
-    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
-                   help="training run folder (model.keras, config.json); several: their average (an ensemble)")
-    p.add_argument("--cell-model", type=Path, nargs="+", default=None, metavar="CELL_RUN",
-                   help="a cell run folder (train --level cell), or several: each cell's score combines the image "
-                        "model's image-level score with this model's score of the cell's tile (default rule: "
-                        f"geometric, image weight {COMBINED_RULE.image_weight})")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="the image runs' weights (default equal)")
-    p.add_argument("--cell-weights", type=float, nargs="+", default=None, help="the cell runs' weights (default equal)")
-    p.add_argument("--tta", action="store_true", help="average every image, crop and tile over 8 flips and rotations")
-    p.add_argument("--rule", type=Path, default=None, metavar="RULE_JSON",
-                   help="the rule `compare --out` tuned (its weights and edge scale); options given still win")
-    p.add_argument("--cam-weight", type=float, default=None,
-                   help="weight of the CAM cell score (the image model's class maps inside each cell), taken from "
-                        "the cell term's (default 0)")
-    p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
-    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
-    p.add_argument("--segmentation", choices=tuple(SEGMENTERS), default="classical")
-    _hpacellseg_option(p)
-    p.add_argument("--combine", choices=tuple(COMBINERS), default=None,
-                   help=f"how image-level and cell-crop probabilities are combined (default {ScoreRule.combine}, "
-                        f"with --cell-model {COMBINED_RULE.combine})")
-    p.add_argument("--image-weight", type=float, default=None,
-                   help=f"weight of the image-level probability, 0..1 (default {ScoreRule.image_weight}, with "
-                        f"--cell-model {COMBINED_RULE.image_weight})")
-    p.add_argument("--partial-scale", type=float, default=None,
-                   help="multiply the scores of cells cut off by the image edge (touching it, under half the "
-                        "median cell area) by this; 1 (default) leaves them")
-    p.add_argument("--crop", choices=tuple(CROPS), default=None,
-                   help=f"a cell shown in the whole image's frame, or its own square crop (default {ScoreRule.crop})")
-    p.add_argument("--negative", choices=tuple(NEGATIVE_RULES), default=None,
-                   help="Negative = max(Negative, 1 - max other) ('complement') or as predicted")
-    p.add_argument("--confidence-floor", type=float, default=0.0, help="omit a cell's classes scoring below this")
-    p.add_argument("--batch-size", type=int, default=32, help="cell crops per classifier batch")
-    p.set_defaults(handler=_submit)
-
-
-def _submit(args: argparse.Namespace) -> None:
-
-    base = load_rule(args.rule) if args.rule else COMBINED_RULE if args.cell_model else ScoreRule()
-    given = {"combine": args.combine, "image_weight": args.image_weight, "partial_scale": args.partial_scale,
-             "cam_weight": args.cam_weight, "negative": args.negative, "crop": args.crop}
-    rule = dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
-    out = args.out or working_dir() / "submission.csv"
-    written = submit(args.model, _data_dir(args.data), out, method=args.segmentation, rule=rule,
-                     confidence_floor=args.confidence_floor, batch_size=args.batch_size, cell_run_dir=args.cell_model,
-                     weights=args.weights, cell_weights=args.cell_weights, tta=args.tta, **_segmentation_options(args))
-    print(f"wrote {written}")
-
-
-# --- compare ------------------------------------------------------------------------------
-def _compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="cell mAP of every scoring (image, cell, CAM, combined, tuned, ensembles, "
-                                       "TTA) on images with true cells")
-    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
-                   help="an image run folder; several (e.g. the runs of each fold) add ensemble rows")
-    p.add_argument("--cell-model", type=Path, nargs="+", required=True, metavar="CELL_RUN",
-                   help="a cell run folder (train --level cell), or several")
-    p.add_argument("--no-tta", action="store_true", help="leave out the rows with test-time augmentation (8× work)")
-    p.add_argument("--out", type=Path, default=None, metavar="RULE_JSON",
-                   help="write the best row's rule here, for submit --rule")
-    p.add_argument("--data", type=Path, default=None,
-                   help="a sample with true cells (masks/, cells.csv); its test images are scored (default: 400 "
-                        "held-out images from the sample generator with seed 1, hpa_nb.core.env.EVALUATION_SAMPLE, "
-                        "generated on first use)")
-    p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
-                   help="how the scored cells are found; masks: the true cells (no segmentation error)")
-    _hpacellseg_option(p)
-    p.set_defaults(handler=_compare)
-
-
-def _compare(args: argparse.Namespace) -> None:
-
-    data = args.data if args.data is not None else ensure_evaluation_sample()
-    if not (data / "cells.csv").is_file():  # before loading two models
-        raise FileNotFoundError(f"{data / 'cells.csv'} does not exist: compare needs true cells (a sample)")
-    image_models = [load_classifier(folder) for folder in args.model]
-    cell_models = [load_classifier(folder, level="cell") for folder in args.cell_model]
-    masks = args.segmentation == "masks"
-    comparison = compare_models(image_models, cell_models, data, method="classical" if masks else args.segmentation,
-                                use_truth_masks=masks, tta=not args.no_tta, **_segmentation_options(args))
-    print(f"{len(comparison.images)} test images of {data}, cells: {args.segmentation}; tuned rows: each "
-          f"image under weights tuned on the other {TUNING_PARTS - 1} of {TUNING_PARTS} parts")
-    print(comparison.table().round(3).to_string(index=False))
-    if args.out:
-        print(f"wrote {comparison.write_rule(args.out)} (the rule of '{comparison.best().name}')")
-
-
-# --- kaggle -------------------------------------------------------------------------------
-def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("kaggle", help="build self-contained Kaggle kernels; push them and fetch results with the kaggle CLI")
-    actions = p.add_subparsers(dest="kaggle_action", required=True, metavar="ACTION")
-    build = actions.add_parser("build", help="write build/kaggle/<name>/ for every notebooks/*.py (or NAME ...)")
-    build.add_argument("names", nargs="*", metavar="NAME", help="notebooks to bundle, e.g. 03_train (default: all)")
-    build.add_argument("--check", action="store_true", help="build nothing; exit 2 if a committed bundle is stale")
-    push = actions.add_parser("push", help="build NAME with your kernel id, then `kaggle kernels push -p`")
-    status = actions.add_parser("status", help="`kaggle kernels status` of NAME's kernel")
-    output = actions.add_parser("output", help="`kaggle kernels output` of NAME's kernel into --out")
-    for action in (push, status, output):
-        action.add_argument("name", nargs="?", default="03_train", metavar="NAME", help="notebook name (default 03_train)")
-        action.add_argument("--username", help="Kaggle username (default: KAGGLE_USERNAME, kernel-metadata.json's "
-                                               "owner, or what `kaggle config view` shows)")
-    push.add_argument("--no-internet", action="store_true", help="run offline (attach the weights with --dataset/--model)")
-    push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
-    push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
-                      help="attach a Kaggle model (repeatable)")
-    push.add_argument("--resume-from", metavar="OWNER/KERNEL",
-                      help="attach that kernel's output (a stopped session's work) and go on from it "
-                           "(03_train: its run; 00_prepare: its shards)")
-    push.add_argument("--attach", action="append", default=[], metavar="NAME|OWNER/KERNEL",
-                      help="attach another kernel's output (repeatable), e.g. 05_submission --attach 07_cell_train")
-    push.add_argument("--fold", type=int, metavar="K", help="03_train: train fold K (with --folds) as a kernel of its "
-                                                             "own, hpa-03-train-fold-K, so all folds can be attached")
-    push.add_argument("--folds", type=int, default=5, help="with --fold: how many folds (default 5)")
-    push.add_argument("--shards", metavar="OWNER/KERNEL",
-                      help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
-    output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
-    image_set_parser = actions.add_parser("image-set", help="resolve Kaggle's TPU image recipe again into a pinned package "
-                                                     "set (requirements-kaggle-tpu-DATE.txt), for Python 3.12")
-    image_set_parser.add_argument("--recipe", type=Path, default=None, help="default: .ci/kaggle-tpu-recipe.txt")
-    image_set_parser.add_argument("--out", type=Path, default=None,
-                           help="default: requirements-kaggle-tpu-YYYY-MM.txt of this month, in the repository")
-    image_set_parser.add_argument("--python", default=None, help="a Python 3.12 interpreter (default: this one, or pyenv's)")
-    offline = actions.add_parser("hpacellseg-dataset", help="lay out HPA-Cell-Segmentation's sources and weights as "
-                                                            "a Kaggle dataset for the internet-off submission kernel")
-    offline.add_argument("--package", type=Path, required=True, help="a clone of CellProfiling/HPA-Cell-Segmentation")
-    offline.add_argument("--fork", type=Path, required=True, help="a clone of haoxusci/pytorch_zoo")
-    offline.add_argument("--weights", type=Path, required=True,
-                         help="folder with dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth (zenodo.org/record/4665863)")
-    offline.add_argument("--out", type=Path, default=Path("build/hpacellseg-offline"), help="dataset folder to write")
-    offline.add_argument("--username", help="Kaggle username, for the dataset id (default: as for push)")
-    offline.add_argument("--create", action="store_true", help="then upload it: `kaggle datasets create -p OUT` (private)")
-    p.set_defaults(handler=_kaggle)
-
-
-def _kaggle(args: argparse.Namespace) -> None:
-    if args.kaggle_action == "build" and args.check:
-        problems = kernels.stale_bundles()
-        if problems:
-            raise UserError(f"{len(problems)} stale Kaggle bundle(s), run `make kaggle`: " + "; ".join(problems))
-        print("Kaggle bundles are up to date")
-    elif args.kaggle_action == "build":
-        for folder in kernels.build_all(args.names or None):
-            print(f"wrote {folder}")
-        print(f"wrote {kernels.write_root_metadata()}")
-    elif args.kaggle_action == "push":
-        folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
-                             attach=args.attach, fold=None if args.fold is None else (args.fold, args.folds),
-                             enable_internet=False if args.no_internet else None,
-                             dataset_sources=args.dataset, model_sources=args.model)
-        print(f"pushed {folder}")
-    elif args.kaggle_action == "image-set":
-        out = args.out or image_set.REPO_ROOT / f"requirements-kaggle-tpu-{time.strftime('%Y-%m')}.txt"
-        print(f"wrote {image_set.write(args.recipe or image_set.RECIPE, out, args.python or image_set.default_python())}")
-    elif args.kaggle_action == "hpacellseg-dataset":
-        folder = hpacellseg_offline.build(args.package, args.fork, args.weights, args.out,
-                                          kaggle.find_username(args.username))
-        print(f"wrote {folder}")
-        if args.create:
-            kaggle.run_kaggle(["datasets", "create", "-p", str(folder)])
-        else:
-            print(f"upload it with: kaggle datasets create -p {folder}")
-    elif args.kaggle_action == "status":
-        kaggle.status(args.name, args.username)
-    else:
-        print(f"downloaded to {kaggle.output(args.name, args.out, args.username)}")
-
-
-# --- evaluate -----------------------------------------------------------------------------
-def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score a training run on held-out images: predictions.csv, metrics.json, plots")
-    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
-                   help="training run folder (model.keras, config.json, split.csv); several: their average")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="the runs' weights (default equal)")
-    p.add_argument("--data", help="labelled competition-layout folder (default: the run's data_dir from config.json)")
-    p.add_argument("--out", type=Path, default=None, help="folder to write (default: RUN/eval_SPLIT)")
-    p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="val: the run's held-out images (default); all: every image in the folder's train.csv")
-    p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips and rotations (8x work)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's batch size)")
-    p.add_argument("--thresholds", type=Path, default=None, metavar="METRICS_JSON",
-                   help="score F1 at the per-class thresholds of an earlier evaluation "
-                        "(e.g. RUN/eval_val/metrics.json) instead of tuning them on these images")
-    p.set_defaults(handler=_evaluate)
-
-
-def _evaluate(args: argparse.Namespace) -> None:
-    result = evaluate(args.model, _data_dir(args.data) if args.data else None, args.out, split=args.split,
-                      tta=args.tta, batch_size=args.batch_size, thresholds=args.thresholds, weights=args.weights)
-    print(format_table(result.metrics))
-    print(f"wrote {', '.join(str(path) for path in result.files)}")
-
-
-# --- folds --------------------------------------------------------------------------------
-def _folds_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("folds", help="gather fold runs' held-out predictions into out-of-fold figures")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="the runs of every fold (train --folds K --fold k); "
-                                                                     "several of one fold are averaged")
-    p.add_argument("--data", default=None, help="their labelled data folder (default: the first run's)")
-    p.add_argument("--out", type=Path, default=None, help="write the out-of-fold predictions here (predictions.csv)")
-    p.set_defaults(handler=_folds)
-
-
-def _folds(args: argparse.Namespace) -> None:
-    gathered = folds.gather(args.runs, args.data)
-    print(gathered.table().round(4).to_string(index=False))
-    if args.out:
-        print(f"wrote {gathered.write(args.out)}")
-
-
-# --- shard + bench (data) -----------------------------------------------------------------
 def _shard_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shard", help="write compact training shards (one uint8 record per image)")
     p.add_argument("--src", default=None, help="data folder in the competition layout (default: discovered)")
@@ -312,14 +55,7 @@ def _shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gb", type=float, default=None,
                    help="stop as soon as the projected total exceeds this (Kaggle's /kaggle/working holds 20 GB)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
-    p.set_defaults(handler=_shard)
-
-
-def _shard(args: argparse.Namespace) -> None:
-    manifest = write_shards(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
-                            encoding=args.encoding, images_per_shard=args.images_per_shard, skip_bad=args.skip_bad,
-                            max_gb=args.max_gb)
-    print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards")
+    p.set_defaults(handler="hpa_nb.commands.data:shard")
 
 
 def _tiles_parser(sub: argparse._SubParsersAction) -> None:
@@ -335,55 +71,9 @@ def _tiles_parser(sub: argparse._SubParsersAction) -> None:
                    help="raw: fastest to read; png: smaller on disk (what fits the full set in /kaggle/working)")
     p.add_argument("--images-per-file", type=int, default=None, help="default: about 150 MB per file")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
-    p.set_defaults(handler=_tiles)
+    p.set_defaults(handler="hpa_nb.commands.data:tiles")
 
 
-def _tiles(args: argparse.Namespace) -> None:
-    manifest = write_tiles(_data_dir(args.src), args.out, size=args.size, channels=args.channels,
-                           segmentation=args.segmentation, images_per_file=args.images_per_file,
-                           encoding=args.encoding, skip_bad=args.skip_bad, **_segmentation_options(args))
-    print(f"wrote {manifest['count']} cells of {manifest['images']} images in {len(manifest['files'])} files")
-
-
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure the input pipeline (loader) or training steps (train)")
-    p.add_argument("kind", choices=tuple(BENCHES))
-    p.add_argument("--data", default=None, help="data folder (default: discovered)")
-    p.add_argument("--image-size", type=int, default=256, help="output (training) image size in px")
-    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default=TrainConfig.channels)
-    p.add_argument("--size", type=int, default=None,
-                   help="loader: benchmark a temporary sample of images this large instead of --data "
-                        "(e.g. 1024: realistic PNG decode cost; the default sample's are 256 px)")
-    p.add_argument("--images", type=int, default=48, help="loader: images in the --size sample")
-    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
-                   help="loader: bit depth of the --size sample's PNGs (the competition's train/ PNGs are 16-bit)")
-    p.add_argument("--seconds", type=float, default=10.0, help="loader: seconds per reader per round")
-    p.add_argument("--rounds", type=int, default=3, help="loader: interleaved rounds; figures are their median")
-    p.add_argument("--backbone", default="tiny", help="train: the model to time (from scratch)")
-    p.add_argument("--batch-size", type=int, default=16, help="train: per replica")
-    p.add_argument("--steps", type=int, default=10, help="train: timed steps per feed, after warm-up")
-    p.set_defaults(handler=_bench)
-
-
-def _bench(args: argparse.Namespace) -> None:
-    BENCHES[args.kind](args)
-
-
-def _bench_train(args: argparse.Namespace) -> None:
-    bench.train(_data_dir(args.data), image_size=args.image_size, channels=args.channels,
-          backbone=args.backbone, batch_size=args.batch_size, steps=args.steps)
-
-
-def _bench_loader(args: argparse.Namespace) -> None:
-    data_dir = None if args.size else _data_dir(args.data)
-    bench.loader(data_dir, image_size=args.image_size, channels=args.channels, generate_size=args.size,
-           images=args.images, seconds=args.seconds, bit_depth=args.bit_depth, rounds=args.rounds)
-
-
-BENCHES = {"loader": _bench_loader, "train": _bench_train}
-
-
-# --- train (model) ------------------------------------------------------------------------
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a multi-label classifier and write a run folder",
                        description="Options left out take the TrainConfig defaults, or the quick values with "
@@ -432,48 +122,174 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     several.add_argument("--coordinator", metavar="ADDRESS:PORT", help="host 0's address, the same on every host")
     several.add_argument("--num-processes", type=int, metavar="N", help="how many hosts train together")
     several.add_argument("--process-id", type=int, metavar="K", help="this host's number, 0..N-1 (0 writes the run)")
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler="hpa_nb.commands.train:main")
 
 
-TRAIN_OPTIONS = ("shards", "folds", "fold", "level", "tiles", "relabel", "split_from", "image_size", "channels", "backbone", "weights", "epochs", "batch_size",
-                 "steps_per_epoch", "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
-                 "allow_sample_data", "allow_cpu")
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a training run on held-out images: predictions.csv, metrics.json, plots")
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
+                   help="training run folder (model.keras, config.json, split.csv); several: their average")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="the runs' weights (default equal)")
+    p.add_argument("--data", help="labelled competition-layout folder (default: the run's data_dir from config.json)")
+    p.add_argument("--out", type=Path, default=None, help="folder to write (default: RUN/eval_SPLIT)")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the run's held-out images (default); all: every image in the folder's train.csv")
+    p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips and rotations (8x work)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's batch size)")
+    p.add_argument("--thresholds", type=Path, default=None, metavar="METRICS_JSON",
+                   help="score F1 at the per-class thresholds of an earlier evaluation "
+                        "(e.g. RUN/eval_val/metrics.json) instead of tuning them on these images")
+    p.set_defaults(handler="hpa_nb.commands.evaluate:evaluate")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _folds_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("folds", help="gather fold runs' held-out predictions into out-of-fold figures")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="the runs of every fold (train --folds K --fold k); "
+                                                                     "several of one fold are averaged")
+    p.add_argument("--data", default=None, help="their labelled data folder (default: the first run's)")
+    p.add_argument("--out", type=Path, default=None, help="write the out-of-fold predictions here (predictions.csv)")
+    p.set_defaults(handler="hpa_nb.commands.evaluate:folds")
 
-    several = hosts.from_options(args.coordinator, args.num_processes, args.process_id)
-    explicit = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
-    out = args.out or run.default_dir()
-    explicit["out_dir"] = str(out)
-    explicit["deadline"] = time.time() + args.hours * 3600 if args.hours else None  # never a saved run's old one
-    # A resumed run keeps the options it was started with; the ones given now go on top.
-    previous = inputs.previous_run(args.resume_from) if args.resume_from else out if args.resume else None
-    data, *extra = args.data or [None]
-    if extra:
-        explicit["extra_data"] = [str(_data_dir(folder)) for folder in extra]
-    if previous is not None and run.RunFolder(previous).config.is_file():
-        saved = run.load_config(previous)
-        kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
-        explicit["data_dir"] = str(_data_dir(data or kept))
-        config = dataclasses.replace(saved, resume=True, resume_from=str(previous) if args.resume_from else None,
-                                     **explicit)
-    else:
-        explicit["data_dir"] = str(_data_dir(data))
-        config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
-    if config.relabel and several.several:
-        raise ValueError("--relabel trains on one host: leave out --coordinator, --num-processes and --process-id")
-    if config.relabel:  # a step of its own, before the cell run that reads its targets
-        relabel.relabel(config)
-    result = train.train(config, several)
-    print(f"trained {config.backbone} into {result.run_dir}: "
-          + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
-          + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else ""))
+
+def _submit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="segment the test images, score each cell and write submission.csv")
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
+                   help="training run folder (model.keras, config.json); several: their average (an ensemble)")
+    p.add_argument("--cell-model", type=Path, nargs="+", default=None, metavar="CELL_RUN",
+                   help="a cell run folder (train --level cell), or several: each cell's score combines the image "
+                        "model's image-level score with this model's score of the cell's tile (default rule: "
+                        f"geometric, image weight {COMBINED_RULE.image_weight})")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="the image runs' weights (default equal)")
+    p.add_argument("--cell-weights", type=float, nargs="+", default=None, help="the cell runs' weights (default equal)")
+    p.add_argument("--tta", action="store_true", help="average every image, crop and tile over 8 flips and rotations")
+    p.add_argument("--rule", type=Path, default=None, metavar="RULE_JSON",
+                   help="the rule `compare --out` tuned (its weights and edge scale); options given still win")
+    p.add_argument("--cam-weight", type=float, default=None,
+                   help="weight of the CAM cell score (the image model's class maps inside each cell), taken from "
+                        "the cell term's (default 0)")
+    p.add_argument("--data", help="competition-layout folder with test/ and sample_submission.csv (default: discovered)")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: WORKING_DIR/submission.csv)")
+    p.add_argument("--segmentation", choices=tuple(SEGMENTERS), default="classical")
+    _hpacellseg_option(p)
+    p.add_argument("--combine", choices=tuple(COMBINERS), default=None,
+                   help=f"how image-level and cell-crop probabilities are combined (default {ScoreRule.combine}, "
+                        f"with --cell-model {COMBINED_RULE.combine})")
+    p.add_argument("--image-weight", type=float, default=None,
+                   help=f"weight of the image-level probability, 0..1 (default {ScoreRule.image_weight}, with "
+                        f"--cell-model {COMBINED_RULE.image_weight})")
+    p.add_argument("--partial-scale", type=float, default=None,
+                   help="multiply the scores of cells cut off by the image edge (touching it, under half the "
+                        "median cell area) by this; 1 (default) leaves them")
+    p.add_argument("--crop", choices=CROP_KINDS, default=None,
+                   help=f"a cell shown in the whole image's frame, or its own square crop (default {ScoreRule.crop})")
+    p.add_argument("--negative", choices=tuple(NEGATIVE_RULES), default=None,
+                   help="Negative = max(Negative, 1 - max other) ('complement') or as predicted")
+    p.add_argument("--confidence-floor", type=float, default=0.0, help="omit a cell's classes scoring below this")
+    p.add_argument("--batch-size", type=int, default=32, help="cell crops per classifier batch")
+    p.set_defaults(handler="hpa_nb.commands.cells:submit")
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="cell mAP of every scoring (image, cell, CAM, combined, tuned, ensembles, "
+                                       "TTA) on images with true cells")
+    p.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN",
+                   help="an image run folder; several (e.g. the runs of each fold) add ensemble rows")
+    p.add_argument("--cell-model", type=Path, nargs="+", required=True, metavar="CELL_RUN",
+                   help="a cell run folder (train --level cell), or several")
+    p.add_argument("--no-tta", action="store_true", help="leave out the rows with test-time augmentation (8× work)")
+    p.add_argument("--out", type=Path, default=None, metavar="RULE_JSON",
+                   help="write the best row's rule here, for submit --rule")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a sample with true cells (masks/, cells.csv); its test images are scored (default: 400 "
+                        "held-out images from the sample generator with seed 1, hpa_nb.core.env.EVALUATION_SAMPLE, "
+                        "generated on first use)")
+    p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
+                   help="how the scored cells are found; masks: the true cells (no segmentation error)")
+    _hpacellseg_option(p)
+    p.set_defaults(handler="hpa_nb.commands.cells:compare")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure the input pipeline (loader) or training steps (train)")
+    p.add_argument("kind", choices=BENCH_KINDS)
+    p.add_argument("--data", default=None, help="data folder (default: discovered)")
+    p.add_argument("--image-size", type=int, default=256, help="output (training) image size in px")
+    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default=TrainConfig.channels)
+    p.add_argument("--size", type=int, default=None,
+                   help="loader: benchmark a temporary sample of images this large instead of --data "
+                        "(e.g. 1024: realistic PNG decode cost; the default sample's are 256 px)")
+    p.add_argument("--images", type=int, default=48, help="loader: images in the --size sample")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                   help="loader: bit depth of the --size sample's PNGs (the competition's train/ PNGs are 16-bit)")
+    p.add_argument("--seconds", type=float, default=10.0, help="loader: seconds per reader per round")
+    p.add_argument("--rounds", type=int, default=3, help="loader: interleaved rounds; figures are their median")
+    p.add_argument("--backbone", default="tiny", help="train: the model to time (from scratch)")
+    p.add_argument("--batch-size", type=int, default=16, help="train: per replica")
+    p.add_argument("--steps", type=int, default=10, help="train: timed steps per feed, after warm-up")
+    p.set_defaults(handler="hpa_nb.commands.bench:main")
+
+
+def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kaggle", help="build self-contained Kaggle kernels; push them and fetch results with the kaggle CLI")
+    actions = p.add_subparsers(dest="kaggle_action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="write build/kaggle/<name>/ for every notebooks/*.py (or NAME ...)")
+    build.add_argument("names", nargs="*", metavar="NAME", help="notebooks to bundle, e.g. 03_train (default: all)")
+    build.add_argument("--check", action="store_true", help="build nothing; exit 2 if a committed bundle is stale")
+    push = actions.add_parser("push", help="build NAME with your kernel id, then `kaggle kernels push -p`")
+    status = actions.add_parser("status", help="`kaggle kernels status` of NAME's kernel")
+    output = actions.add_parser("output", help="`kaggle kernels output` of NAME's kernel into --out")
+    for action in (push, status, output):
+        action.add_argument("name", nargs="?", default="03_train", metavar="NAME", help="notebook name (default 03_train)")
+        action.add_argument("--username", help="Kaggle username (default: KAGGLE_USERNAME, kernel-metadata.json's "
+                                               "owner, or what `kaggle config view` shows)")
+    push.add_argument("--no-internet", action="store_true", help="run offline (attach the weights with --dataset/--model)")
+    push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
+    push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
+                      help="attach a Kaggle model (repeatable)")
+    push.add_argument("--resume-from", metavar="OWNER/KERNEL",
+                      help="attach that kernel's output (a stopped session's work) and go on from it "
+                           "(03_train: its run; 00_prepare: its shards)")
+    push.add_argument("--attach", action="append", default=[], metavar="NAME|OWNER/KERNEL",
+                      help="attach another kernel's output (repeatable), e.g. 05_submission --attach 07_cell_train")
+    push.add_argument("--fold", type=int, metavar="K", help="03_train: train fold K (with --folds) as a kernel of its "
+                                                             "own, hpa-03-train-fold-K, so all folds can be attached")
+    push.add_argument("--folds", type=int, default=5, help="with --fold: how many folds (default 5)")
+    push.add_argument("--shards", metavar="OWNER/KERNEL",
+                      help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
+    output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
+    chain = actions.add_parser("chain", help="the kernels from fork to submission: plan them, run them (again at any "
+                                             "moment: nothing is pushed twice), or show where they stand")
+    chain.add_argument("chain_action", choices=("plan", "run", "status"), metavar="plan|run|status")
+    chain.add_argument("--folds", type=int, default=None, help="train 03_train as K fold kernels (hpa-03-train-fold-k)")
+    chain.add_argument("--username", help="Kaggle username (default: as for push)")
+    chain.add_argument("--wait", action="store_true", help="run: poll (with backoff) until the chain ends or stops")
+    chain.add_argument("--submit", action="store_true",
+                       help="run: once 05_submission is done, submit it (`kaggle competitions submit -k`)")
+    chain.add_argument("--tpu-sessions", type=int, default=1, metavar="N",
+                       help="TPU kernels queued or running at once (default 1: Kaggle limits an account's sessions)")
+    chain.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="run --wait: the first wait")
+    image_set_parser = actions.add_parser("image-set", help="resolve Kaggle's TPU image recipe again into a pinned package "
+                                                     "set (requirements-kaggle-tpu-DATE.txt), for Python 3.12")
+    image_set_parser.add_argument("--recipe", type=Path, default=None, help="default: .ci/kaggle-tpu-recipe.txt")
+    image_set_parser.add_argument("--out", type=Path, default=None,
+                           help="default: requirements-kaggle-tpu-YYYY-MM.txt of this month, in the repository")
+    image_set_parser.add_argument("--python", default=None, help="a Python 3.12 interpreter (default: this one, or pyenv's)")
+    offline = actions.add_parser("hpacellseg-dataset", help="lay out HPA-Cell-Segmentation's sources and weights as "
+                                                            "a Kaggle dataset for the internet-off submission kernel")
+    offline.add_argument("--package", type=Path, required=True, help="a clone of CellProfiling/HPA-Cell-Segmentation")
+    offline.add_argument("--fork", type=Path, required=True, help="a clone of haoxusci/pytorch_zoo")
+    offline.add_argument("--weights", type=Path, required=True,
+                         help="folder with dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth (zenodo.org/record/4665863)")
+    offline.add_argument("--out", type=Path, default=Path("build/hpacellseg-offline"), help="dataset folder to write")
+    offline.add_argument("--username", help="Kaggle username, for the dataset id (default: as for push)")
+    offline.add_argument("--create", action="store_true", help="then upload it: `kaggle datasets create -p OUT` (private)")
+    p.set_defaults(handler="hpa_nb.commands.kaggle:main")
 
 
 # In the order of the workflow, which is the order `--help` lists them.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _folds_parser, _submit_parser, _compare_parser, _bench_parser, _kaggle_parser,
+    _sample_parser, _shard_parser, _tiles_parser, _train_parser, _evaluate_parser, _folds_parser, _submit_parser,
+    _compare_parser, _bench_parser, _kaggle_parser,
 ]
 
 
@@ -488,27 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UserError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)):
-        return True
-    try:  # a tf.data pipeline surfaces bad input as an OpError (decode failures, truncated records)
+def handler(reference: str) -> Callable[[argparse.Namespace], None]:
+    """The function a parser names as ``"hpa_nb.commands.MODULE:FUNCTION"``, its module imported now."""
+    module, function = reference.split(":")
+    return getattr(importlib.import_module(module), function)
 
-        return isinstance(exc, (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError))
-    except ImportError:
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)):
+        return True
+    if "tensorflow" not in sys.modules:  # only a verb that loaded it can raise its errors
         return False
+    # a tf.data pipeline surfaces bad input as an OpError (decode failures, truncated records)
+    errors = sys.modules["tensorflow"].errors
+    return isinstance(exc, (errors.InvalidArgumentError, errors.DataLossError, errors.NotFoundError))
 
 
 def _one_line(exc: BaseException) -> str:
     """The error as one line; a TensorFlow error loses its graph-node and op noise."""
     if "tensorflow" in sys.modules and "OpError" in {cls.__name__ for cls in type(exc).__mro__}:
-        return error_message(exc)
+        return handler("hpa_nb.data.bad_input:error_message")(exc)
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        handler(args.handler)(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

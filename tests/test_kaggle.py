@@ -78,6 +78,7 @@ STANDIN_OTHER = '''\
 
 # %% tags=["parameters"]
 QUICK = False
+RESUME_FROM = ""
 
 # %%
 import hpa_nb

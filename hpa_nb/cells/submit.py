@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from hpa_nb.cells.rules import load_rule  # noqa: F401 (notebooks read it from here)
 from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_ensemble,
                                   predict_images)
 from hpa_nb.core.files import atomic_path
@@ -188,18 +189,6 @@ def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_wei
     if with_cell_model:
         return dataclasses.replace(COMBINED_RULE, partial_scale=partial_scale, cam_weight=cam_weight)
     return ScoreRule(image_weight=image_weight, partial_scale=partial_scale, cam_weight=cam_weight)
-
-
-def load_rule(path: str | Path) -> ScoreRule:
-    """A rule written by ``compare --out`` (`hpa_nb.cells.compare.ModelComparison.write_rule`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"rule file {path} does not exist")
-    try:
-        saved = json.loads(path.read_text())
-        return ScoreRule(**{f.name: saved[f.name] for f in dataclasses.fields(ScoreRule) if f.name in saved})
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path} is not a rule file written by compare ({exc})") from None
 
 
 def describe_scoring(run_dir: Runs, cell_run_dir: Runs | None, rule: ScoreRule) -> str:

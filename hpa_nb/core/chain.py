@@ -1,9 +1,26 @@
-"""The Kaggle chain: the notebooks as kernels in the order they run, how each runs (accelerator, internet,
-the kernels whose output it reads) and their slugs. Kernel bundles and pushes live in `hpa_nb.kaggle.push`."""
+"""The Kaggle chain: the notebooks as kernels, how each runs (accelerator, internet), the kernels whose output it
+reads (a graph, not a list), where its own output says it is done, what it is projected to take, and its slug.
+Kernel bundles and pushes live in `hpa_nb.kaggle.push`; the driver that runs the graph in `hpa_nb.kaggle.chain`."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+# How a kernel's push attaches one of its inputs: every push of the row ("table"), or the chain (and a user who
+# asks) through `kaggle push`'s option of that name ("shards": 03_train's SHARDS, "attach": --attach).
+VIA = ("table", "shards", "attach")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One edge of the chain: the kernel `kernel`'s output is read, attached as `via` says."""
+
+    kernel: str
+    via: str = "table"
+
+    def __post_init__(self) -> None:
+        if self.via not in VIA:
+            raise ValueError(f"an input is attached as one of {', '.join(VIA)}, not {self.via!r}")
 
 
 @dataclass(frozen=True)
@@ -13,30 +30,50 @@ class KernelSettings:
     title: str  # must slugify to the kernel slug: Kaggle derives the URL from the title
     accelerator: str | None = None  # a Kaggle machine shape, None for CPU
     internet: bool = True
-    kernel_sources: tuple[str, ...] = ()  # notebooks whose output this one reads
+    inputs: tuple[Input, ...] = ()  # the kernels whose output this one reads
+    # Where its output says whether its work is finished, as a path under its working folder: a listing's
+    # "complete" or a run's "stopped_at_deadline" (their owners: hpa_nb.data.shards/tiles, hpa_nb.training.run).
+    done_marker: str | None = None
+    hours: float = 0.25  # projected hours at full scale, until a version prints its own projection
+    basis: str = "est."  # where `hours` comes from
+
+    @property
+    def kernel_sources(self) -> tuple[str, ...]:
+        """The notebooks every push of this kernel attaches (`hpa_nb.kaggle.kernels.kernel_metadata`)."""
+        return tuple(edge.kernel for edge in self.inputs if edge.via == "table")
 
 
-# The chain on Kaggle, in the order it runs (`make run` runs the notebooks in this order too): 00_prepare →
-# 03_train → 04_evaluate; 06_cells → 07_cell_train (with 03_train's split) → 05_submission, last, with every model.
-# Each later kernel reads the earlier ones' output where Kaggle mounts it (hpa_nb.training.inputs); `kaggle push NAME`
-# attaches the kernels listed in kernel_sources.
+# The chain on Kaggle, in the order `make run` runs the notebooks: 00_prepare → 03_train → 04_evaluate; 06_cells →
+# 07_cell_train (with 03_train's split) → 05_submission, last, with every model. Each later kernel reads the
+# earlier ones' output where Kaggle mounts it (hpa_nb.training.inputs). The hours are the README's measured
+# projections (00, 06: their writers run over generated 2048 px images, scaled to 21,806 images) and estimates.
 KERNELS: dict[str, KernelSettings] = {
     # CPU, offline: reads the competition's images once and writes compact shards into its output.
-    "00_prepare": KernelSettings("HPA 00 Prepare", internet=False),
+    "00_prepare": KernelSettings("HPA 00 Prepare", internet=False, done_marker="shards/manifest.json", hours=1.8,
+                                 basis="measured"),
     "01_eda": KernelSettings("HPA 01 EDA"),
     "02_augmentation": KernelSettings("HPA 02 Augmentation"),
     # Internet on so Keras can download ImageNet weights; see the README to run offline.
-    "03_train": KernelSettings("HPA 03 Train", accelerator="TpuV5E8"),
-    "04_evaluate": KernelSettings("HPA 04 Evaluate", kernel_sources=("03_train",)),
+    "03_train": KernelSettings("HPA 03 Train", accelerator="TpuV5E8", inputs=(Input("00_prepare", "shards"),),
+                               done_marker="run/config.json", hours=2.5),
+    "04_evaluate": KernelSettings("HPA 04 Evaluate", inputs=(Input("03_train"),)),
     # CPU, offline: cutting tiles segments each image with scikit-image, which the TPU image lacks.
-    "06_cells": KernelSettings("HPA 06 Cells", internet=False),
+    "06_cells": KernelSettings("HPA 06 Cells", internet=False, done_marker="tiles/tiles.json", hours=6.0,
+                               basis="measured"),
     # TPU, like 03_train: the cell model on 06_cells' tiles, split by image as 03_train's run was.
-    "07_cell_train": KernelSettings("HPA 07 Cell Train", accelerator="TpuV5E8", kernel_sources=("06_cells", "03_train")),
+    "07_cell_train": KernelSettings("HPA 07 Cell Train", accelerator="TpuV5E8",
+                                    inputs=(Input("06_cells"), Input("03_train")), done_marker="cell_run/config.json",
+                                    hours=6.5),
     # Code competitions only accept submissions from notebooks with the internet off. It scores cells with the
     # image run, and with the cell run too when 07_cell_train's output is attached (`push 05_submission --attach
     # 07_cell_train`); it segments with HPA-Cell-Segmentation when its offline folder is attached (`--dataset`).
-    "05_submission": KernelSettings("HPA 05 Submission", internet=False, kernel_sources=("03_train",)),
+    "05_submission": KernelSettings("HPA 05 Submission", internet=False,
+                                    inputs=(Input("03_train"), Input("07_cell_train", "attach")),
+                                    done_marker="submission.csv", hours=0.2),
 }
+# The kernels from a fork to a submission: what `kaggle chain` runs (01, 02 and 04 only look).
+CHAIN = ("00_prepare", "06_cells", "03_train", "07_cell_train", "05_submission")
+FOLDED = "03_train"  # the kernel that `--folds K` runs as K kernels, one per fold
 
 
 def kernel_slug(name: str) -> str:

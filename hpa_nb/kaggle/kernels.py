@@ -68,6 +68,7 @@ def kernel_metadata(
     model_sources: Sequence[str] = (),
     kernel_sources: Sequence[str] = (),
     variant: str = "",
+    table_sources: bool = True,
 ) -> dict[str, Any]:
     """The kernel-metadata.json content for notebook ``name`` (pure: no files read).
 
@@ -78,7 +79,8 @@ def kernel_metadata(
     table (False to run offline, with the ImageNet weights attached through ``dataset_sources`` or
     ``model_sources``). ``kernel_sources`` ("OWNER/KERNEL") come after the table's own, for example
     an earlier version of the kernel whose run to resume. There is deliberately no ``docker_image``:
-    a pinned image can silently run a TPU kernel on the CPU image.
+    a pinned image can silently run a TPU kernel on the CPU image. ``table_sources=False`` leaves out the table's
+    own sources, for a caller that names every one (the chain driver, which attaches fold kernels instead).
     """
     settings = kernel_settings(name)
     if settings.accelerator not in ACCELERATOR_FLAGS:
@@ -94,7 +96,8 @@ def kernel_metadata(
         "enable_internet": settings.internet if enable_internet is None else enable_internet,
         "competition_sources": [COMPETITION],
         "dataset_sources": list(dataset_sources),
-        "kernel_sources": [kernel_id(source, username) for source in settings.kernel_sources] + list(kernel_sources),
+        "kernel_sources": [kernel_id(source, username) for source in settings.kernel_sources if table_sources]
+                          + list(kernel_sources),
         "model_sources": list(model_sources),
     }
 

@@ -20,6 +20,7 @@ from hpa_nb.kaggle.kernels import (NOTEBOOKS_DIR, PLACEHOLDER_USERNAME, PUSH_DIR
 
 # What the official CLI prints when Kaggle refuses a push, while it still exits 0 (kaggle 1.7–2.x).
 PUSH_REFUSALS = (re.compile(r"Kernel push error.*"), re.compile(r"The following are not valid \w+ sources.*"))
+PUSHED = re.compile(r"Kernel version (\d+) successfully pushed")  # kaggle 1.7-2.x, on a push that Kaggle took
 
 
 def kaggle_command(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -56,7 +57,7 @@ def find_username(explicit: str | None = None, environ: Mapping[str, str] = os.e
 
 
 def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ,
-               refusals: Sequence[re.Pattern] = ()) -> None:
+               refusals: Sequence[re.Pattern] = ()) -> list[str]:
     """Run `kaggle <arguments>`, echoing its output as it comes.
 
     A non-zero exit status (no credentials, for one: the CLI says how to add them), or an output
@@ -75,6 +76,14 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
     for line in lines:
         if any(pattern.search(line) for pattern in refusals):
             raise ValueError(f"Kaggle refused `kaggle {' '.join(arguments)}`: {line.strip()}")
+    return lines
+
+
+def ask_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """`kaggle <arguments>` quietly: its exit status and what it printed (stdout and stderr together)."""
+    done = subprocess.run([*kaggle_command(environ), *arguments], env=dict(environ), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    return done.returncode, done.stdout
 
 
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
@@ -93,6 +102,17 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
     Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
     exit status 0.
     """
+    folder = bundle(name, username, environ, push_dir, notebooks_dir, resume_from=resume_from, shards=shards,
+                    attach=attach, fold=fold, **metadata_options)
+    send(folder, environ)
+    return folder
+
+
+def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = os.environ,
+           push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
+           resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
+           fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
+    """The push folder `push` sends (its options are `push`'s), built but not sent."""
     kaggle_command(environ)  # fail before building when the CLI is missing
     user = find_username(username, environ)
     parameters = {}
@@ -113,9 +133,14 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
             raise ValueError(f"--fold {k} --folds {folds}: the fold must be one of 0..folds-1, with at least 2 folds")
         parameters.update(FOLDS=folds, FOLD=k)
         metadata_options["variant"] = f"Fold {k}"
-    folder = build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters or None, **metadata_options)
-    run_kaggle(["kernels", "push", "-p", str(folder)], environ, refusals=PUSH_REFUSALS)
-    return folder
+    return build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters or None, **metadata_options)
+
+
+def send(folder: Path, environ: Mapping[str, str] = os.environ) -> int | None:
+    """`kaggle kernels push -p FOLDER`; the version number Kaggle gave it (None if the CLI did not say)."""
+    lines = run_kaggle(["kernels", "push", "-p", str(folder)], environ, refusals=PUSH_REFUSALS)
+    found = [PUSHED.search(line) for line in lines]
+    return next((int(match.group(1)) for match in found if match), None)
 
 
 def status(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ) -> None:

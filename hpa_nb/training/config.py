@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpa_nb.core.labels import CHANNEL_SETS
-from hpa_nb.training.model import BACKBONES, is_preset, normalize_weights
+from hpa_nb.training.backbones import BACKBONES, is_preset, normalize_weights
 
 LOSSES = ("bce", "focal")  # both with per-class positive weights; focal uses focal_gamma
 LEVELS = ("image", "cell")

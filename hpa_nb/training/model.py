@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping
 
 import keras
 import numpy as np
@@ -22,6 +22,7 @@ from keras import layers, ops
 from hpa_nb.core.env import kaggle_input, on_kaggle, search_folders
 from hpa_nb.core.files import atomic_path
 from hpa_nb.core.labels import CHANNEL_SETS, N_CLASSES, colors_of
+from hpa_nb.training.backbones import BACKBONES, PRESET_FILES, is_preset, normalize_weights
 
 # ImageNet statistics the EfficientNets were trained with (inputs scaled to 0–1 first).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,29 +39,6 @@ class WeightsUnavailableError(ValueError):
     """Pretrained weights could not be fetched; a ValueError so the CLI prints it as one line."""
 
 
-class Backbone(NamedTuple):
-    """How to build one backbone: the Keras constructor and which input preprocessing it expects."""
-
-    constructor: Callable[..., keras.Model] | None
-    family: str  # "v1": Keras EfficientNet B0–B7, "v2": EfficientNetV2, "tiny": from scratch
-
-
-BACKBONES: dict[str, Backbone] = {
-    "tiny": Backbone(None, "tiny"),
-    "efficientnetb0": Backbone(keras.applications.EfficientNetB0, "v1"),
-    "efficientnetb1": Backbone(keras.applications.EfficientNetB1, "v1"),
-    "efficientnetb2": Backbone(keras.applications.EfficientNetB2, "v1"),
-    "efficientnetb3": Backbone(keras.applications.EfficientNetB3, "v1"),
-    "efficientnetb4": Backbone(keras.applications.EfficientNetB4, "v1"),
-    "efficientnetb5": Backbone(keras.applications.EfficientNetB5, "v1"),
-    "efficientnetb6": Backbone(keras.applications.EfficientNetB6, "v1"),
-    "efficientnetb7": Backbone(keras.applications.EfficientNetB7, "v1"),
-    "efficientnetv2b0": Backbone(keras.applications.EfficientNetV2B0, "v2"),
-    "efficientnetv2b1": Backbone(keras.applications.EfficientNetV2B1, "v2"),
-    "efficientnetv2b2": Backbone(keras.applications.EfficientNetV2B2, "v2"),
-    "efficientnetv2b3": Backbone(keras.applications.EfficientNetV2B3, "v2"),
-    "efficientnetv2s": Backbone(keras.applications.EfficientNetV2S, "v2"),
-}
 TINY_FILTERS = (32, 64, 128, 256)
 
 
@@ -71,20 +49,6 @@ def channel_count(channels: str | int) -> int:
     if channels not in {len(colors) for colors in CHANNEL_SETS.values()}:
         raise ValueError(f"channels must be one of {sorted(CHANNEL_SETS)} (or 3/4), got {channels!r}")
     return int(channels)
-
-
-def normalize_weights(weights: str | Path | None) -> str | None:
-    """``"imagenet"``, ``None`` (also from ``"none"``) or an existing weights file path as a string."""
-    if weights is None or str(weights).lower() in ("none", ""):
-        return None
-    if str(weights).lower() == "imagenet":
-        return "imagenet"
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist (use imagenet, none or a weights file)")
-    if not path.name.endswith(".h5"):
-        raise ValueError(f"weights file {path} must be a .weights.h5 or a Keras .h5 file")
-    return str(path)
 
 
 # --- backbones ----------------------------------------------------------------------------
@@ -130,7 +94,7 @@ def _keras_backbone(name: str, image_size: int, channels: int, weights: str | No
     try:
         with warnings.catch_warnings():  # 4 channels are intended here: see `transplant`
             warnings.filterwarnings("ignore", message="This model usually expects 1 or 3 input channels")
-            return spec.constructor(include_top=False, weights=weights,
+            return getattr(keras.applications, spec.constructor)(include_top=False, weights=weights,
                                     input_shape=(image_size, image_size, channels), **kwargs)
     except Exception as exc:  # noqa: BLE001  (Keras raises a bare Exception for a failed download)
         if weights == "imagenet" and "URL fetch failure" in str(exc):
@@ -200,18 +164,6 @@ def _fit_channels(value: np.ndarray, shape: tuple[int, ...], layer_name: str) ->
 
 
 # --- KerasHub presets ------------------------------------------------------------------------
-PRESET_FILES = ("config.json", "metadata.json")  # what `save_to_preset` (and a Kaggle Models version) holds
-
-
-def is_preset(backbone: str) -> bool:
-    """Whether `backbone` names a KerasHub preset: a handle (``kaggle://OWNER/MODEL/keras/VARIATION[/VERSION]``,
-    ``hf://…``) or a preset folder, rather than a key of `BACKBONES`."""
-    if backbone in BACKBONES:
-        return False
-    folder = Path(backbone).expanduser()
-    return "://" in backbone or all((folder / name).is_file() for name in PRESET_FILES)
-
-
 def resolve_preset(preset: str, environ: Mapping[str, str] = os.environ) -> str:
     """Where `preset` is read from: on Kaggle, a ``kaggle://OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]`` handle is the
     folder Kaggle mounted that model version at under /kaggle/input (attached with ``kaggle push --model``, which is
