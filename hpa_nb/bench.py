@@ -1,4 +1,5 @@
-"""Benchmarks behind ``python -m hpa_nb bench``: the input pipeline (`loader`) and training steps (`train`).
+"""Benchmarks behind ``python -m hpa_nb bench``: the input pipeline (`loader`), training steps (`train`) and the
+per-image cell work on every core (`cells`).
 
 Speed is measured here, never in tests. Each benchmark prints a table and ends with one JSON
 line that scripts (and the README) can quote.
@@ -18,9 +19,13 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from hpa_nb.cells.scoring import CellClassifier
+from hpa_nb.cells.submit import write_submission
 from hpa_nb.core.labels import COLORS, N_CLASSES, colors_of
+from hpa_nb.core.workers import available_cores, resolve
 from hpa_nb.data import competition, pipeline as data, reading, shards
 from hpa_nb.data.competition import encode_record, load_labels, write_tfrecord
+from hpa_nb.data.tiles import write_tiles
 from hpa_nb.sample.writer import write_sample
 from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import batch_norm_layers, recalibrate
@@ -303,3 +308,57 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
                "bn_recalibration_seconds": {name: round(value, 3) for name, value in recalibration.items()}}
     print(json.dumps(summary))
     return summary
+
+
+def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds: int = 3,
+          tile_size: int = 96) -> dict:
+    """Per-image cell work with one worker and with `workers` (default: every core this process may use): cutting
+    tiles (`write_tiles`: read, segment, cut, encode) and scoring a submission (`write_submission` with a tiny
+    untrained model: read, segment, cut in the workers, the model in this process), on `images` generated
+    `size` px 16-bit RGBY images. Each figure is the median of `rounds` interleaved rounds, after one untimed
+    round of each (the worker pool's fork server imports TensorFlow once). Checks that the outputs are identical."""
+    count = resolve(workers)
+    with tempfile.TemporaryDirectory(prefix="hpa-bench-cells-") as folder:
+        root = Path(folder)
+        print(f"generating {images} training and {images} test images of {size} px (16-bit RGBY)...", file=sys.stderr)
+        write_sample(root / "data", images=images, size=size, seed=5, bit_depth=16, test_images=images,
+                     progress=False)
+        classifier = CellClassifier.from_keras(build("tiny", 64, "rgby", weights=None), 64, "rgby")
+        jobs = {
+            "tiles": lambda w, out: write_tiles(root / "data", out, size=tile_size, encoding="png", workers=w,
+                                                progress=False),
+            "submission": lambda w, out: write_submission(classifier, root / "data", out / "submission.csv",
+                                                          progress=False, workers=w),
+        }
+        seconds: dict[tuple[str, int], list[float]] = {(job, w): [] for job in jobs for w in (1, count)}
+        for round_index in range(rounds + 1):
+            for job, run in jobs.items():
+                for w in (1, count):
+                    out = root / f"{job}-{w}-{round_index}"
+                    out.mkdir()
+                    started = time.perf_counter()
+                    run(w, out)
+                    if round_index:  # the first round warms up (and checks), untimed
+                        seconds[(job, w)].append(time.perf_counter() - started)
+        identical = {job: _same_files(root / f"{job}-1-0", root / f"{job}-{count}-0") for job in jobs}
+    results = {}
+    print(f"\n{'job':<12}{'workers':>8}{'images/s':>10}{'× 1 worker':>12}   (median of {rounds} rounds, {images} "
+          f"images of {size} px)")
+    for job in jobs:
+        rates = {w: images / median(seconds[(job, w)]) for w in (1, count)}
+        results[job] = {"workers": count, "images_per_second_1": rates[1], "images_per_second": rates[count],
+                        "ratio": rates[count] / rates[1], "identical": identical[job]}
+        for w in (1, count):
+            print(f"{job:<12}{w:>8}{rates[w]:>10.2f}{rates[w] / rates[1]:>12.2f}")
+    print("outputs identical with 1 and " + f"{count} workers: " + ", ".join(f"{job} {'yes' if same else 'NO'}"
+                                                                         for job, same in identical.items()))
+    print(json.dumps({"bench": "cells", "images": images, "size": size, "rounds": rounds, "cores": available_cores(),
+                      **results}))
+    return results
+
+
+def _same_files(first: Path, second: Path) -> bool:
+    """Whether two folders hold the same file names with the same bytes."""
+    names = sorted(path.name for path in first.iterdir())
+    return names == sorted(path.name for path in second.iterdir()) and all(
+        (first / name).read_bytes() == (second / name).read_bytes() for name in names)

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from hpa_nb.cells.rules import COMBINED_RULE, COMBINERS, CROP_KINDS, NEGATIVE_RULES, ScoreRule
+from hpa_nb.core.chain import MACHINES
 from hpa_nb.core.labels import CHANNEL_SETS
 from hpa_nb.sample.specs import DEFAULT_SAMPLE
 from hpa_nb.segmentation.backends import SEGMENTERS
 from hpa_nb.training.config import LEVELS, LOSSES, TrainConfig
 
 EXIT_USER_ERROR = 2
-BENCH_KINDS = ("loader", "train")  # `hpa_nb.commands.bench.BENCHES` runs them
+BENCH_KINDS = ("loader", "train", "cells")  # `hpa_nb.commands.bench.BENCHES` runs them
 
 
 def _sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,11 @@ def _hpacellseg_option(p: argparse.ArgumentParser) -> None:
                    help="for --segmentation hpacellseg: the folder with its weights (nuclei-model.pth, "
                         "cell-model.pth) and sources (`kaggle hpacellseg-dataset` lays it out; default: "
                         "$HPA_CELLSEG_DIR, /kaggle/input on Kaggle, else the current folder)")
+
+
+def _workers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that read, segment and cut the images (default: every core this process may use)")
 
 
 def _shard_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +77,7 @@ def _tiles_parser(sub: argparse._SubParsersAction) -> None:
                    help="raw: fastest to read; png: smaller on disk (what fits the full set in /kaggle/working)")
     p.add_argument("--images-per-file", type=int, default=None, help="default: about 150 MB per file")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images with a warning instead of stopping")
+    _workers_option(p)
     p.set_defaults(handler="hpa_nb.commands.data:tiles")
 
 
@@ -186,6 +193,7 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
                    help="Negative = max(Negative, 1 - max other) ('complement') or as predicted")
     p.add_argument("--confidence-floor", type=float, default=0.0, help="omit a cell's classes scoring below this")
     p.add_argument("--batch-size", type=int, default=32, help="cell crops per classifier batch")
+    _workers_option(p)
     p.set_defaults(handler="hpa_nb.commands.cells:submit")
 
 
@@ -206,11 +214,13 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation", choices=(*SEGMENTERS, "masks"), default="classical",
                    help="how the scored cells are found; masks: the true cells (no segmentation error)")
     _hpacellseg_option(p)
+    _workers_option(p)
     p.set_defaults(handler="hpa_nb.commands.cells:compare")
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure the input pipeline (loader) or training steps (train)")
+    p = sub.add_parser("bench", help="measure the input pipeline (loader), training steps (train) or the per-image "
+                                      "cell work with one worker and with every core (cells)")
     p.add_argument("kind", choices=BENCH_KINDS)
     p.add_argument("--data", default=None, help="data folder (default: discovered)")
     p.add_argument("--image-size", type=int, default=256, help="output (training) image size in px")
@@ -218,11 +228,14 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="loader: benchmark a temporary sample of images this large instead of --data "
                         "(e.g. 1024: realistic PNG decode cost; the default sample's are 256 px)")
-    p.add_argument("--images", type=int, default=48, help="loader: images in the --size sample")
+    p.add_argument("--images", type=int, default=None,
+                   help="loader: images in the --size sample (default 48); cells: training and test images (12)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="cells: the workers to compare with one (default: every core this process may use)")
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
                    help="loader: bit depth of the --size sample's PNGs (the competition's train/ PNGs are 16-bit)")
     p.add_argument("--seconds", type=float, default=10.0, help="loader: seconds per reader per round")
-    p.add_argument("--rounds", type=int, default=3, help="loader: interleaved rounds; figures are their median")
+    p.add_argument("--rounds", type=int, default=3, help="loader, cells: interleaved rounds; figures are their median")
     p.add_argument("--backbone", default="tiny", help="train: the model to time (from scratch)")
     p.add_argument("--batch-size", type=int, default=16, help="train: per replica")
     p.add_argument("--steps", type=int, default=10, help="train: timed steps per feed, after warm-up")
@@ -242,6 +255,9 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
         action.add_argument("name", nargs="?", default="03_train", metavar="NAME", help="notebook name (default 03_train)")
         action.add_argument("--username", help="Kaggle username (default: KAGGLE_USERNAME, kernel-metadata.json's "
                                                "owner, or what `kaggle config view` shows)")
+    push.add_argument("--accelerator", choices=(*MACHINES, "none"), default=None, metavar="MACHINE",
+                      help=f"the machine to run on: {', '.join(MACHINES)} or none (CPU); default: the kernel's "
+                           "own in hpa_nb.core.chain.KERNELS (TpuV5E8 for 03 and 07, CPU for the rest)")
     push.add_argument("--no-internet", action="store_true", help="run offline (attach the weights with --dataset/--model)")
     push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
     push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
@@ -265,9 +281,13 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     chain.add_argument("--wait", action="store_true", help="run: poll (with backoff) until the chain ends or stops")
     chain.add_argument("--submit", action="store_true",
                        help="run: once 05_submission is done, submit it (`kaggle competitions submit -k`)")
-    chain.add_argument("--tpu-sessions", type=int, default=1, metavar="N",
-                       help="TPU kernels queued or running at once (default 1: Kaggle limits an account's sessions)")
+    chain.add_argument("--sessions", type=int, default=1, metavar="N",
+                       help="kernels of one accelerator kind (TPU, GPU) queued or running at once (default 1: Kaggle "
+                            "limits an account's sessions)")
     chain.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="run --wait: the first wait")
+    chain.add_argument("--accelerator", choices=tuple(MACHINES), default=None, metavar="MACHINE",
+                       help="the training kernels' machine instead of TpuV5E8, e.g. NvidiaTeslaT4Highmem (T4 ×2) for "
+                            "an account without TPU access; the projected hours stay the TPU's")
     image_set_parser = actions.add_parser("image-set", help="resolve Kaggle's TPU image recipe again into a pinned package "
                                                      "set (requirements-kaggle-tpu-DATE.txt), for Python 3.12")
     image_set_parser.add_argument("--recipe", type=Path, default=None, help="default: .ci/kaggle-tpu-recipe.txt")

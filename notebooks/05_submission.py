@@ -40,6 +40,7 @@ PARTIAL_SCALE = 1.0  # scores of cells cut off by the image's edge x this (the h
 CAM_WEIGHT = 0.0  # the CAM cell score's weight (the image model's class maps inside each cell), from the cell term's
 RULE_FILE = ""  # a rule tuned by `compare --out` (attached or local): its weights replace the three above
 TTA = False  # average every image, crop and tile over the 8 flips and rotations (8x the model time)
+WORKERS = None  # processes that segment and cut the test images; None: every core (4 in a Kaggle CPU session)
 N_PREVIEW = 3
 
 # %%
@@ -67,6 +68,7 @@ print(f"{len(test_ids)} test images; " + submit.describe_scoring(RUNS, CELL_RUNS
 if SEGMENTATION == "auto":
     SEGMENTATION, why = hpacellseg_offline.choose_segmentation()
     print(why)
+print(submit.accelerator_note(SEGMENTATION) or f"segmentation: {SEGMENTATION}")
 
 # %% [markdown]
 # ## Cells, found without downloads, and scored
@@ -82,7 +84,8 @@ if SEGMENTATION == "auto":
 # full size: 8 MiB per 2048 px image.)
 
 # %%
-predictions = scoring.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model)
+predictions = scoring.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model,
+                                     workers=WORKERS)
 
 # %% [markdown]
 # White outlines are the cells found; on the sample, cyan outlines are the true cells. Underneath, each
@@ -121,7 +124,7 @@ print(scored.segmentation if has_truth else "no ground-truth masks here")
 # %%
 if has_truth:
     oracle_masks = submit.evaluate_cells(classifier, DATA, ids=test_ids, rule=rule, use_truth_masks=True,
-                                         progress=False, cell_model=cell_model)
+                                         progress=False, cell_model=cell_model, workers=WORKERS)
     print(scored.describe())
     print("with the true cell masks:", oracle_masks.describe())
     display(scored.table().sort_values("AP (challenge)").head(5))

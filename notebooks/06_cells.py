@@ -34,6 +34,7 @@
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
 RESUME_FROM = ""  # the tiles of an earlier version stopped at HOURS (OWNER/KERNEL attached): go on from them
 HOURS = 11.0  # on Kaggle, stop cutting tiles cleanly after this long, keeping every finished file (a CPU session ends at 12 h)
+WORKERS = None  # processes that segment and cut the images; None: every core (4 in a Kaggle CPU session)
 MAX_GB = 18.0  # /kaggle/working holds 20 GB: stop before writing more as soon as the projected total passes this
 QUICK = None  # None: quick off Kaggle, full on Kaggle
 SEGMENTATION = ""  # empty: the sample's true cells where it has them (masks/), else "classical"
@@ -78,7 +79,7 @@ if RESUME_FROM:
     print(f"adopted {tiles.adopt_tiles(inputs.find('tiles', RESUME_FROM), TILES)} finished files")
 deadline = time.time() + HOURS * 3600 if env.on_kaggle() else None
 manifest = tiles.write_tiles(DATA, TILES, size=TILE_SIZE, segmentation=SEGMENTATION, encoding=ENCODING,
-                             deadline=deadline, max_gb=MAX_GB if env.on_kaggle() else None)
+                             deadline=deadline, max_gb=MAX_GB if env.on_kaggle() else None, workers=WORKERS)
 if not manifest["complete"]:
     raise SystemExit(f"tiles stopped at HOURS with {manifest['images']} images: push this notebook again with "
                      "--resume-from OWNER/hpa-06-cells to finish them")

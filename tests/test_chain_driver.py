@@ -63,9 +63,10 @@ def notebooks(tmp_path_factory) -> Path:
     return write_notebooks(tmp_path_factory.mktemp("chain_notebooks"))
 
 
-def drive(notebooks: Path, folds: int | None = None, wait: bool = True, tpu_sessions: int = 1) -> str:
+def drive(notebooks: Path, folds: int | None = None, wait: bool = True, sessions: int = 1,
+          machine: str | None = None) -> str:
     out = io.StringIO()
-    chain.drive(chain.steps(folds), chain.Kaggle("alice"), wait=wait, tpu_sessions=tpu_sessions, poll=0,
+    chain.drive(chain.steps(folds, machine), chain.Kaggle("alice"), wait=wait, sessions=sessions, poll=0,
                 out=out, notebooks_dir=notebooks, sleep=lambda seconds: None)
     return out.getvalue()
 
@@ -140,20 +141,32 @@ def test_two_tpu_kernels_ready_together_are_pushed_one_after_the_other(service, 
     drive(notebooks, folds=2)
     tpu = [push for push in pushes(state) if push["metadata"]["enable_tpu"]]
     assert [push["slug"] for push in tpu] == ["hpa-03-train-fold-0", "hpa-03-train-fold-1", "hpa-07-cell-train"]
-    assert all(push["tpu_active"] == [] for push in tpu)  # never a second TPU session beside the first
+    assert all(push["active_of_its_kind"] == [] for push in tpu)  # never a second TPU session beside the first
     sources = {push["slug"]: push["metadata"]["kernel_sources"] for push in pushes(state)}
     assert sources["hpa-07-cell-train"] == ["alice/hpa-06-cells", "alice/hpa-03-train-fold-0"]
     assert sources["hpa-05-submission"] == ["alice/hpa-03-train-fold-0", "alice/hpa-03-train-fold-1",
                                             "alice/hpa-07-cell-train"]
 
 
+def test_the_training_kernels_run_on_a_gpu_machine_one_session_at_a_time(service, notebooks):
+    state, _ = service
+    drive(notebooks, folds=2, machine="NvidiaTeslaT4Highmem")
+    shapes = {push["slug"]: push["metadata"].get("machine_shape") for push in pushes(state)}
+    assert shapes == {"hpa-00-prepare": None, "hpa-06-cells": None, "hpa-03-train-fold-0": "NvidiaTeslaT4Highmem",
+                      "hpa-03-train-fold-1": "NvidiaTeslaT4Highmem", "hpa-07-cell-train": "NvidiaTeslaT4Highmem",
+                      "hpa-05-submission": None}
+    gpu = [push for push in pushes(state) if push["metadata"]["enable_gpu"]]
+    assert len(gpu) == 3 and not any(push["metadata"]["enable_tpu"] for push in pushes(state))
+    assert all(push["active_of_its_kind"] == [] for push in gpu)
+
+
 def test_a_setting_lets_two_tpu_kernels_run_at_once(service, notebooks):
     state, _ = service
     for _ in range(4):  # pushed, queued, running, complete: then 00 is done and both folds go at once
-        drive(notebooks, folds=2, wait=False, tpu_sessions=2)
+        drive(notebooks, folds=2, wait=False, sessions=2)
     folds = [push for push in pushes(state) if push["slug"].startswith("hpa-03-train-fold")]
     assert [push["slug"] for push in folds] == ["hpa-03-train-fold-0", "hpa-03-train-fold-1"]
-    assert folds[1]["tpu_active"] == ["hpa-03-train-fold-0"]
+    assert folds[1]["active_of_its_kind"] == ["hpa-03-train-fold-0"]
 
 
 @pytest.mark.parametrize("answer", ["403", "ok"])

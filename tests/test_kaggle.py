@@ -328,6 +328,23 @@ def test_official_push_request_for_each_bundle(name, kaggle_api, standin_bundles
     assert len(bootstrap_cells(notebook)) == 1
 
 
+@pytest.mark.parametrize("machine, gpu, tpu", [("NvidiaTeslaT4Highmem", True, False), ("NvidiaL4", True, False),
+                                               ("TpuV6E8", False, True), ("none", False, False)])
+def test_push_accelerator_asks_kaggle_for_that_machine(machine, gpu, tpu, clean_home, fake_kaggle_cli, monkeypatch,
+                                                       tmp_path, kaggle_api, standin_notebooks):
+    """`kaggle push 03_train --accelerator MACHINE`: the official client's request names that machine."""
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setattr(kaggle, "PUSH_DIR", tmp_path / "push")
+    monkeypatch.setattr(kaggle, "NOTEBOOKS_DIR", standin_notebooks)
+    assert cli.main(["kaggle", "push", "03_train", "--accelerator", machine]) == 0
+    folder = Path(json.loads(fake_kaggle_cli.read_text())[-1])
+    request, _ = kaggle_api(folder)
+    assert request.to_dict().get("machineShape") == (None if machine == "none" else machine)
+    assert (request.enable_gpu, request.enable_tpu) == (gpu, tpu)
+    with pytest.raises(ValueError, match="unknown Kaggle accelerator 'NvidiaK80'"):
+        kernels.kernel_metadata("03_train", accelerator="NvidiaK80")
+
+
 def test_plain_push_from_the_repository_root(kaggle_api):
     if not (kernels.NOTEBOOKS_DIR / f"{kernels.ROOT_KERNEL}.py").is_file():
         pytest.skip("notebooks/03_train.py not written yet, so there is no committed bundle to push")

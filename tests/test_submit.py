@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from hpa_nb.cells import scoring
+from hpa_nb.cells import cutting, scoring
 from hpa_nb.cells.scoring import CellClassifier, ScoreRule
 from hpa_nb.cells.submit import (decode_mask, encode_mask, evaluate_cells, parse_prediction_string, score_cells, submit,
                                  write_predictions, write_submission)
@@ -187,7 +187,7 @@ def test_scored_cells_are_written_and_scored_without_segmenting_again(small_samp
     test_ids = pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
     predictions = scoring.predict_images(fake_classifier, small_sample, test_ids, progress=False)
     assert list(predictions) == test_ids
-    monkeypatch.setattr(scoring, "segment", lambda *args, **kwargs: pytest.fail("segmented twice"))
+    monkeypatch.setattr(cutting, "segment", lambda *args, **kwargs: pytest.fail("segmented twice"))
     written = write_predictions(predictions, tmp_path / "submission.csv")
     table = pd.read_csv(written, keep_default_na=False)
     assert table["ID"].tolist() == test_ids

@@ -131,6 +131,7 @@ def compare_models(image_models: CellClassifier | Sequence[CellClassifier],
                    cell_models: CellClassifier | Sequence[CellClassifier], data_dir: Path,
                    ids: Sequence[str] | None = None, method: str = "classical", use_truth_masks: bool = False,
                    progress: bool = True, tta: bool = True, border_scale: float | None = 0.0,
+                   workers: int | None = None,
                    **method_options) -> ModelComparison:
     """Score the images of `data_dir` with true cells (the sample's test images by default) every way.
 
@@ -144,7 +145,8 @@ def compare_models(image_models: CellClassifier | Sequence[CellClassifier],
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     truth = load_cell_truth(data_dir, ids)
     image_only = predict_images(image_models[0], data_dir, ids, method, ScoreRule(),
-                                masks=truth[0] if use_truth_masks else None, progress=progress, **method_options)
+                                masks=truth[0] if use_truth_masks else None, progress=progress, workers=workers,
+                                **method_options)
     masks = {image_id: cells.mask for image_id, cells in image_only.items()}
     matches = matches_of(image_only, truth)
     scorings = [_scoring("image model", False, ScoreRule(), image_only, matches)]
@@ -156,7 +158,7 @@ def compare_models(image_models: CellClassifier | Sequence[CellClassifier],
         if with_tta:
             image_model, cell_model = image_model.with_tta(), cell_model.with_tta()
         probed = predict_images(image_model, data_dir, ids, method, PROBE, masks=masks, progress=progress,
-                                cell_model=cell_model)
+                                cell_model=cell_model, workers=workers)
         rules = ({"cell model": dataclasses.replace(PROBE, image_weight=0.0, cam_weight=0.0),
                   "CAM": dataclasses.replace(PROBE, image_weight=0.0, cam_weight=1.0),
                   "image × cell": COMBINED_RULE} if not prefix else {f"{prefix}, image × cell": COMBINED_RULE})

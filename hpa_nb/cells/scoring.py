@@ -9,6 +9,7 @@ it was trained on; `CellClassifier.from_keras` wraps a Keras model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -17,13 +18,15 @@ import numpy as np
 from tqdm import tqdm
 
 from hpa_nb.cells.cam import ClassMaps, cell_scores
+from hpa_nb.cells.cutting import ImageInputs, ModelInput, cut_image, cut_inputs
 from hpa_nb.cells.rules import COMBINED_RULE, COMBINERS, NEGATIVE_RULES, ScoreRule  # noqa: F401 (also read from here)
 from hpa_nb.core.labels import N_CLASSES, NEGATIVE
 from hpa_nb.core.metrics import CellPredictions
-from hpa_nb.data.crops import CROPS, cell_crops, cell_ids_of, partial_cells, resize_image
-from hpa_nb.segmentation.backends import segment
+from hpa_nb.core.workers import Workers
+from hpa_nb.data.crops import partial_cells, resize_image
+from hpa_nb.segmentation.backends import on_accelerator
 from hpa_nb.segmentation.classical import ClassicalSettings
-from hpa_nb.segmentation.images import colors_needed, image_folder, read_channels, stack_channels
+from hpa_nb.segmentation.images import image_folder
 from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, ensemble_weights, transform_names
 from hpa_nb.training.run import RunFolder, load_config, load_model
 
@@ -166,24 +169,28 @@ def predict_cells(
     channel order; default ``image``). With a ``rule.cam_weight``, the classifier's CAM cell scores are computed too
     and kept (`CellPredictions.cam_probs`). Returns the cells' ids and scores ``[N, 19]``.
     """
-    ids = cell_ids_of(mask)
-    size = classifier.image_size
-    image_probs = classifier(resize_image(image, size)[None])[0] if rule.image_weight > 0 \
-        else np.ones(N_CLASSES, np.float32)
+    inputs = cut_inputs(image, mask, rule, _input_of(classifier), _input_of(cell_model), cell_image)
+    return score_inputs(classifier, inputs, rule, cell_model)
+
+
+def score_inputs(classifier: CellClassifier, inputs: ImageInputs, rule: ScoreRule = ScoreRule(),
+                 cell_model: CellClassifier | None = None) -> CellPredictions:
+    """The models' part of `predict_cells`: score an image already cut (`hpa_nb.cells.cutting.cut_inputs`)."""
+    mask, ids = inputs.mask, inputs.cell_ids
+    image_probs = classifier(inputs.whole[None])[0] if inputs.whole is not None else np.ones(N_CLASSES, np.float32)
     if len(ids) == 0:
         return CellPredictions(mask, ids, np.zeros((0, N_CLASSES), np.float32), image_probs)
-    cam_probs = classifier.cam_scores(image, mask, ids) if rule.cam_weight > 0 else None
-    if rule.cell_weight > 0 and cell_model is not None:
-        _, tiles = cell_crops(image if cell_image is None else cell_image, mask, cell_model.image_size, ids)
-        crop_probs = cell_model(tiles)
-    elif rule.cell_weight > 0:
-        # All crops at once: the image and mask are resized (or boxed) once, not once per batch.
-        _, crops = CROPS[rule.crop](image, mask, size, ids)
-        crop_probs = classifier(crops)
+    cam_probs = classifier.cam_scores(inputs.image, mask, ids) if rule.cam_weight > 0 else None
+    if inputs.crops is not None:
+        crop_probs = (cell_model if cell_model is not None else classifier)(inputs.crops)
     else:
         crop_probs = np.ones((len(ids), N_CLASSES), np.float32)
     return rescore(CellPredictions(mask, ids, np.zeros((len(ids), N_CLASSES), np.float32), image_probs, crop_probs,
                                    cam_probs), rule)
+
+
+def _input_of(model: CellClassifier | None) -> ModelInput | None:
+    return None if model is None else ModelInput(model.image_size, model.channels)
 
 
 def rescore(predictions: CellPredictions, rule: ScoreRule) -> CellPredictions:
@@ -210,12 +217,9 @@ def predict_image(
     **method_options,
 ) -> CellPredictions:
     """Read ``folder/{ID}_*.png``, segment it (unless ``mask`` is given) and score its cells."""
-    channels = [classifier.channels] + ([cell_model.channels] if cell_model is not None else [])
-    pixels = read_channels(folder, image_id, colors_needed(*channels))
-    if mask is None:
-        mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method, settings, **method_options)
-    cell_image = stack_channels(pixels, cell_model.channels) if cell_model is not None else None
-    return predict_cells(classifier, stack_channels(pixels, classifier.channels), mask, rule, cell_model, cell_image)
+    inputs = cut_image(method, rule, settings, _input_of(classifier), _input_of(cell_model), method_options,
+                       (image_id, folder, mask))
+    return score_inputs(classifier, inputs, rule, cell_model)
 
 
 def iter_predictions(
@@ -227,19 +231,30 @@ def iter_predictions(
     masks: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
     folder: Path | None = None,
-    **options,
+    settings: ClassicalSettings = ClassicalSettings(),
+    cell_model: CellClassifier | None = None,
+    workers: int | None = None,
+    **method_options,
 ) -> Iterator[tuple[str, CellPredictions]]:
     """``(ID, CellPredictions)`` for each image of ``data_dir/train`` or ``data_dir/test`` (or of
     ``folder``, where given), in order.
 
     Each image is segmented once by ``method``, unless ``masks`` (``{ID: mask}``, e.g. the true
-    cells of `load_cell_truth`) holds its mask. Images are read one at a time, so a caller that
-    writes each result away holds one image at once.
+    cells of `load_cell_truth`) holds its mask. `workers` processes (default: every core this process may use)
+    read, segment and cut the images (`hpa_nb.cells.cutting`), at most two each ahead of the one scored; the
+    models score each image in this process, in order, so the results are those of one worker. HPA-Cell-Segmentation
+    on a GPU segments in this process, its one place on the accelerator.
     """
-    for image_id in tqdm(ids, desc="cells", unit="image", disable=not progress):
-        mask = masks[image_id] if masks is not None else None
-        source = folder if folder is not None else image_folder(data_dir, image_id)
-        yield image_id, predict_image(classifier, source, image_id, method, rule, mask=mask, **options)
+    if on_accelerator(method, method_options):
+        workers = 1
+    work = functools.partial(cut_image, method, rule, settings, _input_of(classifier), _input_of(cell_model),
+                             method_options)
+    items = [(image_id, folder if folder is not None else image_folder(data_dir, image_id),
+              masks[image_id] if masks is not None else None) for image_id in ids]
+    with Workers(workers, preload=["hpa_nb.cells.cutting"]) as pool:
+        cut = pool.map(work, items, describe=lambda item: f"image {item[0]}")
+        for image_id, inputs in zip(tqdm(ids, desc="cells", unit="image", disable=not progress), cut):
+            yield image_id, score_inputs(classifier, inputs, rule, cell_model)
 
 
 def predict_images(classifier: CellClassifier, data_dir: Path, ids: Sequence[str], method: str = "classical",

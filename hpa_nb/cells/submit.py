@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from hpa_nb.cells.rules import load_rule  # noqa: F401 (notebooks read it from here)
 from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_ensemble,
@@ -125,14 +126,16 @@ def write_submission(
     ids: Sequence[str] | None = None,
     progress: bool = True,
     cell_model: CellClassifier | None = None,
+    workers: int | None = None,
     **method_options,
 ) -> Path:
-    """Segment and score every test image, one at a time, and write the submission CSV atomically.
+    """Segment and score every test image, in order, and write the submission CSV atomically.
 
     Reads ``data_dir/test/{ID}_{color}.png`` for every ID of ``sample_submission.csv`` (or
     ``ids``); a missing PNG is named before any work starts, and an image whose channel PNGs
     differ in size is a ValueError naming the file. With a `cell_model` (a cell run's model),
-    `rule` combines the image model's image-level scores with the cell model's tile scores.
+    `rule` combines the image model's image-level scores with the cell model's tile scores. `workers` processes
+    segment and cut the images (`iter_predictions`); the file is the same for any number of them.
     """
     data_dir = Path(data_dir)
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
@@ -143,7 +146,7 @@ def write_submission(
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
     scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, folder=test_dir,
-                              settings=settings, cell_model=cell_model, **method_options)
+                              settings=settings, cell_model=cell_model, workers=workers, **method_options)
     return write_predictions(scored, out_csv, confidence_floor)
 
 
@@ -163,6 +166,7 @@ def submit(
     weights: Sequence[float] | None = None,
     cell_weights: Sequence[float] | None = None,
     tta: bool = False,
+    workers: int | None = None,
     **method_options,
 ) -> Path:
     """Write ``out_csv`` from one training run or several (`load_ensemble`: averaged with `weights`, default equal),
@@ -177,8 +181,20 @@ def submit(
     cell_model = load_ensemble(cell_runs, cell_weights, "cell", tta, batch_size) if cell_runs else None
     print(f"submission: {describe_scoring(image_runs, cell_runs, rule)}; segmentation {method}"
           + ("; TTA ×8" if tta else ""), file=sys.stderr)
+    note = accelerator_note(method)
+    if note:
+        print(note, file=sys.stderr)
     return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
-                            cell_model=cell_model, **method_options)
+                            cell_model=cell_model, workers=workers, **method_options)
+
+
+def accelerator_note(method: str) -> str:
+    """A line for a session that holds a GPU it does not need: classical segmentation and cutting run on the CPU
+    (the models' few forward passes gain little), so only HPA-Cell-Segmentation is worth a GPU; else empty."""
+    if method == "hpacellseg" or not tf.config.list_physical_devices("GPU"):
+        return ""
+    return ("note: this session has a GPU, but classical segmentation runs on the CPU cores: push 05_submission "
+            "with --accelerator none and keep the GPU quota (a GPU pays with --segmentation hpacellseg)")
 
 
 def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_weight,
@@ -259,6 +275,7 @@ def evaluate_cells(
     use_truth_masks: bool = False,
     progress: bool = True,
     cell_model: CellClassifier | None = None,
+    workers: int | None = None,
 ) -> CellEvaluation:
     """Score a model the way the competition does, on sample images with ground-truth cells.
 
@@ -269,5 +286,5 @@ def evaluate_cells(
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     masks, labels = load_cell_truth(data_dir, ids)
     predictions = predict_images(classifier, data_dir, ids, method, rule, masks=masks if use_truth_masks else None,
-                                 progress=progress, cell_model=cell_model)
+                                 progress=progress, cell_model=cell_model, workers=workers)
     return score_cells(predictions, data_dir, (masks, labels))

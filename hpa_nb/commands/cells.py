@@ -22,7 +22,8 @@ def submit(args: argparse.Namespace) -> None:
     out = args.out or working_dir() / "submission.csv"
     written = write_submission(args.model, data_dir(args.data), out, method=args.segmentation, rule=rule,
                      confidence_floor=args.confidence_floor, batch_size=args.batch_size, cell_run_dir=args.cell_model,
-                     weights=args.weights, cell_weights=args.cell_weights, tta=args.tta, **segmentation_options(args))
+                     weights=args.weights, cell_weights=args.cell_weights, tta=args.tta, workers=args.workers,
+                               **segmentation_options(args))
     print(f"wrote {written}")
 
 
@@ -35,7 +36,8 @@ def compare(args: argparse.Namespace) -> None:
     cell_models = [load_classifier(folder, level="cell") for folder in args.cell_model]
     masks = args.segmentation == "masks"
     comparison = compare_models(image_models, cell_models, data, method="classical" if masks else args.segmentation,
-                                use_truth_masks=masks, tta=not args.no_tta, **segmentation_options(args))
+                                use_truth_masks=masks, tta=not args.no_tta, workers=args.workers,
+                                **segmentation_options(args))
     print(f"{len(comparison.images)} test images of {data}, cells: {args.segmentation}; tuned rows: each "
           f"image under weights tuned on the other {TUNING_PARTS - 1} of {TUNING_PARTS} parts")
     print(comparison.table().round(3).to_string(index=False))

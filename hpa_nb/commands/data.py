@@ -18,5 +18,6 @@ def shard(args: argparse.Namespace) -> None:
 def tiles(args: argparse.Namespace) -> None:
     manifest = write_tiles(data_dir(args.src), args.out, size=args.size, channels=args.channels,
                            segmentation=args.segmentation, images_per_file=args.images_per_file,
-                           encoding=args.encoding, skip_bad=args.skip_bad, **segmentation_options(args))
+                           encoding=args.encoding, skip_bad=args.skip_bad, workers=args.workers,
+                           **segmentation_options(args))
     print(f"wrote {manifest['count']} cells of {manifest['images']} images in {len(manifest['files'])} files")

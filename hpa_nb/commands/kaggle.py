@@ -23,7 +23,8 @@ def main(args: argparse.Namespace) -> None:
         folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
                              attach=args.attach, fold=None if args.fold is None else (args.fold, args.folds),
                              enable_internet=False if args.no_internet else None,
-                             dataset_sources=args.dataset, model_sources=args.model)
+                             dataset_sources=args.dataset, model_sources=args.model,
+                             **({"accelerator": args.accelerator} if args.accelerator else {}))
         print(f"pushed {folder}")
     elif args.kaggle_action == "image-set":
         out = args.out or image_set.REPO_ROOT / f"requirements-kaggle-tpu-{time.strftime('%Y-%m')}.txt"
@@ -46,22 +47,22 @@ def main(args: argparse.Namespace) -> None:
 
 def run_chain(args: argparse.Namespace) -> None:
     """`kaggle chain plan|run|status`."""
-    steps = chain.steps(args.folds)
-    if args.tpu_sessions < 1:
-        raise ValueError(f"--tpu-sessions {args.tpu_sessions}: at least 1")
+    steps = chain.steps(args.folds, args.accelerator)
+    if args.sessions < 1:
+        raise ValueError(f"--sessions {args.sessions}: at least 1")
     if args.chain_action == "plan":
         try:  # the last versions' own projections, where Kaggle can be asked
             source = chain.Kaggle(kaggle.find_username(args.username))
             states, note = chain.read_states(steps, source), f"hours: Kaggle asked as {source.username}"
         except ValueError as exc:
             states, note = None, f"hours: the README's figures (Kaggle not asked: {exc})"
-        print(chain.plan_text(steps, states, args.tpu_sessions, note))
+        print(chain.plan_text(steps, states, args.sessions, note))
         return
     source = chain.Kaggle(kaggle.find_username(args.username))
     if args.chain_action == "status":
         print(chain.status_text(steps, chain.read_states(steps, source)))
         return
-    states = chain.drive(steps, source, wait=args.wait, tpu_sessions=args.tpu_sessions, poll=args.poll)
+    states = chain.drive(steps, source, wait=args.wait, sessions=args.sessions, poll=args.poll)
     if all(state.done for state in states.values()):
         print(chain.submit(source) if args.submit else "the chain is done: submit with --submit, or from "
               f"https://www.kaggle.com/code/{source.ref(chain.Step('05_submission'))}")

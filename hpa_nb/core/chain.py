@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The machines `kaggle kernels push --accelerator` names (kaggle-cli 2.2), by kind; a kernel without one runs on CPU.
+MACHINES = {"TpuV5E8": "tpu", "TpuV6E8": "tpu", "NvidiaTeslaT4": "gpu", "NvidiaTeslaT4Highmem": "gpu", "NvidiaL4": "gpu"}
+
 # How a kernel's push attaches one of its inputs: every push of the row ("table"), or the chain (and a user who
 # asks) through `kaggle push`'s option of that name ("shards": 03_train's SHARDS, "attach": --attach).
 VIA = ("table", "shards", "attach")

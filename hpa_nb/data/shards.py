@@ -157,7 +157,7 @@ def _shard_example(image: np.ndarray, label: np.ndarray, image_id: bytes, encodi
     feature = {"id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id])),
                "label": tf.train.Feature(float_list=tf.train.FloatList(value=label.tolist())),
                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 ShardBudgetError = DiskBudgetError  # the shards would not fit in the disk budget (/kaggle/working holds 20 GB)

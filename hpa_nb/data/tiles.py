@@ -17,6 +17,7 @@ trained on).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from hpa_nb.core.budget import Probe
 from hpa_nb.core.env import working_dir
+from hpa_nb.core.workers import Workers
 from hpa_nb.core.labels import N_CLASSES, colors_of, parse_label
 from hpa_nb.data import records
 from hpa_nb.data.bad_input import SkipLog, skip_log
@@ -38,7 +40,7 @@ from hpa_nb.data.competition import load_labels
 from hpa_nb.data.crops import cell_crops, cell_extent, cell_ids_of
 from hpa_nb.data.reading import read
 from hpa_nb.data.shards import shard_layout
-from hpa_nb.segmentation.backends import segment
+from hpa_nb.segmentation.backends import on_accelerator, segment
 from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed, read_channels, read_mask, stack_channels
 
@@ -106,7 +108,7 @@ def _example(tiles: ImageTiles, row: int, label: np.ndarray, encoding: str = "ra
         "area_fraction": feature("float", [float(tiles.area_fractions[row])]),
         "border": feature("int64", [int(tiles.border[row])]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString(deterministic=True)
 
 
 def _mask(src: Path, image_id: str, pixels: dict, segmentation: str, settings: ClassicalSettings,
@@ -136,11 +138,25 @@ def _image_tiles(src: Path, image_id: str, size: int, channels: str, segmentatio
     return cut_tiles(stack_channels(pixels, channels), mask, image_id, size)
 
 
+def _image_record(src: Path, size: int, channels: str, segmentation: str, settings: ClassicalSettings,
+                  method_options: dict, encoding: str, item: tuple[str, str]) -> tuple[list[bytes], dict] | Exception:
+    """One image's tile records and listing entry (in a worker process); a bad image's error, returned to be raised
+    or counted where one process would have."""
+    image_id, label_text = item
+    try:
+        tiles = _image_tiles(src, image_id, size, channels, segmentation, settings, method_options)
+    except (ValueError, FileNotFoundError) as exc:
+        return exc
+    label = parse_label(label_text, image_id)
+    examples = [_example(tiles, row, label, encoding) for row in range(len(tiles.cell_ids))]
+    return examples, {"ids": image_id, "labels": label_text, "cell_ids": tiles.cell_ids.tolist()}
+
+
 def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128, channels: str = "rgby",
                 segmentation: str = "classical", images_per_file: int | None = None,
                 skip_bad: bool | SkipLog = False, progress: bool = True, deadline: float | None = None,
                 max_gb: float | None = None, encoding: str = "raw", settings: ClassicalSettings = ClassicalSettings(),
-                **method_options) -> dict:
+                workers: int | None = None, **method_options) -> dict:
     """Write one record per cell of every image in ``src/train.csv`` (PNGs in ``src/train/``).
 
     `out` defaults to ``src/tiles``. Cells come from `segmentation` (`SEGMENTATIONS`; ``"masks"``
@@ -154,6 +170,10 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
     stops before writing more as soon as the projected size passes it. ``encoding="png"`` stores each tile
     PNG-compressed (the background outside the cell is 0, so it compresses well); "raw" reads fastest. Returns
     the listing.
+
+    Images are read, segmented, cut and encoded by `workers` processes (default: every core this process may use;
+    HPA-Cell-Segmentation on a GPU segments in this process, its one place on the accelerator), and written in
+    the listing's order: the files are byte for byte those of one worker.
     """
 
     if segmentation not in SEGMENTATIONS:
@@ -174,28 +194,27 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
     todo = [(i, t) for i, t in zip(frame["ID"], frame["Label"]) if i not in done]
     print(f"tiles: {len(todo)} images of {src / 'train.csv'} to cut ({segmentation} cells, {size} px, {channels}); "
           f"{len(done)} already in {len(finished)} files", file=sys.stderr)
-    probe = Probe(f"tiles of {src}", len(frame), len(done), None if deadline is None else (deadline - time.time()) / 3600,
-                  max_gb)
-    bar = tqdm(total=len(todo), unit="img", desc="tiles", disable=not progress, file=sys.stderr)
-    with records.RollingWriter(out, "tiles", file_settings, finished, probe, images_per_file, TARGET_BYTES,
-                               deadline) as writer:
-        try:
-            for image_id, label_text in todo:
-                bar.update(1)
-                try:
-                    tiles = _image_tiles(src, image_id, size, channels, segmentation, settings, method_options)
-                except (ValueError, FileNotFoundError) as exc:
-                    if log is None:
-                        raise
-                    log.add(str(exc))
-                    continue
-                label = parse_label(label_text, image_id)
-                examples = [_example(tiles, row, label, encoding) for row in range(len(tiles.cell_ids))]
-                entry = {"ids": image_id, "labels": label_text, "cell_ids": tiles.cell_ids.tolist()}
-                if not writer.add(examples, entry):
-                    break
-        finally:
-            bar.close()
+    if on_accelerator(segmentation, method_options):
+        workers = 1
+    work = functools.partial(_image_record, src, size, channels, segmentation, settings, method_options, encoding)
+    with Workers(workers, preload=[__name__]) as pool:
+        probe = Probe(f"tiles of {src} ({pool.count} worker{'s' if pool.count > 1 else ''})", len(frame), len(done),
+                      None if deadline is None else (deadline - time.time()) / 3600, max_gb)
+        bar = tqdm(total=len(todo), unit="img", desc="tiles", disable=not progress, file=sys.stderr)
+        with records.RollingWriter(out, "tiles", file_settings, finished, probe, images_per_file, TARGET_BYTES,
+                                   deadline) as writer:
+            try:
+                for outcome in pool.map(work, todo, describe=lambda item: f"image {item[0]}"):
+                    bar.update(1)
+                    if isinstance(outcome, Exception):
+                        if log is None:
+                            raise outcome
+                        log.add(str(outcome))
+                        continue
+                    if not writer.add(*outcome):
+                        break
+            finally:
+                bar.close()
     manifest = _manifest(finished, file_settings, src, not writer.stopped_at_deadline, log.count if log else 0)
     return records.finish(manifest_path(out), manifest,
                           f"tiles: stopped at the deadline with {manifest['images']} images in {len(finished)} files; "

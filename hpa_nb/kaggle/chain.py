@@ -10,6 +10,7 @@ the kernel has no running or finished version. The one local file, the version n
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from hpa_nb.core.chain import CHAIN, FOLDED, KERNELS, KernelSettings, kernel_slug
+from hpa_nb.core.chain import CHAIN, FOLDED, KERNELS, MACHINES, KernelSettings, kernel_slug
 from hpa_nb.core.env import COMPETITION
 from hpa_nb.core.files import write_text
 from hpa_nb.kaggle import push as kaggle
@@ -28,6 +29,7 @@ from hpa_nb.kaggle.kernels import REPO_ROOT
 
 CACHE = REPO_ROOT / "build" / "kaggle-chain"  # {slug: version} per user: display and --submit only
 FREE_TPU_HOURS = 20.0  # a week's TPU quota on a free account
+FREE_GPU_HOURS = 30.0  # and its GPU quota (T4 ×2, P100)
 ACTIVE = ("QUEUED", "RUNNING")
 CANCELLED = ("CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED")
 STATUS_LINE = re.compile(r'has status "(?:KernelWorkerStatus\.)?([A-Z_]+)"')
@@ -43,6 +45,7 @@ class Step:
 
     name: str
     fold: tuple[int, int] | None = None
+    machine: str | None = None  # the accelerated kernels' machine instead of the table's (a GPU for a TPU)
 
     @property
     def label(self) -> str:
@@ -57,20 +60,29 @@ class Step:
         return KERNELS[self.name]
 
     @property
-    def tpu(self) -> bool:
-        return (self.settings.accelerator or "").startswith("Tpu")
+    def accelerator(self) -> str | None:
+        """The machine it runs on: the table's, or `machine` for a kernel the table gives an accelerator."""
+        return self.machine if self.machine and self.settings.accelerator else self.settings.accelerator
+
+    @property
+    def kind(self) -> str | None:
+        """"tpu", "gpu", or None for a CPU: the accelerator sessions it counts against."""
+        return MACHINES.get(self.accelerator or "")
 
 
-def steps(folds: int | None = None) -> list[Step]:
-    """The chain's kernels in the table's order; with `folds`, `FOLDED` as one kernel per fold."""
+def steps(folds: int | None = None, machine: str | None = None) -> list[Step]:
+    """The chain's kernels in the table's order; with `folds`, `FOLDED` as one kernel per fold; with `machine`, the
+    training kernels on that machine instead of the TPU (a GPU, for an account without TPU access)."""
+    if machine is not None and machine not in MACHINES:
+        raise ValueError(f"unknown Kaggle accelerator {machine!r}: one of {', '.join(MACHINES)}")
     found = []
     for name in CHAIN:
         if name == FOLDED and folds:
             if folds < 2:
                 raise ValueError(f"--folds {folds}: at least 2 folds, or leave it out for one run")
-            found += [Step(name, (k, folds)) for k in range(folds)]
+            found += [Step(name, (k, folds), machine) for k in range(folds)]
         else:
-            found.append(Step(name))
+            found.append(Step(name, None, machine))
     return found
 
 
@@ -204,10 +216,9 @@ class Kaggle:
         """Push `step` with exactly the inputs its row names (and its own output, to resume); its version."""
         shards = [self.ref(producer) for producer, via in inputs(step, chain) if via == "shards"]
         attach = [self.ref(producer) for producer, via in inputs(step, chain) if via != "shards"]
-        options = {"notebooks_dir": notebooks_dir} if notebooks_dir is not None else {}
-        folder = kaggle.bundle(step.name, self.username, self.environ, push_dir or kaggle.PUSH_DIR, **options,
+        folder = kaggle.bundle(step.name, self.username, self.environ, push_dir, notebooks_dir,
                                resume_from=self.ref(step) if resume else None, shards=shards[0] if shards else None,
-                               attach=attach, fold=step.fold, table_sources=False)
+                               attach=attach, fold=step.fold, table_sources=False, accelerator=step.accelerator)
         version = kaggle.send(folder, self.environ)
         self.remember(step, version)
         return version
@@ -240,31 +251,31 @@ def hours(step: Step, states: Mapping[Step, State] | None = None) -> tuple[float
     return settings.hours, "README, measured" if settings.basis == "measured" else "README, est."
 
 
-def schedule(chain: Sequence[Step], tpu_sessions: int = 1,
+def schedule(chain: Sequence[Step], sessions: int = 1,
              hours_of: Callable[[Step], float] | None = None) -> dict[Step, tuple[float, float]]:
     """Each kernel's (start, end) in hours from now if every kernel starts as soon as its inputs are done, with at
-    most `tpu_sessions` TPU kernels at a time: the wall clock of the whole chain is the latest end."""
+    most `sessions` accelerated kernels of one kind (TPU, GPU) at a time: the wall clock is the latest end."""
     hours_of = hours_of or (lambda step: hours(step)[0])
     times: dict[Step, tuple[float, float]] = {}
     while len(times) < len(chain):
         ready = [(max((times[p][1] for p, _ in inputs(step, chain)), default=0.0), step) for step in chain
                  if step not in times and all(p in times for p, _ in inputs(step, chain))]
         start, step = min(ready, key=lambda item: (item[0], chain.index(item[1])))
-        if step.tpu:  # wait for a TPU session to end while `tpu_sessions` are busy then
-            ends = sorted(end for other, (begin, end) in times.items() if other.tpu and end > start)
-            if len(ends) >= tpu_sessions:
-                start = ends[len(ends) - tpu_sessions]
+        if step.kind:  # wait for a session of its kind to end while `sessions` are busy then
+            ends = sorted(end for other, (begin, end) in times.items() if other.kind == step.kind and end > start)
+            if len(ends) >= sessions:
+                start = ends[len(ends) - sessions]
         times[step] = (start, start + hours_of(step))
     return times
 
 
 def critical_path(chain: Sequence[Step], times: Mapping[Step, tuple[float, float]]) -> list[Step]:
-    """The kernels the last end waits on, first to last: each one's latest-ending input (or TPU predecessor)."""
+    """The kernels the last end waits on, first to last: each one's latest-ending input (or session predecessor)."""
     step = max(chain, key=lambda item: (times[item][1], chain.index(item)))
     path = [step]
     while True:
         start = times[step][0]
-        before = [p for p, _ in inputs(step, chain)] + ([other for other in chain if other.tpu] if step.tpu else [])
+        before = [p for p, _ in inputs(step, chain)] + [other for other in chain if step.kind and other.kind == step.kind]
         waited = [p for p in before if p is not step and abs(times[p][1] - start) < 1e-9]
         if not waited or start == 0:
             return path[::-1]
@@ -272,7 +283,7 @@ def critical_path(chain: Sequence[Step], times: Mapping[Step, tuple[float, float
         path.append(step)
 
 
-def plan_text(chain: Sequence[Step], states: Mapping[Step, State] | None = None, tpu_sessions: int = 1,
+def plan_text(chain: Sequence[Step], states: Mapping[Step, State] | None = None, sessions: int = 1,
               note: str = "") -> str:
     """The plan `chain plan` prints: each kernel, what runs side by side, the critical path, the week's TPU hours."""
     rows = [("kernel", "accelerator", "inputs", "hours", "basis")]
@@ -280,18 +291,20 @@ def plan_text(chain: Sequence[Step], states: Mapping[Step, State] | None = None,
         reads = ", ".join(producer.label + (f" ({via})" if via == "shards" else "")
                           for producer, via in inputs(step, chain)) or "the competition"
         figure, basis = hours(step, states)
-        rows.append((step.label, step.settings.accelerator or "CPU", reads, f"{figure:.1f} h", basis))
+        rows.append((step.label, step.accelerator or "CPU", reads, f"{figure:.1f} h", basis))
     widths = [max(len(row[column]) for row in rows) for column in range(5)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.append("side by side: " + ", then ".join(" ∥ ".join(step.label for step in wave) for wave in waves(chain)))
-    times = schedule(chain, tpu_sessions, lambda step: hours(step, states)[0])
+    times = schedule(chain, sessions, lambda step: hours(step, states)[0])
     path = critical_path(chain, times)
     lines.append(f"critical path: {' → '.join(step.label for step in path)}: "
                  f"{max(end for _, end in times.values()):.1f} h wall clock "
-                 f"(at most {tpu_sessions} TPU kernel{'s' if tpu_sessions > 1 else ''} at a time)")
-    tpu = sum(hours(step, states)[0] for step in chain if step.tpu)
-    lines.append(f"TPU this week: {tpu:.1f} h of the free {FREE_TPU_HOURS:g} h"
-                 + ("" if tpu <= FREE_TPU_HOURS else ": over the quota, spread it over two weeks or train fewer folds"))
+                 f"(at most {sessions} TPU or GPU kernel{'s' if sessions > 1 else ''} of a kind at a time)")
+    for kind, quota in (("tpu", FREE_TPU_HOURS), ("gpu", FREE_GPU_HOURS)):
+        used = sum(hours(step, states)[0] for step in chain if MACHINES.get(step.accelerator or "") == kind)
+        if used or kind == "tpu":
+            lines.append(f"{kind.upper()} this week: {used:.1f} h of the free {quota:g} h"
+                         + ("" if used <= quota else ": over the quota, spread it over two weeks or train fewer folds"))
     if note:
         lines.append(note)
     return "\n".join(lines)
@@ -337,21 +350,22 @@ def failure_line(state: State) -> str:
     return line + "; fix it, then run `kaggle chain run` again"
 
 
-def advance(chain: Sequence[Step], source: Kaggle, tpu_sessions: int = 1, push_dir: Path | None = None,
+def advance(chain: Sequence[Step], source: Kaggle, sessions: int = 1, push_dir: Path | None = None,
             notebooks_dir: Path | None = None) -> tuple[dict[Step, State], list[Step]]:
     """One pass: read every kernel's state, stop on a failed one, push each ready kernel once (a stopped one with
-    --resume-from), keeping at most `tpu_sessions` TPU kernels queued or running. Returns the states and pushes."""
+    --resume-from), keeping at most `sessions` kernels of one accelerator kind queued or running (Kaggle limits an
+    account's sessions). Returns the states and the kernels pushed."""
     states = read_states(chain, source)
     for state in states.values():
         if state.failed:
             raise ValueError(failure_line(state))
     pushed = []
-    busy = sum(1 for state in states.values() if state.active and state.step.tpu)
+    busy = collections.Counter(state.step.kind for state in states.values() if state.active and state.step.kind)
     for step in chain:
         state = states[step]
         if state.done or state.active or next_move(state, states, chain) not in ("push", "resume (--resume-from)"):
             continue
-        if step.tpu and busy >= tpu_sessions:
+        if step.kind and busy[step.kind] >= sessions:
             continue
         if state.to_resume:
             print(f"{step.label} (version {state.version or '?'}) stopped at HOURS with its work unfinished: pushing "
@@ -359,7 +373,8 @@ def advance(chain: Sequence[Step], source: Kaggle, tpu_sessions: int = 1, push_d
         state.version = source.push(step, chain, resume=state.to_resume, push_dir=push_dir,
                                     notebooks_dir=notebooks_dir)
         state.status, state.unfinished, state.hours_used = "QUEUED", False, None
-        busy += step.tpu
+        if step.kind:
+            busy[step.kind] += 1
         pushed.append(step)
     return states, pushed
 
@@ -380,14 +395,14 @@ def submit(source: Kaggle, message: str = "hpa-nb chain") -> str:
     return f"submitted {source.ref(step)} version {version}: {_last_line(text)}"
 
 
-def drive(chain: Sequence[Step], source: Kaggle, wait: bool = False, tpu_sessions: int = 1,
+def drive(chain: Sequence[Step], source: Kaggle, wait: bool = False, sessions: int = 1,
           poll: float = 60.0, max_poll: float = 900.0, out=sys.stdout, push_dir: Path | None = None,
           notebooks_dir: Path | None = None, sleep: Callable[[float], None] = time.sleep) -> dict[Step, State]:
     """`chain run`: one pass, or with `wait` passes with backoff until every kernel is done (or one fails),
     redrawing one line per kernel on a terminal and printing the table again when it changes elsewhere."""
     shown, delay, drawn = "", poll, 0
     while True:
-        states, pushed = advance(chain, source, tpu_sessions, push_dir, notebooks_dir)
+        states, pushed = advance(chain, source, sessions, push_dir, notebooks_dir)
         for step in pushed:
             print(f"pushed {step.label} ({source.ref(step)}"
                   + (f", version {states[step].version}" if states[step].version else "") + ")", file=out, flush=True)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
-from hpa_nb.core.chain import kernel_settings, kernel_slug
+from hpa_nb.core.chain import MACHINES, kernel_settings, kernel_slug
 from hpa_nb.core.env import COMPETITION
 from hpa_nb.core.files import write_text
 
@@ -44,12 +44,15 @@ ARCHIVE_MTIME = 0  # fixed so that the archive depends on file names and bytes o
 DEFAULT_KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
-# Kaggle's accelerator flags per machine shape. TpuV38/Tpu1VmV38 are retired: TpuV5E8 is the TPU.
+# Kaggle's accelerator flags per machine shape (TpuV38/Tpu1VmV38 are retired: TpuV5E8 is the TPU). The machine
+# shape decides the machine; the two flags say which kind it is.
 ACCELERATOR_FLAGS: dict[str | None, dict[str, Any]] = {
     None: {"enable_gpu": False, "enable_tpu": False},
-    "TpuV5E8": {"machine_shape": "TpuV5E8", "enable_gpu": False, "enable_tpu": True},
-    "NvidiaTeslaT4": {"machine_shape": "NvidiaTeslaT4", "enable_gpu": True, "enable_tpu": False},
+    **{shape: {"machine_shape": shape, "enable_gpu": kind == "gpu", "enable_tpu": kind == "tpu"}
+       for shape, kind in MACHINES.items()},
 }
+DEFAULT = "default"  # `kernel_metadata(accelerator=)`: the table's machine for the kernel
+
 
 def kernel_id(name: str, username: str = PLACEHOLDER_USERNAME) -> str:
     """The kernel's "owner/slug" reference."""
@@ -69,6 +72,7 @@ def kernel_metadata(
     kernel_sources: Sequence[str] = (),
     variant: str = "",
     table_sources: bool = True,
+    accelerator: str | None = DEFAULT,
 ) -> dict[str, Any]:
     """The kernel-metadata.json content for notebook ``name`` (pure: no files read).
 
@@ -81,10 +85,14 @@ def kernel_metadata(
     an earlier version of the kernel whose run to resume. There is deliberately no ``docker_image``:
     a pinned image can silently run a TPU kernel on the CPU image. ``table_sources=False`` leaves out the table's
     own sources, for a caller that names every one (the chain driver, which attaches fold kernels instead).
+    ``accelerator`` names another machine than the table's (`hpa_nb.core.chain.MACHINES`), or None (or "none")
+    for a CPU.
     """
     settings = kernel_settings(name)
-    if settings.accelerator not in ACCELERATOR_FLAGS:
-        raise ValueError(f"unknown Kaggle accelerator {settings.accelerator!r} for {name}")
+    accelerator = settings.accelerator if accelerator == DEFAULT else None if accelerator == "none" else accelerator
+    if accelerator not in ACCELERATOR_FLAGS:
+        raise ValueError(f"unknown Kaggle accelerator {accelerator!r} for {name}: one of "
+                         f"{', '.join(MACHINES)} or none")
     return {
         "id": kernel_id(f"{name} {variant}" if variant else name, username),
         "title": f"{settings.title} {variant}" if variant else settings.title,
@@ -92,7 +100,7 @@ def kernel_metadata(
         "language": "python",
         "kernel_type": "notebook",
         "is_private": True,
-        **ACCELERATOR_FLAGS[settings.accelerator],
+        **ACCELERATOR_FLAGS[accelerator],
         "enable_internet": settings.internet if enable_internet is None else enable_internet,
         "competition_sources": [COMPETITION],
         "dataset_sources": list(dataset_sources),

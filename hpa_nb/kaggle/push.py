@@ -87,7 +87,7 @@ def ask_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
 
 
 def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
-         push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
+         push_dir: Path | None = None, notebooks_dir: Path | None = None,
          resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
          fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
     """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
@@ -109,7 +109,7 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
 
 
 def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = os.environ,
-           push_dir: Path = PUSH_DIR, notebooks_dir: Path = NOTEBOOKS_DIR,
+           push_dir: Path | None = None, notebooks_dir: Path | None = None,
            resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
            fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
     """The push folder `push` sends (its options are `push`'s), built but not sent."""
@@ -133,7 +133,8 @@ def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = 
             raise ValueError(f"--fold {k} --folds {folds}: the fold must be one of 0..folds-1, with at least 2 folds")
         parameters.update(FOLDS=folds, FOLD=k)
         metadata_options["variant"] = f"Fold {k}"
-    return build_bundle(name, push_dir, user, notebooks_dir, parameters=parameters or None, **metadata_options)
+    return build_bundle(name, push_dir or PUSH_DIR, user, notebooks_dir or NOTEBOOKS_DIR, parameters=parameters or None,
+                        **metadata_options)
 
 
 def send(folder: Path, environ: Mapping[str, str] = os.environ) -> int | None:

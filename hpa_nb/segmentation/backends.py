@@ -84,6 +84,14 @@ def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, s
     return _SEGMENTATORS[key](red, blue, yellow)
 
 
+def on_accelerator(method: str, method_options: dict) -> bool:
+    """Whether `method` segments on a GPU here (HPA-Cell-Segmentation with CUDA): then one process segments, the
+    GPU's one place, rather than a worker per core each loading the U-Nets onto it."""
+    if method != "hpacellseg" or method_options.get("device", "cuda") == "cpu":
+        return False
+    return hpacellseg.cuda_available()
+
+
 SEGMENTERS: dict[str, Callable[..., np.ndarray]] = {
     "classical": segment_classical,
     "hpacellseg": _segment_hpacellseg,

@@ -55,6 +55,15 @@ def require_torch():
     return _require("torch", "pip install torch (on Kaggle it is preinstalled)")
 
 
+def cuda_available() -> bool:
+    """Whether torch is installed here and sees a CUDA GPU (False without torch)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch  # torch: heavy and optional, only where HPA-Cell-Segmentation runs
+
+    return bool(torch.cuda.is_available())
+
+
 def _check_fork() -> None:
     """PyPI's ``pytorch-zoo`` is another package of the same import name, without ``pytorch_zoo.unet``,
     which the model files unpickle into."""

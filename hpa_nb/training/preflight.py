@@ -83,7 +83,8 @@ def check_accelerator(device_kind: str, quick: bool, allow_cpu: bool = False,
         return
     raise PreflightError(
         "this full run found only a CPU, where it cannot finish inside a Kaggle session. Pick Settings → "
-        "Accelerator → TPU v5e-8 (a pushed kernel asks with machine_shape TpuV5E8); Kaggle silently gives a CPU "
+        "Accelerator → TPU v5e-8 (a pushed kernel asks with machine_shape TpuV5E8), or a GPU (push --accelerator "
+        "NvidiaTeslaT4Highmem: T4 ×2, or NvidiaL4); Kaggle silently gives a CPU "
         "to accounts without identity verification (kaggle.com/settings → Phone verification). Or set "
         "QUICK = True for a smoke run, or ALLOW_CPU = True (--allow-cpu) to train on the CPU on purpose")
 

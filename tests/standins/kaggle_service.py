@@ -5,7 +5,8 @@ prints for the calls the chain driver makes (push, status, output, logs, competi
 The script ($FAKE_KAGGLE_STATE/script.json): {"kernels": {SLUG: [VERSION, ...]}, "submit": "ok" | "403"}, a VERSION
 {"states": [...], "failure": "...", "outputs": {PATH: JSON or text}, "log": [LINE, ...]} for each push in turn
 (the last one repeats). Each `kernels status` call moves the version one state on (QUEUED → RUNNING → its end).
-Every push is logged in order (pushes.jsonl) with its metadata and the TPU kernels that were active then.
+Every push is logged in order (pushes.jsonl) with its metadata and the kernels of its accelerator kind (TPU, GPU)
+that were active then.
 """
 import json
 import os
@@ -41,7 +42,7 @@ def active(versions, slug):
 
 
 def main(argv):
-    versions = load("versions.json", {})  # slug -> {"number", "step", "owner", "tpu"}
+    versions = load("versions.json", {})  # slug -> {"number", "step", "owner", "kind"}
     if argv[:2] == ["config", "view"]:
         print("- username: " + os.environ.get("FAKE_KAGGLE_CONFIG_USERNAME", "None"))
         return 0
@@ -50,11 +51,13 @@ def main(argv):
         metadata = json.loads((folder / "kernel-metadata.json").read_text())
         owner, slug = metadata["id"].split("/")
         number = versions.get(slug, {}).get("number", 0) + 1
-        tpu_active = sorted(other for other, entry in versions.items() if entry["tpu"] and active(versions, other))
+        kind = "tpu" if metadata.get("enable_tpu") else "gpu" if metadata.get("enable_gpu") else None
+        same_kind = sorted(other for other, entry in versions.items()
+                           if kind and entry["kind"] == kind and active(versions, other))
         with (STATE / "pushes.jsonl").open("a") as log:
             log.write(json.dumps({"slug": slug, "version": number, "metadata": metadata,
-                                  "tpu_active": tpu_active}) + "\n")
-        versions[slug] = {"number": number, "step": 0, "owner": owner, "tpu": bool(metadata.get("enable_tpu"))}
+                                  "active_of_its_kind": same_kind}) + "\n")
+        versions[slug] = {"number": number, "step": 0, "owner": owner, "kind": kind}
         save("versions.json", versions)
         print("Kernel version %d successfully pushed.  Please check progress at https://www.kaggle.com/code/%s/%s"
               % (number, owner, slug))

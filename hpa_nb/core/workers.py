@@ -1,0 +1,137 @@
+"""Per-image work on every core: `Workers` maps a function over items in worker processes and yields the results
+in the items' order, so a writer downstream writes exactly what one process would have written.
+
+- **Order and errors.** Results come back in order; an exception a worker raised (a bad image's ValueError naming
+  it) is raised again here at that item's turn, exactly where one process would have raised it.
+- **Bounded memory.** At most `in_flight` items (default 2 per worker) are submitted ahead of the one awaited.
+- **A worker that dies** (killed, out of memory) stops the map with one line (`WorkerLost`) instead of hanging.
+- **No orphans.** Each worker watches this process (a pidfd) and exits the moment it ends, however it ends; the
+  fork server, which its children keep alive, ends after them. So a SIGKILL of this process leaves none behind.
+- **Start-up.** The fork server imports `preload` once (TensorFlow, say); each worker then starts as a fork of
+  it. `Workers` starts every worker on entry, so a projection timed afterwards measures work, not start-up.
+
+With one worker nothing is started: the function runs in this process, as it always did.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import select
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+class WorkerLost(ValueError):
+    """A worker process died mid-task; a ValueError, so the command line prints it as one line."""
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or `taskset` narrows), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve(workers: int | None) -> int:
+    """`workers` as given (None: every core this process may use); refuses fewer than 1."""
+    if workers is None:
+        return available_cores()
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    return int(workers)
+
+
+def _exit_with(main_pid: int) -> None:
+    """A worker's initializer: exit as soon as the process that made the pool ends. Its parent is the fork server,
+    which outlives that process while any worker holds its pipe, so the parent's death signal would never come."""
+    try:
+        watched = os.pidfd_open(main_pid)
+    except ProcessLookupError:  # it ended before this worker started
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): look once a second instead
+        watched = None
+
+    def watch() -> None:
+        if watched is not None:
+            select.select([watched], [], [])
+        else:
+            while _alive(main_pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="hpa_nb-exit-with-main", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ready(_: int) -> int:
+    return os.getpid()
+
+
+class Workers:
+    """``with Workers(n, preload=[...]) as workers: for result in workers.map(function, items): ...``."""
+
+    def __init__(self, workers: int | None = None, preload: Sequence[str] = (), in_flight: int | None = None) -> None:
+        self.count = resolve(workers)
+        self.preload, self.in_flight = list(preload), in_flight or 2 * self.count
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "Workers":
+        if self.count > 1:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(self.preload)
+            self.pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_exit_with,
+                                            initargs=(os.getpid(),))
+            try:  # every worker up before any work is timed
+                list(self.pool.map(_ready, range(self.count)))
+            except BrokenProcessPool as exc:
+                self.close()
+                raise WorkerLost(f"a worker process could not start: {exc}") from None
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def map(self, function: Callable[[Any], Any], items: Iterable[Any],
+            describe: Callable[[Any], str] = str) -> Iterator[Any]:
+        """``function(item)`` for each item, in order; `describe(item)` names the item a dead worker held."""
+        if self.pool is None:
+            yield from map(function, items)
+            return
+        pending: collections.deque = collections.deque()
+        remaining = iter(items)
+
+        def submit() -> None:
+            for item in remaining:
+                pending.append((item, self.pool.submit(function, item)))
+                return
+
+        for _ in range(self.in_flight):
+            submit()
+        while pending:
+            item, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                self.close()
+                raise WorkerLost(f"a worker process died while working on {describe(item)} (killed, or out of "
+                                 "memory): run again with fewer workers") from None
+            submit()
+            yield result
