@@ -17,6 +17,7 @@ from statistics import median
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hpa_nb.cells.scoring import CellClassifier
@@ -313,9 +314,10 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
 def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds: int = 3,
           tile_size: int = 96) -> dict:
     """Per-image cell work with one worker and with `workers` (default: every core this process may use): cutting
-    tiles (`write_tiles`: read, segment, cut, encode) and scoring a submission (`write_submission` with a tiny
-    untrained model: read, segment, cut in the workers, the model in this process), on `images` generated
-    `size` px 16-bit RGBY images. Each figure is the median of `rounds` interleaved rounds, after one untimed
+    tiles (`write_tiles`: read, segment, cut, encode) and scoring a submission (`write_submission`: read, segment,
+    cut and encode the masks in the workers; the classifier in this process), once with a stand-in classifier (a
+    fixed function of the pixels: the per-image work alone) and once with the tiny CNN untrained (its forward
+    passes in this process share the cores), on `images` generated `size` px 16-bit RGBY images. Each figure is the median of `rounds` interleaved rounds, after one untimed
     round of each (the worker pool's fork server imports TensorFlow once). Checks that the outputs are identical."""
     count = resolve(workers)
     with tempfile.TemporaryDirectory(prefix="hpa-bench-cells-") as folder:
@@ -323,38 +325,51 @@ def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds
         print(f"generating {images} training and {images} test images of {size} px (16-bit RGBY)...", file=sys.stderr)
         write_sample(root / "data", images=images, size=size, seed=5, bit_depth=16, test_images=images,
                      progress=False)
-        classifier = CellClassifier.from_keras(build("tiny", 64, "rgby", weights=None), 64, "rgby")
+        model = CellClassifier.from_keras(build("tiny", 64, "rgby", weights=None), 64, "rgby")
+        stand_in = CellClassifier(_pixel_means, 64, "rgby")  # no model: the per-image work alone
         jobs = {
             "tiles": lambda w, out: write_tiles(root / "data", out, size=tile_size, encoding="png", workers=w,
                                                 progress=False),
-            "submission": lambda w, out: write_submission(classifier, root / "data", out / "submission.csv",
-                                                          progress=False, workers=w),
+            "submit, no model": lambda w, out: write_submission(stand_in, root / "data", out / "submission.csv",
+                                                                progress=False, workers=w),
+            "submit, tiny CNN": lambda w, out: write_submission(model, root / "data", out / "submission.csv",
+                                                                progress=False, workers=w),
         }
         seconds: dict[tuple[str, int], list[float]] = {(job, w): [] for job in jobs for w in (1, count)}
         for round_index in range(rounds + 1):
             for job, run in jobs.items():
                 for w in (1, count):
-                    out = root / f"{job}-{w}-{round_index}"
+                    out = root / _slug(job, w, round_index)
                     out.mkdir()
                     started = time.perf_counter()
                     run(w, out)
                     if round_index:  # the first round warms up (and checks), untimed
                         seconds[(job, w)].append(time.perf_counter() - started)
-        identical = {job: _same_files(root / f"{job}-1-0", root / f"{job}-{count}-0") for job in jobs}
+        identical = {job: _same_files(root / _slug(job, 1, 0), root / _slug(job, count, 0)) for job in jobs}
     results = {}
-    print(f"\n{'job':<12}{'workers':>8}{'images/s':>10}{'× 1 worker':>12}   (median of {rounds} rounds, {images} "
+    print(f"\n{'job':<18}{'workers':>8}{'images/s':>10}{'× 1 worker':>12}   (median of {rounds} rounds, {images} "
           f"images of {size} px)")
     for job in jobs:
         rates = {w: images / median(seconds[(job, w)]) for w in (1, count)}
         results[job] = {"workers": count, "images_per_second_1": rates[1], "images_per_second": rates[count],
                         "ratio": rates[count] / rates[1], "identical": identical[job]}
         for w in (1, count):
-            print(f"{job:<12}{w:>8}{rates[w]:>10.2f}{rates[w] / rates[1]:>12.2f}")
+            print(f"{job:<18}{w:>8}{rates[w]:>10.2f}{rates[w] / rates[1]:>12.2f}")
     print("outputs identical with 1 and " + f"{count} workers: " + ", ".join(f"{job} {'yes' if same else 'NO'}"
                                                                          for job, same in identical.items()))
     print(json.dumps({"bench": "cells", "images": images, "size": size, "rounds": rounds, "cores": available_cores(),
                       **results}))
     return results
+
+
+def _slug(job: str, workers: int, round_index: int) -> str:
+    return f"{job.replace(',', '').replace(' ', '-')}-{workers}-{round_index}"
+
+
+def _pixel_means(batch: np.ndarray) -> np.ndarray:
+    """A stand-in classifier: each class's score a fixed function of the batch's channel means."""
+    means = batch.reshape(len(batch), -1, batch.shape[-1]).mean(axis=1) / 255.0
+    return np.clip(np.tile(means, (1, 5))[:, :N_CLASSES], 0.0, 1.0).astype(np.float32)
 
 
 def _same_files(first: Path, second: Path) -> bool:

@@ -95,6 +95,12 @@ def tpu_python() -> Path:
     return tpu_venv_python("2026-08")
 
 
+@pytest.fixture(scope="session")
+def tpu_python_december() -> Path:
+    """The December package set's interpreter (keras-hub 0.32)."""
+    return tpu_venv_python("2026-12")
+
+
 @dataclass
 class CliResult:
     status: int

@@ -201,8 +201,8 @@ def test_status_reads_kaggle_and_plan_takes_a_versions_own_projection(service, n
     assert cli.main(["kaggle", "chain", "plan"]) == 0
     plan = capsys.readouterr().out
     assert "2.4 h  projected by version 1" in plan  # 06's own line, not the README's 6.0 h
-    # 00 (1.8 h) → 03 (2.5) → 07 (6.5) → 05 (0.2) is now longer than 06 (2.4) → 07 → 05
-    assert "critical path: 00_prepare → 03_train → 07_cell_train → 05_submission: 11.0 h wall clock" in plan
+    # 00 (1.8 h) → 03 (2.5) → 07 (6.5) → 05 (0.1) is longer than 06 (2.4) → 07 → 05
+    assert "critical path: 00_prepare → 03_train → 07_cell_train → 05_submission: 10.9 h wall clock" in plan
 
 
 def test_plan_on_a_fresh_clone_needs_no_kaggle_and_shows_the_graph(tmp_path):

@@ -345,6 +345,35 @@ def test_push_accelerator_asks_kaggle_for_that_machine(machine, gpu, tpu, clean_
         kernels.kernel_metadata("03_train", accelerator="NvidiaK80")
 
 
+@pytest.mark.parametrize("handle, message", [
+    ("keras/resnet/keras/resnet_50_imagenet", "has 5 parts, OWNER/MODEL/FRAMEWORK/VARIATION/VERSION"),
+    ("keras/resnetv1/keras/resnet_50_imagenet/latest", "its VERSION 'latest' is not a whole number"),
+    ("keras//keras/resnet_50_imagenet/3", "its MODEL is empty"),
+])
+def test_a_model_source_kaggle_would_drop_is_refused_before_the_push(handle, message, clean_home, fake_kaggle_cli,
+                                                                      monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setattr(kaggle, "PUSH_DIR", tmp_path / "push")
+    assert cli.main(["kaggle", "push", "03_train", "--no-internet", "--model", handle]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --model {handle}: ") and message in err
+    assert not fake_kaggle_cli.exists() and not (tmp_path / "push").exists()  # nothing built, nothing sent
+
+
+def test_the_readmes_model_handles_are_keras_hubs_own(tpu_python_december):
+    """Every Kaggle Models handle the README names is in KerasHub 0.32's presets files (the December set)."""
+    readme = (kernels.REPO_ROOT / "README.md").read_text()
+    handles = sorted(set(re.findall(r"\bkeras/[a-z0-9_]+/keras/[a-z0-9_]+/\d+\b", readme)))
+    assert len(handles) >= 3
+    probe = ("import pathlib, sys, keras_hub; root = pathlib.Path(keras_hub.__file__).parent / 'src' / 'models'; "
+             "text = ''.join(path.read_text() for path in root.glob('*/*_presets.py')); "
+             "print([h for h in sys.argv[1:] if f'kaggle://{h}' not in text])")
+    done = subprocess.run([str(tpu_python_december), "-c", probe, *handles], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", f"not KerasHub handles: {done.stdout}"
+
+
 def test_plain_push_from_the_repository_root(kaggle_api):
     if not (kernels.NOTEBOOKS_DIR / f"{kernels.ROOT_KERNEL}.py").is_file():
         pytest.skip("notebooks/03_train.py not written yet, so there is no committed bundle to push")
@@ -446,9 +475,9 @@ def test_push_builds_with_the_username_and_calls_the_cli(tmp_path, clean_home, f
     assert SECRETS["KAGGLE_KEY"] not in printed.out + printed.err
     # a KerasHub preset from Kaggle Models, attached to an internet-off kernel (BACKBONE names its handle)
     folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                         enable_internet=False, model_sources=["keras/resnet/keras/resnet_50_imagenet/2"])
+                         enable_internet=False, model_sources=["keras/resnetv1/keras/resnet_50_imagenet/3"])
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
-    assert metadata["model_sources"] == ["keras/resnet/keras/resnet_50_imagenet/2"] and not metadata["enable_internet"]
+    assert metadata["model_sources"] == ["keras/resnetv1/keras/resnet_50_imagenet/3"] and not metadata["enable_internet"]
 
 
 @pytest.mark.parametrize("printed", [

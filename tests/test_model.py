@@ -237,16 +237,16 @@ def test_a_kaggle_models_handle_is_read_from_where_kaggle_mounted_it(tmp_path):
     from hpa_nb.training.model import is_preset, resolve_preset
 
     root = tmp_path / "kaggle"
-    for version in ("1", "2"):
-        folder = root / "input" / "resnet" / "keras" / "resnet_50_imagenet" / version
+    for version in ("1", "3"):
+        folder = root / "input" / "resnetv1" / "keras" / "resnet_50_imagenet" / version
         folder.mkdir(parents=True)
         for name in ("config.json", "metadata.json"):
             (folder / name).write_text("{}")
     on_kaggle = {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "HPA_KAGGLE_ROOT": str(root)}
-    handle = "kaggle://keras/resnet/keras/resnet_50_imagenet"
-    assert resolve_preset(f"{handle}/1", on_kaggle) == str(root / "input/resnet/keras/resnet_50_imagenet/1")
-    assert resolve_preset(handle, on_kaggle) == str(root / "input/resnet/keras/resnet_50_imagenet/2")  # the newest
+    handle = "kaggle://keras/resnetv1/keras/resnet_50_imagenet"
+    assert resolve_preset(f"{handle}/1", on_kaggle) == str(root / "input/resnetv1/keras/resnet_50_imagenet/1")
+    assert resolve_preset(handle, on_kaggle) == str(root / "input/resnetv1/keras/resnet_50_imagenet/3")  # the newest
     assert resolve_preset(handle, {}) == handle  # off Kaggle KerasHub downloads it
     assert resolve_preset("kaggle://keras/other/keras/x", on_kaggle) == "kaggle://keras/other/keras/x"
-    assert is_preset(handle) and is_preset(str(root / "input/resnet/keras/resnet_50_imagenet/1"))
+    assert is_preset(handle) and is_preset(str(root / "input/resnetv1/keras/resnet_50_imagenet/1"))
     assert not is_preset("tiny") and not is_preset(str(tmp_path))

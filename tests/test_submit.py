@@ -202,3 +202,17 @@ def test_scored_cells_are_written_and_scored_without_segmenting_again(small_samp
     assert scored.cell_maps == pytest.approx(fresh.cell_maps) and scored.segmentation == fresh.segmentation
     streamed = write_submission(fake_classifier, small_sample, tmp_path / "streamed.csv", progress=False)
     assert streamed.read_bytes() == written.read_bytes()  # one image at a time, the same file
+
+
+def test_cells_encoded_from_their_columns_are_the_bytes_of_the_whole_image_encoding():
+    """`encode_cells` counts each cell's runs in the columns its box spans; the result is `encode_mask`'s, byte for
+    byte, for cells at every edge, cells of one pixel, and ids with no pixel at all."""
+    from hpa_nb.cells.masks import encode_cells
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        height, width = rng.integers(5, 60, 2)
+        mask = rng.integers(0, 6, (height, width)).astype(np.uint16)
+        mask[rng.random((height, width)) < 0.5] = 0
+        ids = np.arange(1, 8)  # 6 and 7 have no pixel
+        assert encode_cells(mask, ids) == tuple(encode_mask(mask == cell_id) for cell_id in ids)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hpa_nb.cells.masks import encode_cells
 from hpa_nb.cells.rules import ScoreRule
-from hpa_nb.data.crops import CROPS, cell_crops, cell_ids_of, resize_image
+from hpa_nb.data.crops import CROPS, cell_crops, cell_ids_of, frame_crops, resize_image
 from hpa_nb.segmentation.backends import segment
 from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed, read_channels, stack_channels
@@ -32,6 +33,7 @@ class ImageInputs:
     whole: np.ndarray | None  # float32 [S, S, C]: the image at the classifier's size, for the image term
     crops: np.ndarray | None  # float32 [N, S', S', C']: the classifier's crops, or the cell model's tiles
     image: np.ndarray | None  # float32 [H, W, C]: the image itself, kept only for the CAM term
+    encoded: tuple[str, ...] | None = None  # each cell's mask in the competition's encoding, for a submission
 
 
 def cut_inputs(image: np.ndarray, mask: np.ndarray, rule: ScoreRule, classifier: ModelInput,
@@ -42,6 +44,8 @@ def cut_inputs(image: np.ndarray, mask: np.ndarray, rule: ScoreRule, classifier:
     crops = None
     if len(ids) and rule.cell_weight > 0 and cell_model is not None:
         _, crops = cell_crops(image if cell_image is None else cell_image, mask, cell_model.image_size, ids)
+    elif len(ids) and rule.cell_weight > 0 and rule.crop == "frame":  # the image term's resize, not a second one
+        _, crops = frame_crops(image, mask, classifier.image_size, ids, resized=whole)
     elif len(ids) and rule.cell_weight > 0:
         # All crops at once: the image and mask are resized (or boxed) once, not once per batch.
         _, crops = CROPS[rule.crop](image, mask, classifier.image_size, ids)
@@ -50,13 +54,17 @@ def cut_inputs(image: np.ndarray, mask: np.ndarray, rule: ScoreRule, classifier:
 
 
 def cut_image(method: str, rule: ScoreRule, settings: ClassicalSettings, classifier: ModelInput,
-              cell_model: ModelInput | None, method_options: dict,
+              cell_model: ModelInput | None, method_options: dict, encode_masks: bool,
               item: tuple[str, Path, np.ndarray | None]) -> ImageInputs:
-    """Read ``FOLDER/{ID}_*.png``, segment it (unless the item holds its mask) and cut it: `cut_inputs`."""
+    """Read ``FOLDER/{ID}_*.png``, segment it (unless the item holds its mask) and cut it: `cut_inputs`; with
+    `encode_masks`, each cell's mask encoded for the submission too."""
     image_id, folder, mask = item
     channels = [classifier.channels] + ([cell_model.channels] if cell_model is not None else [])
     pixels = read_channels(folder, image_id, colors_needed(*channels))
     if mask is None:
         mask = segment(pixels["red"], pixels["blue"], pixels["yellow"], method, settings, **method_options)
     cell_image = stack_channels(pixels, cell_model.channels) if cell_model is not None else None
-    return cut_inputs(stack_channels(pixels, classifier.channels), mask, rule, classifier, cell_model, cell_image)
+    inputs = cut_inputs(stack_channels(pixels, classifier.channels), mask, rule, classifier, cell_model, cell_image)
+    if encode_masks:
+        inputs.encoded = encode_cells(inputs.mask, inputs.cell_ids)
+    return inputs

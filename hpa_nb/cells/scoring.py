@@ -179,14 +179,14 @@ def score_inputs(classifier: CellClassifier, inputs: ImageInputs, rule: ScoreRul
     mask, ids = inputs.mask, inputs.cell_ids
     image_probs = classifier(inputs.whole[None])[0] if inputs.whole is not None else np.ones(N_CLASSES, np.float32)
     if len(ids) == 0:
-        return CellPredictions(mask, ids, np.zeros((0, N_CLASSES), np.float32), image_probs)
+        return CellPredictions(mask, ids, np.zeros((0, N_CLASSES), np.float32), image_probs, encoded=inputs.encoded)
     cam_probs = classifier.cam_scores(inputs.image, mask, ids) if rule.cam_weight > 0 else None
     if inputs.crops is not None:
         crop_probs = (cell_model if cell_model is not None else classifier)(inputs.crops)
     else:
         crop_probs = np.ones((len(ids), N_CLASSES), np.float32)
     return rescore(CellPredictions(mask, ids, np.zeros((len(ids), N_CLASSES), np.float32), image_probs, crop_probs,
-                                   cam_probs), rule)
+                                   cam_probs, inputs.encoded), rule)
 
 
 def _input_of(model: CellClassifier | None) -> ModelInput | None:
@@ -217,7 +217,7 @@ def predict_image(
     **method_options,
 ) -> CellPredictions:
     """Read ``folder/{ID}_*.png``, segment it (unless ``mask`` is given) and score its cells."""
-    inputs = cut_image(method, rule, settings, _input_of(classifier), _input_of(cell_model), method_options,
+    inputs = cut_image(method, rule, settings, _input_of(classifier), _input_of(cell_model), method_options, False,
                        (image_id, folder, mask))
     return score_inputs(classifier, inputs, rule, cell_model)
 
@@ -234,6 +234,7 @@ def iter_predictions(
     settings: ClassicalSettings = ClassicalSettings(),
     cell_model: CellClassifier | None = None,
     workers: int | None = None,
+    encode_masks: bool = False,
     **method_options,
 ) -> Iterator[tuple[str, CellPredictions]]:
     """``(ID, CellPredictions)`` for each image of ``data_dir/train`` or ``data_dir/test`` (or of
@@ -243,12 +244,13 @@ def iter_predictions(
     cells of `load_cell_truth`) holds its mask. `workers` processes (default: every core this process may use)
     read, segment and cut the images (`hpa_nb.cells.cutting`), at most two each ahead of the one scored; the
     models score each image in this process, in order, so the results are those of one worker. HPA-Cell-Segmentation
-    on a GPU segments in this process, its one place on the accelerator.
+    on a GPU segments in this process, its one place on the accelerator. With `encode_masks` (a submission), the
+    workers encode each cell's mask too (`CellPredictions.encoded`).
     """
     if on_accelerator(method, method_options):
         workers = 1
     work = functools.partial(cut_image, method, rule, settings, _input_of(classifier), _input_of(cell_model),
-                             method_options)
+                             method_options, encode_masks)
     items = [(image_id, folder if folder is not None else image_folder(data_dir, image_id),
               masks[image_id] if masks is not None else None) for image_id in ids]
     with Workers(workers, preload=["hpa_nb.cells.cutting"]) as pool:

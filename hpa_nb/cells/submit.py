@@ -15,12 +15,9 @@ mAP on sample images with ground truth), `encode_mask` / `decode_mask` / `parse_
 """
 from __future__ import annotations
 
-import base64
 import csv
 import dataclasses
-import json
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -29,6 +26,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from hpa_nb.cells.masks import decode_mask, encode_cells, encode_mask  # noqa: F401 (also read from here)
 from hpa_nb.cells.rules import load_rule  # noqa: F401 (notebooks read it from here)
 from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_ensemble,
                                   predict_images)
@@ -47,30 +45,14 @@ from hpa_nb.training.run import folders, load_config
 DEFAULT_CONFIDENCE_FLOOR = 0.0
 
 
-def encode_mask(mask: np.ndarray) -> str:
-    """A boolean [H, W] mask in the competition's encoding: RLE (pycocotools) → zlib (best) → base64."""
-    from pycocotools import mask as coco_mask  # pycocotools: not on Kaggle's TPU image
-
-    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask).astype(np.uint8)))
-    return base64.b64encode(zlib.compress(rle["counts"], zlib.Z_BEST_COMPRESSION)).decode("ascii")
-
-
-def decode_mask(text: str, height: int, width: int) -> np.ndarray:
-    """The inverse of `encode_mask`: a boolean [height, width] mask."""
-    from pycocotools import mask as coco_mask  # pycocotools: not on Kaggle's TPU image
-
-    counts = zlib.decompress(base64.b64decode(text))
-    return coco_mask.decode({"size": [height, width], "counts": counts}).astype(bool)
-
-
 def prediction_string(predictions: CellPredictions, confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR) -> str:
     """One image's ``label confidence mask`` triplets: each cell's classes scoring ≥ the floor."""
     parts: list[str] = []
     # Comparing a Fortran-ordered mask gives Fortran-ordered cell masks: no transposing copy of the
     # whole image per cell, which would cost far more than the encoding itself.
-    instances = np.asfortranarray(predictions.mask)
-    for cell_id, scores in zip(predictions.cell_ids, predictions.scores):
-        encoded = encode_mask(instances == cell_id)  # once per cell, repeated per class
+    encodings = predictions.encoded if predictions.encoded is not None else encode_cells(predictions.mask,
+                                                                                         predictions.cell_ids)
+    for encoded, scores in zip(encodings, predictions.scores):  # each cell's mask once, repeated per class
         for label, confidence in enumerate(scores):
             if confidence >= confidence_floor:
                 parts.append(f"{label} {confidence:.6f} {encoded}")
@@ -146,7 +128,8 @@ def write_submission(
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
     scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, folder=test_dir,
-                              settings=settings, cell_model=cell_model, workers=workers, **method_options)
+                              settings=settings, cell_model=cell_model, workers=workers, encode_masks=True,
+                              **method_options)
     return write_predictions(scored, out_csv, confidence_floor)
 
 

@@ -61,8 +61,8 @@ KERNELS: dict[str, KernelSettings] = {
                                done_marker="run/config.json", hours=2.5),
     "04_evaluate": KernelSettings("HPA 04 Evaluate", inputs=(Input("03_train"),)),
     # CPU, offline: cutting tiles segments each image with scikit-image, which the TPU image lacks.
-    "06_cells": KernelSettings("HPA 06 Cells", internet=False, done_marker="tiles/tiles.json", hours=6.0,
-                               basis="measured"),
+    # 6.0 h measured on one core, over a Kaggle CPU session's 4 workers at the 2-worker efficiency of bench cells
+    "06_cells": KernelSettings("HPA 06 Cells", internet=False, done_marker="tiles/tiles.json", hours=1.7),
     # TPU, like 03_train: the cell model on 06_cells' tiles, split by image as 03_train's run was.
     "07_cell_train": KernelSettings("HPA 07 Cell Train", accelerator="TpuV5E8",
                                     inputs=(Input("06_cells"), Input("03_train")), done_marker="cell_run/config.json",
@@ -72,7 +72,7 @@ KERNELS: dict[str, KernelSettings] = {
     # 07_cell_train`); it segments with HPA-Cell-Segmentation when its offline folder is attached (`--dataset`).
     "05_submission": KernelSettings("HPA 05 Submission", internet=False,
                                     inputs=(Input("03_train"), Input("07_cell_train", "attach")),
-                                    done_marker="submission.csv", hours=0.2),
+                                    done_marker="submission.csv", hours=0.1),
 }
 # The kernels from a fork to a submission: what `kaggle chain` runs (01, 02 and 04 only look).
 CHAIN = ("00_prepare", "06_cells", "03_train", "07_cell_train", "05_submission")

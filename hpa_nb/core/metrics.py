@@ -348,6 +348,7 @@ class CellPredictions:
     image_probs: np.ndarray = field(default_factory=lambda: np.zeros(N_CLASSES, np.float32))
     cell_probs: np.ndarray | None = None  # float32 [N, 19]: the cell term the scores were made from, where kept
     cam_probs: np.ndarray | None = None  # float32 [N, 19]: the image model's class maps pooled in each cell, where kept
+    encoded: tuple[str, ...] | None = None  # each cell's mask in the competition's encoding, where a worker made it
 
     def as_map_input(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The ``(boolean mask, scores[19])`` list that `hpa_nb.core.metrics.cell_map` takes per image."""

@@ -42,18 +42,18 @@ def cell_crops(image: np.ndarray, mask: np.ndarray, image_size: int,
     return ids, crops
 
 
-def frame_crops(image: np.ndarray, mask: np.ndarray, image_size: int,
-                cell_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def frame_crops(image: np.ndarray, mask: np.ndarray, image_size: int, cell_ids: Sequence[int] | None = None,
+                resized: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each cell shown alone in the whole image's frame: (cell ids, float32 ``[N, S, S, C]``).
 
     The image is resized to ``image_size`` once (as for the image-level prediction) and every
     pixel outside the cell is set to 0, so the cell keeps the scale and position a model trained
-    on whole images saw during training.
+    on whole images saw during training. `resized` is that resized image when the caller has it already.
     """
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
     ids = cell_ids_of(mask) if cell_ids is None else np.asarray(cell_ids, np.int64)
-    small_image = resize_image(image, image_size)
+    small_image = resize_image(image, image_size) if resized is None else resized
     small_mask = upscale_labels(mask, (image_size, image_size))  # nearest sampling works both ways
     crops = small_image[None] * (small_mask[None] == ids[:, None, None])[..., None]
     return ids, crops.astype(np.float32)

@@ -19,7 +19,7 @@ from hpa_nb.kaggle.kernels import (NOTEBOOKS_DIR, PLACEHOLDER_USERNAME, PUSH_DIR
                                    build_bundle, kernel_id, root_username)
 
 # What the official CLI prints when Kaggle refuses a push, while it still exits 0 (kaggle 1.7–2.x).
-PUSH_REFUSALS = (re.compile(r"Kernel push error.*"), re.compile(r"The following are not valid \w+ sources.*"))
+PUSH_REFUSALS = (re.compile(r"Kernel push error.*"), re.compile(r"The following are not valid [\w ]+ sources.*"))
 PUSHED = re.compile(r"Kernel version (\d+) successfully pushed")  # kaggle 1.7-2.x, on a push that Kaggle took
 
 
@@ -124,6 +124,8 @@ def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = 
                              f"(e.g. alice/{kernel_slug(name)}), got {reference!r}")
         parameters[parameter] = reference
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
+    for handle in metadata_options.get("model_sources", ()):
+        check_model_source(handle)
     for source in attach:
         reference = source if "/" in source else kernel_id(source, user)
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
@@ -135,6 +137,24 @@ def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = 
         metadata_options["variant"] = f"Fold {k}"
     return build_bundle(name, push_dir or PUSH_DIR, user, notebooks_dir or NOTEBOOKS_DIR, parameters=parameters or None,
                         **metadata_options)
+
+
+MODEL_PARTS = ("OWNER", "MODEL", "FRAMEWORK", "VARIATION", "VERSION")
+
+
+def check_model_source(handle: str) -> None:
+    """A Kaggle model source is OWNER/MODEL/FRAMEWORK/VARIATION/VERSION with a whole-number version (kaggle-cli's
+    own rule); the push reports no bad model source, so a wrong one is refused here, naming the part."""
+    example = "e.g. keras/resnetv1/keras/resnet_50_imagenet/3"
+    parts = handle.split("/")
+    if len(parts) != len(MODEL_PARTS):
+        raise ValueError(f"--model {handle}: a Kaggle model source has {len(MODEL_PARTS)} parts, "
+                         f"{'/'.join(MODEL_PARTS)} ({example}), not {len(parts)}")
+    empty = [name for name, part in zip(MODEL_PARTS, parts) if not part.strip()]
+    if empty:
+        raise ValueError(f"--model {handle}: its {empty[0]} is empty ({'/'.join(MODEL_PARTS)}, {example})")
+    if not parts[-1].isdigit():
+        raise ValueError(f"--model {handle}: its VERSION {parts[-1]!r} is not a whole number ({example})")
 
 
 def send(folder: Path, environ: Mapping[str, str] = os.environ) -> int | None:
