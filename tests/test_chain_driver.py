@@ -91,6 +91,11 @@ def test_a_fresh_chain_runs_to_the_end_in_graph_order_with_exactly_its_rows_sour
     assert "pushed 05_submission (alice/hpa-05-submission, version 1)" in printed
     last_table = printed.split("\nkernel ")[-1].splitlines()[1:]
     assert [row.split()[-1] for row in last_table] == ["done"] * 5 and all(" v1 " in row for row in last_table)
+    calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+    asked = [(call[1], call[2].split("/")[1]) for call in calls if call[:1] == ["kernels"] and call[1] != "push"]
+    for slug in ("hpa-00-prepare", "hpa-05-submission"):  # asked until done (one pass: status, output, logs), no more
+        assert [what for what, about in asked if about == slug][-3:] == ["status", "output", "logs"]
+        assert [what for what, about in asked if about == slug].count("output") == 1
 
 
 def test_running_it_again_midway_pushes_nothing_twice(service, notebooks):

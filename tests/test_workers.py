@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def square_or_fail(item: int) -> int:
-    """A worker's task for these tests: a bad item raises, item -1 kills its worker."""
+    """A worker's task for these tests: a bad item raises, item -1 kills its worker, item 1 takes a while."""
+    if item == 1:
+        time.sleep(0.5)
     if item == 3:
         raise ValueError(f"item {item} is bad")
     if item == -1:
@@ -46,9 +48,12 @@ def test_results_come_in_order_and_an_error_at_its_turn():
 
 
 def test_a_worker_that_dies_stops_the_map_in_one_line():
-    with Workers(2) as workers:
-        with pytest.raises(WorkerLost, match=r"a worker process died while working on item -1 \(killed"):
-            list(workers.map(square_or_fail, [1, -1, 2], describe=lambda item: f"item {item}"))
+    """The line names the item the dead worker held, not the earlier item another worker was still working on (which
+    the broken pool fails too, and terminates)."""
+    for items in ([1, -1, 2], [0, -1, 2], [-1, 1]):
+        with Workers(2) as workers:
+            with pytest.raises(WorkerLost, match=r"a worker process died while working on item -1 \(killed"):
+                list(workers.map(square_or_fail, items, describe=lambda item: f"item {item}"))
     assert resolve(None) == available_cores() >= 1
     with pytest.raises(ValueError, match="at least 1"):
         resolve(0)

@@ -4,7 +4,10 @@ in the items' order, so a writer downstream writes exactly what one process woul
 - **Order and errors.** Results come back in order; an exception a worker raised (a bad image's ValueError naming
   it) is raised again here at that item's turn, exactly where one process would have raised it.
 - **Bounded memory.** At most `in_flight` items (default 2 per worker) are submitted ahead of the one awaited.
-- **A worker that dies** (killed, out of memory) stops the map with one line (`WorkerLost`) instead of hanging.
+- **A worker that dies** (killed, out of memory) stops the map with one line (`WorkerLost`) instead of hanging. The
+  line names the item that worker held: each task marks a shared slot with its worker's pid when it starts and
+  clears it when it ends, and a worker the broken pool itself terminates marks its slot as such; the slot still
+  holding a pid after the pool is down is the dead worker's.
 - **No orphans.** Each worker watches this process (a pidfd) and exits the moment it ends, however it ends; the
   fork server, which its children keep alive, ends after them. So a SIGKILL of this process leaves none behind.
 - **Start-up.** The fork server imports `preload` once (TensorFlow, say); each worker then starts as a fork of
@@ -18,6 +21,7 @@ import collections
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,9 +49,39 @@ def resolve(workers: int | None) -> int:
     return int(workers)
 
 
+_SLOTS: Any = None  # in a worker: the pool's shared slots, one per item in flight
+_CURRENT: list[int] = []  # in a worker: the slot of the item it is working on
+
+
+def _start_worker(main_pid: int, slots: Any) -> None:
+    """A worker's initializer: keep the slots, mark a termination by the pool, and exit with the main process."""
+    global _SLOTS
+    _SLOTS = slots
+    signal.signal(signal.SIGTERM, _terminated)
+    _exit_with(main_pid)
+
+
+def _terminated(*_: Any) -> None:
+    """SIGTERM, which a broken pool sends its surviving workers: not the death to report, so say so in the slot."""
+    if _CURRENT:
+        _SLOTS[_CURRENT[0]] = -os.getpid()
+    os._exit(1)
+
+
+def _run(function: Callable[[Any], Any], item: Any, slot: int) -> Any:
+    """One task in a worker: its slot holds this worker's pid while it runs."""
+    _SLOTS[slot] = os.getpid()
+    _CURRENT[:] = [slot]
+    try:
+        return function(item)
+    finally:
+        _CURRENT.clear()
+        _SLOTS[slot] = 0
+
+
 def _exit_with(main_pid: int) -> None:
-    """A worker's initializer: exit as soon as the process that made the pool ends. Its parent is the fork server,
-    which outlives that process while any worker holds its pipe, so the parent's death signal would never come."""
+    """Exit as soon as the process that made the pool ends. A worker's parent is the fork server, which outlives that
+    process while any worker holds its pipe, so the parent's death signal would never come."""
     try:
         watched = os.pidfd_open(main_pid)
     except ProcessLookupError:  # it ended before this worker started
@@ -87,13 +121,15 @@ class Workers:
         self.count = resolve(workers)
         self.preload, self.in_flight = list(preload), in_flight or 2 * self.count
         self.pool: ProcessPoolExecutor | None = None
+        self.slots: Any = None
 
     def __enter__(self) -> "Workers":
         if self.count > 1:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(self.preload)
-            self.pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_exit_with,
-                                            initargs=(os.getpid(),))
+            self.slots = context.Array("q", self.in_flight, lock=False)
+            self.pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_start_worker,
+                                            initargs=(os.getpid(), self.slots))
             try:  # every worker up before any work is timed
                 list(self.pool.map(_ready, range(self.count)))
             except BrokenProcessPool as exc:
@@ -116,22 +152,27 @@ class Workers:
             yield from map(function, items)
             return
         pending: collections.deque = collections.deque()
-        remaining = iter(items)
+        remaining = enumerate(items)
 
-        def submit() -> None:
-            for item in remaining:
-                pending.append((item, self.pool.submit(function, item)))
+        def submit() -> None:  # at most in_flight pending, numbered in a row: their slots never clash
+            for number, item in remaining:
+                slot = number % self.in_flight
+                self.slots[slot] = 0
+                pending.append((item, slot, self.pool.submit(_run, function, item, slot)))
                 return
 
         for _ in range(self.in_flight):
             submit()
         while pending:
-            item, future = pending.popleft()
+            item, slot, future = pending.popleft()
             try:
                 result = future.result()
             except BrokenProcessPool:
-                self.close()
-                raise WorkerLost(f"a worker process died while working on {describe(item)} (killed, or out of "
-                                 "memory): run again with fewer workers") from None
+                self.close()  # every worker down: the slots are final
+                held = [describe(each) for each, each_slot, _ in [(item, slot, future), *pending]
+                        if self.slots[each_slot] > 0]
+                where = f"working on {' and '.join(held)}" if held else f"before {describe(item)} was done"
+                raise WorkerLost(f"a worker process died while {where} (killed, or out of memory): run again with "
+                                 "fewer workers") from None
             submit()
             yield result

@@ -224,21 +224,28 @@ class Kaggle:
         return version
 
 
-def read_state(step: Step, source: Kaggle, with_log: bool = True) -> State:
+def read_state(step: Step, source: Kaggle, versions: Mapping[str, int] | None = None) -> State:
+    """One kernel's state: its status; for a version that ended, its marker; for a pushed kernel, its log."""
     status, failure = source.status(step)
-    state = State(step, status, failure, version=source.versions().get(step.slug))
+    versions = source.versions() if versions is None else versions
+    state = State(step, status, failure, version=versions.get(step.slug))
     if status in ("COMPLETE", "ERROR"):
         marker = source.marker(step)
         state.marker_missing = marker is None
         state.unfinished = marker is not None and (marker.get("complete") is False
                                                    or marker.get("stopped_at_deadline") is True)
-    if with_log and status is not None:
+    if status is not None:
         state.hours_used, state.projected, state.log_tail = source.log(step)
     return state
 
 
-def read_states(chain: Sequence[Step], source: Kaggle) -> dict[Step, State]:
-    return {step: read_state(step, source) for step in chain}
+def read_states(chain: Sequence[Step], source: Kaggle, known: Mapping[Step, State] | None = None
+                ) -> dict[Step, State]:
+    """Every kernel's state. One `known` done by an earlier pass of this driver, which never pushes a done kernel
+    again, is not asked about again: a long wait polls only the kernels still to finish."""
+    versions, known = source.versions(), known or {}
+    return {step: known[step] if step in known and known[step].done else read_state(step, source, versions)
+            for step in chain}
 
 
 # --- plan ---------------------------------------------------------------------------------------------------------
@@ -351,11 +358,12 @@ def failure_line(state: State) -> str:
 
 
 def advance(chain: Sequence[Step], source: Kaggle, sessions: int = 1, push_dir: Path | None = None,
-            notebooks_dir: Path | None = None) -> tuple[dict[Step, State], list[Step]]:
+            notebooks_dir: Path | None = None, known: Mapping[Step, State] | None = None
+            ) -> tuple[dict[Step, State], list[Step]]:
     """One pass: read every kernel's state, stop on a failed one, push each ready kernel once (a stopped one with
     --resume-from), keeping at most `sessions` kernels of one accelerator kind queued or running (Kaggle limits an
-    account's sessions). Returns the states and the kernels pushed."""
-    states = read_states(chain, source)
+    account's sessions). Returns the states and the kernels pushed. `known`: the last pass's states."""
+    states = read_states(chain, source, known)
     for state in states.values():
         if state.failed:
             raise ValueError(failure_line(state))
@@ -400,9 +408,9 @@ def drive(chain: Sequence[Step], source: Kaggle, wait: bool = False, sessions: i
           notebooks_dir: Path | None = None, sleep: Callable[[float], None] = time.sleep) -> dict[Step, State]:
     """`chain run`: one pass, or with `wait` passes with backoff until every kernel is done (or one fails),
     redrawing one line per kernel on a terminal and printing the table again when it changes elsewhere."""
-    shown, delay, drawn = "", poll, 0
+    shown, delay, drawn, states = "", poll, 0, None
     while True:
-        states, pushed = advance(chain, source, sessions, push_dir, notebooks_dir)
+        states, pushed = advance(chain, source, sessions, push_dir, notebooks_dir, known=states)
         for step in pushed:
             print(f"pushed {step.label} ({source.ref(step)}"
                   + (f", version {states[step].version}" if states[step].version else "") + ")", file=out, flush=True)

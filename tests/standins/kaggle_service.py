@@ -42,6 +42,8 @@ def active(versions, slug):
 
 
 def main(argv):
+    with (STATE / "calls.jsonl").open("a") as log:
+        log.write(json.dumps(argv) + "\n")
     versions = load("versions.json", {})  # slug -> {"number", "step", "owner", "kind"}
     if argv[:2] == ["config", "view"]:
         print("- username: " + os.environ.get("FAKE_KAGGLE_CONFIG_USERNAME", "None"))
