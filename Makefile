@@ -13,6 +13,8 @@ export PYTHONUNBUFFERED := 1
 # The order the Kaggle chain runs them (hpa_nb.core.chain.KERNELS, a test keeps the two equal): the submission last,
 # so that it scores cells with every model made before it.
 CHAIN := tests/test_kaggle_chain.py
+# Run beside the notebooks rather than with the tests, so that the two processes take about the same time.
+BESIDE := tests/test_kerashub.py
 TPU_TODAY := requirements-kaggle-tpu-2026-12.txt
 NOTEBOOKS := 00_prepare 01_eda 02_augmentation 03_train 04_evaluate 06_cells 07_cell_train 05_submission
 
@@ -49,8 +51,8 @@ test: $(VENV)/.installed
 	elif [ $$? -eq 3 ]; then export HPA_NO_PYTHON312=1; else exit 1; fi; report=$$(mktemp); \
 	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks $(CHAIN) >$$report 2>&1; \
 	  echo $$? >$$report.status; } & \
-	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN); tests=$$?; wait; \
-	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain"; cat $$report; \
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
+	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain and KerasHub's families"; cat $$report; \
 	notebooks=$$(cat $$report.status); rm -f $$report $$report.status; test $$tests -eq 0 && test $$notebooks -eq 0
 
 # The quick loop while editing: the tests not marked slow (no notebooks, no venvs, no subprocess kills; the only

@@ -94,10 +94,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny CNN from scratch, 64 px, 5 epochs: CI and smoke runs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     p.add_argument("--resume-from", metavar="RUN_OR_KERNEL",
-                   help="copy a killed run (a folder, or OWNER/KERNEL attached under /kaggle/input) into --out and "
-                        "continue it there")
-    p.add_argument("--shards", help="compact shards written elsewhere (a folder, or OWNER/KERNEL attached under "
-                                    "/kaggle/input), paired with --data's train.csv (default: DATA/shards)")
+                   help="copy a killed run (a folder, or OWNER/KERNEL[/VERSION] attached under /kaggle/input) into "
+                        "--out and continue it there")
+    p.add_argument("--shards", help="compact shards written elsewhere (a folder, or OWNER/KERNEL[/VERSION] attached "
+                                    "under /kaggle/input), paired with --data's train.csv (default: DATA/shards)")
     p.add_argument("--level", choices=LEVELS, help="image (default): whole images; cell: cell tiles with their "
                                                    "image's label as a weak target, split by image")
     p.add_argument("--tiles", help="cell tiles for --level cell (a folder, or OWNER/KERNEL attached under "
@@ -262,15 +262,15 @@ def _kaggle_parser(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset (repeatable)")
     push.add_argument("--model", action="append", default=[], metavar="OWNER/MODEL/FRAMEWORK/VARIATION/VERSION",
                       help="attach a Kaggle model (repeatable)")
-    push.add_argument("--resume-from", metavar="OWNER/KERNEL",
-                      help="attach that kernel's output (a stopped session's work) and go on from it "
-                           "(03_train: its run; 00_prepare: its shards)")
-    push.add_argument("--attach", action="append", default=[], metavar="NAME|OWNER/KERNEL",
+    push.add_argument("--resume-from", metavar="OWNER/KERNEL[/VERSION]",
+                      help="attach that kernel's output (a stopped session's work; its latest version, or the one "
+                           "named) and go on from it (03_train: its run; 00_prepare: its shards)")
+    push.add_argument("--attach", action="append", default=[], metavar="NAME|OWNER/KERNEL[/VERSION]",
                       help="attach another kernel's output (repeatable), e.g. 05_submission --attach 07_cell_train")
     push.add_argument("--fold", type=int, metavar="K", help="03_train: train fold K (with --folds) as a kernel of its "
                                                              "own, hpa-03-train-fold-K, so all folds can be attached")
     push.add_argument("--folds", type=int, default=5, help="with --fold: how many folds (default 5)")
-    push.add_argument("--shards", metavar="OWNER/KERNEL",
+    push.add_argument("--shards", metavar="OWNER/KERNEL[/VERSION]",
                       help="03_train: attach the 00_prepare kernel's output and train from its compact shards")
     output.add_argument("--out", type=Path, help="download folder (default out/kaggle/NAME)")
     chain = actions.add_parser("chain", help="the kernels from fork to submission: plan them, run them (again at any "

@@ -81,6 +81,9 @@ def test_a_run_of_the_other_level_or_without_a_model_is_not_taken(tmp_path):
         f"no image run attached under {root}: attach the output of 03_train: python -m hpa_nb kaggle push "
         "04_evaluate (it attaches OWNER/hpa-03-train), or Add Input → Notebooks → hpa-03-train")
     assert inputs.previous_run("alice/hpa-03-train", root) == stopped  # but it can be resumed
+    assert inputs.previous_run("alice/hpa-03-train/4", root) == stopped  # one version of it, mounted by its slug
+    assert inputs.find("cell_run", "alice/hpa-07-cell-train/2", input_root=root, environ=KAGGLE) == (
+        root / "hpa-07-cell-train" / "cell_run")
     assert inputs.previous_run(stopped.parent, root) == stopped
     with pytest.raises(inputs.MissingInputError, match="RESUME_FROM alice/other: no run folder .* push NAME "
                                                        "--resume-from OWNER/KERNEL"):

@@ -530,6 +530,20 @@ def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(c
                          attach=["07_cell_train", "bob/hpa-07-cell-train"])
     assert json.loads((folder / "kernel-metadata.json").read_text())["kernel_sources"] == [
         "alice/hpa-03-train", "alice/hpa-07-cell-train", "bob/hpa-07-cell-train"]
+    # A version wherever a kernel is named (kaggle-cli 2.2.1+): after a bad version, resume from a good one
+    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
+                         resume_from="alice/hpa-03-train/4", shards="alice/hpa-00-prepare/2",
+                         attach=["bob/hpa-07-cell-train/7"])
+    assert json.loads((folder / "kernel-metadata.json").read_text())["kernel_sources"] == [
+        "alice/hpa-03-train/4", "alice/hpa-00-prepare/2", "bob/hpa-07-cell-train/7"]
+    source = "".join(json.loads((folder / "03_train.ipynb").read_text())["cells"][injected]["source"])
+    assert "RESUME_FROM = 'alice/hpa-03-train/4'" in source and "SHARDS = 'alice/hpa-00-prepare/2'" in source
+    for bad in ("alice/hpa-03-train/0", "alice/hpa-03-train/v4", "alice/hpa-03-train/4/1"):
+        with pytest.raises(ValueError, match="takes OWNER/KERNEL or OWNER/KERNEL/VERSION"):
+            kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, resume_from=bad)
+    with pytest.raises(ValueError, match="--attach takes a notebook name, OWNER/KERNEL or OWNER/KERNEL/VERSION"):
+        kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
+                    attach=["bob/hpa-07-cell-train/latest"])
 
 
 def test_make_runs_the_notebooks_in_the_order_of_the_kaggle_chain():

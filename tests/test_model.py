@@ -234,7 +234,7 @@ def test_backbone_weights_are_written_atomically(tiny, tmp_path, monkeypatch):
 
 
 def test_a_kaggle_models_handle_is_read_from_where_kaggle_mounted_it(tmp_path):
-    from hpa_nb.training.model import is_preset, resolve_preset
+    from hpa_nb.training.presets import is_preset, resolve_preset
 
     root = tmp_path / "kaggle"
     for version in ("1", "3"):

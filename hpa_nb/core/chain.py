@@ -79,6 +79,17 @@ CHAIN = ("00_prepare", "06_cells", "03_train", "07_cell_train", "05_submission")
 FOLDED = "03_train"  # the kernel that `--folds K` runs as K kernels, one per fold
 
 
+# How a kernel is named: OWNER/KERNEL, or OWNER/KERNEL/VERSION for one version of it (kaggle-cli 2.2.1 and later take
+# a version wherever a kernel is named, kernel sources included).
+KERNEL_REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9-]*(/[1-9][0-9]*)?")
+
+
+def reference_slug(reference: str) -> str:
+    """The kernel's slug in ``OWNER/KERNEL[/VERSION]`` or ``KERNEL``: the name of the folder Kaggle mounts it at."""
+    parts = str(reference).rstrip("/").split("/")
+    return parts[-2] if len(parts) == 3 and parts[-1].isdigit() else parts[-1]
+
+
 def kernel_slug(name: str) -> str:
     """The URL slug of a notebook's kernel: "03_train" -> "hpa-03-train"."""
     return "hpa-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpa_nb.core.chain import kernel_slug
+from hpa_nb.core.chain import KERNEL_REFERENCE, kernel_slug
 from hpa_nb.kaggle.kernels import (NOTEBOOKS_DIR, PLACEHOLDER_USERNAME, PUSH_DIR, ROOT_KERNEL, ROOT_METADATA,
                                    build_bundle, kernel_id, root_username)
 
@@ -92,11 +92,11 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
          fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
     """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
 
-    ``resume_from`` ("OWNER/KERNEL", e.g. the same kernel, whose last version was stopped) attaches
+    ``resume_from`` ("OWNER/KERNEL", or "OWNER/KERNEL/VERSION" for one version; e.g. the same kernel, whose last version was stopped) attaches
     that kernel's output as input and sets the notebook's ``RESUME_FROM`` to continue its work
-    (03_train: the run; 00_prepare: the shards). ``shards`` ("OWNER/KERNEL" of 00_prepare) attaches
+    (03_train: the run; 00_prepare: the shards). ``shards`` ("OWNER/KERNEL[/VERSION]" of 00_prepare) attaches
     its output and sets 03_train's ``SHARDS``, so training reads the compact shards. ``attach`` adds the output of
-    more kernels: a notebook name ("07_cell_train": the user's own kernel of it) or "OWNER/KERNEL"; the notebook
+    more kernels: a notebook name ("07_cell_train": the user's own kernel of it) or "OWNER/KERNEL[/VERSION]"; the notebook
     finds each by its marker (`hpa_nb.training.inputs`). ``fold`` ``(k, K)`` (03_train) sets ``FOLD`` and ``FOLDS``
     and pushes a kernel of its own per fold (hpa-03-train-fold-k), so every fold's run can be attached at once.
     Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
@@ -119,15 +119,17 @@ def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = 
     for parameter, reference in (("RESUME_FROM", resume_from), ("SHARDS", shards)):
         if not reference:
             continue
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[a-z0-9][a-z0-9-]*", reference):
-            raise ValueError(f"--{parameter.lower().replace('_', '-')} takes OWNER/KERNEL "
-                             f"(e.g. alice/{kernel_slug(name)}), got {reference!r}")
+        if not KERNEL_REFERENCE.fullmatch(reference):
+            raise ValueError(f"--{parameter.lower().replace('_', '-')} takes OWNER/KERNEL or OWNER/KERNEL/VERSION "
+                             f"(e.g. alice/{kernel_slug(name)} or alice/{kernel_slug(name)}/3), got {reference!r}")
         parameters[parameter] = reference
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
     for handle in metadata_options.get("model_sources", ()):
         check_model_source(handle)
     for source in attach:
         reference = source if "/" in source else kernel_id(source, user)
+        if not KERNEL_REFERENCE.fullmatch(reference):
+            raise ValueError(f"--attach takes a notebook name, OWNER/KERNEL or OWNER/KERNEL/VERSION, got {source!r}")
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
     if fold is not None:
         k, folds = fold

@@ -56,11 +56,11 @@ def _matches(holds: Callable[[Path], bool]) -> Callable[[Path, list[str]], bool]
 
 def _named(reference: str | Path, match: Callable[[Path, list[str]], bool], root: Path) -> tuple[list[Path], str]:
     """The folders matching `match` in or below the folder `reference` names, or, for ``OWNER/KERNEL`` (or
-    ``KERNEL``), below the folder Kaggle mounted that output at under `root`; and where that was, in words."""
+    ``OWNER/KERNEL/VERSION``, or ``KERNEL``), below the folder Kaggle mounted that output at under `root`; and where that was, in words."""
     path = Path(reference).expanduser()
     if path.is_dir():
         return env.search_folders(path, match, 3), str(path)
-    slug = str(reference).rstrip("/").rpartition("/")[2]
+    slug = chain.reference_slug(str(reference))
     mounts = env.search_folders(root, lambda folder, _: folder.name == slug, 4)
     return ([hit for mount in mounts for hit in env.search_folders(mount, match, 3)],
             f"the attached output {str(reference)!r} under {root}")
@@ -140,7 +140,7 @@ def previous_run(reference: str | Path, input_root: Path | None = None,
     if not found:
         raise MissingInputError(f"RESUME_FROM {reference}: no run folder ({run.CONFIG_FILE} and {run.CHECKPOINT_DIR}/) "
                                 f"in {where}; attach the earlier version as input "
-                                f"(python -m hpa_nb kaggle push NAME --resume-from OWNER/KERNEL)")
+                                f"(python -m hpa_nb kaggle push NAME --resume-from OWNER/KERNEL[/VERSION])")
     return found[0]
 
 

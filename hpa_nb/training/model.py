@@ -9,20 +9,19 @@ Batch norm follows Keras's ``training`` flag (no ``training=True`` hack).
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from hpa_nb.core.env import kaggle_input, on_kaggle, search_folders
 from hpa_nb.core.files import atomic_path
 from hpa_nb.core.labels import CHANNEL_SETS, N_CLASSES, colors_of
-from hpa_nb.training.backbones import BACKBONES, PRESET_FILES, is_preset, normalize_weights
+from hpa_nb.training.backbones import BACKBONES, is_preset, normalize_weights
+from hpa_nb.training.presets import preset_backbone
+from hpa_nb.training.transplant import extend, transplant
 
 # ImageNet statistics the EfficientNets were trained with (inputs scaled to 0–1 first).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,16 +74,10 @@ def _v2_preprocessing(backbone: str, channels: int) -> list[keras.layers.Layer]:
     """
     if backbone == "efficientnetv2s":
         return [layers.Rescaling(1.0 / 128.0, offset=-1.0, name="v2_rescale")]
-    mean = _extend(np.array(IMAGENET_MEAN), channels)
-    variance = _extend(np.array(IMAGENET_STDDEV) ** 2, channels)
+    mean = extend(np.array(IMAGENET_MEAN), channels)
+    variance = extend(np.array(IMAGENET_STDDEV) ** 2, channels)
     return [layers.Rescaling(1.0 / 255.0, name="v2_rescale"),
             layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name="v2_normalize")]
-
-
-def _extend(values: np.ndarray, channels: int) -> np.ndarray:
-    """Per-channel RGB statistics with a 4th (yellow) entry equal to their mean, when 4 channels are asked for."""
-    values = np.asarray(values, np.float32)
-    return values if channels == 3 else np.append(values, values.mean()).astype(np.float32)
 
 
 def _keras_backbone(name: str, image_size: int, channels: int, weights: str | None) -> keras.Model:
@@ -131,102 +124,13 @@ def _source_backbone(name: str, image_size: int, weights: str) -> keras.Model:
     return source
 
 
-def transplant(source: keras.Model, target: keras.Model) -> None:
-    """Copy every layer's weights from a 3-channel backbone into a 3- or 4-channel one of the same architecture.
-
-    Layers are paired in order among those that hold weights. Where the target has a 4th input
-    channel, the stem convolution gets a 4th input slice equal to the mean of the RGB slices (so
-    yellow starts from sensible filters) and the input Normalization gets the mean of the RGB statistics.
-    """
-    source_layers = [layer for layer in source.layers if layer.weights]
-    target_layers = [layer for layer in target.layers if layer.weights]
-    if len(source_layers) != len(target_layers):
-        raise ValueError(f"cannot copy weights: {len(source_layers)} layers with weights in the source, "
-                         f"{len(target_layers)} in the target")
-    for source_layer, target_layer in zip(source_layers, target_layers):
-        values = []
-        for source_value, target_variable in zip(source_layer.get_weights(), target_layer.weights):
-            values.append(_fit_channels(source_value, tuple(target_variable.shape), target_layer.name))
-        target_layer.set_weights(values)
-        if isinstance(target_layer, layers.Normalization):
-            target_layer.finalize_state()
-
-
-def _fit_channels(value: np.ndarray, shape: tuple[int, ...], layer_name: str) -> np.ndarray:
-    """A source weight, given a 4th input-channel entry (mean of the first three) where the target needs one."""
-    if value.shape == shape:
-        return value
-    if value.ndim == 4 and value.shape[2] == 3 and shape[2] == 4:  # conv kernel [h, w, in, out]
-        return np.concatenate([value, value.mean(axis=2, keepdims=True)], axis=2)
-    if value.ndim == 1 and value.shape[0] == 3 and shape == (4,):  # per-channel input statistics
-        return _extend(value, 4)
-    raise ValueError(f"cannot copy weights of layer {layer_name}: shape {value.shape} does not fit {shape}")
-
-
-# --- KerasHub presets ------------------------------------------------------------------------
-def resolve_preset(preset: str, environ: Mapping[str, str] = os.environ) -> str:
-    """Where `preset` is read from: on Kaggle, a ``kaggle://OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]`` handle is the
-    folder Kaggle mounted that model version at under /kaggle/input (attached with ``kaggle push --model``, which is
-    how an internet-off kernel gets it), the newest version when none is named; elsewhere, and when nothing is
-    attached, the preset as given (KerasHub downloads a handle)."""
-    if not preset.startswith("kaggle://") or not on_kaggle(environ):
-        return preset
-    parts = preset.removeprefix("kaggle://").strip("/").split("/")[1:]  # the owner is not part of the mount
-
-    def matches(folder: Path, files: list[str]) -> bool:  # .../MODEL/FRAMEWORK/VARIATION[/VERSION]
-        named = list(folder.parts[-len(parts):]) == parts
-        a_version = folder.name.isdigit() and list(folder.parts[-len(parts) - 1:-1]) == parts
-        return all(name in files for name in PRESET_FILES) and (named or a_version)
-
-    found = search_folders(kaggle_input(environ), matches, 8)
-    if not found:
-        return preset
-    return str(max(found, key=lambda folder: int(folder.name) if folder.name.isdigit() else -1))
-
-
-def _keras_hub():
-    import keras_hub  # keras-hub: on Kaggle's TPU image; imported only for a preset backbone
-
-    return keras_hub
-
-
-def register_classes(backbone: str) -> None:
-    """Register the classes a saved model of `backbone` names (a preset's are KerasHub's), before loading it."""
-    if is_preset(backbone):
-        _keras_hub()
-
-
-def _preset_backbone(preset: str, image_size: int, channels: int, pretrained: bool) -> keras.Model:
-    """A KerasHub backbone from `preset` (named "backbone", 0–255 inputs, 3 or 4 channels): its own input scaling
-    (the preset's ImageConverter, else 1/255) and, for 4 channels, its weights copied by `transplant`."""
-    keras_hub = _keras_hub()
-    preset = resolve_preset(preset)
-    source = keras_hub.models.Backbone.from_preset(preset, load_weights=pretrained)
-    target = source
-    if channels != 3 or tuple(source.image_shape or ())[:2] != (image_size, image_size):
-        config = {**source.get_config(), "image_shape": (image_size, image_size, channels)}
-        target = type(source).from_config(config)
-        if pretrained:
-            transplant(source, target)
-    try:
-        converter = keras_hub.layers.ImageConverter.from_preset(preset)
-        scale, offset = converter.scale, converter.offset
-    except (ValueError, FileNotFoundError):  # a preset saved from a backbone alone has no converter
-        scale, offset = 1.0 / 255.0, None
-    scale = scale if np.ndim(scale) == 0 else _extend(np.asarray(scale), channels).tolist()
-    offset = 0.0 if offset is None else offset if np.ndim(offset) == 0 else _extend(np.asarray(offset), channels).tolist()
-    inputs = keras.Input((image_size, image_size, channels))
-    x = layers.Rescaling(scale, offset=offset, name="preset_rescale")(inputs)
-    return keras.Model(inputs, target(x), name="backbone")
-
-
 def build_backbone(backbone: str = "efficientnetb0", image_size: int = 224, channels: str | int = 3,
                    weights: str | Path | None = "imagenet") -> keras.Model:
     """The feature extractor alone (named "backbone"), taking 0–255 inputs; see `build` for the arguments.
     A KerasHub preset (`is_preset`) brings its own weights: ``weights`` "imagenet" loads them, None does not."""
     channel_total = channel_count(channels)
     if is_preset(backbone):
-        return _preset_backbone(backbone, image_size, channel_total, normalize_weights(weights) is not None)
+        return preset_backbone(backbone, image_size, channel_total, normalize_weights(weights) is not None)
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub preset "
                          "(kaggle://OWNER/MODEL/keras/VARIATION, or its folder)")

@@ -26,7 +26,7 @@ from hpa_nb.core.env import working_dir
 from hpa_nb.core.files import atomic_path, write_text
 from hpa_nb.core.labels import N_CLASSES
 from hpa_nb.training.config import CONFIG_FIELDS, TrainConfig
-from hpa_nb.training.model import register_classes
+from hpa_nb.training.presets import register_classes
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"

@@ -27,7 +27,8 @@ from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import recalibrate
 from hpa_nb.training.config import TrainConfig, validate
 from hpa_nb.training.hosts import Hosts
-from hpa_nb.training.model import WeightedBinaryCrossentropy, build, make_metrics, register_classes
+from hpa_nb.training.model import WeightedBinaryCrossentropy, build, make_metrics
+from hpa_nb.training.presets import register_classes
 
 MONITOR = "val_auc"  # early stopping and "best epoch" follow the validation macro ROC AUC
 
