@@ -43,8 +43,10 @@ run: $(VENV)/.installed
 # also run in Python 3.12 venvs of Kaggle's TPU image, one per package set (.ci/kaggle-tpu-venv, cached by its file's
 # hash), and the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Without a Python 3.12
 # the TPU-image checks are skipped with one line, except in CI (CI=true), where they are required. Fails if either
-# pytest process fails.
+# pytest process fails. First, ruff's format and lint checks (a second each).
 test: $(VENV)/.installed
+	@$(PY) -m ruff format --check --quiet . && $(PY) -m ruff check --quiet . || \
+	  { echo "ruff: run $(PY) -m ruff format . && $(PY) -m ruff check --fix . (settings in pyproject.toml)"; exit 1; }
 	@hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) || exit 1; export HPA_HCS_VENV=$$hcs_venv; \
 	if tpu_venv=$$(bash .ci/kaggle-tpu-venv) && tpu_today=$$(bash .ci/kaggle-tpu-venv $(TPU_TODAY)); then \
 	  export HPA_TPU_VENV=$$tpu_venv HPA_TPU_VENV_2026_12=$$tpu_today; \

@@ -24,7 +24,8 @@ from hpa_nb.cells.scoring import CellClassifier
 from hpa_nb.cells.submit import write_submission
 from hpa_nb.core.labels import COLORS, N_CLASSES, colors_of
 from hpa_nb.core.workers import available_cores, resolve
-from hpa_nb.data import competition, pipeline as data, reading, shards
+from hpa_nb.data import competition, reading, shards
+from hpa_nb.data import pipeline as data
 from hpa_nb.data.competition import encode_record, load_labels, write_tfrecord
 from hpa_nb.data.tiles import write_tiles
 from hpa_nb.sample.writer import write_sample

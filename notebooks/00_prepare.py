@@ -52,8 +52,8 @@ import pandas as pd
 import hpa_nb  # first: it quiets TensorFlow's C++ logs
 from hpa_nb.core import env
 from hpa_nb.data import competition, pipeline, shards
-from hpa_nb.sample import sources
 from hpa_nb.plots import charts, figures
+from hpa_nb.sample import sources
 from hpa_nb.training import inputs, preflight
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK

@@ -36,8 +36,9 @@ import pandas as pd
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
 from hpa_nb.core import env, labels
 from hpa_nb.data import competition, pipeline
+from hpa_nb.plots import charts, figures
+from hpa_nb.plots import training as training_plots
 from hpa_nb.sample import sources
-from hpa_nb.plots import charts, figures, training as training_plots
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 SIZE_SURVEY_LIMIT = SIZE_SURVEY_LIMIT or (200 if QUICK else None)

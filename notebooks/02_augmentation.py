@@ -36,8 +36,8 @@ import numpy as np
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
 from hpa_nb.core import env
 from hpa_nb.data import augment, pipeline
-from hpa_nb.sample import sources
 from hpa_nb.plots import charts, figures
+from hpa_nb.sample import sources
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path

@@ -52,8 +52,9 @@ import time
 
 import hpa_nb  # first: it picks the Keras backend (JAX on a TPU VM) and quiets TensorFlow's C++ logs
 from hpa_nb.core import env
+from hpa_nb.plots import figures
+from hpa_nb.plots import training as training_plots
 from hpa_nb.sample import sources
-from hpa_nb.plots import figures, training as training_plots
 from hpa_nb.training import run, tracking, train
 
 if TRACK:

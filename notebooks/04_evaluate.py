@@ -36,10 +36,11 @@ N_CLASS_MAPS = 4  # held-out images whose class activation maps are drawn
 
 # %%
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb.core import env
 from hpa_nb.cells import cam
+from hpa_nb.core import env
 from hpa_nb.data import competition, pipeline
-from hpa_nb.plots import cells as cell_plots, charts, figures
+from hpa_nb.plots import cells as cell_plots
+from hpa_nb.plots import charts, figures
 from hpa_nb.training import evaluate, inputs, run, train
 
 RUN = train.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)

@@ -47,12 +47,13 @@ N_PREVIEW = 3
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
-from hpa_nb.core import env
-from hpa_nb.segmentation import offline as hpacellseg_offline
-from hpa_nb.sample import sources
-from hpa_nb.plots import cells as cell_plots, figures
-from hpa_nb.training import inputs, train
 from hpa_nb.cells import scoring, submit
+from hpa_nb.core import env
+from hpa_nb.plots import cells as cell_plots
+from hpa_nb.plots import figures
+from hpa_nb.sample import sources
+from hpa_nb.segmentation import offline as hpacellseg_offline
+from hpa_nb.training import inputs, train
 
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
 RUNS = (inputs.find_all("image_run", RUN_DIR, consumer="05_submission", required=env.on_kaggle())

@@ -51,8 +51,9 @@ import pandas as pd
 import hpa_nb  # first: it picks the Keras backend and quiets TensorFlow's C++ logs
 from hpa_nb.core import env
 from hpa_nb.data import tiles
+from hpa_nb.plots import cells as cell_plots
+from hpa_nb.plots import figures
 from hpa_nb.sample import sources
-from hpa_nb.plots import cells as cell_plots, figures
 from hpa_nb.training import inputs, preflight
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK

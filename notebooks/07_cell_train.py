@@ -52,13 +52,13 @@ import numpy as np
 import pandas as pd
 
 import hpa_nb  # first: it picks the Keras backend (JAX on a TPU VM) and quiets TensorFlow's C++ logs
+from hpa_nb.cells import compare, relabel, scoring
 from hpa_nb.core import env
 from hpa_nb.core.labels import LABEL_NAMES
 from hpa_nb.data import tiles
 from hpa_nb.sample import sources
 from hpa_nb.training import inputs, run, train
 from hpa_nb.training.config import TrainConfig
-from hpa_nb.cells import compare, relabel, scoring
 
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path

@@ -25,7 +25,8 @@ from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelResponse
 from hpa_nb import cli
 from hpa_nb.core import chain
 from hpa_nb.core.env import COMPETITION, find_competition_dir, on_kaggle, on_tpu_vm, select_backend, working_dir
-from hpa_nb.kaggle import kernels, push as kaggle
+from hpa_nb.kaggle import kernels
+from hpa_nb.kaggle import push as kaggle
 from hpa_nb.sample.sources import find_data
 
 SECRETS = {"kaggle.json key": "kjson0secret0key0123456789", "KAGGLE_KEY": "env0secret0key0987654321",

@@ -136,7 +136,7 @@ def test_no_import_circle_not_even_inside_a_stage():
 
 def test_imports_are_at_the_top_except_heavy_optional_packages_each_with_its_reason():
     local, unexplained = [], []
-    for name, path in modules().items():
+    for path in modules().values():
         source = path.read_text()
         lines, tree = source.splitlines(), ast.parse(source)
         top = {id(node) for node in tree.body}

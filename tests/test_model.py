@@ -11,7 +11,8 @@ from keras.src.legacy.saving import legacy_h5_format
 
 from hpa_nb.core.labels import N_CLASSES
 from hpa_nb.core.metrics import roc_auc
-from hpa_nb.training import model as model_lib, run
+from hpa_nb.training import model as model_lib
+from hpa_nb.training import run
 from hpa_nb.training.run import RunFolder
 
 keras = pytest.importorskip("keras")

@@ -14,8 +14,16 @@ from pycocotools import mask as coco_mask
 
 from hpa_nb.cells import cutting, scoring
 from hpa_nb.cells.scoring import CellClassifier, ScoreRule
-from hpa_nb.cells.submit import (decode_mask, encode_mask, evaluate_cells, parse_prediction_string, score_cells, submit,
-                                 write_predictions, write_submission)
+from hpa_nb.cells.submit import (
+    decode_mask,
+    encode_mask,
+    evaluate_cells,
+    parse_prediction_string,
+    score_cells,
+    submit,
+    write_predictions,
+    write_submission,
+)
 from hpa_nb.cli import main
 from hpa_nb.core.labels import N_CLASSES
 from hpa_nb.segmentation.backends import segment
@@ -147,7 +155,7 @@ def test_submit_covers_every_sample_submission_id(small_sample, trained_run, tmp
     for row in table.itertuples():
         with Image.open(small_sample / "test" / f"{row.ID}_red.png") as image:
             assert (row.ImageWidth, row.ImageHeight) == image.size
-        for _, confidence, mask in parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth):
+        for _, _confidence, mask in parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth):
             assert mask.shape == (row.ImageHeight, row.ImageWidth) and mask.any()
 
 

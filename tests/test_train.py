@@ -21,8 +21,18 @@ from hpa_nb.data.shards import write_shards
 from hpa_nb.training import train as train_module
 from hpa_nb.training.config import QUICK, SECTIONS, TrainConfig
 from hpa_nb.training.model import build_backbone
-from hpa_nb.training.run import (RunFolder, clear_previous, data_fingerprint, last_checkpoint, load_config, load_info,
-                                 load_model, load_split, unfinished, write_info)
+from hpa_nb.training.run import (
+    RunFolder,
+    clear_previous,
+    data_fingerprint,
+    last_checkpoint,
+    load_config,
+    load_info,
+    load_model,
+    load_split,
+    unfinished,
+    write_info,
+)
 from hpa_nb.training.train import TrainResult, _check_resumable, _split, load_checkpoint, whole_executions
 
 REPO = Path(__file__).resolve().parents[1]

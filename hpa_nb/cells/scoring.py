@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hpa_nb.cells.cam import ClassMaps, cell_scores
 from hpa_nb.cells.cutting import ImageInputs, ModelInput, cut_image, cut_inputs
 from hpa_nb.cells.rules import COMBINED_RULE, COMBINERS, NEGATIVE_RULES, ScoreRule  # noqa: F401 (also read from here)
-from hpa_nb.core.labels import N_CLASSES, NEGATIVE
+from hpa_nb.core.labels import N_CLASSES
 from hpa_nb.core.metrics import CellPredictions
 from hpa_nb.core.workers import Workers
 from hpa_nb.data.crops import partial_cells, resize_image

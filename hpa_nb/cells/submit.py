@@ -28,8 +28,14 @@ import tensorflow as tf
 
 from hpa_nb.cells.masks import decode_mask, encode_cells, encode_mask  # noqa: F401 (also read from here)
 from hpa_nb.cells.rules import load_rule  # noqa: F401 (notebooks read it from here)
-from hpa_nb.cells.scoring import (COMBINED_RULE, CellClassifier, ScoreRule, iter_predictions, load_ensemble,
-                                  predict_images)
+from hpa_nb.cells.scoring import (
+    COMBINED_RULE,
+    CellClassifier,
+    ScoreRule,
+    iter_predictions,
+    load_ensemble,
+    predict_images,
+)
 from hpa_nb.core.files import atomic_path
 from hpa_nb.core.labels import LABEL_NAMES
 from hpa_nb.core.metrics import READINGS, CellPredictions, cell_average_precisions

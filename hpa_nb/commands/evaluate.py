@@ -5,7 +5,8 @@ import argparse
 
 from hpa_nb.commands.common import data_dir
 from hpa_nb.training import folds as fold_runs
-from hpa_nb.training.evaluate import evaluate as evaluate_runs, format_table
+from hpa_nb.training.evaluate import evaluate as evaluate_runs
+from hpa_nb.training.evaluate import format_table
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from hpa_nb.kaggle import chain, image_set, kernels, push as kaggle
+from hpa_nb.kaggle import chain, image_set, kernels
+from hpa_nb.kaggle import push as kaggle
 from hpa_nb.segmentation import offline as hpacellseg_offline
 
 

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+
 class WorkerLost(ValueError):
     """A worker process died mid-task; a ValueError, so the command line prints it as one line."""
 

@@ -18,8 +18,16 @@ import tensorflow as tf
 
 from hpa_nb.core.labels import COLORS, N_CLASSES, label_matrix, parse_label
 from hpa_nb.data.bad_input import SkipLog, first_problem, join_text, skip_log
-from hpa_nb.data.reading import (AUTOTUNE, Layout, decode_png_channels, decode_resize_sized, file_records, file_size,
-                                 files_at_once, id_predicate)
+from hpa_nb.data.reading import (
+    AUTOTUNE,
+    Layout,
+    decode_png_channels,
+    decode_resize_sized,
+    file_records,
+    file_size,
+    files_at_once,
+    id_predicate,
+)
 
 PNG_SUFFIX = ".png"
 TFRECORD_PATTERN = "*.tfrec"

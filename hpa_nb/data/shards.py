@@ -23,8 +23,17 @@ from hpa_nb.core.labels import N_CLASSES, colors_of, parse_label
 from hpa_nb.data import records as record_files
 from hpa_nb.data.bad_input import SkipLog, first_problem, join_text, skip_log
 from hpa_nb.data.competition import TFRECORD_PATTERN, load_labels, png_layout, tfrecord_layout
-from hpa_nb.data.reading import (AUTOTUNE, Layout, file_records, file_size, files_at_once, id_predicate, read, resize,
-                                 to_uint8)
+from hpa_nb.data.reading import (
+    AUTOTUNE,
+    Layout,
+    file_records,
+    file_size,
+    files_at_once,
+    id_predicate,
+    read,
+    resize,
+    to_uint8,
+)
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.json"

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from hpa_nb.core.budget import Probe
 from hpa_nb.core.env import working_dir
-from hpa_nb.core.workers import Workers
 from hpa_nb.core.labels import N_CLASSES, colors_of, parse_label
+from hpa_nb.core.workers import Workers
 from hpa_nb.data import records
 from hpa_nb.data.bad_input import SkipLog, skip_log
 from hpa_nb.data.competition import load_labels

@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hpa_nb.core.chain import KERNEL_REFERENCE, kernel_slug
-from hpa_nb.kaggle.kernels import (NOTEBOOKS_DIR, PLACEHOLDER_USERNAME, PUSH_DIR, ROOT_KERNEL, ROOT_METADATA,
-                                   build_bundle, kernel_id, root_username)
+from hpa_nb.kaggle.kernels import (
+    NOTEBOOKS_DIR,
+    PLACEHOLDER_USERNAME,
+    PUSH_DIR,
+    ROOT_KERNEL,
+    ROOT_METADATA,
+    build_bundle,
+    kernel_id,
+    root_username,
+)
 
 # What the official CLI prints when Kaggle refuses a push, while it still exits 0 (kaggle 1.7–2.x).
 PUSH_REFUSALS = (re.compile(r"Kernel push error.*"), re.compile(r"The following are not valid [\w ]+ sources.*"))

@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from hpa_nb.core import metrics as metrics_module
-from hpa_nb.core.labels import (COLORS as CHANNEL_NAMES,  # the stains; COLORS below are the plot's own trace colours
-                                LABEL_NAMES, N_CLASSES, multi_hot, names_of, parse_label)
+from hpa_nb.core.labels import COLORS as CHANNEL_NAMES  # the stains; COLORS below are the plot's own trace colours
+from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES, multi_hot, names_of, parse_label
 from hpa_nb.data.augment import STEPS, augment
 from hpa_nb.plots.figures import FIGURE_DPI, show_figures_inline
 

@@ -8,8 +8,19 @@ import numpy as np
 from scipy import ndimage
 
 from hpa_nb.core.labels import COLORS, N_CLASSES
-from hpa_nb.sample.geometry import (STEP, Geometry, ellipse_points, in_cells, lines, make_geometry, points_by_nucleus,
-                                    points_in_cytoplasm, points_in_nuclei, spots, walk)
+from hpa_nb.sample.geometry import (
+    STEP,
+    Geometry,
+    ellipse_points,
+    in_cells,
+    lines,
+    make_geometry,
+    points_by_nucleus,
+    points_in_cytoplasm,
+    points_in_nuclei,
+    spots,
+    walk,
+)
 
 Pattern = Callable[[Geometry, np.ndarray, np.random.Generator], np.ndarray]
 

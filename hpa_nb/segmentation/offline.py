@@ -85,7 +85,7 @@ def _source_roots(root: Path, max_depth: int) -> tuple[Path, ...]:
         return (zipped,)
     roots = []
     for package, module in (("hpacellseg", "cellsegmentator.py"), ("pytorch_zoo", "unet.py")):
-        found = env.search_folders(root, lambda folder, _: (folder / package / module).is_file(), max_depth)
+        found = env.search_folders(root, lambda folder, _, p=package, m=module: (folder / p / m).is_file(), max_depth)
         roots += found[:1]
     return tuple(dict.fromkeys(roots))
 

@@ -22,7 +22,8 @@ from hpa_nb.data import combined, pipeline, shards, tiles
 from hpa_nb.data.competition import load_labels
 from hpa_nb.data.splits import holdout
 from hpa_nb.sample.sources import find_data, source_record
-from hpa_nb.training import callbacks, hosts as hosting, inputs, predictions, preflight, run, schedule, tracking
+from hpa_nb.training import callbacks, inputs, predictions, preflight, run, schedule, tracking
+from hpa_nb.training import hosts as hosting
 from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import recalibrate
 from hpa_nb.training.config import TrainConfig, validate

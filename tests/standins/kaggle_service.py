@@ -11,7 +11,6 @@ that were active then.
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
