@@ -7,6 +7,7 @@ what lives there.
 Importing the package first picks the Keras backend (JAX on a TPU VM such as Kaggle's v5e-8),
 so ``import hpa_nb`` belongs before ``import keras``.
 """
+
 import os as _os
 
 # TensorFlow's C++ INFO/WARNING lines would otherwise fill every notebook cell that touches tf.data.

@@ -4,6 +4,7 @@ per-image cell work on every core (`cells`).
 Speed is measured here, never in tests. Each benchmark prints a table and ends with one JSON
 line that scripts (and the README) can quote.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def _baseline_reader(files: list[str], image_size: int, channels: str):
 
     def make_example(serialized):
         parsed = tf.io.parse_single_example(serialized, features)
-        image = tf.cast(tf.image.resize(tf.image.decode_png(parsed["image"], channels=1), [image_size, image_size]),
-                        tf.float32)
+        image = tf.cast(
+            tf.image.resize(tf.image.decode_png(parsed["image"], channels=1), [image_size, image_size]), tf.float32
+        )
         indices = tf.strings.to_number(tf.strings.split(parsed["target"], sep="|"), out_type=tf.int32)
         label = tf.reduce_max(tf.one_hot(indices, depth=N_CLASSES), axis=-2)
         return image, parsed["image_name"], label
@@ -59,8 +61,10 @@ def _baseline_reader(files: list[str], image_size: int, channels: str):
     options.experimental_deterministic = False  # the baseline's ignore_order=True, as used for training
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).with_options(options)
     dataset = dataset.map(make_example, num_parallel_calls=tf.data.AUTOTUNE)
-    streams = [dataset.filter(lambda image, name, label, color=color: tf.strings.regex_full_match(name, f".*{color}.*"))
-               for color in ("red", "green", "blue", "yellow")]
+    streams = [
+        dataset.filter(lambda image, name, label, color=color: tf.strings.regex_full_match(name, f".*{color}.*"))
+        for color in ("red", "green", "blue", "yellow")
+    ]
     count = len(channels)
 
     def combine(*parts):
@@ -77,9 +81,12 @@ def _write_competition_tfrecords(root: Path, out: Path) -> list[str]:
     rng = random.Random(0)
     files = []
     for start in range(0, len(frame), IMAGES_PER_TFRECORD):
-        rows = frame[start:start + IMAGES_PER_TFRECORD]
-        records = (encode_record(f"{image_id}_{color}", (root / "train" / f"{image_id}_{color}.png").read_bytes(), label)
-                   for image_id, label in zip(rows["ID"], rows["Label"]) for color in rng.sample(COLORS, len(COLORS)))
+        rows = frame[start : start + IMAGES_PER_TFRECORD]
+        records = (
+            encode_record(f"{image_id}_{color}", (root / "train" / f"{image_id}_{color}.png").read_bytes(), label)
+            for image_id, label in zip(rows["ID"], rows["Label"])
+            for color in rng.sample(COLORS, len(COLORS))
+        )
         files.append(str(write_tfrecord(out / f"{start // IMAGES_PER_TFRECORD:03d}.tfrec", records)))
     return files
 
@@ -94,12 +101,15 @@ def _floor_reader(files: list[str], image_size: int, channels: str):
     options = tf.data.Options()
     options.deterministic = False
     records = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).with_options(options)
-    records = records.map(lambda record: tf.io.parse_single_example(record, features),
-                          num_parallel_calls=tf.data.AUTOTUNE)
-    records = records.filter(lambda parsed: tf.reduce_any(
-        tf.equal(tf.strings.regex_replace(parsed["image_name"], r"^.*_", ""), wanted)))
-    decoded = records.map(lambda parsed: reading.decode_resize(parsed["image"], image_size),
-                            num_parallel_calls=tf.data.AUTOTUNE)
+    records = records.map(
+        lambda record: tf.io.parse_single_example(record, features), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    records = records.filter(
+        lambda parsed: tf.reduce_any(tf.equal(tf.strings.regex_replace(parsed["image_name"], r"^.*_", ""), wanted))
+    )
+    decoded = records.map(
+        lambda parsed: reading.decode_resize(parsed["image"], image_size), num_parallel_calls=tf.data.AUTOTUNE
+    )
     return decoded.batch(len(channels)).map(lambda image: (image, tf.zeros([0])))
 
 
@@ -117,9 +127,17 @@ def _images_per_second(make_dataset: Callable[[], object], seconds: float) -> tu
     return images / (time.perf_counter() - start), images
 
 
-def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: str = "rgb",
-           generate_size: int | None = None, images: int = 48, seconds: float = 10.0,
-           shard_size: int = SHARD_SIZE, bit_depth: int = 8, rounds: int = 3) -> dict:
+def loader(
+    data_dir: str | Path | None = None,
+    image_size: int = 256,
+    channels: str = "rgb",
+    generate_size: int | None = None,
+    images: int = 48,
+    seconds: float = 10.0,
+    shard_size: int = SHARD_SIZE,
+    bit_depth: int = 8,
+    rounds: int = 3,
+) -> dict:
     """Images/s of four readers on the same files in one process: the baseline's filter-and-zip
     reader, the decode-once floor (`_floor_reader`), `read_tfrecords`, and compact shards at
     `shard_size` px resized to `image_size`.
@@ -135,10 +153,19 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
     with tempfile.TemporaryDirectory(prefix="hpa_bench_") as scratch_name:
         scratch = Path(scratch_name)
         if generate_size:
-            print(f"bench: writing a {images}-image {bit_depth}-bit sample at {generate_size} px (not timed)",
-                  file=sys.stderr)
-            data_dir = write_sample(scratch / "sample", images=images, size=generate_size, seed=0, test_images=0,
-                                    bit_depth=bit_depth, progress=False)
+            print(
+                f"bench: writing a {images}-image {bit_depth}-bit sample at {generate_size} px (not timed)",
+                file=sys.stderr,
+            )
+            data_dir = write_sample(
+                scratch / "sample",
+                images=images,
+                size=generate_size,
+                seed=0,
+                test_images=0,
+                bit_depth=bit_depth,
+                progress=False,
+            )
         if data_dir is None:
             raise ValueError("bench loader needs --data or --size")
         data_dir = Path(data_dir)
@@ -148,8 +175,9 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
             files = _write_competition_tfrecords(data_dir, scratch / "train_tfrecords")
         shard_root = scratch / "shard_root"
         print(f"bench: writing {shard_size} px shards (not timed)", file=sys.stderr)
-        manifest = shards.write_shards(data_dir, shards.default_dir(shard_root), size=shard_size, channels=channels,
-                                     progress=False)
+        manifest = shards.write_shards(
+            data_dir, shards.default_dir(shard_root), size=shard_size, channels=channels, progress=False
+        )
         readers = {
             "baseline filter+zip": lambda: _baseline_reader(files, image_size, channels),
             "floor (decode once)": lambda: _floor_reader(files, image_size, channels),
@@ -161,29 +189,41 @@ def loader(data_dir: str | Path | None = None, image_size: int = 256, channels: 
             for name, make in readers.items():
                 rate, count = _images_per_second(make, seconds)
                 rates[name].append(rate)
-                print(f"bench: round {round_index + 1}/{rounds}: {name}: {rate:.1f} images/s ({count} images)",
-                      file=sys.stderr)
+                print(
+                    f"bench: round {round_index + 1}/{rounds}: {name}: {rate:.1f} images/s ({count} images)",
+                    file=sys.stderr,
+                )
     results = {name: median(values) for name, values in rates.items()}
     baseline, floor = results["baseline filter+zip"], results["floor (decode once)"]
     print(f"\n{'reader':<24}{'images/s':>10}{'× baseline':>12}{'of floor':>10}   (median of {rounds} rounds)")
     for name, rate in results.items():
         print(f"{name:<24}{rate:>10.1f}{rate / baseline:>12.2f}{100 * rate / floor:>9.0f}%")
-    summary = {"bench": "loader", "data": str(data_dir if not generate_size else f"generated {generate_size} px"),
-               "images": manifest["count"], "bit_depth": bit_depth if generate_size else None,
-               "image_size": image_size, "channels": channels, "shard_size": shard_size,
-               "cpu_count": os.cpu_count(), "seconds_per_pass": seconds, "rounds": rounds,
-               "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
-               "all_rounds": {name: [round(rate, 1) for rate in values] for name, values in rates.items()},
-               "speedup": {name: round(rate / baseline, 2) for name, rate in results.items()},
-               "of_floor": {name: round(rate / floor, 3) for name, rate in results.items()}}
+    summary = {
+        "bench": "loader",
+        "data": str(data_dir if not generate_size else f"generated {generate_size} px"),
+        "images": manifest["count"],
+        "bit_depth": bit_depth if generate_size else None,
+        "image_size": image_size,
+        "channels": channels,
+        "shard_size": shard_size,
+        "cpu_count": os.cpu_count(),
+        "seconds_per_pass": seconds,
+        "rounds": rounds,
+        "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
+        "all_rounds": {name: [round(rate, 1) for rate in values] for name, values in rates.items()},
+        "speedup": {name: round(rate / baseline, 2) for name, rate in results.items()},
+        "of_floor": {name: round(rate / floor, 3) for name, rate in results.items()},
+    }
     print(json.dumps(summary))
     return summary
 
 
 # --- train (model developer) --------------------------------------------------------------
-def _steady_images_per_second(model, dataset, batch_size: int, steps: int, warmup_steps: int,
-                              steps_per_execution: int = 1) -> float:
+def _steady_images_per_second(
+    model, dataset, batch_size: int, steps: int, warmup_steps: int, steps_per_execution: int = 1
+) -> float:
     """Training images/s over `steps` steps of one ``fit``, after `warmup_steps` (compilation, pipeline start)."""
+
     class StepClock(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -246,8 +286,16 @@ class _Batches(list):
         return iter(self)
 
 
-def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", backbone: str = "tiny",
-          batch_size: int = 16, steps: int = 10, warmup_steps: int = 3, bn_steps: int = 20) -> dict:
+def train(
+    data_dir: str | Path,
+    image_size: int = 256,
+    channels: str = "rgb",
+    backbone: str = "tiny",
+    batch_size: int = 16,
+    steps: int = 10,
+    warmup_steps: int = 3,
+    bn_steps: int = 20,
+) -> dict:
     """Training images/s fed by the project's input pipeline against the same model fed from memory.
 
     The pipeline is `hpa_nb.data.pipeline.training_dataset` (decode, resize, augment, batch, prefetch),
@@ -264,9 +312,16 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
     root = Path(data_dir)
     ids = [str(image_id) for image_id in load_labels(root)["ID"]]
     global_batch = accelerator.global_batch_size(batch_size)
+
     def pipeline(cache: bool):
-        return data.training_dataset(root, ids, image_size, channels, batch_size=global_batch,
-                                     stream=data.Stream(seed=0, augment=True, cache=cache))
+        return data.training_dataset(
+            root,
+            ids,
+            image_size,
+            channels,
+            batch_size=global_batch,
+            stream=data.Stream(seed=0, augment=True, cache=cache),
+        )
 
     held = list(pipeline(False).take(4))  # decoded once, outside the timing
     in_memory = tf.data.Dataset.from_tensor_slices((tf.stack([b[0] for b in held]), tf.stack([b[1] for b in held])))
@@ -275,13 +330,22 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
         model = build(backbone, image_size, channels, weights=None)
         # At most the timed steps per execution, so the timing spans at least one whole execution.
         steps_per_execution = min(accelerator.steps_per_execution, steps)
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=WeightedBinaryCrossentropy(),
-                      steps_per_execution=steps_per_execution)
-    print(f"bench: {backbone} at {image_size} px, {channels}, global batch {global_batch} on "
-          f"{accelerator.describe()}; {steps} timed steps after {warmup_steps} warm-up", file=sys.stderr)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-4),
+            loss=WeightedBinaryCrossentropy(),
+            steps_per_execution=steps_per_execution,
+        )
+    print(
+        f"bench: {backbone} at {image_size} px, {channels}, global batch {global_batch} on "
+        f"{accelerator.describe()}; {steps} timed steps after {warmup_steps} warm-up",
+        file=sys.stderr,
+    )
     fill_cache = -(-len(ids) // global_batch)  # steps of one pass
-    feeds = {"in memory": (in_memory, warmup_steps), "pipeline, cached": (pipeline(True), fill_cache + warmup_steps),
-             "pipeline, streaming": (pipeline(False), warmup_steps)}
+    feeds = {
+        "in memory": (in_memory, warmup_steps),
+        "pipeline, cached": (pipeline(True), fill_cache + warmup_steps),
+        "pipeline, streaming": (pipeline(False), warmup_steps),
+    }
     results = {}
     for name, (dataset, warmup) in feeds.items():
         results[name] = _steady_images_per_second(model, dataset, global_batch, steps, warmup, steps_per_execution)
@@ -296,24 +360,37 @@ def train(data_dir: str | Path, image_size: int = 256, channels: str = "rgb", ba
     epoch_steps = max(1, len(ids) // global_batch)
     epoch_seconds = epoch_steps * global_batch / results["in memory"]
     recalibration = _recalibration_seconds(model, pipeline(False), bn_steps)
-    print(f"\nbatch-norm re-estimation over {bn_steps} batches, once per epoch of {epoch_steps} steps "
-          f"({epoch_seconds:.2f} s fed from memory):")
+    print(
+        f"\nbatch-norm re-estimation over {bn_steps} batches, once per epoch of {epoch_steps} steps "
+        f"({epoch_seconds:.2f} s fed from memory):"
+    )
     for name, seconds in recalibration.items():
         print(f"  {name:<16}{seconds:>8.2f} s  ({100 * seconds / epoch_seconds:.0f}% of the epoch)")
-    summary = {"bench": "train", "data": str(root), "images": len(ids), "backbone": backbone,
-               "image_size": image_size, "channels": channels, "global_batch_size": global_batch,
-               "steps": steps, "steps_per_execution": steps_per_execution, "backend": accelerator.backend,
-               "device": accelerator.device_kind, "replicas": accelerator.replicas, "cpu_count": os.cpu_count(),
-               "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
-               "pipeline_fraction": {name: round(fraction, 3) for name, fraction in fractions.items()},
-               "epoch_seconds": round(epoch_seconds, 3), "bn_steps": bn_steps,
-               "bn_recalibration_seconds": {name: round(value, 3) for name, value in recalibration.items()}}
+    summary = {
+        "bench": "train",
+        "data": str(root),
+        "images": len(ids),
+        "backbone": backbone,
+        "image_size": image_size,
+        "channels": channels,
+        "global_batch_size": global_batch,
+        "steps": steps,
+        "steps_per_execution": steps_per_execution,
+        "backend": accelerator.backend,
+        "device": accelerator.device_kind,
+        "replicas": accelerator.replicas,
+        "cpu_count": os.cpu_count(),
+        "images_per_second": {name: round(rate, 1) for name, rate in results.items()},
+        "pipeline_fraction": {name: round(fraction, 3) for name, fraction in fractions.items()},
+        "epoch_seconds": round(epoch_seconds, 3),
+        "bn_steps": bn_steps,
+        "bn_recalibration_seconds": {name: round(value, 3) for name, value in recalibration.items()},
+    }
     print(json.dumps(summary))
     return summary
 
 
-def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds: int = 3,
-          tile_size: int = 96) -> dict:
+def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds: int = 3, tile_size: int = 96) -> dict:
     """Per-image cell work with one worker and with `workers` (default: every core this process may use): cutting
     tiles (`write_tiles`: read, segment, cut, encode) and scoring a submission (`write_submission`: read, segment,
     cut and encode the masks in the workers; the classifier in this process), once with a stand-in classifier (a
@@ -324,17 +401,19 @@ def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds
     with tempfile.TemporaryDirectory(prefix="hpa-bench-cells-") as folder:
         root = Path(folder)
         print(f"generating {images} training and {images} test images of {size} px (16-bit RGBY)...", file=sys.stderr)
-        write_sample(root / "data", images=images, size=size, seed=5, bit_depth=16, test_images=images,
-                     progress=False)
+        write_sample(root / "data", images=images, size=size, seed=5, bit_depth=16, test_images=images, progress=False)
         model = CellClassifier.from_keras(build("tiny", 64, "rgby", weights=None), 64, "rgby")
         stand_in = CellClassifier(_pixel_means, 64, "rgby")  # no model: the per-image work alone
         jobs = {
-            "tiles": lambda w, out: write_tiles(root / "data", out, size=tile_size, encoding="png", workers=w,
-                                                progress=False),
-            "submit, no model": lambda w, out: write_submission(stand_in, root / "data", out / "submission.csv",
-                                                                progress=False, workers=w),
-            "submit, tiny CNN": lambda w, out: write_submission(model, root / "data", out / "submission.csv",
-                                                                progress=False, workers=w),
+            "tiles": lambda w, out: write_tiles(
+                root / "data", out, size=tile_size, encoding="png", workers=w, progress=False
+            ),
+            "submit, no model": lambda w, out: write_submission(
+                stand_in, root / "data", out / "submission.csv", progress=False, workers=w
+            ),
+            "submit, tiny CNN": lambda w, out: write_submission(
+                model, root / "data", out / "submission.csv", progress=False, workers=w
+            ),
         }
         seconds: dict[tuple[str, int], list[float]] = {(job, w): [] for job in jobs for w in (1, count)}
         for round_index in range(rounds + 1):
@@ -348,18 +427,31 @@ def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds
                         seconds[(job, w)].append(time.perf_counter() - started)
         identical = {job: _same_files(root / _slug(job, 1, 0), root / _slug(job, count, 0)) for job in jobs}
     results = {}
-    print(f"\n{'job':<18}{'workers':>8}{'images/s':>10}{'× 1 worker':>12}   (median of {rounds} rounds, {images} "
-          f"images of {size} px)")
+    print(
+        f"\n{'job':<18}{'workers':>8}{'images/s':>10}{'× 1 worker':>12}   (median of {rounds} rounds, {images} "
+        f"images of {size} px)"
+    )
     for job in jobs:
         rates = {w: images / median(seconds[(job, w)]) for w in (1, count)}
-        results[job] = {"workers": count, "images_per_second_1": rates[1], "images_per_second": rates[count],
-                        "ratio": rates[count] / rates[1], "identical": identical[job]}
+        results[job] = {
+            "workers": count,
+            "images_per_second_1": rates[1],
+            "images_per_second": rates[count],
+            "ratio": rates[count] / rates[1],
+            "identical": identical[job],
+        }
         for w in (1, count):
             print(f"{job:<18}{w:>8}{rates[w]:>10.2f}{rates[w] / rates[1]:>12.2f}")
-    print("outputs identical with 1 and " + f"{count} workers: " + ", ".join(f"{job} {'yes' if same else 'NO'}"
-                                                                         for job, same in identical.items()))
-    print(json.dumps({"bench": "cells", "images": images, "size": size, "rounds": rounds, "cores": available_cores(),
-                      **results}))
+    print(
+        "outputs identical with 1 and "
+        + f"{count} workers: "
+        + ", ".join(f"{job} {'yes' if same else 'NO'}" for job, same in identical.items())
+    )
+    print(
+        json.dumps(
+            {"bench": "cells", "images": images, "size": size, "rounds": rounds, "cores": available_cores(), **results}
+        )
+    )
     return results
 
 
@@ -377,4 +469,5 @@ def _same_files(first: Path, second: Path) -> bool:
     """Whether two folders hold the same file names with the same bytes."""
     names = sorted(path.name for path in first.iterdir())
     return names == sorted(path.name for path in second.iterdir()) and all(
-        (first / name).read_bytes() == (second / name).read_bytes() for name in names)
+        (first / name).read_bytes() == (second / name).read_bytes() for name in names
+    )

@@ -83,13 +83,23 @@ if RESUME_FROM:
 # manifest incomplete, so the session still ends with its output saved.
 
 # %%
-manifest = shards.write_shards(DATA, OUT, size=SIZE, channels=CHANNELS, encoding=ENCODING, skip_bad=SKIP_BAD,
-                               max_gb=MAX_GB, deadline=time.time() + HOURS * 3600)
+manifest = shards.write_shards(
+    DATA,
+    OUT,
+    size=SIZE,
+    channels=CHANNELS,
+    encoding=ENCODING,
+    skip_bad=SKIP_BAD,
+    max_gb=MAX_GB,
+    deadline=time.time() + HOURS * 3600,
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"{manifest['count']} images in {len(manifest['shards'])} shards, complete: {manifest['complete']}, "
-      f"skipped as bad: {manifest['skipped']}")
+print(
+    f"{manifest['count']} images in {len(manifest['shards'])} shards, complete: {manifest['complete']}, "
+    f"skipped as bad: {manifest['skipped']}"
+)
 
 # %% [markdown]
 # ## Will the full set fit?
@@ -99,10 +109,13 @@ print(f"{manifest['count']} images in {len(manifest['shards'])} shards, complete
 
 # %%
 per_image = manifest["bytes_per_image"]
-projection = pd.DataFrame({
-    "images": [manifest["count"], competition.TRAIN_IMAGES],
-    "GB": [manifest["bytes"] / 1e9, per_image * competition.TRAIN_IMAGES / 1e9],
-}, index=[f"written here ({SIZE} px)", f"full training set at {SIZE} px (projected)"])
+projection = pd.DataFrame(
+    {
+        "images": [manifest["count"], competition.TRAIN_IMAGES],
+        "GB": [manifest["bytes"] / 1e9, per_image * competition.TRAIN_IMAGES / 1e9],
+    },
+    index=[f"written here ({SIZE} px)", f"full training set at {SIZE} px (projected)"],
+)
 projection["kB per image"] = per_image / 1e3
 projection.round(3)
 

@@ -55,7 +55,14 @@ OUT.mkdir(parents=True, exist_ok=True)
 # %%
 # NBVAL_CHECK_OUTPUT
 print("data source:", source.kind)
-print("layout:", sorted(path.name for path in DATA.iterdir() if path.name in {"train.csv", "train", "train_tfrecords", "test", "sample_submission.csv"}))
+print(
+    "layout:",
+    sorted(
+        path.name
+        for path in DATA.iterdir()
+        if path.name in {"train.csv", "train", "train_tfrecords", "test", "sample_submission.csv"}
+    ),
+)
 
 # %% [markdown]
 # ## Images and labels
@@ -80,8 +87,10 @@ figures.saved(training_plots.class_distribution(matrix), OUT / "class_distributi
 
 # %%
 # NBVAL_CHECK_OUTPUT
-per_class = pd.DataFrame({"images": labels.label_counts(matrix), "positive weight": labels.class_weights(matrix).round(2)},
-                         index=pd.Index(labels.LABEL_NAMES, name="class"))
+per_class = pd.DataFrame(
+    {"images": labels.label_counts(matrix), "positive weight": labels.class_weights(matrix).round(2)},
+    index=pd.Index(labels.LABEL_NAMES, name="class"),
+)
 print(per_class.to_string())
 
 # %% [markdown]

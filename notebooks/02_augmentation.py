@@ -84,7 +84,9 @@ figures.saved(charts.channel_grid(before_after, np.repeat(label_rows, 2, axis=0)
 # NBVAL_CHECK_OUTPUT
 geometric = ["flip left-right", "flip up-down", "rotate k·90°"]
 moved = augment.augment(images[0], (SEED, 0), geometric).numpy()
-same_values = all(np.array_equal(np.sort(moved[..., c], axis=None), np.sort(images[0][..., c], axis=None)) for c in range(4))
+same_values = all(
+    np.array_equal(np.sort(moved[..., c], axis=None), np.sort(images[0][..., c], axis=None)) for c in range(4)
+)
 print("geometric steps only permute pixels, channel by channel:", same_values)
 
 # %% [markdown]

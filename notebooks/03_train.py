@@ -32,7 +32,7 @@ RUN_DIR = ""  # empty: <working dir>/run (/kaggle/working/run on Kaggle)
 RESUME_FROM = ""  # a killed run to continue: its folder, or OWNER/KERNEL of an earlier version attached as input
 SHARDS = ""  # compact shards from 00_prepare: a folder or OWNER/KERNEL attached; empty: on Kaggle any attached
 QUICK = None  # None: quick off Kaggle (tiny CNN, 64 px, 5 epochs), full on Kaggle
-BACKBONE = None  # None: efficientnetb0 (full) / tiny (quick); also efficientnetb1..b7, efficientnetv2b0..b3, efficientnetv2s,
+BACKBONE = None  # None: efficientnetb0 (full) / tiny (quick); also efficientnetb1..b7, efficientnetv2b0..b3, v2s,
 # or a KerasHub preset: kaggle://OWNER/MODEL/keras/VARIATION (internet off: attach it, `kaggle push --model`), or a folder
 WEIGHTS = None  # None: "imagenet" (full) / none (quick); or a weights file attached under /kaggle/input
 IMAGE_SIZE = None  # None: 384 (full) / 64 (quick)
@@ -62,12 +62,25 @@ if TRACK:
 QUICK = (not env.on_kaggle()) if QUICK is None else QUICK
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
 RUN = env.Path(RUN_DIR) if RUN_DIR else run.default_dir()
-config = train.TrainConfig.make(QUICK, data_dir=str(DATA), out_dir=str(RUN), backbone=BACKBONE, weights=WEIGHTS,
-                                image_size=IMAGE_SIZE, channels=CHANNELS, epochs=EPOCHS, batch_size=BATCH_SIZE,
-                                folds=FOLDS, fold=FOLD if FOLDS else None, extra_data=list(EXTRA_DATA) or None,
-                                resume_from=RESUME_FROM or None, shards=SHARDS or None,
-                                allow_sample_data=ALLOW_SAMPLE_DATA, allow_cpu=ALLOW_CPU,
-                                deadline=time.time() + HOURS * 3600 if env.on_kaggle() else None)
+config = train.TrainConfig.make(
+    QUICK,
+    data_dir=str(DATA),
+    out_dir=str(RUN),
+    backbone=BACKBONE,
+    weights=WEIGHTS,
+    image_size=IMAGE_SIZE,
+    channels=CHANNELS,
+    epochs=EPOCHS,
+    batch_size=BATCH_SIZE,
+    folds=FOLDS,
+    fold=FOLD if FOLDS else None,
+    extra_data=list(EXTRA_DATA) or None,
+    resume_from=RESUME_FROM or None,
+    shards=SHARDS or None,
+    allow_sample_data=ALLOW_SAMPLE_DATA,
+    allow_cpu=ALLOW_CPU,
+    deadline=time.time() + HOURS * 3600 if env.on_kaggle() else None,
+)
 print(config)
 
 # %% [markdown]
@@ -92,10 +105,13 @@ FIGURES = RUN if plan.hosts.writer else env.working_dir()  # on a TPU pod slice 
 # %%
 # NBVAL_CHECK_OUTPUT
 device = plan.accelerator
-print(f"backend {device.backend}, device {device.device_kind}, replicas {device.replicas}, "
-      f"precision {device.precision}, global batch {plan.global_batch}")
-print(f"{len(plan.train_ids)} training and {len(plan.val_ids)} validation images, "
-      f"{plan.steps_per_epoch} steps per epoch")
+print(
+    f"backend {device.backend}, device {device.device_kind}, replicas {device.replicas}, "
+    f"precision {device.precision}, global batch {plan.global_batch}"
+)
+print(
+    f"{len(plan.train_ids)} training and {len(plan.val_ids)} validation images, {plan.steps_per_epoch} steps per epoch"
+)
 
 # %% [markdown]
 # ## The model
@@ -118,8 +134,12 @@ training_plots.model_diagram(plan.model, FIGURES / "model_diagram.png")
 # with a proportionally larger step.
 
 # %%
-figures.saved(training_plots.lr_schedule(plan.schedule, config.epochs * plan.steps_per_epoch,
-                                         steps_per_epoch=plan.steps_per_epoch), FIGURES / "lr_schedule")
+figures.saved(
+    training_plots.lr_schedule(
+        plan.schedule, config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch
+    ),
+    FIGURES / "lr_schedule",
+)
 
 # %% [markdown]
 # ## Class weights that work for multi-label targets
@@ -150,7 +170,9 @@ print("saved:", sorted(path.name for path in RUN.iterdir() if path.suffix in {".
 
 # %%
 print({name: round(value, 3) for name, value in result.final.items()})
-if QUICK and DATA == sources.default_sample_dir() and EPOCHS is None:  # the README's run: CI fails here if it learned nothing
+if (
+    QUICK and DATA == sources.default_sample_dir() and EPOCHS is None
+):  # the README's run: CI fails here if it learned nothing
     assert result.final["val_auc"] > 0.62, f"the quick model is near chance: {result.final}"
 
 # %% [markdown]

@@ -46,7 +46,9 @@ from hpa_nb.training import evaluate, inputs, run, train
 RUN = train.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)
 config = run.load_config(RUN)
 DATA = inputs.run_data(RUN, DATA_DIR)
-print(f"run: {config.backbone} at {config.image_size} px, {config.channels}, trained on {env.Path(config.data_dir).name}")
+print(
+    f"run: {config.backbone} at {config.image_size} px, {config.channels}, trained on {env.Path(config.data_dir).name}"
+)
 
 # %% [markdown]
 # ## Held-out predictions and metrics
@@ -62,8 +64,10 @@ print(evaluate.format_table(result.metrics))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"{len(result.ids)} held-out images, all of them outside the training split:",
-      set(result.ids).isdisjoint(run.load_split(RUN)["train"]))
+print(
+    f"{len(result.ids)} held-out images, all of them outside the training split:",
+    set(result.ids).isdisjoint(run.load_split(RUN)["train"]),
+)
 
 # %% [markdown]
 # ## Per class, at a glance
@@ -86,8 +90,9 @@ charts.precision_recall_curves(result.y_true, result.y_score)
 # Titles show the true labels and the top predicted classes with their probabilities (✓ where right).
 
 # %%
-dataset = pipeline.open_dataset(DATA, image_size=256, channels=config.channels, with_id=True,
-                            ids=result.ids[:N_EXAMPLES])
+dataset = pipeline.open_dataset(
+    DATA, image_size=256, channels=config.channels, with_id=True, ids=result.ids[:N_EXAMPLES]
+)
 images, label_rows, ids = pipeline.take_images(dataset, N_EXAMPLES)
 rows = [result.ids.index(image_id) for image_id in ids]
 figures.saved(charts.prediction_grid(images, label_rows, result.y_score[rows], ids), OUT / "sample_predictions")
@@ -102,8 +107,9 @@ figures.saved(charts.prediction_grid(images, label_rows, result.y_score[rows], i
 
 # %%
 labels = dict(zip(*competition.load_labels(DATA)[["ID", "Label"]].to_numpy().T))
-views = cam.class_map_views(run.load_model(RUN), config.image_size, config.channels, DATA,
-                            result.ids[:N_CLASS_MAPS], labels)
+views = cam.class_map_views(
+    run.load_model(RUN), config.image_size, config.channels, DATA, result.ids[:N_CLASS_MAPS], labels
+)
 figures.saved(cell_plots.class_map_figure(views), OUT / "class_maps")
 
 # %% [markdown]

@@ -35,7 +35,7 @@ RUN_DIR = ""  # empty: on Kaggle every image run attached (03_train, its fold ke
 CELL_RUN_DIR = ""  # empty: every cell run attached (07_cell_train; elsewhere <working dir>/cell_run if there); "none": image runs alone
 QUICK = True  # off Kaggle only: the size of the image run trained first when there is none (on Kaggle none is trained)
 SEGMENTATION = "auto"  # hpacellseg when its offline folder is attached (README), else classical; or name one
-IMAGE_WEIGHT = 0.7  # image run alone: cell score = IMAGE_WEIGHT * image probability + (1 - IMAGE_WEIGHT) * cell-crop probability
+IMAGE_WEIGHT = 0.7  # image run alone: cell score = IMAGE_WEIGHT * image prob. + (1 - IMAGE_WEIGHT) * cell-crop prob.
 PARTIAL_SCALE = 1.0  # scores of cells cut off by the image's edge x this (the hosts' advice is 0); 07 measures both
 CAM_WEIGHT = 0.0  # the CAM cell score's weight (the image model's class maps inside each cell), from the cell term's
 RULE_FILE = ""  # a rule tuned by `compare --out` (attached or local): its weights replace the three above
@@ -56,14 +56,21 @@ from hpa_nb.segmentation import offline as hpacellseg_offline
 from hpa_nb.training import inputs, train
 
 DATA = env.Path(DATA_DIR) if DATA_DIR else sources.find_data().path
-RUNS = (inputs.find_all("image_run", RUN_DIR, consumer="05_submission", required=env.on_kaggle())
-        or [train.image_run(consumer="05_submission", quick=QUICK)])  # off Kaggle, with none there: a quick one
-CELL_RUNS = [] if CELL_RUN_DIR == "none" else inputs.find_all("cell_run", CELL_RUN_DIR, consumer="05_submission",
-                                                               required=False)
+RUNS = inputs.find_all("image_run", RUN_DIR, consumer="05_submission", required=env.on_kaggle()) or [
+    train.image_run(consumer="05_submission", quick=QUICK)
+]  # off Kaggle, with none there: a quick one
+CELL_RUNS = (
+    []
+    if CELL_RUN_DIR == "none"
+    else inputs.find_all("cell_run", CELL_RUN_DIR, consumer="05_submission", required=False)
+)
 classifier = scoring.load_ensemble(RUNS, tta=TTA)
 cell_model = scoring.load_ensemble(CELL_RUNS, level="cell", tta=TTA) if CELL_RUNS else None
-rule = (submit.load_rule(RULE_FILE) if RULE_FILE else
-        submit.choose_rule(cell_model is not None, IMAGE_WEIGHT, PARTIAL_SCALE, cam_weight=CAM_WEIGHT))
+rule = (
+    submit.load_rule(RULE_FILE)
+    if RULE_FILE
+    else submit.choose_rule(cell_model is not None, IMAGE_WEIGHT, PARTIAL_SCALE, cam_weight=CAM_WEIGHT)
+)
 test_ids = submit.read_submission_ids(DATA)
 print(f"{len(test_ids)} test images; " + submit.describe_scoring(RUNS, CELL_RUNS, rule) + ("; TTA x8" if TTA else ""))
 if SEGMENTATION == "auto":
@@ -85,8 +92,9 @@ print(submit.accelerator_note(SEGMENTATION) or f"segmentation: {SEGMENTATION}")
 # full size: 8 MiB per 2048 px image.)
 
 # %%
-predictions = scoring.predict_images(classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model,
-                                     workers=WORKERS)
+predictions = scoring.predict_images(
+    classifier, DATA, test_ids, method=SEGMENTATION, rule=rule, cell_model=cell_model, workers=WORKERS
+)
 
 # %% [markdown]
 # White outlines are the cells found; on the sample, cyan outlines are the true cells. Underneath, each
@@ -124,8 +132,16 @@ print(scored.segmentation if has_truth else "no ground-truth masks here")
 
 # %%
 if has_truth:
-    oracle_masks = submit.evaluate_cells(classifier, DATA, ids=test_ids, rule=rule, use_truth_masks=True,
-                                         progress=False, cell_model=cell_model, workers=WORKERS)
+    oracle_masks = submit.evaluate_cells(
+        classifier,
+        DATA,
+        ids=test_ids,
+        rule=rule,
+        use_truth_masks=True,
+        progress=False,
+        cell_model=cell_model,
+        workers=WORKERS,
+    )
     print(scored.describe())
     print("with the true cell masks:", oracle_masks.describe())
     display(scored.table().sort_values("AP (challenge)").head(5))
@@ -149,7 +165,11 @@ submission.assign(PredictionString=submission["PredictionString"].str.slice(0, 6
 row = submission.iloc[0]
 decoded = submit.parse_prediction_string(row["PredictionString"], row["ImageHeight"], row["ImageWidth"])
 print(f"{len(submission)} rows for {len(test_ids)} test images; every ID present:", list(submission["ID"]) == test_ids)
-print(f"first image: {len(decoded) // 19} cells x 19 classes, masks of shape {decoded[0][2].shape}" if decoded else "first image: no cells")
+print(
+    f"first image: {len(decoded) // 19} cells x 19 classes, masks of shape {decoded[0][2].shape}"
+    if decoded
+    else "first image: no cells"
+)
 
 # %% [markdown]
 # ## What we have

@@ -79,11 +79,21 @@ print(f"data: {DATA}\ncells: {SEGMENTATION}\ntiles: {TILES} ({TILE_SIZE} px, {EN
 if RESUME_FROM:
     print(f"adopted {tiles.adopt_tiles(inputs.find('tiles', RESUME_FROM), TILES)} finished files")
 deadline = time.time() + HOURS * 3600 if env.on_kaggle() else None
-manifest = tiles.write_tiles(DATA, TILES, size=TILE_SIZE, segmentation=SEGMENTATION, encoding=ENCODING,
-                             deadline=deadline, max_gb=MAX_GB if env.on_kaggle() else None, workers=WORKERS)
+manifest = tiles.write_tiles(
+    DATA,
+    TILES,
+    size=TILE_SIZE,
+    segmentation=SEGMENTATION,
+    encoding=ENCODING,
+    deadline=deadline,
+    max_gb=MAX_GB if env.on_kaggle() else None,
+    workers=WORKERS,
+)
 if not manifest["complete"]:
-    raise SystemExit(f"tiles stopped at HOURS with {manifest['images']} images: push this notebook again with "
-                     "--resume-from OWNER/hpa-06-cells to finish them")
+    raise SystemExit(
+        f"tiles stopped at HOURS with {manifest['images']} images: push this notebook again with "
+        "--resume-from OWNER/hpa-06-cells to finish them"
+    )
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -34,7 +34,7 @@
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
 RUN_DIR = ""  # empty: on Kaggle the attached output of 03_train; elsewhere <working dir>/run. Or a folder, OWNER/KERNEL
-TILES_FROM = ""  # empty: on Kaggle the attached output of 06_cells; elsewhere <working dir>/tiles. Or a folder, OWNER/KERNEL
+TILES_FROM = ""  # empty: 06_cells' output (attached on Kaggle, else <working dir>/tiles); or a folder, OWNER/KERNEL
 CELL_RUN_DIR = ""  # empty: <working dir>/cell_run
 RESUME_FROM = ""  # a cell run stopped at HOURS: its folder, or OWNER/KERNEL of an earlier version attached as input
 HOURS = 8.0  # on Kaggle, stop after the epoch in hand once the next would end past this (a TPU session ends at 9 h)
@@ -80,11 +80,22 @@ print(f"data: {DATA}\nimage run: {RUN} ({image_config.backbone}, {image_config.i
 
 # %%
 manifest = tiles.read_manifest(TILES)
-cell_config = TrainConfig.make(QUICK, level="cell", tiles=str(TILES), data_dir=str(DATA), out_dir=str(CELL_RUN),
-                               split_from=str(RUN), relabel=RELABEL, image_size=manifest["size"],
-                               seed=image_config.seed, val_fraction=image_config.val_fraction,
-                               resume_from=RESUME_FROM or None, allow_sample_data=ALLOW_SAMPLE_DATA,
-                               allow_cpu=ALLOW_CPU, deadline=time.time() + HOURS * 3600 if env.on_kaggle() else None)
+cell_config = TrainConfig.make(
+    QUICK,
+    level="cell",
+    tiles=str(TILES),
+    data_dir=str(DATA),
+    out_dir=str(CELL_RUN),
+    split_from=str(RUN),
+    relabel=RELABEL,
+    image_size=manifest["size"],
+    seed=image_config.seed,
+    val_fraction=image_config.val_fraction,
+    resume_from=RESUME_FROM or None,
+    allow_sample_data=ALLOW_SAMPLE_DATA,
+    allow_cpu=ALLOW_CPU,
+    deadline=time.time() + HOURS * 3600 if env.on_kaggle() else None,
+)
 if RELABEL:  # a step of its own: out-of-fold cell models write the targets that `prepare` then reads
     relabel.relabel(cell_config)
 plan = train.prepare(cell_config)
@@ -115,14 +126,27 @@ if has_truth:
 
     masks, cell_labels = load_cell_truth(DATA, held_out)
     example = max(held_out, key=lambda i: len({tuple(v) for v in cell_labels[i].values()}))  # the most varied
-    both = scoring.predict_images(image_model, DATA, [example], rule=scoring.ScoreRule(image_weight=1.0),
-                                masks=masks, progress=False)[example]
-    alone = scoring.predict_images(image_model, DATA, [example], rule=scoring.ScoreRule(image_weight=0.0),
-                                 masks=masks, progress=False, cell_model=cell_model)[example]
+    both = scoring.predict_images(
+        image_model, DATA, [example], rule=scoring.ScoreRule(image_weight=1.0), masks=masks, progress=False
+    )[example]
+    alone = scoring.predict_images(
+        image_model,
+        DATA,
+        [example],
+        rule=scoring.ScoreRule(image_weight=0.0),
+        masks=masks,
+        progress=False,
+        cell_model=cell_model,
+    )[example]
     classes = sorted({int(c) for v in cell_labels[example].values() for c in np.flatnonzero(v)})
-    rows = [{"cell": int(c), "true": ", ".join(LABEL_NAMES[k][:14] for k in np.flatnonzero(cell_labels[example][c])),
-             **{f"{LABEL_NAMES[k][:12]}: image / cell": f"{s1[k]:.2f} / {s2[k]:.2f}" for k in classes}}
-            for c, s1, s2 in zip(both.cell_ids, both.scores, alone.scores)]
+    rows = [
+        {
+            "cell": int(c),
+            "true": ", ".join(LABEL_NAMES[k][:14] for k in np.flatnonzero(cell_labels[example][c])),
+            **{f"{LABEL_NAMES[k][:12]}: image / cell": f"{s1[k]:.2f} / {s2[k]:.2f}" for k in classes},
+        }
+        for c, s1, s2 in zip(both.cell_ids, both.scores, alone.scores)
+    ]
     display(pd.DataFrame(rows))
 
 # %% [markdown]

@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic data sets in the competition layout, made once per session."""
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,17 @@ def trained_result(small_sample, tmp_path_factory) -> TrainResult:
     tiny CNN at 32 px on `small_sample` (a quarter held out, seed 3), with the model still in memory. For the
     tests that need a model and its run folder, not a good model: the 03_train notebook checks that the quick
     model learns."""
-    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path_factory.mktemp("trained_run")),
-                                       image_size=32, epochs=2, batch_size=4, steps_per_epoch=2, val_fraction=0.25,
-                                       seed=3, verbose=0)
+    config = TrainConfig.quick_variant(
+        data_dir=str(small_sample),
+        out_dir=str(tmp_path_factory.mktemp("trained_run")),
+        image_size=32,
+        epochs=2,
+        batch_size=4,
+        steps_per_epoch=2,
+        val_fraction=0.25,
+        seed=3,
+        verbose=0,
+    )
     return train(config)
 
 
@@ -54,9 +63,19 @@ def trained_cell_run(small_sample, tmp_path_factory) -> Path:
     split settings as `trained_run` (a quarter held out, seed 3), two short epochs of the tiny CNN."""
     tiles = tmp_path_factory.mktemp("cell_tiles") / "tiles"
     write_tiles(small_sample, tiles, size=32, segmentation="masks", progress=False)
-    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path_factory.mktemp("cell_run")),
-                                       level="cell", tiles=str(tiles), image_size=32, epochs=2, batch_size=4,
-                                       steps_per_epoch=2, val_fraction=0.25, seed=3, verbose=0)
+    config = TrainConfig.quick_variant(
+        data_dir=str(small_sample),
+        out_dir=str(tmp_path_factory.mktemp("cell_run")),
+        level="cell",
+        tiles=str(tiles),
+        image_size=32,
+        epochs=2,
+        batch_size=4,
+        steps_per_epoch=2,
+        val_fraction=0.25,
+        seed=3,
+        verbose=0,
+    )
     return train(config).run_dir
 
 
@@ -67,8 +86,10 @@ def default_sample() -> Path:
 
 
 # Kaggle's TPU image as two package sets: the August 2026 resolution and the same recipe resolved on 2026-12-05.
-TPU_PACKAGE_SETS = {"2026-08": ("requirements-kaggle-tpu.txt", "HPA_TPU_VENV"),
-                    "2026-12": ("requirements-kaggle-tpu-2026-12.txt", "HPA_TPU_VENV_2026_12")}
+TPU_PACKAGE_SETS = {
+    "2026-08": ("requirements-kaggle-tpu.txt", "HPA_TPU_VENV"),
+    "2026-12": ("requirements-kaggle-tpu-2026-12.txt", "HPA_TPU_VENV_2026_12"),
+}
 
 
 def tpu_venv_python(package_set: str) -> Path:
@@ -80,8 +101,12 @@ def tpu_venv_python(package_set: str) -> Path:
         pytest.skip("no Python 3.12 on this machine: the checks in Kaggle's TPU image were not run")
     venv = os.environ.get(variable)
     if not venv:
-        built = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / ".ci" / "kaggle-tpu-venv"),
-                                requirements], capture_output=True, text=True, timeout=1800)
+        built = subprocess.run(
+            ["bash", str(Path(__file__).resolve().parents[1] / ".ci" / "kaggle-tpu-venv"), requirements],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert built.returncode == 0, built.stderr.strip().splitlines()[-1]  # e.g. no Python 3.12: never a skip
         venv = built.stdout.strip().splitlines()[-1]
     python = Path(venv) / "bin" / "python"

@@ -1,4 +1,5 @@
 """hpa_nb.training.accelerator on this CPU; the multi-replica paths run in tests/test_train.py (one backend per process)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,10 @@ def test_cpu_is_one_float32_replica():
 def test_precision_follows_the_device_kind():
     computes = {kind: keras.mixed_precision.Policy(name) for kind, name in accelerator.PRECISION.items()}
     assert {kind: policy.compute_dtype for kind, policy in computes.items()} == {
-        "tpu": "bfloat16", "gpu": "float16", "cpu": "float32"}  # what each device's matrix units are fast at
+        "tpu": "bfloat16",
+        "gpu": "float16",
+        "cpu": "float32",
+    }  # what each device's matrix units are fast at
     assert all(policy.variable_dtype == "float32" for policy in computes.values())  # weights stay float32
     tpu = accelerator.Accelerator("jax", "tpu", "TPU v5 lite", 8, accelerator.PRECISION["tpu"])
     assert tpu.global_batch_size(16) == 128 and tpu.steps_per_execution > 1
@@ -35,4 +39,3 @@ def test_scope_sets_the_policy_and_restores_it():
         assert keras.mixed_precision.global_policy().name == "mixed_float16"
     assert keras.mixed_precision.global_policy().name == before
     assert dense.compute_dtype == "float16" and probabilities.compute_dtype == "float32"
-

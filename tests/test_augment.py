@@ -1,4 +1,5 @@
 """hpa_nb.data.augment: seeded and repeatable, channels stay aligned, values stay on 0–255, eagerly and in Dataset.map."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -85,8 +86,13 @@ def test_preview_pairs_returns_before_and_after_for_each_image():
 def test_each_step_alone_does_what_it_says_and_matches_its_part_of_the_chain():
     rng = np.random.default_rng(3)
     image = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
-    flips = {tuple(np.all(augment(image, (1, seed), ["flip left-right"]).numpy() == candidate)
-                   for candidate in (image, image[:, ::-1])) for seed in range(12)}
+    flips = {
+        tuple(
+            np.all(augment(image, (1, seed), ["flip left-right"]).numpy() == candidate)
+            for candidate in (image, image[:, ::-1])
+        )
+        for seed in range(12)
+    }
     assert flips == {(True, False), (False, True)}  # some seeds flip, some don't, nothing else happens
     turned = augment(image, (1, 5), ["rotate k·90°"]).numpy()
     assert any(np.array_equal(turned, np.rot90(image, k)) for k in range(4))

@@ -1,4 +1,5 @@
 """hpa_nb.training.batch_norm: the compiled re-estimation gives what the eager one gave, on TF and on JAX over 8 devices."""
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,12 @@ def test_compiled_recalibration_on_eight_jax_devices_equals_the_eager_one():
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
         print("layers", compare(16))
     """)
-    environ = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": "jax",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
     done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "layers" in done.stdout

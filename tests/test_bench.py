@@ -1,4 +1,5 @@
 """hpa_nb.bench: the training benchmark still times when Keras runs several steps per execution."""
+
 from __future__ import annotations
 
 import math

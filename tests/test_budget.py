@@ -1,4 +1,5 @@
 """The projection a long kernel prints from its first images, against a Kaggle session's limits."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,7 @@ from hpa_nb.core.budget import DiskBudgetError, Probe, Projection
 
 
 def test_the_projection_counts_versions_and_disk_against_the_session():
-    tiles = Projection("tiles", "image", 21806, 32, seconds_per_unit=1.0, bytes_per_unit=505e3, hours=5.0,
-                       max_gb=18.0)
+    tiles = Projection("tiles", "image", 21806, 32, seconds_per_unit=1.0, bytes_per_unit=505e3, hours=5.0, max_gb=18.0)
     assert tiles.versions == 2  # 21,774 s still to go in versions of 5 h
     assert round(tiles.gb, 1) == 11.0
     line = tiles.line()

@@ -1,4 +1,5 @@
 """hpa_nb.core.metrics.cell_map: the competition's cell-level mAP, checked by hand and on the default sample."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -99,8 +100,10 @@ def sample_truth(default_sample):
 
 
 def _perfect(masks, labels, transform=lambda cell_mask: cell_mask):
-    return {image_id: [(transform(masks[image_id] == cell), vector) for cell, vector in labels[image_id].items()]
-            for image_id in masks}
+    return {
+        image_id: [(transform(masks[image_id] == cell), vector) for cell, vector in labels[image_id].items()]
+        for image_id in masks
+    }
 
 
 @pytest.mark.parametrize("reading", READINGS)
@@ -127,6 +130,7 @@ def test_shuffled_labels_score_much_lower_when_every_class_counts(sample_truth):
 
 def test_eroded_masks_do_not_match(sample_truth):
     masks, labels = sample_truth
+
     # Keep only each cell's core (far from its edge): IoU with the full cell drops well under 0.6.
     def core(cell_mask):
         distance = ndimage.distance_transform_edt(cell_mask)
@@ -140,8 +144,9 @@ def test_eroded_masks_do_not_match(sample_truth):
 def test_scores_as_vectors_of_19(sample_truth):
     masks, labels = sample_truth
     first = sorted(masks)[0]
-    predictions = {first: [(masks[first] == cell, np.asarray(vector) * 0.5 + 0.25)
-                           for cell, vector in labels[first].items()]}
+    predictions = {
+        first: [(masks[first] == cell, np.asarray(vector) * 0.5 + 0.25) for cell, vector in labels[first].items()]
+    }
     assert len(next(iter(predictions[first]))[1]) == N_CLASSES
     aps = cell_average_precisions(predictions, {first: masks[first]}, {first: labels[first]})
     assert all(ap == pytest.approx(1.0) for ap in aps if ap is not None)

@@ -1,4 +1,5 @@
 """The cell model: trained on tiles split by image as the image run is, and combined with the image model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ def test_tiles_of_other_data_or_no_tiles_stop_a_cell_run_in_one_line(small_sampl
     root = tmp_path / "data"
     shutil.copytree(small_sample, root, ignore=shutil.ignore_patterns("tiles", "shards"))
     result = cli("train", "--quick", "--level", "cell", "--data", root, "--out", tmp_path / "r")
-    result.assert_one_error_line(f"a cell run needs cell tiles: none in {root / 'tiles'}; write them first "
-                                 f"(python -m hpa_nb tiles --src {root}) or name them with --tiles")
+    result.assert_one_error_line(
+        f"a cell run needs cell tiles: none in {root / 'tiles'}; write them first "
+        f"(python -m hpa_nb tiles --src {root}) or name them with --tiles"
+    )
     frame = pd.read_csv(root / "train.csv", dtype=str)
     changed = frame["ID"][0]
     frame.loc[0, "Label"] = "11" if frame["Label"][0] != "11" else "12"
@@ -92,8 +95,11 @@ def test_a_rescored_rule_gives_what_predicting_under_it_gives():
     mask[0:3, 30:34] = 3  # cut by the edge and small: partial
     image_model, cell_model = CellClassifier(Recorder(), 24, "rgb"), CellClassifier(Recorder(), 16, "rgb")
     first = predict_cells(image_model, image, mask, ScoreRule(combine="geometric", image_weight=0.3), cell_model)
-    for rule in (ScoreRule(combine="geometric", image_weight=0.0), ScoreRule(image_weight=0.5, partial_scale=0.0),
-                 ScoreRule(combine="geometric", image_weight=0.3, negative="model")):
+    for rule in (
+        ScoreRule(combine="geometric", image_weight=0.0),
+        ScoreRule(image_weight=0.5, partial_scale=0.0),
+        ScoreRule(combine="geometric", image_weight=0.3, negative="model"),
+    ):
         direct = predict_cells(image_model, image, mask, rule, cell_model)
         np.testing.assert_allclose(rescore(first, rule).scores, direct.scores, rtol=1e-6)
     assert rescore(first, ScoreRule(image_weight=0.5, partial_scale=0.0)).scores[2].max() == 0
@@ -118,29 +124,52 @@ def test_partial_cells_are_scaled_down_on_request():
         ScoreRule(partial_scale=1.5)
 
 
-def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, trained_run, trained_cell_run, tmp_path,
-                                                               cli):
-    result = cli("submit", "--model", trained_run, "--cell-model", trained_cell_run, "--data", small_sample,
-                 "--out", tmp_path / "s.csv")
+def test_submit_with_a_cell_model_and_the_three_way_comparison(
+    small_sample, trained_run, trained_cell_run, tmp_path, cli
+):
+    result = cli(
+        "submit",
+        "--model",
+        trained_run,
+        "--cell-model",
+        trained_cell_run,
+        "--data",
+        small_sample,
+        "--out",
+        tmp_path / "s.csv",
+    )
     assert result.status == 0, result.err[-2000:]
     written = pd.read_csv(tmp_path / "s.csv")
     assert written["ID"].tolist() == pd.read_csv(small_sample / "sample_submission.csv")["ID"].tolist()
     assert f"and cell run {trained_cell_run}" in result.err and "under the image × cell rule: geometric" in result.err
     wrong = cli("submit", "--model", trained_cell_run, "--data", small_sample, "--out", tmp_path / "t.csv")
     assert wrong.status == 2 and "holds a cell-level model" in wrong.errors[0]
-    comparison = compare.compare_models(scoring.load_classifier(trained_run),
-                                        scoring.load_classifier(trained_cell_run, level="cell"), small_sample,
-                                        use_truth_masks=True, progress=False, tta=False)
+    comparison = compare.compare_models(
+        scoring.load_classifier(trained_run),
+        scoring.load_classifier(trained_cell_run, level="cell"),
+        small_sample,
+        use_truth_masks=True,
+        progress=False,
+        tta=False,
+    )
     table = comparison.table()
-    assert table["scoring"].tolist() == ["image model", "cell model", "CAM", "image × cell",
-                                         "image × cell, edge cells × 0", "image × cell × CAM, tuned"]
+    assert table["scoring"].tolist() == [
+        "image model",
+        "cell model",
+        "CAM",
+        "image × cell",
+        "image × cell, edge cells × 0",
+        "image × cell × CAM, tuned",
+    ]
     values = table[["cell mAP (challenge)", "cell mAP (all classes)"]].to_numpy()
     assert ((values >= 0) & (values <= 1)).all()
     reported = comparison.images[0]
-    assert not np.allclose(comparison["cell model"].predictions[reported].scores,
-                           comparison["image model"].predictions[reported].scores)
-    assert not np.allclose(comparison["CAM"].predictions[reported].scores,
-                           comparison["image model"].predictions[reported].scores)
+    assert not np.allclose(
+        comparison["cell model"].predictions[reported].scores, comparison["image model"].predictions[reported].scores
+    )
+    assert not np.allclose(
+        comparison["CAM"].predictions[reported].scores, comparison["image model"].predictions[reported].scores
+    )
     # the hosts' advice: cells cut off by the edge get no score; every other cell keeps its combined score
     # (this sample's cells are whole: test_cells scores partial ones)
     for image_id, combined in comparison["image × cell"].predictions.items():
@@ -148,8 +177,18 @@ def test_submit_with_a_cell_model_and_the_three_way_comparison(small_sample, tra
         partial = partial_cells(combined.mask, combined.cell_ids)
         np.testing.assert_allclose(dropped.scores[~partial], combined.scores[~partial], rtol=1e-6)
         assert not dropped.scores[partial].any()
-    printed = cli("compare", "--model", trained_run, "--cell-model", trained_cell_run, "--data", small_sample,
-                  "--segmentation", "masks", "--no-tta")
+    printed = cli(
+        "compare",
+        "--model",
+        trained_run,
+        "--cell-model",
+        trained_cell_run,
+        "--data",
+        small_sample,
+        "--segmentation",
+        "masks",
+        "--no-tta",
+    )
     assert printed.status == 0, printed.err[-2000:]
     rows = [re.match(r"\s*(.+?)\s+no\s+([\d.]+)\s+([\d.]+)\s", line) for line in printed.out.splitlines()]
     rows = [row for row in rows if row]
@@ -167,10 +206,18 @@ def test_refine_keeps_each_label_on_its_likeliest_cell_and_makes_the_rest_negati
 
     tiles = {"a_1": scores(0.8, 0.2), "a_2": scores(0.4, 0.2), "a_3": scores(0.1, 0.6), "b_1": scores(0.5, 0.5)}
     labels = {"a": "3|5", "b": "18"}
-    linear = {"a_1": {3: 1.0, 5: 1 / 3, 18: 0.0}, "a_2": {3: 0.5, 5: 1 / 3, 18: 0.5},
-              "a_3": {3: 0.125, 5: 1.0, 18: 0.0}, "b_1": {18: 1.0}}
-    cubed = {"a_1": {3: 1.0, 5: 1 / 27, 18: 0.0}, "a_2": {3: 0.125, 5: 1 / 27, 18: 0.875},
-             "a_3": {3: 1 / 512, 5: 1.0, 18: 0.0}, "b_1": {18: 1.0}}
+    linear = {
+        "a_1": {3: 1.0, 5: 1 / 3, 18: 0.0},
+        "a_2": {3: 0.5, 5: 1 / 3, 18: 0.5},
+        "a_3": {3: 0.125, 5: 1.0, 18: 0.0},
+        "b_1": {18: 1.0},
+    }
+    cubed = {
+        "a_1": {3: 1.0, 5: 1 / 27, 18: 0.0},
+        "a_2": {3: 0.125, 5: 1 / 27, 18: 0.875},
+        "a_3": {3: 1 / 512, 5: 1.0, 18: 0.0},
+        "b_1": {18: 1.0},
+    }
     for sharpness, expected in ((1.0, linear), (3.0, cubed)):
         targets = refine(tiles, labels, sharpness)
         for key, classes in expected.items():
@@ -186,8 +233,16 @@ def test_targets_replace_the_stored_labels_of_the_records_they_name(small_sample
     manifest = tiles.read_manifest(tile_dir)
     keys = tiles.tile_keys(manifest)[:6]
     targets = {key: np.full(N_CLASSES, index / 10, np.float32) for index, key in enumerate(keys[:3])}
-    stream = pipeline.training_dataset(small_sample, keys, 32, "rgb", batch_size=6, shards=tile_dir,
-                                       stream=pipeline.Stream(augment=False), targets=targets)
+    stream = pipeline.training_dataset(
+        small_sample,
+        keys,
+        32,
+        "rgb",
+        batch_size=6,
+        shards=tile_dir,
+        stream=pipeline.Stream(augment=False),
+        targets=targets,
+    )
     _, labels = next(iter(stream))
     stored = {key: tiles.image_labels(manifest)[key.rpartition("_")[0]] for key in keys[3:]}
     rows = {tuple(np.round(row, 3)) for row in labels.numpy()}
@@ -199,9 +254,20 @@ def test_targets_replace_the_stored_labels_of_the_records_they_name(small_sample
 @pytest.mark.slow
 def test_a_relabelled_cell_run_trains_its_folds_then_on_their_targets(small_sample, trained_cell_run, tmp_path):
     tile_dir = run.load_info(trained_cell_run)["tiles"]
-    config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path / "relabelled"), level="cell",
-                                       tiles=tile_dir, relabel=True, image_size=32, epochs=1, batch_size=4,
-                                       steps_per_epoch=2, val_fraction=0.25, seed=3, verbose=0)
+    config = TrainConfig.quick_variant(
+        data_dir=str(small_sample),
+        out_dir=str(tmp_path / "relabelled"),
+        level="cell",
+        tiles=tile_dir,
+        relabel=True,
+        image_size=32,
+        epochs=1,
+        batch_size=4,
+        steps_per_epoch=2,
+        val_fraction=0.25,
+        seed=3,
+        verbose=0,
+    )
     with pytest.raises(FileNotFoundError, match="run the relabel step first"):
         train(config)  # preparing a run never trains its fold models itself
     assert not run.RunFolder(tmp_path / "relabelled").fold(0).exists()

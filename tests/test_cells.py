@@ -1,4 +1,5 @@
 """hpa_nb.cells.scoring: segmentation (quality on the default sample), crops, score rules, per-cell prediction."""
+
 from __future__ import annotations
 
 import builtins
@@ -50,8 +51,9 @@ def test_big_16_bit_image_segments_at_its_original_size(default_sample):
     def big(array):
         return np.kron(array, np.ones((4, 3), array.dtype))  # non-square on purpose
 
-    mask = segment(*(big(pixels[c]) * 257 for c in ("red", "blue", "yellow")),
-                   settings=ClassicalSettings(work_size=256))
+    mask = segment(
+        *(big(pixels[c]) * 257 for c in ("red", "blue", "yellow")), settings=ClassicalSettings(work_size=256)
+    )
     assert mask.dtype == np.uint16 and mask.shape == big(truth).shape
     small = score_segmentation(segment(pixels["red"], pixels["blue"], pixels["yellow"]), truth)
     scaled = score_segmentation(mask, big(truth))
@@ -180,11 +182,12 @@ def test_predict_cells_batches_crops_and_scores_each_cell():
     image = np.zeros((32, 32, 3), np.float32)
     mask = np.zeros((32, 32), np.uint16)
     for cell_id, (row, col) in enumerate([(0, 0), (0, 16), (16, 0), (16, 16)], start=1):
-        mask[row:row + 12, col:col + 12] = cell_id
+        mask[row : row + 12, col : col + 12] = cell_id
     image[..., 1][mask == 4] = 255.0  # only cell 4 shows the protein
     classifier = CountingClassifier()
-    result = predict_cells(CellClassifier(classifier, 16), image, mask,
-                           rule=ScoreRule("arithmetic", 0.0, "model", crop="tight"))
+    result = predict_cells(
+        CellClassifier(classifier, 16), image, mask, rule=ScoreRule("arithmetic", 0.0, "model", crop="tight")
+    )
     assert classifier.batches == [(4, 16, 16, 3)]  # all crops in one call; image_weight 0: no image call
     assert list(result.cell_ids) == [1, 2, 3, 4] and result.scores.shape == (4, N_CLASSES)
     assert result.scores[3, 0] > 0.9 and result.scores[:3, 0].max() == 0.0
@@ -195,8 +198,9 @@ def test_predict_cells_batches_crops_and_scores_each_cell():
 def _regression_image() -> tuple[np.ndarray, np.ndarray]:
     """A 50 × 70 patterned image with five cells: big (shrunk), small (enlarged), round, at the edge, tiny."""
     rows, cols = np.mgrid[:50, :70]
-    image = np.stack([(rows * 7 + cols * 3) % 256, (rows * cols) % 256, (rows * 11 + cols * 5) % 199],
-                     axis=-1).astype(np.float32)
+    image = np.stack([(rows * 7 + cols * 3) % 256, (rows * cols) % 256, (rows * 11 + cols * 5) % 199], axis=-1).astype(
+        np.float32
+    )
     mask = np.zeros((50, 70), np.uint16)
     mask[2:12, 3:20] = 1
     mask[5:45, 25:60] = 2
@@ -281,8 +285,9 @@ def test_hpacellseg_segmenter_is_cached_per_setting(monkeypatch, tmp_path):
     monkeypatch.setattr(offline, "resolve", lambda *args: searches.append(args) or real_resolve(*args))
     image = np.ones((8, 8), np.float32)
     for scale_factor, work_size in ((0.25, None), (0.25, None), (0.5, None), (0.5, 512)):
-        mask = segment(image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor,
-                       work_size=work_size)
+        mask = segment(
+            image, image, image, method="hpacellseg", device="cpu", scale_factor=scale_factor, work_size=work_size
+        )
         assert mask.max() == 1
     assert made == [(0.25, None), (0.5, None), (0.5, 512)]  # loaded once per setting, not reused across them
     assert len(searches) == 3  # the folder is searched when a segmenter is made, not for every image
@@ -320,8 +325,9 @@ def test_plot_cells_draws_without_error(small_sample):
     image_id = pd.read_csv(small_sample / "train.csv")["ID"][0]
     pixels = read_channels(small_sample / "train", image_id)
     mask = read_mask(small_sample, image_id)
-    predictions = metrics.CellPredictions(mask, crops.cell_ids_of(mask),
-                                        np.full((mask.max(), N_CLASSES), 0.3, np.float32))
+    predictions = metrics.CellPredictions(
+        mask, crops.cell_ids_of(mask), np.full((mask.max(), N_CLASSES), 0.3, np.float32)
+    )
     ax = cell_plots.plot_cells(pixels, mask, predictions, truth=mask)
     assert len(ax.texts) == len(predictions.cell_ids)
 

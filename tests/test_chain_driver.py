@@ -1,6 +1,7 @@
 """`kaggle chain`: the driver over the kernels' graph, against a stand-in `kaggle` command on PATH
 (tests/standins/kaggle_service.py) that keeps kernels, versions, states, outputs and logs in a folder and prints
 what kaggle-cli 2.2 prints. No network: every call the driver makes goes through that command."""
+
 from __future__ import annotations
 
 import io
@@ -23,11 +24,13 @@ from hpa_nb.training import run
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = REPO / "tests" / "standins" / "kaggle_service.py"
 # Each kernel's output when its work is finished, under the names their owning modules give them.
-FINISHED = {"hpa-00-prepare": {f"{shards.SHARD_DIR}/{shards.MANIFEST}": {"complete": True}},
-            "hpa-06-cells": {f"{tiles.TILE_DIR}/{tiles.MANIFEST}": {"complete": True}},
-            "hpa-03-train": {f"{run.FOLDER}/{run.CONFIG_FILE}": {"stopped_at_deadline": False}},
-            "hpa-07-cell-train": {f"{run.CELL_FOLDER}/{run.CONFIG_FILE}": {"stopped_at_deadline": False}},
-            "hpa-05-submission": {"submission.csv": "ID,ImageWidth,ImageHeight,PredictionString\n"}}
+FINISHED = {
+    "hpa-00-prepare": {f"{shards.SHARD_DIR}/{shards.MANIFEST}": {"complete": True}},
+    "hpa-06-cells": {f"{tiles.TILE_DIR}/{tiles.MANIFEST}": {"complete": True}},
+    "hpa-03-train": {f"{run.FOLDER}/{run.CONFIG_FILE}": {"stopped_at_deadline": False}},
+    "hpa-07-cell-train": {f"{run.CELL_FOLDER}/{run.CONFIG_FILE}": {"stopped_at_deadline": False}},
+    "hpa-05-submission": {"submission.csv": "ID,ImageWidth,ImageHeight,PredictionString\n"},
+}
 ENDS = ["QUEUED", "RUNNING", "COMPLETE"]
 
 
@@ -42,7 +45,7 @@ def service(tmp_path, monkeypatch):
     state, bin_dir = tmp_path / "kaggle-state", tmp_path / "bin"
     state.mkdir()
     bin_dir.mkdir()
-    (bin_dir / "kaggle").write_text(f"#!/bin/sh\nexec {sys.executable} {SERVICE} \"$@\"\n")
+    (bin_dir / "kaggle").write_text(f'#!/bin/sh\nexec {sys.executable} {SERVICE} "$@"\n')
     (bin_dir / "kaggle").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_KAGGLE_STATE", str(state))
@@ -63,11 +66,20 @@ def notebooks(tmp_path_factory) -> Path:
     return write_notebooks(tmp_path_factory.mktemp("chain_notebooks"))
 
 
-def drive(notebooks: Path, folds: int | None = None, wait: bool = True, sessions: int = 1,
-          machine: str | None = None) -> str:
+def drive(
+    notebooks: Path, folds: int | None = None, wait: bool = True, sessions: int = 1, machine: str | None = None
+) -> str:
     out = io.StringIO()
-    chain.drive(chain.steps(folds, machine), chain.Kaggle("alice"), wait=wait, sessions=sessions, poll=0,
-                out=out, notebooks_dir=notebooks, sleep=lambda seconds: None)
+    chain.drive(
+        chain.steps(folds, machine),
+        chain.Kaggle("alice"),
+        wait=wait,
+        sessions=sessions,
+        poll=0,
+        out=out,
+        notebooks_dir=notebooks,
+        sleep=lambda seconds: None,
+    )
     return out.getvalue()
 
 
@@ -83,9 +95,13 @@ def test_a_fresh_chain_runs_to_the_end_in_graph_order_with_exactly_its_rows_sour
     assert sorted(order[:2]) == ["hpa-00-prepare", "hpa-06-cells"]  # side by side, first
     assert order[2:] == ["hpa-03-train", "hpa-07-cell-train", "hpa-05-submission"]
     sources = {push["slug"]: push["metadata"]["kernel_sources"] for push in pushes(state)}
-    assert sources == {"hpa-00-prepare": [], "hpa-06-cells": [], "hpa-03-train": ["alice/hpa-00-prepare"],
-                       "hpa-07-cell-train": ["alice/hpa-06-cells", "alice/hpa-03-train"],
-                       "hpa-05-submission": ["alice/hpa-03-train", "alice/hpa-07-cell-train"]}
+    assert sources == {
+        "hpa-00-prepare": [],
+        "hpa-06-cells": [],
+        "hpa-03-train": ["alice/hpa-00-prepare"],
+        "hpa-07-cell-train": ["alice/hpa-06-cells", "alice/hpa-03-train"],
+        "hpa-05-submission": ["alice/hpa-03-train", "alice/hpa-07-cell-train"],
+    }
     bundle = json.loads((chain.kaggle.PUSH_DIR / "03_train" / "03_train.ipynb").read_text())
     assert "SHARDS = 'alice/hpa-00-prepare'" in "".join("".join(cell["source"]) for cell in bundle["cells"])
     assert "pushed 05_submission (alice/hpa-05-submission, version 1)" in printed
@@ -112,8 +128,12 @@ def test_running_it_again_midway_pushes_nothing_twice(service, notebooks):
 
 def test_a_version_stopped_at_hours_is_resumed_with_resume_from(service, notebooks):
     state, script = service
-    stopped = {"states": ["QUEUED", "RUNNING", "ERROR"], "failure": "tiles stopped at HOURS with 9000 images",
-               "outputs": {"tiles/tiles.json": {"complete": False}}, "log": ["tiles: stopping at the deadline"]}
+    stopped = {
+        "states": ["QUEUED", "RUNNING", "ERROR"],
+        "failure": "tiles stopped at HOURS with 9000 images",
+        "outputs": {"tiles/tiles.json": {"complete": False}},
+        "log": ["tiles: stopping at the deadline"],
+    }
     script(**{"hpa-06-cells": [stopped, finished("hpa-06-cells")]})
     drive(notebooks)
     cells = [push for push in pushes(state) if push["slug"] == "hpa-06-cells"]
@@ -125,11 +145,15 @@ def test_a_version_stopped_at_hours_is_resumed_with_resume_from(service, noteboo
     assert [push["slug"] for push in pushes(state)][-1] == "hpa-05-submission"  # and the chain went on
 
 
-def test_a_version_ending_in_error_stops_the_driver_in_one_line_with_the_failure(service, notebooks, capsys,
-                                                                                 monkeypatch):
+def test_a_version_ending_in_error_stops_the_driver_in_one_line_with_the_failure(
+    service, notebooks, capsys, monkeypatch
+):
     state, script = service
-    crashed = {"states": ["QUEUED", "RUNNING", "ERROR"], "failure": "Your notebook tried to allocate more memory",
-               "log": ["epoch 3/20", "Traceback (most recent call last):", "MemoryError: out of HBM"]}
+    crashed = {
+        "states": ["QUEUED", "RUNNING", "ERROR"],
+        "failure": "Your notebook tried to allocate more memory",
+        "log": ["epoch 3/20", "Traceback (most recent call last):", "MemoryError: out of HBM"],
+    }
     script(**{"hpa-07-cell-train": [crashed]})
     monkeypatch.setattr(chain.kaggle, "NOTEBOOKS_DIR", notebooks)
     monkeypatch.setattr(chain.Kaggle, "push", _pushing_from(notebooks))
@@ -149,17 +173,25 @@ def test_two_tpu_kernels_ready_together_are_pushed_one_after_the_other(service, 
     assert all(push["active_of_its_kind"] == [] for push in tpu)  # never a second TPU session beside the first
     sources = {push["slug"]: push["metadata"]["kernel_sources"] for push in pushes(state)}
     assert sources["hpa-07-cell-train"] == ["alice/hpa-06-cells", "alice/hpa-03-train-fold-0"]
-    assert sources["hpa-05-submission"] == ["alice/hpa-03-train-fold-0", "alice/hpa-03-train-fold-1",
-                                            "alice/hpa-07-cell-train"]
+    assert sources["hpa-05-submission"] == [
+        "alice/hpa-03-train-fold-0",
+        "alice/hpa-03-train-fold-1",
+        "alice/hpa-07-cell-train",
+    ]
 
 
 def test_the_training_kernels_run_on_a_gpu_machine_one_session_at_a_time(service, notebooks):
     state, _ = service
     drive(notebooks, folds=2, machine="NvidiaTeslaT4Highmem")
     shapes = {push["slug"]: push["metadata"].get("machine_shape") for push in pushes(state)}
-    assert shapes == {"hpa-00-prepare": None, "hpa-06-cells": None, "hpa-03-train-fold-0": "NvidiaTeslaT4Highmem",
-                      "hpa-03-train-fold-1": "NvidiaTeslaT4Highmem", "hpa-07-cell-train": "NvidiaTeslaT4Highmem",
-                      "hpa-05-submission": None}
+    assert shapes == {
+        "hpa-00-prepare": None,
+        "hpa-06-cells": None,
+        "hpa-03-train-fold-0": "NvidiaTeslaT4Highmem",
+        "hpa-03-train-fold-1": "NvidiaTeslaT4Highmem",
+        "hpa-07-cell-train": "NvidiaTeslaT4Highmem",
+        "hpa-05-submission": None,
+    }
     gpu = [push for push in pushes(state) if push["metadata"]["enable_gpu"]]
     assert len(gpu) == 3 and not any(push["metadata"]["enable_tpu"] for push in pushes(state))
     assert all(push["active_of_its_kind"] == [] for push in gpu)
@@ -175,16 +207,29 @@ def test_a_setting_lets_two_tpu_kernels_run_at_once(service, notebooks):
 
 
 @pytest.mark.parametrize("answer", ["403", "ok"])
-def test_submit_refused_with_a_403_ends_with_the_browser_instructions(service, notebooks, capsys, monkeypatch,
-                                                                     answer):
+def test_submit_refused_with_a_403_ends_with_the_browser_instructions(service, notebooks, capsys, monkeypatch, answer):
     state, script = service
     script(submit=answer)
     monkeypatch.setattr(chain.Kaggle, "push", _pushing_from(notebooks))
     code = cli.main(["kaggle", "chain", "run", "--wait", "--submit", "--poll", "0"])
     out, err = capsys.readouterr()
     submitted = [json.loads(line) for line in (state / "submissions.jsonl").read_text().splitlines()]
-    assert submitted == [["competitions", "submit", "-c", COMPETITION, "-k", "alice/hpa-05-submission", "-v", "1",
-                          "-f", "submission.csv", "-m", "hpa-nb chain"]]
+    assert submitted == [
+        [
+            "competitions",
+            "submit",
+            "-c",
+            COMPETITION,
+            "-k",
+            "alice/hpa-05-submission",
+            "-v",
+            "1",
+            "-f",
+            "submission.csv",
+            "-m",
+            "hpa-nb chain",
+        ]
+    ]
     if answer == "403":
         assert code == 2 and err.count("\n") == 1
         assert "refused the code submission" in err and "403" in err
@@ -195,8 +240,13 @@ def test_submit_refused_with_a_403_ends_with_the_browser_instructions(service, n
 
 def test_status_reads_kaggle_and_plan_takes_a_versions_own_projection(service, notebooks, capsys):
     _, script = service
-    projected = finished("hpa-06-cells", log=["projection: tiles of /kaggle/input/x, 0.4 s and 500 kB per image "
-                                              "measured here, so the 21,806 images take 2.4 h in all"])
+    projected = finished(
+        "hpa-06-cells",
+        log=[
+            "projection: tiles of /kaggle/input/x, 0.4 s and 500 kB per image "
+            "measured here, so the 21,806 images take 2.4 h in all"
+        ],
+    )
     script(**{"hpa-06-cells": [projected]})
     drive(notebooks, wait=False)
     assert cli.main(["kaggle", "chain", "status"]) == 0
@@ -215,11 +265,19 @@ def test_plan_on_a_fresh_clone_needs_no_kaggle_and_shows_the_graph(tmp_path):
     environ.update(HOME=str(tmp_path), PYTHONPATH=str(REPO), PATH=f"{tmp_path}{os.pathsep}{environ['PATH']}")
     (tmp_path / "kaggle").write_text("#!/bin/sh\necho 'No Kaggle credentials found' >&2\nexit 1\n")  # no account here
     (tmp_path / "kaggle").chmod(0o755)
-    done = subprocess.run([sys.executable, "-m", "hpa_nb", "kaggle", "chain", "plan", "--folds", "2"], env=environ,
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "hpa_nb", "kaggle", "chain", "plan", "--folds", "2"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
-    assert "side by side: 00_prepare ∥ 06_cells, then 03_train fold 0 ∥ 03_train fold 1, then 07_cell_train, " \
-           "then 05_submission" in done.stdout
+    assert (
+        "side by side: 00_prepare ∥ 06_cells, then 03_train fold 0 ∥ 03_train fold 1, then 07_cell_train, "
+        "then 05_submission" in done.stdout
+    )
     assert "TPU this week: 11.5 h of the free 20 h" in done.stdout
     assert "README, measured" in done.stdout and "Kaggle not asked" in done.stdout
 
@@ -229,9 +287,12 @@ def test_the_chain_table_names_the_markers_their_owners_write():
     assert table.KERNELS["06_cells"].done_marker == f"{tiles.TILE_DIR}/{tiles.MANIFEST}"
     assert table.KERNELS["03_train"].done_marker == f"{run.FOLDER}/{run.CONFIG_FILE}"
     assert table.KERNELS["07_cell_train"].done_marker == f"{run.CELL_FOLDER}/{run.CONFIG_FILE}"
-    assert [wave for wave in chain.waves(chain.steps())] == [[chain.Step("00_prepare"), chain.Step("06_cells")],
-                                                            [chain.Step("03_train")], [chain.Step("07_cell_train")],
-                                                            [chain.Step("05_submission")]]
+    assert [wave for wave in chain.waves(chain.steps())] == [
+        [chain.Step("00_prepare"), chain.Step("06_cells")],
+        [chain.Step("03_train")],
+        [chain.Step("07_cell_train")],
+        [chain.Step("05_submission")],
+    ]
 
 
 def _pushing_from(notebooks: Path):

@@ -1,5 +1,6 @@
 """The command line starts fast: `--help`, every verb's `--help` and the kaggle verbs that train nothing load no
 TensorFlow, Keras or JAX (`hpa_nb.cli` imports a verb's handler only when the verb runs)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """hpa_nb.data.pipeline: every image exactly once, with its own channels and label, from every layout; bad input named."""
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,15 @@ def png_bytes(value: int, size: int, bit_depth: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_dataset(root: Path, count: int = 12, bit_depth: int = 8, files: int = 3, pngs: bool = True,
-                  tfrecords: bool = True, seed: int = 0) -> Path:
+def write_dataset(
+    root: Path,
+    count: int = 12,
+    bit_depth: int = 8,
+    files: int = 3,
+    pngs: bool = True,
+    tfrecords: bool = True,
+    seed: int = 0,
+) -> Path:
     """A competition-layout data set whose channels carry planted values; colour order varies per image."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -112,14 +120,25 @@ def planted16(tmp_path_factory) -> Path:
 # --- every image once, its own channels and label --------------------------------------------
 @pytest.mark.parametrize("channels, deterministic", [("rgb", True), ("rgby", False)])
 def test_tfrecords_yield_every_image_once_with_its_own_channels(planted8, channels, deterministic):
-    dataset = pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, channels, with_id=True,
-                                  deterministic=deterministic)
+    dataset = pipeline.read_tfrecords(
+        planted8 / "train_tfrecords", IMAGE_SIZE, channels, with_id=True, deterministic=deterministic
+    )
     assert_all_planted(collect(dataset), 12, len(channels))
 
 
 def test_tfrecords_deterministic_order_repeats(planted8):
-    first = [i for _, _, i in pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
-    again = [i for _, _, i in pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True).as_numpy_iterator()]
+    first = [
+        i
+        for _, _, i in pipeline.read_tfrecords(
+            planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True
+        ).as_numpy_iterator()
+    ]
+    again = [
+        i
+        for _, _, i in pipeline.read_tfrecords(
+            planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True
+        ).as_numpy_iterator()
+    ]
     assert first == again and len(first) == 12
 
 
@@ -132,8 +151,11 @@ def test_png_dir_yields_every_image_once_in_csv_order(planted8):
 
 @pytest.mark.parametrize("reader", ["tfrecords", "png"])
 def test_16_bit_pngs_come_out_on_the_0_255_scale(planted16, reader):
-    dataset = (pipeline.read_tfrecords(planted16 / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True)
-               if reader == "tfrecords" else pipeline.read_png_dir(planted16, IMAGE_SIZE, "rgby", with_id=True))
+    dataset = (
+        pipeline.read_tfrecords(planted16 / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True)
+        if reader == "tfrecords"
+        else pipeline.read_png_dir(planted16, IMAGE_SIZE, "rgby", with_id=True)
+    )
     assert_all_planted(collect(dataset), 6, 4)
 
 
@@ -151,9 +173,11 @@ def test_16_bit_values_between_8_bit_steps_are_divided_by_257(tmp_path):
 
 def test_labels_without_images_of_other_ids_are_ignored_by_the_id_filter(planted8):
     wanted = [image_id(i) for i in (1, 5, 7)]
-    for dataset in (pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True, ids=wanted),
-                    pipeline.read_png_dir(planted8, IMAGE_SIZE, with_id=True, ids=wanted),
-                    pipeline.open_dataset(planted8, IMAGE_SIZE, with_id=True, ids=wanted)):
+    for dataset in (
+        pipeline.read_tfrecords(planted8 / "train_tfrecords", IMAGE_SIZE, with_id=True, ids=wanted),
+        pipeline.read_png_dir(planted8, IMAGE_SIZE, with_id=True, ids=wanted),
+        pipeline.open_dataset(planted8, IMAGE_SIZE, with_id=True, ids=wanted),
+    ):
         assert sorted(collect(dataset)) == sorted(wanted)
 
 
@@ -164,8 +188,9 @@ def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys, 
     shards.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
     capsys.readouterr()
     reads = []
-    monkeypatch.setattr(pipeline, "read_manifest",
-                        lambda folder, real=shards.read_manifest: reads.append(folder) or real(folder))
+    monkeypatch.setattr(
+        pipeline, "read_manifest", lambda folder, real=shards.read_manifest: reads.append(folder) or real(folder)
+    )
     seen = collect(pipeline.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
     assert "compact shards" in capsys.readouterr().out and len(reads) == 1  # the manifest is read once
     assert_all_planted(seen, 4, 4)
@@ -202,7 +227,7 @@ def first_file(root: Path) -> Path:
 
 def corrupt_png(png: bytes) -> bytes:
     damaged = bytearray(png)
-    damaged[len(damaged) // 2:] = b"\x00" * (len(damaged) - len(damaged) // 2)
+    damaged[len(damaged) // 2 :] = b"\x00" * (len(damaged) - len(damaged) // 2)
     return bytes(damaged)
 
 
@@ -210,16 +235,24 @@ def set_field(index: int, field: int, value):
     def change(rows):
         rows[index][field] = value(rows[index][field]) if callable(value) else value
         return rows
+
     return change
 
 
 BAD_RECORDS = {
     "corrupt png": (set_field(1, 1, corrupt_png), "does not decode"),
-    "unknown colour": (set_field(2, 0, lambda name: name.rsplit("_", 1)[0] + "_purple"), "unknown colour suffix 'purple'"),
-    "repeated colour": (set_field(0, 0, lambda name: name.rsplit("_", 1)[0] + "_" + (
-        "red" if not name.endswith("_red") else "green")), "need red, green, blue, yellow once each"),
-    "label out of range": (lambda rows: [[n, p, "3|19" if i < 4 else t] for i, (n, p, t) in enumerate(rows)],
-                           "'3|19' is not in 0..18"),
+    "unknown colour": (
+        set_field(2, 0, lambda name: name.rsplit("_", 1)[0] + "_purple"),
+        "unknown colour suffix 'purple'",
+    ),
+    "repeated colour": (
+        set_field(0, 0, lambda name: name.rsplit("_", 1)[0] + "_" + ("red" if not name.endswith("_red") else "green")),
+        "need red, green, blue, yellow once each",
+    ),
+    "label out of range": (
+        lambda rows: [[n, p, "3|19" if i < 4 else t] for i, (n, p, t) in enumerate(rows)],
+        "'3|19' is not in 0..18",
+    ),
     "missing record": (lambda rows: rows[1:], "a record is missing"),
     "missing last record": (lambda rows: rows[:-1], "expected 4: a record is missing"),
 }
@@ -253,8 +286,9 @@ def test_any_record_order_gives_every_image_exactly_its_own_channels(tmp_path, o
     root = write_dataset(tmp_path, count=9, files=3, pngs=False)
     for path in sorted((root / "train_tfrecords").glob("*.tfrec")):
         rewrite_records(path, RECORD_ORDERS[order])
-    dataset = pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True,
-                                  deterministic=deterministic)
+    dataset = pipeline.read_tfrecords(
+        root / "train_tfrecords", IMAGE_SIZE, "rgby", with_id=True, deterministic=deterministic
+    )
     assert_all_planted(collect(dataset), 9, 4)
 
 
@@ -314,7 +348,9 @@ def test_png_dir_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="purple"):
         pipeline.read_png_dir(root, IMAGE_SIZE, ids=[image_id(2)])
 
-    (root / "train" / f"{image_id(3)}_red.png").write_bytes(corrupt_png((root / "train" / f"{image_id(3)}_red.png").read_bytes()))
+    (root / "train" / f"{image_id(3)}_red.png").write_bytes(
+        corrupt_png((root / "train" / f"{image_id(3)}_red.png").read_bytes())
+    )
     message = error_of(pipeline.read_png_dir(root, IMAGE_SIZE, ids=[image_id(3)]))
     assert image_id(3) in message and "does not decode" in message
 
@@ -324,7 +360,9 @@ def test_corrupt_png_in_png_dir_names_that_file_and_no_other(tmp_path):
     root = write_dataset(tmp_path, count=4, tfrecords=False)
     (root / "train" / f"{image_id(1)}_green.png").write_bytes(b"garbage")
     message = error_of(pipeline.read_png_dir(root, IMAGE_SIZE, "rgby"))
-    assert message == f"file {root / 'train' / image_id(1)}_green.png: image {image_id(1)}: the green PNG does not decode"
+    assert (
+        message == f"file {root / 'train' / image_id(1)}_green.png: image {image_id(1)}: the green PNG does not decode"
+    )
     log = bad_input.SkipLog(echo=False)
     assert len(read_all(pipeline.read_png_dir(root, IMAGE_SIZE, "rgby", skip_bad=log))) == 3
     assert log.problems == [message]
@@ -334,17 +372,21 @@ def test_png_dir_channels_of_unequal_sizes_name_the_odd_file_and_the_sizes(tmp_p
     root = write_dataset(tmp_path, count=2, tfrecords=False)  # image 1 is 24 px
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "train" / f"{image_id(1)}_blue.png")
     message = error_of(pipeline.read_png_dir(root, IMAGE_SIZE, "rgb"))
-    assert message == (f"file {root / 'train' / image_id(1)}_blue.png: image {image_id(1)}: "
-                       "channels of unequal sizes (red 24x24, green 24x24, blue 12x10)")
+    assert message == (
+        f"file {root / 'train' / image_id(1)}_blue.png: image {image_id(1)}: "
+        "channels of unequal sizes (red 24x24, green 24x24, blue 12x10)"
+    )
 
 
 def change_png(index: int, color: str, change) -> Callable:
     """A `rewrite_records` change applied to the record of image `index`, colour `color`."""
+
     def apply(rows):
         for row in rows:
             if row[0] == f"{image_id(index)}_{color}":
                 row[1] = change(row[1])
         return rows
+
     return apply
 
 
@@ -354,22 +396,25 @@ def test_corrupt_png_in_a_tfrecord_names_the_file_the_image_and_the_colour(tmp_p
     rewrite_records(bad_file, change_png(2, "green", corrupt_png))
     for channels in ("rgb", "rgby"):
         message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, channels, deterministic=False))
-        assert message == (f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
-                           "a record is missing or its PNG does not decode (green)")
+        assert message == (
+            f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
+            "a record is missing or its PNG does not decode (green)"
+        )
     rewrite_records(bad_file, change_png(4, "red", lambda png: png_bytes(1, 8, 8)))  # image 4 is 24 px
     message = error_of(pipeline.read_tfrecords(root / "train_tfrecords", IMAGE_SIZE, "rgb", ids=[image_id(4)]))
-    assert message == (f"file {bad_file}: image {image_id(4)}: "
-                       "channels of unequal sizes (red 8x8, green 24x24, blue 24x24)")
+    assert message == (
+        f"file {bad_file}: image {image_id(4)}: channels of unequal sizes (red 8x8, green 24x24, blue 24x24)"
+    )
 
 
 TF_ASSERT = "[file a.tfrec: image X: the green PNG doesn\\'t decode]"
 TF_MESSAGES = {
     "eager": f"{{{{function_node __wrapped__IteratorGetNext}}}} assertion failed: {TF_ASSERT}\n\t "
-             "[[{{node Assert/Assert}}]] [Op:IteratorGetNext] name: ",
+    "[[{{node Assert/Assert}}]] [Op:IteratorGetNext] name: ",
     "keras fit": "Graph execution error:\n\nDetected at node Assert/Assert defined at (most recent call last):\n"
-                 "<stack traces unavailable>\nError in user-defined function passed to MapDataset:18 transformation "
-                 f"with iterator: Iterator::Root::Prefetch::ParallelMapV2: assertion failed: {TF_ASSERT}\n\t "
-                 "[[{{node Assert/Assert}}]]\n\t [[IteratorGetNext]] [Op:__inference_multi_step_on_iterator_8962]",
+    "<stack traces unavailable>\nError in user-defined function passed to MapDataset:18 transformation "
+    f"with iterator: Iterator::Root::Prefetch::ParallelMapV2: assertion failed: {TF_ASSERT}\n\t "
+    "[[{{node Assert/Assert}}]]\n\t [[IteratorGetNext]] [Op:__inference_multi_step_on_iterator_8962]",
     "graph node": f"assertion failed: {TF_ASSERT}\n\t [[node IteratorGetNext (defined at train.py:12) ]]",
     "nested nodes": f"assertion failed: {TF_ASSERT}\n\t [[{{{{node IteratorGetNext}}}}]]\n\t [[IteratorGetNext]]",
 }
@@ -387,8 +432,11 @@ def test_cli_names_the_corrupt_png_of_a_png_folder(tmp_path, verb, cli):
     root = write_dataset(tmp_path / "d", count=12, tfrecords=False)
     bad = root / "train" / f"{image_id(5)}_green.png"
     bad.write_bytes(b"garbage")
-    arguments = (["shard", "--src", str(root), "--out", str(tmp_path / "shards")] if verb == "shard" else
-                 ["train", "--quick", "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "run")])
+    arguments = (
+        ["shard", "--src", str(root), "--out", str(tmp_path / "shards")]
+        if verb == "shard"
+        else ["train", "--quick", "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "run")]
+    )
     cli(*arguments).assert_one_error_line(f"file {bad}: image {image_id(5)}: the green PNG does not decode")
 
 
@@ -397,8 +445,10 @@ def test_cli_names_the_tfrecord_and_colour_of_a_corrupt_png(tmp_path, cli):
     bad_file = first_file(root)
     rewrite_records(bad_file, change_png(2, "blue", corrupt_png))
     result = cli("shard", "--src", root, "--out", tmp_path / "shards")
-    result.assert_one_error_line(f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
-                                  "a record is missing or its PNG does not decode (blue)")
+    result.assert_one_error_line(
+        f"file {bad_file}: image {image_id(2)}: only 3 records, expected 4: "
+        "a record is missing or its PNG does not decode (blue)"
+    )
 
 
 def test_bad_label_in_csv_names_the_id(tmp_path):
@@ -407,7 +457,10 @@ def test_bad_label_in_csv_names_the_id(tmp_path):
     (root / "train.csv").write_text(text)
     with pytest.raises(ValueError, match=f"{image_id(1)}.*25"):
         competition.load_labels(root)
-    assert list(competition.load_labels(root, skip_bad=bad_input.SkipLog(echo=False))["ID"]) == [image_id(0), image_id(2)]
+    assert list(competition.load_labels(root, skip_bad=bad_input.SkipLog(echo=False))["ID"]) == [
+        image_id(0),
+        image_id(2),
+    ]
 
 
 # --- shards ------------------------------------------------------------------------------
@@ -416,8 +469,22 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(default_sample, tmp
     """A real `shard` process SIGKILLed after its second shard, as a lost Kaggle session would be; a new process
     goes on from the finished shards and every image ends up in exactly one."""
     out = tmp_path / "shards"
-    command = [sys.executable, "-m", "hpa_nb", "shard", "--src", str(default_sample), "--out", str(out), "--size",
-               "32", "--channels", "rgb", "--images-per-shard", "20"]
+    command = [
+        sys.executable,
+        "-m",
+        "hpa_nb",
+        "shard",
+        "--src",
+        str(default_sample),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--channels",
+        "rgb",
+        "--images-per-shard",
+        "20",
+    ]
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     kill_when_written(command, out / "shard-00001.tfrec", environment)
     assert not (out / shards.MANIFEST).exists()
@@ -476,8 +543,11 @@ def test_shards_of_an_older_writer_are_refused_in_one_line(tmp_path):
     out = tmp_path / "s"
     shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", progress=False)
     sidecar = out / "shard-00000.tfrec.json"
-    sidecar.write_text(json.dumps({key: value for key, value in json.loads(sidecar.read_text()).items()
-                                   if key not in ("labels", "bytes")}))  # as the writer before manifest version 2
+    sidecar.write_text(
+        json.dumps(
+            {key: value for key, value in json.loads(sidecar.read_text()).items() if key not in ("labels", "bytes")}
+        )
+    )  # as the writer before manifest version 2
     with pytest.raises(ValueError, match="written by an older hpa-nb .*use another --out"):
         shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", progress=False)
 
@@ -485,13 +555,16 @@ def test_shards_of_an_older_writer_are_refused_in_one_line(tmp_path):
 def test_shards_stop_as_soon_as_the_projected_total_is_over_budget(tmp_path):
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     out = tmp_path / "s"
-    with pytest.raises(shards.ShardBudgetError, match=r"shards of .*: .* kB per image, so the 10 images would need .* GB, over the 1e-06 GB"):
-        shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
-                            max_gb=1e-6)
+    with pytest.raises(
+        shards.ShardBudgetError,
+        match=r"shards of .*: .* kB per image, so the 10 images would need .* GB, over the 1e-06 GB",
+    ):
+        shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False, max_gb=1e-6)
     # the first shard, finished before the check, is kept for a rerun; nothing else is left
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.tfrec", "shard-00000.tfrec.json"]
-    manifest = shards.write_shards(root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
-                                   max_gb=1.0)
+    manifest = shards.write_shards(
+        root, out, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False, max_gb=1.0
+    )
     assert manifest["complete"] and manifest["count"] == 10
     assert manifest["bytes"] == sum((out / entry["file"]).stat().st_size for entry in manifest["shards"])
     assert manifest["bytes_per_image"] == round(manifest["bytes"] / 10)
@@ -500,8 +573,9 @@ def test_shards_stop_as_soon_as_the_projected_total_is_over_budget(tmp_path):
 def test_shards_stopped_at_a_deadline_are_adopted_by_the_next_session(tmp_path):
     root = write_dataset(tmp_path / "d", count=10, tfrecords=False)
     first = tmp_path / "session1" / "shards"
-    stopped = shards.write_shards(root, first, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False,
-                                  deadline=time.time() - 1)  # already past: stop after the first shard
+    stopped = shards.write_shards(
+        root, first, size=IMAGE_SIZE, channels="rgb", images_per_shard=3, progress=False, deadline=time.time() - 1
+    )  # already past: stop after the first shard
     assert (stopped["complete"], stopped["count"]) == (False, 3)
     with pytest.raises(ValueError, match="incomplete"):
         shards.pair(first, stopped, competition.load_labels(root), root)
@@ -543,7 +617,9 @@ def test_split_is_deterministic_and_stratified():
     matrix = np.zeros((count, N_CLASSES), np.float32)
     matrix[np.arange(count), rng.integers(0, 5, count)] = 1  # common classes
     matrix[rng.random((count, N_CLASSES)) < 0.05] = 1
-    for rare, members in zip(range(10, 19), ([0, 1], [2, 3, 4], [5, 6], [7, 8], [9, 10], [11, 12, 13], [14, 15], [16, 17], [18, 19])):
+    for rare, members in zip(
+        range(10, 19), ([0, 1], [2, 3, 4], [5, 6], [7, 8], [9, 10], [11, 12, 13], [14, 15], [16, 17], [18, 19])
+    ):
         matrix[:, rare] = 0
         matrix[members, rare] = 1
     matrix[20, 9] = 1  # a class with one image
@@ -594,13 +670,14 @@ def test_a_stream_started_at_batch_k_is_the_whole_stream_from_batch_k(planted8, 
     ids = [image_id(i) for i in range(10)]
 
     def batches(start_batch, count):
-        dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4,
-                                            stream=Stream(seed=3, cache=cache, start_batch=start_batch))
+        dataset = pipeline.training_dataset(
+            planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, stream=Stream(seed=3, cache=cache, start_batch=start_batch)
+        )
         return [x for x, _ in dataset.take(count).as_numpy_iterator()]
 
     whole = batches(0, 8)  # 32 images: passes of 10 images, batches straddle them
     for start in (3, 5):  # 12 and 20 images in: mid-pass and at a pass boundary
-        for resumed, expected in zip(batches(start, 3), whole[start:start + 3], strict=True):
+        for resumed, expected in zip(batches(start, 3), whole[start : start + 3], strict=True):
             np.testing.assert_array_equal(resumed, expected)
     assert not np.array_equal(whole[0], whole[5])  # a later pass is not a replay of the first
     with pytest.raises(ValueError, match="start_batch"):
@@ -611,8 +688,9 @@ def test_training_dataset_without_augment_keeps_each_image_with_its_label(plante
     ids = [image_id(i) for i in range(12)]
     by_label = {tuple(parse_label(label_text(i))): planted(i, 0) for i in range(12)}  # labels are unique here
     for cache in (False, True):
-        dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=2, stream=Stream(
-            seed=0, augment=False, cache=cache))
+        dataset = pipeline.training_dataset(
+            planted8, ids, IMAGE_SIZE, "rgb", batch_size=2, stream=Stream(seed=0, augment=False, cache=cache)
+        )
         seen = []
         for images, labels in dataset.take(6).as_numpy_iterator():
             for image, label in zip(images, labels):
@@ -630,8 +708,9 @@ def test_workers_feed_their_rows_of_the_one_worker_stream_and_resume_with_it(pla
 
     def batches(workers: int, worker: int, start_batch: int = 0, count: int = 9):
         trace = tmp_path / f"ids-{workers}-{worker}-{start_batch}.txt"
-        stream = Stream(seed=5, cache=cache, start_batch=start_batch, num_workers=workers, worker_index=worker,
-                        trace=str(trace))
+        stream = Stream(
+            seed=5, cache=cache, start_batch=start_batch, num_workers=workers, worker_index=worker, trace=str(trace)
+        )
         dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, stream=stream)
         found = list(dataset.take(count).as_numpy_iterator())
         return found, trace.read_text().split()
@@ -645,9 +724,13 @@ def test_workers_feed_their_rows_of_the_one_worker_stream_and_resume_with_it(pla
     fed = [half[1][:18] for half in halves]  # the traced IDs of the 9 batches taken (prefetching traces more)
     assert not set(fed[0][:6]) & set(fed[1][:6])
     for first in (0, 12, 24):  # passes of 12 images = 3 global batches; host k feeds rows 2k, 2k+1 of each
-        per_pass = [image for step in range(first // 4, first // 4 + 3) for half in fed
-                    for image in half[2 * step:2 * step + 2]]
-        assert sorted(per_pass) == sorted(ids) and per_pass == whole_ids[first:first + 12]
+        per_pass = [
+            image
+            for step in range(first // 4, first // 4 + 3)
+            for half in fed
+            for image in half[2 * step : 2 * step + 2]
+        ]
+        assert sorted(per_pass) == sorted(ids) and per_pass == whole_ids[first : first + 12]
     resumed = batches(2, 1, start_batch=4, count=3)[0]
     for step, (images, _) in enumerate(resumed):
         np.testing.assert_array_equal(images, halves[1][0][4 + step][0])

@@ -1,5 +1,6 @@
 """What the winning solutions did: K-fold runs and their out-of-fold predictions, ensembles, class activation maps
 and the CAM cell score, cell TTA, weights tuned on other images than those scored, and extra data sources."""
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,22 @@ def test_split_draws_the_same_images_as_before_folds_existed():
     images the split of 1f88d31 drew."""
     ids = [f"img{i:03d}" for i in range(60)]
     _, val_ids = splits.split(ids, _labels(60, 2), 0.2, seed=3)
-    assert val_ids == ["img005", "img016", "img017", "img018", "img023", "img025", "img028", "img031", "img032",
-                       "img033", "img036", "img039", "img055", "img059"]
+    assert val_ids == [
+        "img005",
+        "img016",
+        "img017",
+        "img018",
+        "img023",
+        "img025",
+        "img028",
+        "img031",
+        "img032",
+        "img033",
+        "img036",
+        "img039",
+        "img055",
+        "img059",
+    ]
 
 
 # --- CAM ------------------------------------------------------------------------------------
@@ -82,8 +97,9 @@ def test_class_maps_average_back_to_the_model_and_pool_inside_each_cell():
     assert logits.shape == (3, 4, 4, N_CLASSES)
     np.testing.assert_allclose(sigmoid(logits.mean(axis=(1, 2))), model.predict_on_batch(batch), atol=1e-5)
     whole = np.ones((64, 48), np.uint16)  # 16 x 12 pixels per map position: every position weighs the same
-    np.testing.assert_allclose(cell_scores(logits[0], whole, np.array([1]))[0], model.predict_on_batch(batch[:1])[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        cell_scores(logits[0], whole, np.array([1]))[0], model.predict_on_batch(batch[:1])[0], atol=1e-5
+    )
     planted = np.full((4, 4, N_CLASSES), -4.0, np.float32)
     planted[:, :2, 7] = 4.0  # class 7's evidence in the left half
     mask = np.zeros((40, 40), np.uint16)
@@ -102,11 +118,13 @@ def test_a_rule_with_a_cam_weight_blends_three_terms():
     arithmetic = ScoreRule("arithmetic", 0.5, "model", cam_weight=0.25).apply(image, cell, cam)
     np.testing.assert_allclose(arithmetic, 0.5 * 0.8 + 0.25 * 0.4 + 0.25 * 0.1, rtol=1e-6)
     geometric = ScoreRule("geometric", 0.2, "model", cam_weight=0.3).apply(image, cell, cam)
-    np.testing.assert_allclose(geometric, 0.8 ** 0.2 * 0.4 ** 0.5 * 0.1 ** 0.3, rtol=1e-5)
+    np.testing.assert_allclose(geometric, 0.8**0.2 * 0.4**0.5 * 0.1**0.3, rtol=1e-5)
     only_cam = ScoreRule("geometric", 0.0, "model", cam_weight=1.0).apply(image, cell, cam)
     np.testing.assert_allclose(only_cam, 0.1, rtol=1e-6)
-    assert ScoreRule("geometric", 0.3, "model").apply(image, cell).tolist() == \
-        ScoreRule("geometric", 0.3, "model", cam_weight=0.0).apply(image, cell, cam).tolist()
+    assert (
+        ScoreRule("geometric", 0.3, "model").apply(image, cell).tolist()
+        == ScoreRule("geometric", 0.3, "model", cam_weight=0.0).apply(image, cell, cam).tolist()
+    )
     with pytest.raises(ValueError, match="needs the CAM cell scores"):
         ScoreRule(cam_weight=0.1).apply(image, cell)
     with pytest.raises(ValueError, match="cam_weight 0.5 is outside"):
@@ -140,8 +158,11 @@ def test_an_ensemble_averages_its_members_at_their_own_sizes_and_channels():
     out = ensemble(np.zeros((5, 32, 32, 4), np.float32))
     np.testing.assert_allclose(out, 0.75 * 0.2 + 0.25 * 0.4, rtol=1e-6)
     assert sorted(seen) == [(16, 16, 3), (32, 32, 4)]
-    np.testing.assert_allclose(ensemble.cam_scores(np.zeros((9, 9, 4)), np.ones((9, 9), int), np.array([1])),
-                               2 * (0.75 * 0.2 + 0.25 * 0.4), rtol=1e-6)
+    np.testing.assert_allclose(
+        ensemble.cam_scores(np.zeros((9, 9, 4)), np.ones((9, 9), int), np.array([1])),
+        2 * (0.75 * 0.2 + 0.25 * 0.4),
+        rtol=1e-6,
+    )
     with pytest.raises(ValueError, match="2 models need 2 weights"):
         CellClassifier.average([member(16, "rgb", 0.2), member(32, "rgb", 0.4)], [1.0])
     without_maps = CellClassifier.average([member(16, "rgb", 0.2), CellClassifier(lambda b: b, 16)])
@@ -157,7 +178,7 @@ def _predictions(rng, images: int = 12) -> tuple[dict, tuple[dict, dict]]:
     for n in range(images):
         mask = np.zeros((20, 20), np.uint16)
         for cell, (r, c) in enumerate(((0, 0), (0, 10), (10, 0), (10, 10)), start=1):
-            mask[r + 1:r + 9, c + 1:c + 9] = cell
+            mask[r + 1 : r + 9, c + 1 : c + 9] = cell
         classes = rng.permutation(4)
         truth = {cell: np.eye(N_CLASSES)[classes[cell - 1]] for cell in range(1, 5)}
         image_probs = np.full(N_CLASSES, 0.05, np.float32)
@@ -165,8 +186,9 @@ def _predictions(rng, images: int = 12) -> tuple[dict, tuple[dict, dict]]:
         cam = np.full((4, N_CLASSES), 0.05, np.float32)
         cam[np.arange(4), classes] = 0.6 + 0.3 * rng.random(4)
         cell_probs = rng.uniform(0.3, 0.7, (4, N_CLASSES)).astype(np.float32)
-        predictions[f"i{n}"] = CellPredictions(mask, np.arange(1, 5), np.zeros((4, N_CLASSES), np.float32),
-                                               image_probs, cell_probs, cam)
+        predictions[f"i{n}"] = CellPredictions(
+            mask, np.arange(1, 5), np.zeros((4, N_CLASSES), np.float32), image_probs, cell_probs, cam
+        )
         masks[f"i{n}"], labels[f"i{n}"] = mask, truth
     return predictions, (masks, labels)
 
@@ -176,8 +198,9 @@ def test_tuning_finds_the_informative_term_and_scores_match_the_metric():
     matches = compare.matches_of(predictions, truth)
     tuned = compare.tune(predictions, matches)
     assert tuned.cam_weight > 0 and tuned.combine == "geometric"
-    by_rule = {rule: matches.mean_average_precision(compare.scores_under(predictions, rule))
-               for rule in (tuned, COMBINED_RULE)}
+    by_rule = {
+        rule: matches.mean_average_precision(compare.scores_under(predictions, rule)) for rule in (tuned, COMBINED_RULE)
+    }
     assert by_rule[tuned] > by_rule[COMBINED_RULE] + 0.2
     # the matched cells give the competition metric itself
     rescored = {i: rescore(p, tuned).as_map_input() for i, p in predictions.items()}
@@ -206,8 +229,23 @@ def test_data_sources_join_in_a_view_and_a_colliding_id_is_named(tmp_path, cli):
     assert len(pd.read_csv(view / "train.csv")) == 20 and len(list((view / "train").glob("*.png"))) == 80
     assert combined.combine([first, second], tmp_path / "work") == view  # made again in place
 
-    result = cli("train", "--quick", "--data", first, second, "--out", tmp_path / "run", "--image-size", "32",
-                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4")
+    result = cli(
+        "train",
+        "--quick",
+        "--data",
+        first,
+        second,
+        "--out",
+        tmp_path / "run",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "4",
+    )
     assert result.status == 0, result.err[-2000:]
     saved = run.load_split(tmp_path / "run")
     assert set(renamed.values()) <= set(saved["train"]) and not set(renamed.values()) & set(saved["val"])
@@ -215,12 +253,15 @@ def test_data_sources_join_in_a_view_and_a_colliding_id_is_named(tmp_path, cli):
     assert saved["val"] == alone and run.load_config(tmp_path / "run").extra_data == [str(second)]
     assert read_predictions(run.RunFolder(tmp_path / "run").oof)[0] == saved["val"]
 
-    table.assign(ID=pd.read_csv(first / "train.csv", dtype=str)["ID"][:8].to_numpy()).to_csv(second / "train.csv",
-                                                                                               index=False)
+    table.assign(ID=pd.read_csv(first / "train.csv", dtype=str)["ID"][:8].to_numpy()).to_csv(
+        second / "train.csv", index=False
+    )
     collided = cli("train", "--quick", "--data", first, second, "--out", tmp_path / "run2")
     clash = pd.read_csv(first / "train.csv", dtype=str)["ID"][0]
-    collided.assert_one_error_line(f"image {clash} is in both {first / 'train.csv'} and {second / 'train.csv'}: the "
-                                   "IDs of data sources must not collide (rename one source's images)")
+    collided.assert_one_error_line(
+        f"image {clash} is in both {first / 'train.csv'} and {second / 'train.csv'}: the "
+        "IDs of data sources must not collide (rename one source's images)"
+    )
 
 
 def _ids_and_matrix(root):
@@ -240,8 +281,18 @@ def fold_runs(small_sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("folds")
     runs = []
     for k in range(2):
-        config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(root / f"fold{k}"), folds=2, fold=k,
-                                           image_size=32, epochs=1, batch_size=4, steps_per_epoch=2, seed=3, verbose=0)
+        config = TrainConfig.quick_variant(
+            data_dir=str(small_sample),
+            out_dir=str(root / f"fold{k}"),
+            folds=2,
+            fold=k,
+            image_size=32,
+            epochs=1,
+            batch_size=4,
+            steps_per_epoch=2,
+            seed=3,
+            verbose=0,
+        )
         runs.append(train(config).run_dir)
     return runs
 
@@ -266,32 +317,79 @@ def test_fold_runs_hold_out_every_image_once_and_gather_out_of_fold(fold_runs, s
     assert refused.status == 2 and "it was trained with fold=0, not 1" in refused.errors[0]
     mixed = cli("evaluate", "--model", *fold_runs)
     assert mixed.status == 2 and "holds out other images than" in mixed.errors[0]
-    both = cli("evaluate", "--model", *fold_runs, "--split", "all", "--data", small_sample, "--weights", "1", "3",
-               "--out", tmp_path / "ensemble")
+    both = cli(
+        "evaluate",
+        "--model",
+        *fold_runs,
+        "--split",
+        "all",
+        "--data",
+        small_sample,
+        "--weights",
+        "1",
+        "3",
+        "--out",
+        tmp_path / "ensemble",
+    )
     assert both.status == 0, both.err[-2000:]
     metrics = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())
     assert metrics["weights"] == [0.25, 0.75] and metrics["images"] == len(all_ids)
 
 
 @pytest.mark.slow
-def test_submit_and_compare_take_ensembles_tta_and_the_cam_score(fold_runs, trained_cell_run, small_sample, cli,
-                                                                 tmp_path):
-    compared = cli("compare", "--model", *fold_runs, "--cell-model", trained_cell_run, trained_cell_run,
-                   "--data", small_sample, "--segmentation", "masks", "--out", tmp_path / "rule.json")
+def test_submit_and_compare_take_ensembles_tta_and_the_cam_score(
+    fold_runs, trained_cell_run, small_sample, cli, tmp_path
+):
+    compared = cli(
+        "compare",
+        "--model",
+        *fold_runs,
+        "--cell-model",
+        trained_cell_run,
+        trained_cell_run,
+        "--data",
+        small_sample,
+        "--segmentation",
+        "masks",
+        "--out",
+        tmp_path / "rule.json",
+    )
     assert compared.status == 0, compared.err[-2000:]
     rows = [line for line in compared.out.splitlines() if line.strip().startswith(("image", "cell", "CAM", "ensemble"))]
-    names = [(found.group(1), found.group(2) == "yes") for found in (re.match(r"\s*(.+?)\s+(yes|no)\s", row)
-                                                                      for row in rows)]
-    single = ["image model", "cell model", "CAM", "image × cell", "image × cell, edge cells × 0",
-              "image × cell × CAM, tuned"]
+    names = [
+        (found.group(1), found.group(2) == "yes") for found in (re.match(r"\s*(.+?)\s+(yes|no)\s", row) for row in rows)
+    ]
+    single = [
+        "image model",
+        "cell model",
+        "CAM",
+        "image × cell",
+        "image × cell, edge cells × 0",
+        "image × cell × CAM, tuned",
+    ]
     ensemble = ["ensemble of 2 image and 2 cell runs, image × cell", "ensemble of 2 image and 2 cell runs, tuned"]
-    assert names == ([(n, False) for n in single + ensemble]
-                     + [(n, True) for n in single[1:] + ensemble if n != "CAM"]), names
+    assert names == (
+        [(n, False) for n in single + ensemble] + [(n, True) for n in single[1:] + ensemble if n != "CAM"]
+    ), names
     rule = json.loads((tmp_path / "rule.json").read_text())
     assert {"image_weight", "cam_weight", "partial_scale", "combine"} <= set(rule)
 
-    written = cli("submit", "--model", *fold_runs, "--cell-model", trained_cell_run, "--data", small_sample,
-                  "--out", tmp_path / "s.csv", "--tta", "--rule", tmp_path / "rule.json", "--cam-weight", "0.1")
+    written = cli(
+        "submit",
+        "--model",
+        *fold_runs,
+        "--cell-model",
+        trained_cell_run,
+        "--data",
+        small_sample,
+        "--out",
+        tmp_path / "s.csv",
+        "--tta",
+        "--rule",
+        tmp_path / "rule.json",
+        "--cam-weight",
+        "0.1",
+    )
     assert written.status == 0, written.err[-2000:]
     assert "an ensemble of 2 image runs" in written.err and "CAM weight 0.1" in written.err and "TTA ×8" in written.err
     submission = pd.read_csv(tmp_path / "s.csv", keep_default_na=False)

@@ -1,4 +1,5 @@
 """Data discovery order, Kaggle detection and backend choice."""
+
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,6 @@ def test_the_evaluation_sample_has_a_cache_folder_of_its_own(tmp_path):
     default, evaluation = sources.default_sample_dir(environ), sources.sample_dir(sources.EVALUATION_SAMPLE, environ)
     assert default.name.endswith(f"-n{sources.DEFAULT_SAMPLE['images']}-s256-seed0-b8")  # the name caches already use
     assert evaluation != default and "-t400-" in evaluation.name and "-seed1-" in evaluation.name
-    assert sources.EVALUATION_SAMPLE["seed"] != sources.DEFAULT_SAMPLE["seed"]  # never the images a default run trains on
-
-
+    assert (
+        sources.EVALUATION_SAMPLE["seed"] != sources.DEFAULT_SAMPLE["seed"]
+    )  # never the images a default run trains on

@@ -1,4 +1,5 @@
 """evaluate: held-out IDs reproduced exactly, files written, predictions.csv round trip, TTA, CLI errors."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def test_a_changed_split_is_refused(trained_run, small_sample, tmp_path):
 def test_split_all_with_tta_and_given_thresholds_scores_every_labelled_image(trained_run, small_sample, tmp_path):
     thresholds = tmp_path / "val_metrics.json"
     thresholds.write_text(json.dumps({"thresholds": {name: 0.5 for name in LABEL_NAMES}}))
-    result = evaluate(trained_run, small_sample, tmp_path / "all", split="all", tta=True, batch_size=16,
-                      thresholds=thresholds)
+    result = evaluate(
+        trained_run, small_sample, tmp_path / "all", split="all", tta=True, batch_size=16, thresholds=thresholds
+    )
     labels = pd.read_csv(small_sample / "train.csv", dtype={"ID": str})
     assert sorted(result.ids) == sorted(labels["ID"])
     expected = label_matrix(labels["ID"], labels["Label"])[[labels["ID"].tolist().index(i) for i in result.ids]]
@@ -67,7 +69,8 @@ def test_split_all_with_tta_and_given_thresholds_scores_every_labelled_image(tra
     assert result.metrics["macro_roc_auc"] is not None
     assert set(result.metrics["thresholds"].values()) == {0.5}
     assert result.metrics["classes"][0]["f1"] == pytest.approx(
-        f1_score(result.y_true[:, 0], result.y_score[:, 0] >= 0.5))
+        f1_score(result.y_true[:, 0], result.y_score[:, 0] >= 0.5)
+    )
     assert list(result.table().index) == list(LABEL_NAMES)
 
 

@@ -1,4 +1,5 @@
 """hpa_nb.plots.figures: saving every kind of figure atomically, and showing charts and grids in a notebook."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Atomic writes: a file under its final name is always whole, old or new, and nothing is left behind."""
+
 from __future__ import annotations
 
 import os

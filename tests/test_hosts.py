@@ -1,5 +1,6 @@
 """Training over several hosts (`hpa_nb.training.hosts`): which hosts a run has, and two `train` processes on
 127.0.0.1 with 4 virtual CPU devices each, joined by JAX over gloo, as the hosts of a TPU pod slice would be."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 # --- which hosts --------------------------------------------------------------------------------------------------
 def test_hosts_come_from_the_options_then_kerass_variables_then_the_tpu_slice():
     assert hosts.from_options("10.0.0.2:8476", 4, 3, environ={}) == Hosts(4, 3, "10.0.0.2:8476")
-    keras_variables = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.2:1234,10.0.0.3:1234",
-                       "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": "1"}
+    keras_variables = {
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.2:1234,10.0.0.3:1234",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+        "KERAS_DISTRIBUTION_PROCESS_ID": "1",
+    }
     assert hosts.from_options(environ=keras_variables) == Hosts(2, 1, "10.0.0.2:1234")
     gke = {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2"}
     assert hosts.from_environment(gke) == Hosts(4, 2)  # the coordinator is left to JAX
@@ -48,12 +52,18 @@ def test_a_host_feeds_its_rows_of_every_global_batch():
     assert "writes the run folder" in Hosts(2, 0, "h:1").describe() and "host 0 writes" in Hosts(2, 1).describe()
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id together"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "process id 2 is outside 0..1"),
-    # the tests' backend is TensorFlow: several hosts need JAX's, and nothing is written before that is known
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0"], "needs KERAS_BACKEND=jax"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id together"),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+            "process id 2 is outside 0..1",
+        ),
+        # the tests' backend is TensorFlow: several hosts need JAX's, and nothing is written before that is known
+        (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0"], "needs KERAS_BACKEND=jax"),
+    ],
+)
 def test_host_options_that_do_not_fit_are_one_line_exit_2(arguments, message, small_sample, tmp_path, capsys):
     assert main(["train", "--quick", "--data", str(small_sample), "--out", str(tmp_path / "run"), *arguments]) == 2
     assert not (tmp_path / "run").exists()
@@ -67,7 +77,7 @@ def test_host_options_that_do_not_fit_are_one_line_exit_2(arguments, message, sm
 # (a global batch of 16), on a split of 32 training and 8 validation images, so an epoch is one pass of 2 steps.
 RUN = ("--quick", "--image-size", "32", "--weights", "none", "--batch-size", "2", "--patience", "10")
 # A write under the run folder, by any process that imports this: an audit hook logs it (one line per write).
-WATCH = '''
+WATCH = """
 import os, sys
 watched, log = os.environ.get("HPA_TEST_WATCH"), os.environ.get("HPA_TEST_WRITES")
 if watched and log:
@@ -91,7 +101,7 @@ if watched and log:
                     out.write(f"{event} {os.fsdecode(path)}\\n")
 
     sys.addaudithook(writes)
-'''
+"""
 # How close the two-host run must stay to one process with 8 devices. Both feed the same global batches with the same
 # augmentation (asserted exactly, from the traces), from the same weights; what differs is only the order of the sums
 # across devices (gloo between the processes, XLA's own inside one), about 1e-7 in a gradient. Adam's first steps
@@ -126,12 +136,21 @@ def _free_port() -> int:
 
 
 def _environment(devices: int, trace: Path, watch: Path | None = None, writes: Path | None = None) -> dict:
-    environ = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "jax",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "HPA_TRACE_IDS": str(trace)}
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "HPA_TRACE_IDS": str(trace),
+    }
     trace.mkdir(parents=True, exist_ok=True)
     if watch is not None:
-        environ.update(PYTHONPATH=f"{watch.parent / 'hook'}{os.pathsep}{REPO}", HPA_TEST_WATCH=str(watch),
-                       HPA_TEST_WRITES=str(writes))
+        environ.update(
+            PYTHONPATH=f"{watch.parent / 'hook'}{os.pathsep}{REPO}",
+            HPA_TEST_WATCH=str(watch),
+            HPA_TEST_WRITES=str(writes),
+        )
     return environ
 
 
@@ -139,8 +158,14 @@ def _train(arguments: list[str], python: str = sys.executable) -> list[str]:
     return [python, "-m", "hpa_nb", "train", *arguments]
 
 
-def _two_hosts(arguments: list[str], out: Path, trace: Path, stop_at: Path | None = None,
-               timeout: float = 420, python: str = sys.executable) -> tuple[float, list[str]]:
+def _two_hosts(
+    arguments: list[str],
+    out: Path,
+    trace: Path,
+    stop_at: Path | None = None,
+    timeout: float = 420,
+    python: str = sys.executable,
+) -> tuple[float, list[str]]:
     """Run `train` as hosts 0 and 1 of a fresh coordinator; with `stop_at`, SIGKILL both once it exists, as a
     preempted slice would be. Returns the wall time and each host's stderr; stops both if one fails."""
     (out.parent / "hook").mkdir(exist_ok=True)
@@ -151,10 +176,12 @@ def _two_hosts(arguments: list[str], out: Path, trace: Path, stop_at: Path | Non
     started = time.monotonic()
     for index in range(2):
         environ = _environment(4, trace, watch=out, writes=out.parent / f"writes-host{index}.txt")
-        command = _train([*arguments, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(index)],
-                         python)
-        processes.append(subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
-                                          stderr=logs[index].open("w")))
+        command = _train(
+            [*arguments, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(index)], python
+        )
+        processes.append(
+            subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL, stderr=logs[index].open("w"))
+        )
     try:
         while any(process.poll() is None for process in processes):
             failed = [process for process in processes if process.returncode not in (None, 0)]
@@ -182,7 +209,7 @@ def _two_hosts(arguments: list[str], out: Path, trace: Path, stop_at: Path | Non
 
 def _fed(trace: Path, host: int, epoch: int, per_epoch: int = 16) -> list[str]:
     """The IDs host `host` fed in the `epoch`-th epoch its process trained (the trace runs ahead: prefetching)."""
-    return (trace / f"train-ids-host{host}.txt").read_text().split()[epoch * per_epoch:(epoch + 1) * per_epoch]
+    return (trace / f"train-ids-host{host}.txt").read_text().split()[epoch * per_epoch : (epoch + 1) * per_epoch]
 
 
 @pytest.mark.slow
@@ -195,8 +222,9 @@ def test_two_hosts_train_as_one_with_one_writer_resume_together_and_match_one_pr
     train_ids = pd.read_csv(split, dtype=str).query("subset == 'train'")["ID"].tolist()
 
     # Two epochs of three, then both hosts killed once the second epoch's checkpoint is written.
-    first_seconds, _ = _two_hosts([*base, "--out", str(run), "--epochs", "3"], run, slice_dir / "trace-1",
-                                  stop_at=RunFolder(run).checkpoint(2))
+    first_seconds, _ = _two_hosts(
+        [*base, "--out", str(run), "--epochs", "3"], run, slice_dir / "trace-1", stop_at=RunFolder(run).checkpoint(2)
+    )
     assert not RunFolder(run).model.is_file()
     # Resumed on both hosts, from the same epoch and batch.
     resumed_seconds, errors = _two_hosts(["--resume", "--out", str(run), "--epochs", "3"], run, slice_dir / "trace-2")
@@ -225,8 +253,13 @@ def test_two_hosts_train_as_one_with_one_writer_resume_together_and_match_one_pr
     single = tmp_path / "single"
     started = time.monotonic()
     for arguments in ([*base, "--epochs", "2"], ["--resume", "--epochs", "3"]):
-        done = subprocess.run(_train([*arguments, "--out", str(single / "run")]), env=_environment(8, single / "trace"),
-                              capture_output=True, text=True, timeout=420)
+        done = subprocess.run(
+            _train([*arguments, "--out", str(single / "run")]),
+            env=_environment(8, single / "trace"),
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     single_seconds = time.monotonic() - started
     alone = pd.read_csv(RunFolder(single / "run").history)
@@ -236,12 +269,16 @@ def test_two_hosts_train_as_one_with_one_writer_resume_together_and_match_one_pr
     np.testing.assert_allclose(oof.to_numpy(), reference.to_numpy(), rtol=0, atol=LOOSE)
     one_stream = (single / "trace" / "train-ids-host0.txt").read_text().split()
     for step in range(4):  # the hosts' rows of each global batch, side by side, are the one process's batch
-        assert (_fed(slice_dir / "trace-1", 0, step, 8) + _fed(slice_dir / "trace-1", 1, step, 8)
-                == one_stream[step * 16:(step + 1) * 16])
-    print(f"\ntwo hosts: {first_seconds:.1f} s to the kill, {resumed_seconds:.1f} s resumed; one process: "
-          f"{single_seconds:.1f} s (two runs); largest difference: history "
-          f"{np.abs(history.to_numpy() - alone.to_numpy()).max():.2g}, oof.csv "
-          f"{np.abs(oof.to_numpy() - reference.to_numpy()).max():.2g}")
+        assert (
+            _fed(slice_dir / "trace-1", 0, step, 8) + _fed(slice_dir / "trace-1", 1, step, 8)
+            == one_stream[step * 16 : (step + 1) * 16]
+        )
+    print(
+        f"\ntwo hosts: {first_seconds:.1f} s to the kill, {resumed_seconds:.1f} s resumed; one process: "
+        f"{single_seconds:.1f} s (two runs); largest difference: history "
+        f"{np.abs(history.to_numpy() - alone.to_numpy()).max():.2g}, oof.csv "
+        f"{np.abs(oof.to_numpy() - reference.to_numpy()).max():.2g}"
+    )
 
 
 def _oof_pair(run: Path, single: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -259,8 +296,13 @@ def test_two_hosts_compute_what_one_process_computes_to_rounding_on_any_cpu(host
     run, single = tmp_path / "slice" / "run", tmp_path / "single" / "run"
     run.parent.mkdir()
     _two_hosts([*base, "--out", str(run)], run, tmp_path / "slice" / "trace")
-    done = subprocess.run(_train([*base, "--out", str(single)]), env=_environment(8, tmp_path / "single" / "trace"),
-                          capture_output=True, text=True, timeout=420)
+    done = subprocess.run(
+        _train([*base, "--out", str(single)]),
+        env=_environment(8, tmp_path / "single" / "trace"),
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     history, alone = pd.read_csv(RunFolder(run).history), pd.read_csv(RunFolder(single).history)
     assert history["epoch"].tolist() == [0, 1] and history.columns.tolist() == alone.columns.tolist()
@@ -274,8 +316,12 @@ def test_two_hosts_train_with_the_tpu_images_december_packages(hosts_sample, tmp
     """The same two hosts with jax 0.12 and Keras as Kaggle's TPU image holds them in December 2026."""
     data, split = hosts_sample
     run = tmp_path / "run"
-    _, errors = _two_hosts([*RUN, "--data", str(data), "--split-from", str(split), "--out", str(run), "--epochs", "2"],
-                           run, tmp_path / "trace", python=str(tpu_venv_python("2026-12")))
+    _, errors = _two_hosts(
+        [*RUN, "--data", str(data), "--split-from", str(split), "--out", str(run), "--epochs", "2"],
+        run,
+        tmp_path / "trace",
+        python=str(tpu_venv_python("2026-12")),
+    )
     assert "python 3.12" in errors[0] and "jax 0.12" in errors[0] and "8 devices in all, 4 here" in errors[1]
     info = json.loads(RunFolder(run).config.read_text())
     assert (info["replicas"], info["hosts"]) == (8, 2) and RunFolder(run).oof.is_file()

@@ -5,6 +5,7 @@ package's module names and call signatures that keeps every break (see its docst
 of `.ci/hpacellseg-venv.txt` (torch's CPU build, numpy 1.26, scikit-image 0.26), built once and cached;
 `make test` passes its path as HPA_HCS_VENV.
 """
+
 import json
 import os
 import subprocess
@@ -18,12 +19,20 @@ CHECKS = ROOT / "tests" / "standins" / "checks.py"
 
 
 def _run_in_venv(script: Path, scratch: Path) -> dict:
-    venv = os.environ.get("HPA_HCS_VENV") or subprocess.run(
-        ["bash", str(ROOT / ".ci" / "hpacellseg-venv"), sys.executable], check=True, capture_output=True,
-        text=True).stdout.strip()
-    done = subprocess.run([str(Path(venv) / "bin" / "python"), str(script), str(scratch)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HPA_CACHE": str(scratch / "cache")})
+    venv = (
+        os.environ.get("HPA_HCS_VENV")
+        or subprocess.run(
+            ["bash", str(ROOT / ".ci" / "hpacellseg-venv"), sys.executable], check=True, capture_output=True, text=True
+        ).stdout.strip()
+    )
+    done = subprocess.run(
+        [str(Path(venv) / "bin" / "python"), str(script), str(scratch)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HPA_CACHE": str(scratch / "cache")},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -71,12 +80,15 @@ def test_the_wrong_model_files_stop_in_one_line(seen):
     assert seen["wrong_four_planes.pth"] == f"SCRATCH/four_planes.pth takes 4 channels and gives 3: {take}"
     assert seen["wrong_plain_conv.pth"].startswith("SCRATCH/plain_conv.pth does not run on a 3-channel image (")
     assert seen["wrong_classifier.pth"] == f"SCRATCH/classifier.pth takes 3 channels and gives 8: {take}"
-    assert seen["pair_two_channel"] == ("SCRATCH/dpn_unet_cell_v2.pth is HPA-Cell-Segmentation's 2-channel cell "
-                                        "model: hpa-nb feeds the ER channel and needs the 3-channel one, "
-                                        "dpn_unet_cell_3ch_v1.pth")
+    assert seen["pair_two_channel"] == (
+        "SCRATCH/dpn_unet_cell_v2.pth is HPA-Cell-Segmentation's 2-channel cell "
+        "model: hpa-nb feeds the ER channel and needs the 3-channel one, "
+        "dpn_unet_cell_3ch_v1.pth"
+    )
     assert seen["pair_nuclei_as_cell"].startswith("SCRATCH/dpn_unet_nuclei_v1.pth is named as a nuclei model but")
-    assert seen["pair_one_file_twice"] == ("SCRATCH/cell-model.pth is given as both the nuclei and the cell model: "
-                                           "they are two files")
+    assert seen["pair_one_file_twice"] == (
+        "SCRATCH/cell-model.pth is given as both the nuclei and the cell model: they are two files"
+    )
 
 
 @pytest.mark.slow
@@ -90,7 +102,17 @@ def test_a_built_offline_folder_segments_in_a_process_that_has_only_the_folder(s
 def test_submit_with_hpacellseg_and_no_torch_says_so_in_one_line(small_sample, trained_run, tmp_path, cli):
     if any(Path(p, "torch").is_dir() for p in sys.path if p):
         pytest.skip("torch is installed in this venv")
-    result = cli("submit", "--model", trained_run, "--data", small_sample, "--segmentation", "hpacellseg",
-                 "--out", tmp_path / "s.csv")
-    result.assert_one_error_line("hpacellseg needs torch (No module named 'torch'): pip install torch "
-                                 "(on Kaggle it is preinstalled)")
+    result = cli(
+        "submit",
+        "--model",
+        trained_run,
+        "--data",
+        small_sample,
+        "--segmentation",
+        "hpacellseg",
+        "--out",
+        tmp_path / "s.csv",
+    )
+    result.assert_one_error_line(
+        "hpacellseg needs torch (No module named 'torch'): pip install torch (on Kaggle it is preinstalled)"
+    )

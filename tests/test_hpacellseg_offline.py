@@ -2,6 +2,7 @@
 where Kaggle mounts it, and chosen by the submission notebook. No torch needed: the weights here are
 placeholder bytes, and the package is a one-line module that says where it was imported from. The torch
 venv's run of a built folder is in `tests/test_hpacellseg.py`."""
+
 import importlib
 import sys
 import zipfile
@@ -47,28 +48,50 @@ def clean_imports(monkeypatch):
 
 def test_build_lays_out_the_folder_from_the_downloads(downloads, tmp_path):
     out = offline.build(downloads["package"], downloads["fork"], downloads["weights"], tmp_path / "a", "someone")
-    assert sorted(p.name for p in out.iterdir()) == ["cell-model.pth", "dataset-metadata.json",
-                                                     "hpacellseg-sources.zip", "nuclei-model.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cell-model.pth",
+        "dataset-metadata.json",
+        "hpacellseg-sources.zip",
+        "nuclei-model.pth",
+    ]
     assert (out / "cell-model.pth").read_bytes() == b"dpn_unet_cell_3ch_v1.pth"  # the 3-channel file, renamed
     assert (out / "nuclei-model.pth").read_bytes() == b"dpn_unet_nuclei_v1.pth"
     assert '"id": "someone/hpacellseg-offline"' in (out / "dataset-metadata.json").read_text()
     with zipfile.ZipFile(out / offline.SOURCES_ZIP) as archive:
         names = sorted(archive.namelist())
-    assert names == ["hpacellseg/LICENSE", "hpacellseg/VERSION", "hpacellseg/__init__.py",
-                     "hpacellseg/cellsegmentator.py", "pytorch_zoo/__init__.py", "pytorch_zoo/unet.py"]
+    assert names == [
+        "hpacellseg/LICENSE",
+        "hpacellseg/VERSION",
+        "hpacellseg/__init__.py",
+        "hpacellseg/cellsegmentator.py",
+        "pytorch_zoo/__init__.py",
+        "pytorch_zoo/unet.py",
+    ]
     again = offline.build(downloads["package"], downloads["fork"], downloads["weights"], tmp_path / "b", "someone")
     assert (again / offline.SOURCES_ZIP).read_bytes() == (out / offline.SOURCES_ZIP).read_bytes()
     assert not list(out.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("pypi zoo", "is PyPI's pytorch-zoo (no pytorch_zoo/unet.py), not the fork hpacellseg needs: clone "
-                 "github.com/haoxusci/pytorch_zoo"),
-    ("two-channel only", "dpn_unet_cell_v2.pth is HPA-Cell-Segmentation's 2-channel cell model: hpa-nb feeds the "
-                         "ER channel and needs the 3-channel one, dpn_unet_cell_3ch_v1.pth"),
-    ("no nuclei model", "lacks dpn_unet_nuclei_v1.pth: download it from zenodo.org/record/4665863"),
-    ("not the package", "holds no hpacellseg/cellsegmentator.py: clone github.com/CellProfiling/HPA-Cell-Segmentation"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (
+            "pypi zoo",
+            "is PyPI's pytorch-zoo (no pytorch_zoo/unet.py), not the fork hpacellseg needs: clone "
+            "github.com/haoxusci/pytorch_zoo",
+        ),
+        (
+            "two-channel only",
+            "dpn_unet_cell_v2.pth is HPA-Cell-Segmentation's 2-channel cell model: hpa-nb feeds the "
+            "ER channel and needs the 3-channel one, dpn_unet_cell_3ch_v1.pth",
+        ),
+        ("no nuclei model", "lacks dpn_unet_nuclei_v1.pth: download it from zenodo.org/record/4665863"),
+        (
+            "not the package",
+            "holds no hpacellseg/cellsegmentator.py: clone github.com/CellProfiling/HPA-Cell-Segmentation",
+        ),
+    ],
+)
 def test_build_stops_in_one_line_on_the_wrong_downloads(downloads, tmp_path, cli, case, expected):
     package, fork, weights = downloads["package"], downloads["fork"], downloads["weights"]
     if case == "pypi zoo":
@@ -79,8 +102,20 @@ def test_build_stops_in_one_line_on_the_wrong_downloads(downloads, tmp_path, cli
         (weights / "dpn_unet_nuclei_v1.pth").unlink()
     else:
         package = fork
-    result = cli("kaggle", "hpacellseg-dataset", "--package", package, "--fork", fork, "--weights", weights,
-                 "--out", tmp_path / "out", "--username", "someone")
+    result = cli(
+        "kaggle",
+        "hpacellseg-dataset",
+        "--package",
+        package,
+        "--fork",
+        fork,
+        "--weights",
+        weights,
+        "--out",
+        tmp_path / "out",
+        "--username",
+        "someone",
+    )
     assert result.status == 2 and len(result.errors) == 1 and result.errors[0].endswith(expected), result.err
     assert "Traceback" not in result.err and not (tmp_path / "out" / "cell-model.pth").exists()
 
@@ -88,11 +123,17 @@ def test_build_stops_in_one_line_on_the_wrong_downloads(downloads, tmp_path, cli
 def _mount(downloads, input_root: Path, layout: str) -> Path:
     """Lay the pieces out under a stand-in /kaggle/input as a user may have attached them."""
     if layout == "built":  # this project's folder, mounted at a nested path as Kaggle now does
-        return offline.build(downloads["package"], downloads["fork"], downloads["weights"],
-                             input_root / "datasets" / "someone" / "hpacellseg-offline", "someone")
+        return offline.build(
+            downloads["package"],
+            downloads["fork"],
+            downloads["weights"],
+            input_root / "datasets" / "someone" / "hpacellseg-offline",
+            "someone",
+        )
     if layout == "zip unpacked":  # Kaggle unpacked the archive into a folder of its name
-        built = offline.build(downloads["package"], downloads["fork"], downloads["weights"],
-                              input_root / "hpacellseg-offline", "someone")
+        built = offline.build(
+            downloads["package"], downloads["fork"], downloads["weights"], input_root / "hpacellseg-offline", "someone"
+        )
         with zipfile.ZipFile(built / offline.SOURCES_ZIP) as archive:
             archive.extractall(built / "hpacellseg-sources")
         (built / offline.SOURCES_ZIP).unlink()
@@ -145,8 +186,9 @@ def test_resolve_and_choose_say_what_is_missing(downloads, tmp_path, monkeypatch
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torch" else None)
     method, why = offline.choose_segmentation(environ, input_root)
-    assert method == "classical" and why.startswith("classical segmentation (no complete HPA-Cell-Segmentation "
-                                                    f"folder in {input_root}")
+    assert method == "classical" and why.startswith(
+        f"classical segmentation (no complete HPA-Cell-Segmentation folder in {input_root}"
+    )
     (input_root / "weights" / "nuclei-model.pth").write_bytes(b"n")
     assert offline.choose_segmentation(environ, input_root)[0] == "classical"  # the weights, but no code
     _mount(downloads, input_root / "code", "built")
@@ -158,5 +200,7 @@ def test_resolve_and_choose_say_what_is_missing(downloads, tmp_path, monkeypatch
 def test_choose_without_torch_says_so():
     if _has_torch():
         pytest.skip("torch is installed in this venv")
-    assert offline.choose_segmentation() == ("classical", "classical segmentation (hpacellseg needs torch, which "
-                                                          "is not installed)")
+    assert offline.choose_segmentation() == (
+        "classical",
+        "classical segmentation (hpacellseg needs torch, which is not installed)",
+    )

@@ -1,5 +1,6 @@
 """What a kernel reads from the kernels before it (`hpa_nb.training.inputs`), laid out as Kaggle mounts it: at the
 classic depth (/kaggle/input/<slug>) and nested (/kaggle/input/notebooks/<owner>/<slug>)."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def test_each_artifact_is_found_by_its_marker_at_the_classic_depth_and_nested(tm
     image_run = _run_folder(root / mount / "run")
     cell_run = _run_folder(root / mount.replace("03-train", "07-cell-train") / "cell_run", level="cell")
     tile_dir = _listing(root / mount.replace("03-train", "06-cells") / "tiles", tiles.MANIFEST, tiles.TILE_FORMAT)
-    shard_dir = _listing(root / mount.replace("03-train", "00-prepare") / "shards", shards.MANIFEST,
-                         shards.SHARD_FORMAT)
+    shard_dir = _listing(
+        root / mount.replace("03-train", "00-prepare") / "shards", shards.MANIFEST, shards.SHARD_FORMAT
+    )
     found = {kind: inputs.find(kind, input_root=root, environ=KAGGLE) for kind in inputs.ARTIFACTS}
     assert found == {"image_run": image_run, "cell_run": cell_run, "tiles": tile_dir, "shards": shard_dir}
     # a reference still names one: OWNER/KERNEL, a bare slug or a folder
@@ -62,10 +64,13 @@ def test_every_run_attached_is_found_for_an_ensemble(tmp_path):
     fold0 = _run_folder(root / "notebooks" / "alice" / "hpa-03-train" / "run")
     _run_folder(root / "notebooks" / "alice" / "hpa-07-cell-train" / "cell_run", level="cell")
     assert inputs.find_all("image_run", input_root=root, environ=KAGGLE) == [fold0, fold1]  # the producer's first
-    assert inputs.find_all("image_run", "hpa-03-train-fold-1, alice/hpa-03-train", input_root=root,
-                           environ=KAGGLE) == [fold1, fold0]
-    assert inputs.find_all("cell_run", input_root=root, environ=KAGGLE) == [root / "notebooks" / "alice" /
-                                                                            "hpa-07-cell-train" / "cell_run"]
+    assert inputs.find_all("image_run", "hpa-03-train-fold-1, alice/hpa-03-train", input_root=root, environ=KAGGLE) == [
+        fold1,
+        fold0,
+    ]
+    assert inputs.find_all("cell_run", input_root=root, environ=KAGGLE) == [
+        root / "notebooks" / "alice" / "hpa-07-cell-train" / "cell_run"
+    ]
     with pytest.raises(inputs.MissingInputError, match="no cell tiles attached under"):
         inputs.find_all("tiles", input_root=root, environ=KAGGLE)
     assert inputs.find_all("tiles", input_root=root, environ=KAGGLE, required=False) == []
@@ -79,22 +84,28 @@ def test_a_run_of_the_other_level_or_without_a_model_is_not_taken(tmp_path):
         inputs.find("image_run", input_root=root, environ=KAGGLE, consumer="04_evaluate")
     assert str(missing.value) == (
         f"no image run attached under {root}: attach the output of 03_train: python -m hpa_nb kaggle push "
-        "04_evaluate (it attaches OWNER/hpa-03-train), or Add Input → Notebooks → hpa-03-train")
+        "04_evaluate (it attaches OWNER/hpa-03-train), or Add Input → Notebooks → hpa-03-train"
+    )
     assert inputs.previous_run("alice/hpa-03-train", root) == stopped  # but it can be resumed
     assert inputs.previous_run("alice/hpa-03-train/4", root) == stopped  # one version of it, mounted by its slug
     assert inputs.find("cell_run", "alice/hpa-07-cell-train/2", input_root=root, environ=KAGGLE) == (
-        root / "hpa-07-cell-train" / "cell_run")
+        root / "hpa-07-cell-train" / "cell_run"
+    )
     assert inputs.previous_run(stopped.parent, root) == stopped
-    with pytest.raises(inputs.MissingInputError, match="RESUME_FROM alice/other: no run folder .* push NAME "
-                                                       "--resume-from OWNER/KERNEL"):
+    with pytest.raises(
+        inputs.MissingInputError, match="RESUME_FROM alice/other: no run folder .* push NAME --resume-from OWNER/KERNEL"
+    ):
         inputs.previous_run("alice/other", root)
 
 
 def test_nothing_attached_on_kaggle_names_what_to_attach_and_how(tmp_path):
     root = tmp_path / "input"
     root.mkdir()
-    with pytest.raises(inputs.MissingInputError, match="push 05_submission --attach 07_cell_train "
-                                                       r"\(it attaches OWNER/hpa-07-cell-train\)"):
+    with pytest.raises(
+        inputs.MissingInputError,
+        match="push 05_submission --attach 07_cell_train "
+        r"\(it attaches OWNER/hpa-07-cell-train\)",
+    ):
         inputs.find("cell_run", input_root=root, environ=KAGGLE, consumer="05_submission")
     assert inputs.find("cell_run", input_root=root, environ=KAGGLE, required=False) is None
     with pytest.raises(inputs.MissingInputError, match="RUN_DIR bob/other: no image run in the attached output"):

@@ -3,6 +3,7 @@
 The push tests drive the official `kaggle` package's own `KaggleApi.kernels_push` with its one network
 call (`KernelsApiClient.save_kernel`) intercepted, so they check what Kaggle would actually receive.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,11 +30,14 @@ from hpa_nb.kaggle import kernels
 from hpa_nb.kaggle import push as kaggle
 from hpa_nb.sample.sources import find_data
 
-SECRETS = {"kaggle.json key": "kjson0secret0key0123456789", "KAGGLE_KEY": "env0secret0key0987654321",
-           "KAGGLE_API_TOKEN": "KGAT_token0secret0abcdef"}
+SECRETS = {
+    "kaggle.json key": "kjson0secret0key0123456789",
+    "KAGGLE_KEY": "env0secret0key0987654321",
+    "KAGGLE_API_TOKEN": "KGAT_token0secret0abcdef",
+}
 
 # Stand-ins for the lead's notebooks: same shape (header, `parameters` cell, `import hpa_nb`), tiny work.
-STANDIN_TRAIN = '''\
+STANDIN_TRAIN = """\
 # %% [markdown]
 # # Stand-in training notebook
 # A header cell, as the real notebooks have.
@@ -71,9 +75,9 @@ out.mkdir(parents=True, exist_ok=True)
 probe = {"hpa_nb": hpa_nb.__file__, "sys_path": sys.path, "kind": source.kind, "images": len(labels),
          "quick": QUICK, "epochs": EPOCHS}
 (out / "probe.json").write_text(json.dumps(probe))
-'''
+"""
 
-STANDIN_OTHER = '''\
+STANDIN_OTHER = """\
 # %% [markdown]
 # # Stand-in {name}
 
@@ -84,7 +88,7 @@ RESUME_FROM = ""
 # %%
 import hpa_nb
 print(hpa_nb.N_CLASSES)
-'''
+"""
 
 
 @pytest.fixture()
@@ -181,10 +185,20 @@ def test_kernel_metadata_for_every_notebook(name, kaggle_api):
 
 def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
     shapes = {name: kernels.kernel_metadata(name).get("machine_shape") for name in chain.KERNELS}
-    assert shapes == {"00_prepare": None, "01_eda": None, "02_augmentation": None, "03_train": "TpuV5E8",
-                      "04_evaluate": None, "06_cells": None, "07_cell_train": "TpuV5E8", "05_submission": None}
-    assert {name for name in chain.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {"03_train",
-                                                                                                "07_cell_train"}
+    assert shapes == {
+        "00_prepare": None,
+        "01_eda": None,
+        "02_augmentation": None,
+        "03_train": "TpuV5E8",
+        "04_evaluate": None,
+        "06_cells": None,
+        "07_cell_train": "TpuV5E8",
+        "05_submission": None,
+    }
+    assert {name for name in chain.KERNELS if kernels.kernel_metadata(name)["enable_tpu"]} == {
+        "03_train",
+        "07_cell_train",
+    }
     assert not any(kernels.kernel_metadata(name)["enable_gpu"] for name in chain.KERNELS)
     assert kernels.kernel_metadata("03_train")["enable_internet"] is True  # ImageNet weights download
     assert kernels.kernel_metadata("05_submission")["enable_internet"] is False  # code-competition rule
@@ -192,8 +206,9 @@ def test_only_training_asks_for_the_tpu_and_submission_runs_offline():
 
 
 def test_kernel_metadata_takes_username_and_offline_sources():
-    metadata = kernels.kernel_metadata("04_evaluate", "alice", enable_internet=False,
-                                      dataset_sources=["alice/imagenet-weights"])
+    metadata = kernels.kernel_metadata(
+        "04_evaluate", "alice", enable_internet=False, dataset_sources=["alice/imagenet-weights"]
+    )
     assert metadata["id"] == "alice/hpa-04-evaluate"
     assert metadata["kernel_sources"] == ["alice/hpa-03-train"]
     assert metadata["enable_internet"] is False
@@ -215,8 +230,9 @@ def test_root_metadata_is_the_training_kernel():
 def test_committed_bundle_folder_is_tracked_by_git():
     if shutil.which("git") is None or not (kernels.REPO_ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    ignored = subprocess.run(["git", "check-ignore", "-q", "build/kaggle/03_train/03_train.ipynb"],
-                             cwd=kernels.REPO_ROOT, check=False)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "build/kaggle/03_train/03_train.ipynb"], cwd=kernels.REPO_ROOT, check=False
+    )
     assert ignored.returncode == 1, "build/kaggle/ is git-ignored: the committed bundle would be lost"
 
 
@@ -228,8 +244,11 @@ def test_build_is_deterministic_and_embeds_exactly_the_package(tmp_path, standin
     for file in ("03_train.ipynb", "kernel-metadata.json"):
         assert (first / file).read_bytes() == (second / file).read_bytes()
     _, members = kernels.bundle_fingerprint((first / "03_train.ipynb").read_text())
-    expected = {f"hpa_nb/{path.relative_to(kernels.PACKAGE_DIR).as_posix()}": path.read_bytes()
-                for path in kernels.PACKAGE_DIR.rglob("*.py") if "__pycache__" not in path.parts}
+    expected = {
+        f"hpa_nb/{path.relative_to(kernels.PACKAGE_DIR).as_posix()}": path.read_bytes()
+        for path in kernels.PACKAGE_DIR.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
     assert members == expected
     assert {"hpa_nb/__init__.py", "hpa_nb/core/__init__.py", "hpa_nb/training/train.py"} <= set(members)
 
@@ -251,8 +270,9 @@ def test_bundle_is_the_notebook_plus_one_first_code_cell(standin_bundles, standi
     code_cells = [cell for cell in bundled.cells if cell.cell_type == "code"]
     assert bootstrap_cells(bundled) == code_cells[:1]
     rest = [cell for cell in bundled.cells if cell not in code_cells[:1]]
-    assert [(c.cell_type, c.source, c.metadata) for c in rest] == \
-           [(c.cell_type, c.source, c.metadata) for c in original.cells]
+    assert [(c.cell_type, c.source, c.metadata) for c in rest] == [
+        (c.cell_type, c.source, c.metadata) for c in original.cells
+    ]
 
 
 def test_staleness_check_sees_notebook_and_package_changes(tmp_path, standin_notebooks):
@@ -287,7 +307,8 @@ def test_committed_bundles_are_current():
 def test_bundles_never_contain_credentials_or_other_files(tmp_path, clean_home, monkeypatch, standin_notebooks):
     (clean_home / ".kaggle").mkdir()
     (clean_home / ".kaggle" / "kaggle.json").write_text(
-        json.dumps({"username": "alice", "key": SECRETS["kaggle.json key"]}))
+        json.dumps({"username": "alice", "key": SECRETS["kaggle.json key"]})
+    )
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
     monkeypatch.setenv("KAGGLE_API_TOKEN", SECRETS["KAGGLE_API_TOKEN"])
@@ -301,8 +322,11 @@ def test_bundles_never_contain_credentials_or_other_files(tmp_path, clean_home, 
     folder = kernels.build_bundle("03_train", tmp_path / "out", "alice", standin_notebooks, package)
     assert sorted(path.name for path in folder.iterdir()) == ["03_train.ipynb", "kernel-metadata.json"]
     _, members = kernels.bundle_fingerprint((folder / "03_train.ipynb").read_text())
-    assert sorted(members) == sorted(f"hpa_nb/{path.relative_to(kernels.PACKAGE_DIR).as_posix()}"
-                                     for path in kernels.PACKAGE_DIR.rglob("*.py") if "__pycache__" not in path.parts)
+    assert sorted(members) == sorted(
+        f"hpa_nb/{path.relative_to(kernels.PACKAGE_DIR).as_posix()}"
+        for path in kernels.PACKAGE_DIR.rglob("*.py")
+        if "__pycache__" not in path.parts
+    )
     assert "hpa_nb/sub/x.py" not in members
     everything = b"".join([*(path.read_bytes() for path in folder.iterdir()), *members.values()])
     for what, secret in SECRETS.items():
@@ -329,10 +353,18 @@ def test_official_push_request_for_each_bundle(name, kaggle_api, standin_bundles
     assert len(bootstrap_cells(notebook)) == 1
 
 
-@pytest.mark.parametrize("machine, gpu, tpu", [("NvidiaTeslaT4Highmem", True, False), ("NvidiaL4", True, False),
-                                               ("TpuV6E8", False, True), ("none", False, False)])
-def test_push_accelerator_asks_kaggle_for_that_machine(machine, gpu, tpu, clean_home, fake_kaggle_cli, monkeypatch,
-                                                       tmp_path, kaggle_api, standin_notebooks):
+@pytest.mark.parametrize(
+    "machine, gpu, tpu",
+    [
+        ("NvidiaTeslaT4Highmem", True, False),
+        ("NvidiaL4", True, False),
+        ("TpuV6E8", False, True),
+        ("none", False, False),
+    ],
+)
+def test_push_accelerator_asks_kaggle_for_that_machine(
+    machine, gpu, tpu, clean_home, fake_kaggle_cli, monkeypatch, tmp_path, kaggle_api, standin_notebooks
+):
     """`kaggle push 03_train --accelerator MACHINE`: the official client's request names that machine."""
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setattr(kaggle, "PUSH_DIR", tmp_path / "push")
@@ -346,13 +378,17 @@ def test_push_accelerator_asks_kaggle_for_that_machine(machine, gpu, tpu, clean_
         kernels.kernel_metadata("03_train", accelerator="NvidiaK80")
 
 
-@pytest.mark.parametrize("handle, message", [
-    ("keras/resnet/keras/resnet_50_imagenet", "has 5 parts, OWNER/MODEL/FRAMEWORK/VARIATION/VERSION"),
-    ("keras/resnetv1/keras/resnet_50_imagenet/latest", "its VERSION 'latest' is not a whole number"),
-    ("keras//keras/resnet_50_imagenet/3", "its MODEL is empty"),
-])
-def test_a_model_source_kaggle_would_drop_is_refused_before_the_push(handle, message, clean_home, fake_kaggle_cli,
-                                                                      monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "handle, message",
+    [
+        ("keras/resnet/keras/resnet_50_imagenet", "has 5 parts, OWNER/MODEL/FRAMEWORK/VARIATION/VERSION"),
+        ("keras/resnetv1/keras/resnet_50_imagenet/latest", "its VERSION 'latest' is not a whole number"),
+        ("keras//keras/resnet_50_imagenet/3", "its MODEL is empty"),
+    ],
+)
+def test_a_model_source_kaggle_would_drop_is_refused_before_the_push(
+    handle, message, clean_home, fake_kaggle_cli, monkeypatch, capsys, tmp_path
+):
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setattr(kaggle, "PUSH_DIR", tmp_path / "push")
     assert cli.main(["kaggle", "push", "03_train", "--no-internet", "--model", handle]) == 2
@@ -366,11 +402,14 @@ def test_the_readmes_model_handles_are_keras_hubs_own(tpu_python_december):
     readme = (kernels.REPO_ROOT / "README.md").read_text()
     handles = sorted(set(re.findall(r"\bkeras/[a-z0-9_]+/keras/[a-z0-9_]+/\d+\b", readme)))
     assert len(handles) >= 3
-    probe = ("import pathlib, sys, keras_hub; root = pathlib.Path(keras_hub.__file__).parent / 'src' / 'models'; "
-             "text = ''.join(path.read_text() for path in root.glob('*/*_presets.py')); "
-             "print([h for h in sys.argv[1:] if f'kaggle://{h}' not in text])")
-    done = subprocess.run([str(tpu_python_december), "-c", probe, *handles], capture_output=True, text=True,
-                          timeout=300)
+    probe = (
+        "import pathlib, sys, keras_hub; root = pathlib.Path(keras_hub.__file__).parent / 'src' / 'models'; "
+        "text = ''.join(path.read_text() for path in root.glob('*/*_presets.py')); "
+        "print([h for h in sys.argv[1:] if f'kaggle://{h}' not in text])"
+    )
+    done = subprocess.run(
+        [str(tpu_python_december), "-c", probe, *handles], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", f"not KerasHub handles: {done.stdout}"
 
@@ -389,17 +428,38 @@ def run_papermill(notebook_text: str, run_dir: Path, data: Path, *parameters: st
     """Execute a notebook with papermill in run_dir, with the repository neither on PYTHONPATH nor the cwd."""
     run_dir.mkdir()
     (run_dir / "in.ipynb").write_text(notebook_text)
-    environ = {key: value for key, value in os.environ.items()
-               if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_OUT") and not key.startswith("KAGGLE_")}
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_OUT") and not key.startswith("KAGGLE_")
+    }
     environ.update(HPA_DATA_DIR=str(data), HOME=str(run_dir))
     return subprocess.run(
-        [sys.executable, "-m", "papermill", "in.ipynb", "out.ipynb", *parameters, "-k", "python3",
-         "--language", "python", "--cwd", str(run_dir), "--no-progress-bar"],
-        cwd=run_dir, env=environ, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            "in.ipynb",
+            "out.ipynb",
+            *parameters,
+            "-k",
+            "python3",
+            "--language",
+            "python",
+            "--cwd",
+            str(run_dir),
+            "--no-progress-bar",
+        ],
+        cwd=run_dir,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
-def test_kaggle_receives_the_committed_bundle_and_only_its_bootstrap_finds_hpa_nb(tmp_path, kaggle_api,
-                                                                                  default_sample):
+def test_kaggle_receives_the_committed_bundle_and_only_its_bootstrap_finds_hpa_nb(tmp_path, kaggle_api, default_sample):
     """The push sends the committed bundle cell for cell; `tests/test_kaggle_tpu_image.py` runs that bundle with
     the repository off sys.path. Without its bootstrap cell the notebook cannot import hpa_nb there."""
     import jupytext
@@ -420,7 +480,8 @@ def test_kaggle_receives_the_committed_bundle_and_only_its_bootstrap_finds_hpa_n
 def test_bootstrap_replaces_an_already_imported_hpa_nb(tmp_path):
     cell = kernels.bootstrap_source()
     script = tmp_path / "rerun.py"
-    script.write_text(textwrap.dedent("""\
+    script.write_text(
+        textwrap.dedent("""\
         import sys
         import hpa_nb.core.labels  # the repository's copy, as if a kernel had imported it before
         cell = open(sys.argv[1]).read()
@@ -428,11 +489,19 @@ def test_bootstrap_replaces_an_already_imported_hpa_nb(tmp_path):
             exec(cell, {})
         import hpa_nb.core.labels
         print(hpa_nb.core.labels.__file__)
-    """))
+    """)
+    )
     (tmp_path / "cell.py").write_text(cell)
     environ = {**os.environ, "PYTHONPATH": str(kernels.REPO_ROOT)}
-    completed = subprocess.run([sys.executable, str(script), str(tmp_path / "cell.py")], cwd=tmp_path, env=environ,
-                               capture_output=True, text=True, timeout=120, check=False)
+    completed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cell.py")],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     labels_file = Path(completed.stdout.strip().splitlines()[-1])
     assert labels_file.parent.parent.parent.name.startswith("hpa_nb_src-")
@@ -447,7 +516,8 @@ def fake_kaggle_cli(tmp_path, monkeypatch) -> Path:
     bin_dir.mkdir()
     record = tmp_path / "kaggle-argv.json"
     script = bin_dir / "kaggle"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!{sys.executable}
         import json, sys
         import os
@@ -458,14 +528,16 @@ def fake_kaggle_cli(tmp_path, monkeypatch) -> Path:
         json.dump(sys.argv[1:], open({str(record)!r}, "w"))
         print(os.environ.get("FAKE_KAGGLE_OUTPUT", "fake kaggle ok"))
         raise SystemExit(int(os.environ.get("FAKE_KAGGLE_EXIT", "0")))
-    """))
+    """)
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     return record
 
 
-def test_push_builds_with_the_username_and_calls_the_cli(tmp_path, clean_home, fake_kaggle_cli, monkeypatch,
-                                                       capfd, standin_notebooks):
+def test_push_builds_with_the_username_and_calls_the_cli(
+    tmp_path, clean_home, fake_kaggle_cli, monkeypatch, capfd, standin_notebooks
+):
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
     folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks)
@@ -475,22 +547,33 @@ def test_push_builds_with_the_username_and_calls_the_cli(tmp_path, clean_home, f
     assert "fake kaggle ok" in printed.out
     assert SECRETS["KAGGLE_KEY"] not in printed.out + printed.err
     # a KerasHub preset from Kaggle Models, attached to an internet-off kernel (BACKBONE names its handle)
-    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                         enable_internet=False, model_sources=["keras/resnetv1/keras/resnet_50_imagenet/3"])
+    folder = kaggle.push(
+        "03_train",
+        push_dir=tmp_path / "push",
+        notebooks_dir=standin_notebooks,
+        enable_internet=False,
+        model_sources=["keras/resnetv1/keras/resnet_50_imagenet/3"],
+    )
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
-    assert metadata["model_sources"] == ["keras/resnetv1/keras/resnet_50_imagenet/3"] and not metadata["enable_internet"]
+    assert (
+        metadata["model_sources"] == ["keras/resnetv1/keras/resnet_50_imagenet/3"] and not metadata["enable_internet"]
+    )
 
 
-@pytest.mark.parametrize("printed", [
-    "Kernel push error: Notebook not found",
-    "The following are not valid competition sources and could not be added to the kernel: ['hpa']",
-    # kaggle-cli 2.2 does not print the server's invalid model sources (kagglesdk has the field): when a version
-    # does, in the words of the other kinds, the push is refused the same way
-    "The following are not valid model sources and could not be added to the kernel: "
-    "['keras/resnet/keras/resnet_50_imagenet/2']",
-])
-def test_a_push_kaggle_refused_is_one_line_exit_2_although_the_cli_exits_0(printed, clean_home, fake_kaggle_cli,
-                                                                        monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "printed",
+    [
+        "Kernel push error: Notebook not found",
+        "The following are not valid competition sources and could not be added to the kernel: ['hpa']",
+        # kaggle-cli 2.2 does not print the server's invalid model sources (kagglesdk has the field): when a version
+        # does, in the words of the other kinds, the push is refused the same way
+        "The following are not valid model sources and could not be added to the kernel: "
+        "['keras/resnet/keras/resnet_50_imagenet/2']",
+    ],
+)
+def test_a_push_kaggle_refused_is_one_line_exit_2_although_the_cli_exits_0(
+    printed, clean_home, fake_kaggle_cli, monkeypatch, capsys, tmp_path
+):
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
     monkeypatch.setenv("FAKE_KAGGLE_OUTPUT", f"Uploading...\n{printed}")
@@ -502,13 +585,18 @@ def test_a_push_kaggle_refused_is_one_line_exit_2_although_the_cli_exits_0(print
     assert "pushed" not in out
 
 
-def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(clean_home, fake_kaggle_cli,
-                                                                                monkeypatch, tmp_path,
-                                                                                standin_notebooks):
+def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(
+    clean_home, fake_kaggle_cli, monkeypatch, tmp_path, standin_notebooks
+):
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", SECRETS["KAGGLE_KEY"])
-    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                         resume_from="alice/hpa-03-train", shards="alice/hpa-00-prepare")
+    folder = kaggle.push(
+        "03_train",
+        push_dir=tmp_path / "push",
+        notebooks_dir=standin_notebooks,
+        resume_from="alice/hpa-03-train",
+        shards="alice/hpa-00-prepare",
+    )
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
     assert metadata["kernel_sources"] == ["alice/hpa-03-train", "alice/hpa-00-prepare"]
     cells = json.loads((folder / "03_train.ipynb").read_text())["cells"]
@@ -520,8 +608,9 @@ def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(c
     with pytest.raises(ValueError, match="OWNER/KERNEL"):
         kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, resume_from="/kaggle/x")
     with pytest.raises(ValueError, match="has no parameter SHARDS"):  # a notebook that would ignore it
-        kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                    shards="alice/hpa-00-prepare")
+        kaggle.push(
+            "04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, shards="alice/hpa-00-prepare"
+        )
     # --fold: a kernel of its own per fold, with the notebook's FOLDS and FOLD set
     folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, fold=(1, 3))
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
@@ -531,24 +620,43 @@ def test_push_resume_from_and_shards_attach_the_kernels_and_set_the_parameters(c
     with pytest.raises(ValueError, match="--fold 3 --folds 3"):
         kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, fold=(3, 3))
     # --attach: the cell run beside the table's image run, by notebook name (the user's kernel) or OWNER/KERNEL
-    folder = kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                         attach=["07_cell_train", "bob/hpa-07-cell-train"])
+    folder = kaggle.push(
+        "04_evaluate",
+        push_dir=tmp_path / "push",
+        notebooks_dir=standin_notebooks,
+        attach=["07_cell_train", "bob/hpa-07-cell-train"],
+    )
     assert json.loads((folder / "kernel-metadata.json").read_text())["kernel_sources"] == [
-        "alice/hpa-03-train", "alice/hpa-07-cell-train", "bob/hpa-07-cell-train"]
+        "alice/hpa-03-train",
+        "alice/hpa-07-cell-train",
+        "bob/hpa-07-cell-train",
+    ]
     # A version wherever a kernel is named (kaggle-cli 2.2.1+): after a bad version, resume from a good one
-    folder = kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                         resume_from="alice/hpa-03-train/4", shards="alice/hpa-00-prepare/2",
-                         attach=["bob/hpa-07-cell-train/7"])
+    folder = kaggle.push(
+        "03_train",
+        push_dir=tmp_path / "push",
+        notebooks_dir=standin_notebooks,
+        resume_from="alice/hpa-03-train/4",
+        shards="alice/hpa-00-prepare/2",
+        attach=["bob/hpa-07-cell-train/7"],
+    )
     assert json.loads((folder / "kernel-metadata.json").read_text())["kernel_sources"] == [
-        "alice/hpa-03-train/4", "alice/hpa-00-prepare/2", "bob/hpa-07-cell-train/7"]
+        "alice/hpa-03-train/4",
+        "alice/hpa-00-prepare/2",
+        "bob/hpa-07-cell-train/7",
+    ]
     source = "".join(json.loads((folder / "03_train.ipynb").read_text())["cells"][injected]["source"])
     assert "RESUME_FROM = 'alice/hpa-03-train/4'" in source and "SHARDS = 'alice/hpa-00-prepare/2'" in source
     for bad in ("alice/hpa-03-train/0", "alice/hpa-03-train/v4", "alice/hpa-03-train/4/1"):
         with pytest.raises(ValueError, match="takes OWNER/KERNEL or OWNER/KERNEL/VERSION"):
             kaggle.push("03_train", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks, resume_from=bad)
     with pytest.raises(ValueError, match="--attach takes a notebook name, OWNER/KERNEL or OWNER/KERNEL/VERSION"):
-        kaggle.push("04_evaluate", push_dir=tmp_path / "push", notebooks_dir=standin_notebooks,
-                    attach=["bob/hpa-07-cell-train/latest"])
+        kaggle.push(
+            "04_evaluate",
+            push_dir=tmp_path / "push",
+            notebooks_dir=standin_notebooks,
+            attach=["bob/hpa-07-cell-train/latest"],
+        )
 
 
 def test_make_runs_the_notebooks_in_the_order_of_the_kaggle_chain():
@@ -565,12 +673,18 @@ def test_status_and_output_ask_the_cli_for_the_username(tmp_path, clean_home, fa
     assert cli.main(["kaggle", "status", "04_evaluate"]) == 0
     assert json.loads(fake_kaggle_cli.read_text()) == ["kernels", "status", "bob/hpa-04-evaluate"]
     assert cli.main(["kaggle", "output", "--username", "carol", "--out", str(tmp_path / "got")]) == 0
-    assert json.loads(fake_kaggle_cli.read_text()) == ["kernels", "output", "carol/hpa-03-train", "-p",
-                                                       str(tmp_path / "got")]
+    assert json.loads(fake_kaggle_cli.read_text()) == [
+        "kernels",
+        "output",
+        "carol/hpa-03-train",
+        "-p",
+        str(tmp_path / "got"),
+    ]
 
 
-def test_hpacellseg_dataset_create_uploads_the_folder_through_the_cli(tmp_path, clean_home, fake_kaggle_cli,
-                                                                     monkeypatch, capsys):
+def test_hpacellseg_dataset_create_uploads_the_folder_through_the_cli(
+    tmp_path, clean_home, fake_kaggle_cli, monkeypatch, capsys
+):
     monkeypatch.setenv("FAKE_KAGGLE_CONFIG_USERNAME", "bob")
     for package, module in (("HPA-Cell-Segmentation/hpacellseg", "cellsegmentator.py"), ("zoo/pytorch_zoo", "unet.py")):
         (tmp_path / package).mkdir(parents=True)
@@ -579,8 +693,24 @@ def test_hpacellseg_dataset_create_uploads_the_folder_through_the_cli(tmp_path, 
     for name in ("dpn_unet_nuclei_v1.pth", "dpn_unet_cell_3ch_v1.pth"):
         (tmp_path / "weights" / name).write_bytes(b"weights")
     out = tmp_path / "offline"
-    assert cli.main(["kaggle", "hpacellseg-dataset", "--package", str(tmp_path / "HPA-Cell-Segmentation"), "--fork",
-                     str(tmp_path / "zoo"), "--weights", str(tmp_path / "weights"), "--out", str(out), "--create"]) == 0
+    assert (
+        cli.main(
+            [
+                "kaggle",
+                "hpacellseg-dataset",
+                "--package",
+                str(tmp_path / "HPA-Cell-Segmentation"),
+                "--fork",
+                str(tmp_path / "zoo"),
+                "--weights",
+                str(tmp_path / "weights"),
+                "--out",
+                str(out),
+                "--create",
+            ]
+        )
+        == 0
+    )
     assert json.loads(fake_kaggle_cli.read_text()) == ["datasets", "create", "-p", str(out)]
     assert json.loads((out / "dataset-metadata.json").read_text())["id"] == "bob/hpacellseg-offline"
     assert f"wrote {out}" in capsys.readouterr().out
@@ -654,7 +784,14 @@ def test_select_backend_picks_jax_on_a_tpu_vm(monkeypatch):
 def test_import_hpa_nb_makes_keras_use_jax_on_a_tpu_vm(tmp_path):
     environ = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
     environ.update(ISTPUVM="1", PYTHONPATH=str(kernels.REPO_ROOT))
-    completed = subprocess.run([sys.executable, "-c", "import hpa_nb, keras; print(keras.backend.backend())"],
-                               cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=180, check=False)
+    completed = subprocess.run(
+        [sys.executable, "-c", "import hpa_nb, keras; print(keras.backend.backend())"],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.strip().splitlines()[-1] == "jax"

@@ -9,6 +9,7 @@ in the venv of Kaggle's TPU image on 8 JAX devices; the others in this venv (Kag
 lacks). Read-only is a bind mount in a user namespace; and the input tree must hash the same after every
 kernel.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,15 +31,25 @@ from hpa_nb.training.predictions import read_predictions
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "build" / "kaggle"
 TPU_KERNELS = ("03_train", "07_cell_train")
-READ_ONLY = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"')
+READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
 
 pytestmark = pytest.mark.slow
 
 
 def _can_mount_read_only(folder: Path) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
-    probe = ["unshare", "-rm", "sh", "-c", READ_ONLY + ' 2>/dev/null', "sh", str(folder), "sh", "-c",
-             f'! touch "{folder}/probe" 2>/dev/null']
+    probe = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        READ_ONLY + " 2>/dev/null",
+        "sh",
+        str(folder),
+        "sh",
+        "-c",
+        f'! touch "{folder}/probe" 2>/dev/null',
+    ]
     try:
         return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -79,24 +90,39 @@ class KaggleSession:
         shutil.rmtree(self.working, ignore_errors=True)
         self.working.mkdir()
         python = self.tpu_python if name in TPU_KERNELS else Path(sys.executable)
-        environ = {key: value for key, value in os.environ.items()
-                   if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_OUT", "HPA_DATA_DIR", "HPA_CPU_REPLICAS")
-                   and not key.startswith("KAGGLE_")}
-        environ.update(KAGGLE_KERNEL_RUN_TYPE="Batch", HPA_KAGGLE_ROOT=str(self.root / "kaggle"),
-                       TF_CPP_MIN_LOG_LEVEL="2")
+        environ = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_OUT", "HPA_DATA_DIR", "HPA_CPU_REPLICAS")
+            and not key.startswith("KAGGLE_")
+        }
+        environ.update(
+            KAGGLE_KERNEL_RUN_TYPE="Batch", HPA_KAGGLE_ROOT=str(self.root / "kaggle"), TF_CPP_MIN_LOG_LEVEL="2"
+        )
         if name in TPU_KERNELS:
             environ.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8")
         executed = self.root / "executed" / f"{name}.ipynb"
         executed.parent.mkdir(exist_ok=True)
-        command = [str(python), "-m", "papermill", "--cwd", str(self.working), "-k", "python3",
-                   str(BUNDLES / name / f"{name}.ipynb"), str(executed), *parameters]
+        command = [
+            str(python),
+            "-m",
+            "papermill",
+            "--cwd",
+            str(self.working),
+            "-k",
+            "python3",
+            str(BUNDLES / name / f"{name}.ipynb"),
+            str(executed),
+            *parameters,
+        ]
         if self.read_only:
             command = ["unshare", "-rm", "sh", "-c", READ_ONLY, "sh", str(self.input), *command]
         before = _tree_digest(self.input)
         done = subprocess.run(command, cwd=self.working, env=environ, capture_output=True, text=True, timeout=900)
         printed = _printed(executed) if executed.is_file() else ""
-        assert (done.returncode != 0) is fails, (f"{name} exited {done.returncode}:\n{printed[-3000:]}\n"
-                                                 f"{done.stderr[-3000:]}")
+        assert (done.returncode != 0) is fails, (
+            f"{name} exited {done.returncode}:\n{printed[-3000:]}\n{done.stderr[-3000:]}"
+        )
         assert _tree_digest(self.input) == before, f"{name} changed its read-only input"
         self.outputs[name] = self.root / "outputs" / name
         shutil.rmtree(self.outputs[name], ignore_errors=True)
@@ -115,8 +141,11 @@ def _printed(notebook: Path) -> str:
 
 def _trained(printed: str, output: Path) -> bool:
     """Whether a kernel trained a model of its own: it said so, Keras showed an epoch, or a run folder was left."""
-    return ("training a quick" in printed or "Epoch 1/" in printed
-            or any(path.name == "checkpoints" for path in output.rglob("*")))
+    return (
+        "training a quick" in printed
+        or "Epoch 1/" in printed
+        or any(path.name == "checkpoints" for path in output.rglob("*"))
+    )
 
 
 def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, tmp_path):
@@ -137,13 +166,19 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     assert "visualkeras is not installed" in printed and "versions: python 3.12" in printed  # the TPU image's set
     first_run = session.outputs["03_train"] / run.FOLDER
     info = run.load_info(first_run)
-    assert (info["backend"], info["replicas"], info["distribution"], info["epochs_run"]) == ("jax", 8, "DataParallel", 2)
+    assert (info["backend"], info["replicas"], info["distribution"], info["epochs_run"]) == (
+        "jax",
+        8,
+        "DataParallel",
+        2,
+    )
     assert info["data_source"]["kind"] == "competition" and (first_run / "model_diagram.png").is_file()
     session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # nested
 
     # the next version goes on from the first one's output, attached as its input (`push --resume-from`)
-    printed = session.run("03_train", *quick, *folds, "-p", "FOLD", "0", "-p", "EPOCHS", "3",
-                          "-p", "RESUME_FROM", "alice/hpa-03-train")
+    printed = session.run(
+        "03_train", *quick, *folds, "-p", "FOLD", "0", "-p", "EPOCHS", "3", "-p", "RESUME_FROM", "alice/hpa-03-train"
+    )
     assert "continuing after epoch 2" in printed
     assert run.load_history(session.outputs["03_train"] / run.FOLDER)["epoch"].tolist() == [0, 1, 2]
     fold0 = session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train") / run.FOLDER  # the newest

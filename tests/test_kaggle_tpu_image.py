@@ -10,6 +10,7 @@ standing in for the 8 chips. In each set it must refuse a full run on the sample
 TPU. It trains here in today's set; in the August set it trains, and a second version resumes from the first one's
 attached output, in the Kaggle chain (`tests/test_kaggle_chain.py`).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from hpa_nb.training.run import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "build" / "kaggle" / "03_train" / "03_train.ipynb"
-SHARED_IMAGE_LISTS = {"2026-08": REPO.parent / "shared" / "kaggle" / "tpu-image.txt",
-                      "2026-12": REPO.parent / "shared" / "kaggle" / "tpu-image-2026-12.txt"}
+SHARED_IMAGE_LISTS = {
+    "2026-08": REPO.parent / "shared" / "kaggle" / "tpu-image.txt",
+    "2026-12": REPO.parent / "shared" / "kaggle" / "tpu-image-2026-12.txt",
+}
 MISSING_ON_THE_IMAGE = ("plotly", "kaleido", "visualkeras", "skimage", "pycocotools", "wandb")
 
 pytestmark = pytest.mark.slow
@@ -49,8 +52,10 @@ def test_each_image_list_is_the_shared_one_with_its_source_and_date(package_set)
 
 def test_the_venv_is_python_312_without_the_packages_the_image_lacks(tpu_set):
     _, tpu_python = tpu_set
-    probe = ("import importlib.util, sys; print(sys.version_info[:2] == (3, 12), "
-             f"[name for name in {MISSING_ON_THE_IMAGE!r} if importlib.util.find_spec(name)])")
+    probe = (
+        "import importlib.util, sys; print(sys.version_info[:2] == (3, 12), "
+        f"[name for name in {MISSING_ON_THE_IMAGE!r} if importlib.util.find_spec(name)])"
+    )
     done = subprocess.run([str(tpu_python), "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split(None, 1) == ["True", "[]\n"], done.stdout + done.stderr
 
@@ -59,27 +64,55 @@ def test_every_stage_and_the_cli_import_on_the_image(tpu_set, tmp_path):
     """What the image lacks is imported only where it is used: every module of the package loads there (the CLI
     included, `python -m hpa_nb train` on a TPU VM), and none of the missing packages is asked for."""
     _, tpu_python = tpu_set
-    probe = ("import importlib, pkgutil, sys, hpa_nb\n"
-             "names = [m.name for m in pkgutil.walk_packages(hpa_nb.__path__, 'hpa_nb.') if m.name != 'hpa_nb.__main__']\n"
-             "for name in names: importlib.import_module(name)\n"
-             f"print(len(names), [name for name in {MISSING_ON_THE_IMAGE!r} if name in sys.modules])")
+    probe = (
+        "import importlib, pkgutil, sys, hpa_nb\n"
+        "names = [m.name for m in pkgutil.walk_packages(hpa_nb.__path__, 'hpa_nb.') if m.name != 'hpa_nb.__main__']\n"
+        "for name in names: importlib.import_module(name)\n"
+        f"print(len(names), [name for name in {MISSING_ON_THE_IMAGE!r} if name in sys.modules])"
+    )
     environ = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "KERAS_BACKEND")}
-    done = subprocess.run([str(tpu_python), "-c", probe], cwd=tmp_path, env={**environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(tpu_python), "-c", probe],
+        cwd=tmp_path,
+        env={**environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     count, missing = done.stdout.strip().splitlines()[-1].split(" ", 1)
     assert int(count) >= 40 and missing == "[]", done.stdout
 
 
-def _papermill(tpu_python: Path, workdir: Path, out: Path, data: Path, *parameters: str,
-               **environ: str) -> subprocess.CompletedProcess:
-    clean = {key: value for key, value in os.environ.items()
-             if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_CPU_REPLICAS") and not key.startswith("KAGGLE_")}
-    clean.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8", HPA_OUT=str(out),
-                 HPA_DATA_DIR=str(data), TF_CPP_MIN_LOG_LEVEL="2", **environ)
+def _papermill(
+    tpu_python: Path, workdir: Path, out: Path, data: Path, *parameters: str, **environ: str
+) -> subprocess.CompletedProcess:
+    clean = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "KERAS_BACKEND", "HPA_CPU_REPLICAS") and not key.startswith("KAGGLE_")
+    }
+    clean.update(
+        KERAS_BACKEND="jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        HPA_OUT=str(out),
+        HPA_DATA_DIR=str(data),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        **environ,
+    )
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [str(tpu_python), "-m", "papermill", "--cwd", str(workdir), "-k", "python3", str(BUNDLE),
-               str(workdir / "executed.ipynb"), *parameters]
+    command = [
+        str(tpu_python),
+        "-m",
+        "papermill",
+        "--cwd",
+        str(workdir),
+        "-k",
+        "python3",
+        str(BUNDLE),
+        str(workdir / "executed.ipynb"),
+        *parameters,
+    ]
     return subprocess.run(command, cwd=workdir, env=clean, capture_output=True, text=True, timeout=1200)
 
 
@@ -95,8 +128,7 @@ def _outputs(workdir: Path) -> str:
 
 def test_a_full_run_on_kaggle_with_the_sample_stops_before_training(tpu_set, small_sample, tmp_path):
     _, tpu_python = tpu_set
-    refused = _papermill(tpu_python, tmp_path / "nb", tmp_path / "out", small_sample,
-                         KAGGLE_KERNEL_RUN_TYPE="Batch")
+    refused = _papermill(tpu_python, tmp_path / "nb", tmp_path / "out", small_sample, KAGGLE_KERNEL_RUN_TYPE="Batch")
     assert refused.returncode != 0
     printed = _outputs(tmp_path / "nb")
     assert "PreflightError" in printed and "competition data is not attached" in printed
@@ -106,26 +138,43 @@ def test_a_full_run_on_kaggle_with_the_sample_stops_before_training(tpu_set, sma
 def test_a_tpu_vm_whose_jax_sees_no_tpu_stops_in_one_line_naming_the_versions(tpu_set, small_sample, tmp_path):
     """A libtpu that does not suit the image's jax leaves JAX on the CPU: even a quick run stops before training."""
     package_set, tpu_python = tpu_set
-    pins = dict(re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", (REPO / TPU_PACKAGE_SETS[package_set][0]).read_text(),
-                           flags=re.M))
-    refused = _papermill(tpu_python, tmp_path / "nb", tmp_path / "out", small_sample, "-p", "QUICK", "True",
-                         KAGGLE_KERNEL_RUN_TYPE="Batch", ISTPUVM="1")
+    pins = dict(
+        re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", (REPO / TPU_PACKAGE_SETS[package_set][0]).read_text(), flags=re.M)
+    )
+    refused = _papermill(
+        tpu_python,
+        tmp_path / "nb",
+        tmp_path / "out",
+        small_sample,
+        "-p",
+        "QUICK",
+        "True",
+        KAGGLE_KERNEL_RUN_TYPE="Batch",
+        ISTPUVM="1",
+    )
     assert refused.returncode != 0
     printed = _outputs(tmp_path / "nb")
-    assert (f"JAX sees no TPU (cpu only) with jax {pins['jax']}, jaxlib {pins['jax']}, libtpu not installed"
-            in printed), printed[-2000:]
+    assert (
+        f"JAX sees no TPU (cpu only) with jax {pins['jax']}, jaxlib {pins['jax']}, libtpu not installed" in printed
+    ), printed[-2000:]
     assert not RunFolder(tmp_path / "out" / "run").checkpoints.exists()
 
 
 def test_the_training_bundle_trains_over_8_devices_in_todays_set(small_sample, tmp_path):
     """The August set trains in the Kaggle chain; today's set trains here, the same bundle, 2 quick epochs."""
     tpu_python = tpu_venv_python("2026-12")
-    done = _papermill(tpu_python, tmp_path / "nb", tmp_path / "out", small_sample, "-p", "QUICK", "True",
-                      "-p", "EPOCHS", "2")
+    done = _papermill(
+        tpu_python, tmp_path / "nb", tmp_path / "out", small_sample, "-p", "QUICK", "True", "-p", "EPOCHS", "2"
+    )
     printed = _outputs(tmp_path / "nb") if (tmp_path / "nb" / "executed.ipynb").is_file() else ""
     assert done.returncode == 0, printed[-3000:] + done.stderr[-3000:]
     info = run.load_info(tmp_path / "out" / "run")
-    assert (info["backend"], info["replicas"], info["distribution"], info["epochs_run"]) == ("jax", 8, "DataParallel", 2)
+    assert (info["backend"], info["replicas"], info["distribution"], info["epochs_run"]) == (
+        "jax",
+        8,
+        "DataParallel",
+        2,
+    )
     assert "versions: python 3.12" in printed and "jax 0.12.0.1" in printed and "keras 3.15.1" in printed
     assert run.RunFolder(tmp_path / "out" / "run").oof.is_file()
 
@@ -137,8 +186,9 @@ def test_without_python_312_the_check_is_skipped_in_one_line_but_required_in_ci(
     environ = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **({"CI": "true"} if ci else {})}
     if any(Path(folder, "python3.12").exists() for folder in ("/usr/bin", "/bin")):
         pytest.skip("this machine has a system Python 3.12: nothing to simulate")
-    done = subprocess.run(["bash", str(REPO / ".ci" / "kaggle-tpu-venv")], env=environ, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(REPO / ".ci" / "kaggle-tpu-venv")], env=environ, capture_output=True, text=True, timeout=60
+    )
     assert (done.returncode, done.stdout) == ((1 if ci else 3), "")
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: " if ci else "note: no Python 3.12 here")
     assert "HPA_PYTHON312" in done.stderr
@@ -175,20 +225,56 @@ def test_a_kerashub_preset_folder_trains_and_predicts_offline(tpu_set, small_sam
     is attached: `train --backbone FOLDER` with 4 channels, the proxy a dead port, then the run's model predicts."""
     package_set, tpu_python = tpu_set
     environ = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "KERAS_BACKEND")}
-    environ.update(KERAS_BACKEND="jax", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", HPA_OUT=str(tmp_path), **OFFLINE)
+    environ.update(
+        KERAS_BACKEND="jax", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", HPA_OUT=str(tmp_path), **OFFLINE
+    )
     preset, run_dir = tmp_path / "preset", tmp_path / "run"
-    made = subprocess.run([str(tpu_python), "-c", PRESET_SCRIPT, str(preset)], env=environ, capture_output=True,
-                          text=True, timeout=300)
+    made = subprocess.run(
+        [str(tpu_python), "-c", PRESET_SCRIPT, str(preset)], env=environ, capture_output=True, text=True, timeout=300
+    )
     assert made.returncode == 0 and (preset / "config.json").is_file(), made.stderr[-2000:]
-    trained = subprocess.run([str(tpu_python), "-m", "hpa_nb", "train", "--quick", "--backbone", str(preset),
-                              "--weights", "imagenet", "--channels", "rgby", "--data", str(small_sample), "--out",
-                              str(run_dir), "--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2",
-                              "--batch-size", "4"], env=environ, cwd=tmp_path, capture_output=True, text=True,
-                             timeout=600)
+    trained = subprocess.run(
+        [
+            str(tpu_python),
+            "-m",
+            "hpa_nb",
+            "train",
+            "--quick",
+            "--backbone",
+            str(preset),
+            "--weights",
+            "imagenet",
+            "--channels",
+            "rgby",
+            "--data",
+            str(small_sample),
+            "--out",
+            str(run_dir),
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert run.load_config(run_dir).backbone == str(preset) and run.RunFolder(run_dir).oof.is_file()
-    checked = subprocess.run([str(tpu_python), "-c", CHECK_SCRIPT, str(preset), str(run_dir)], env=environ,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    checked = subprocess.run(
+        [str(tpu_python), "-c", CHECK_SCRIPT, str(preset), str(run_dir)],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert checked.returncode == 0, checked.stderr[-3000:]
     lines = checked.stdout.strip().splitlines()
     assert "stem 4 True True" in lines and "predict (3, 19)" in lines, (package_set, checked.stdout)
@@ -204,8 +290,9 @@ def test_the_image_set_is_resolved_again_in_one_command(tmp_path, cli):
     python = str(tpu_venv_python("2026-12"))
     recipe = tmp_path / "recipe.txt"
     recipe.write_text("# Source: a stand-in recipe\ntqdm\nnumpy<2.6\n")
-    out = image_set.write(recipe, tmp_path / "set.txt", python, touched=("numpy", "tqdm"),
-                          today=datetime.date(2026, 12, 6))
+    out = image_set.write(
+        recipe, tmp_path / "set.txt", python, touched=("numpy", "tqdm"), today=datetime.date(2026, 12, 6)
+    )
     lines = out.read_text().splitlines()
     assert "resolved on 2026-12-06 for Python 3.12" in lines[0] and "# Source: a stand-in recipe" in lines
     pins = [line for line in lines if not line.startswith("#")]

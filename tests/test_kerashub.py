@@ -4,6 +4,7 @@ December TPU-image venv, where keras-hub is (it pins a second TensorFlow through
 the dev venv). Each family builds with RGBY at a size other than its preset's and keeps its weights, judged against
 KerasHub's own loader at that size, or refuses in one line; then trains for one epoch with the network off, and its
 run predicts in a new process."""
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,27 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = REPO / "tests" / "standins" / "kerashub_families.py"
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
-EVERY_FAMILY = ["efficientnet", "efficientnet2_rw", "resnet", "resnet_vd", "densenet", "cspnet", "hgnetv2",
-                "mobilenet", "dinov2", "dinov3", "vit"]
+EVERY_FAMILY = [
+    "efficientnet",
+    "efficientnet2_rw",
+    "resnet",
+    "resnet_vd",
+    "densenet",
+    "cspnet",
+    "hgnetv2",
+    "mobilenet",
+    "dinov2",
+    "dinov3",
+    "vit",
+]
 
 
 def _families(python: Path, *args: str | Path, timeout: int = 900) -> list[dict]:
     environ = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "KERAS_BACKEND")}
     environ.update(KERAS_BACKEND="jax", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", **OFFLINE)
-    done = subprocess.run([str(python), str(FAMILIES), *map(str, args)], env=environ, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [str(python), str(FAMILIES), *map(str, args)], env=environ, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
@@ -36,20 +49,28 @@ def presets(tpu_python_december, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("kerashub_presets")
     written = _families(tpu_python_december, "write", folder)
     assert [row["family"] for row in written] == EVERY_FAMILY
-    assert {row["class"] for row in written} == {"EfficientNetBackbone", "ResNetBackbone", "DenseNetBackbone",
-                                                "CSPNetBackbone", "HGNetV2Backbone", "MobileNetBackbone",
-                                                "DINOV2Backbone", "DINOV3Backbone", "ViTBackbone"}
+    assert {row["class"] for row in written} == {
+        "EfficientNetBackbone",
+        "ResNetBackbone",
+        "DenseNetBackbone",
+        "CSPNetBackbone",
+        "HGNetV2Backbone",
+        "MobileNetBackbone",
+        "DINOV2Backbone",
+        "DINOV3Backbone",
+        "ViTBackbone",
+    }
     assert all((folder / family / "config.json").is_file() for family in EVERY_FAMILY)
     return folder
 
 
-def test_every_family_builds_rgby_at_another_size_with_its_weights_or_refuses_in_one_line(tpu_python_december,
-                                                                                           presets):
+def test_every_family_builds_rgby_at_another_size_with_its_weights_or_refuses_in_one_line(tpu_python_december, presets):
     rows = {(row["family"], row["asked"]): row for row in _families(tpu_python_december, "check", presets)}
     refusals = {key: row.pop("refused") for key, row in rows.items() if "refused" in row}
     assert refusals.keys() == {("dinov2", 96), ("vit", 40)}
-    assert refusals[("dinov2", 96)].endswith("DINOV2Backbone cuts images into 14 px patches, so --image-size must "
-                                             "be a multiple of 14, such as 84 or 98")
+    assert refusals[("dinov2", 96)].endswith(
+        "DINOV2Backbone cuts images into 14 px patches, so --image-size must be a multiple of 14, such as 84 or 98"
+    )
     assert "ViTBackbone cannot take its weights at 40 px" in refusals[("vit", 40)]
     assert "use --image-size 32, the preset's own size" in refusals[("vit", 40)]
     assert all("\n" not in line for line in refusals.values())
@@ -67,8 +88,9 @@ def test_every_family_builds_rgby_at_another_size_with_its_weights_or_refuses_in
         assert row["rescale"] == pytest.approx(expected_scale, abs=1e-3), row
 
 
-def test_every_family_trains_rgby_offline_and_its_run_predicts_in_a_new_process(tpu_python_december, presets,
-                                                                                small_sample, tmp_path):
+def test_every_family_trains_rgby_offline_and_its_run_predicts_in_a_new_process(
+    tpu_python_december, presets, small_sample, tmp_path
+):
     trained = _families(tpu_python_december, "train", presets, small_sample, tmp_path, timeout=1500)  # ViT at its 32 px
     assert trained == [{"family": family, "status": 0} for family in EVERY_FAMILY]
     predicted = _families(tpu_python_december, "predict", tmp_path)

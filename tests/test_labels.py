@@ -25,8 +25,9 @@ def test_repeated_class_is_fine():
     assert np.flatnonzero(labels.parse_label("17|17", "x")).tolist() == [17]
 
 
-@pytest.mark.parametrize("text, fragment", [("", "empty"), ("  ", "empty"), ("3|a", "'a'"),
-                                            ("19", "19"), ("-1", "-1"), ("2||4", "''")])
+@pytest.mark.parametrize(
+    "text, fragment", [("", "empty"), ("  ", "empty"), ("3|a", "'a'"), ("19", "19"), ("-1", "-1"), ("2||4", "''")]
+)
 def test_bad_labels_name_the_image_and_the_value(text, fragment):
     with pytest.raises(ValueError) as error:
         labels.parse_label(text, "img-42")
@@ -43,7 +44,7 @@ def test_counts_and_class_weights():
     assert counts[0] == 2 and counts[16] == 2 and counts[18] == 1 and counts.sum() == 5
     weights = labels.class_weights(matrix, max_weight=20.0)
     assert weights.dtype == np.float32
-    assert weights[0] == pytest.approx(1.0)   # 2 negatives / 2 positives
+    assert weights[0] == pytest.approx(1.0)  # 2 negatives / 2 positives
     assert weights[18] == pytest.approx(3.0)  # 3 negatives / 1 positive
     assert weights[5] == pytest.approx(20.0)  # absent: capped
 

@@ -1,4 +1,5 @@
 """Image-level metrics (scikit-learn underneath): worked cases, the tuned F1, the averages, and null handling."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,13 @@ def _fixed_arrays(images: int = 60, seed: int = 7) -> tuple[np.ndarray, np.ndarr
     return truth, scores
 
 
-@pytest.mark.parametrize("truth, scores, auc, ap", [
-    ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75, 0.5 * 1 + 0.5 * 2 / 3),  # worked by hand
-    ([1, 0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5, 0.5], 0.5, 0.6),  # all tied: one threshold admits every image
-])
+@pytest.mark.parametrize(
+    "truth, scores, auc, ap",
+    [
+        ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75, 0.5 * 1 + 0.5 * 2 / 3),  # worked by hand
+        ([1, 0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5, 0.5], 0.5, 0.6),  # all tied: one threshold admits every image
+    ],
+)
 def test_binary_scores_on_cases_worked_by_hand(truth, scores, auc, ap):
     assert metrics.roc_auc(truth, scores) == pytest.approx(auc)
     assert metrics.average_precision(truth, scores) == pytest.approx(ap)
@@ -57,7 +61,8 @@ def test_image_metrics_match_sklearn_per_class_macro_and_micro():
     assert result["map"] == pytest.approx(sk.average_precision_score(truth, scores, average="macro"))
     assert result["micro"]["roc_auc"] == pytest.approx(sk.roc_auc_score(truth, scores, average="micro"))
     assert result["micro"]["average_precision"] == pytest.approx(
-        sk.average_precision_score(truth, scores, average="micro"))
+        sk.average_precision_score(truth, scores, average="micro")
+    )
     predicted = scores >= np.array([result["thresholds"][name] for name in LABEL_NAMES])
     assert result["micro"]["f1"] == pytest.approx(sk.f1_score(truth, predicted, average="micro"))
     assert result["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, average="macro"))
@@ -77,10 +82,12 @@ def test_absent_classes_are_null_and_left_out_of_the_averages():
     assert result["classes_present"] == N_CLASSES - 1
     defined = [c for c in range(N_CLASSES) if c not in (3, 5)]
     assert result["macro_roc_auc"] == pytest.approx(
-        sk.roc_auc_score(truth[:, defined], scores[:, defined], average="macro"))
+        sk.roc_auc_score(truth[:, defined], scores[:, defined], average="macro")
+    )
     present = [c for c in range(N_CLASSES) if c != 3]
     assert result["map"] == pytest.approx(
-        sk.average_precision_score(truth[:, present], scores[:, present], average="macro"))
+        sk.average_precision_score(truth[:, present], scores[:, present], average="macro")
+    )
     # JSON null, never NaN
     text = json.dumps(result, allow_nan=False)
     assert json.loads(text)["classes"][3]["roc_auc"] is None
@@ -106,11 +113,14 @@ def test_given_thresholds_are_used_for_f1():
         assert entry["threshold"] == 0.5
 
 
-@pytest.mark.parametrize("truth, scores, message", [
-    (np.zeros((3, 19)), np.zeros((4, 19)), "must both be"),
-    (np.zeros((3, 19)), np.full((3, 19), np.nan), "NaN"),
-    (np.full((3, 19), 2), np.zeros((3, 19)), "0 or 1"),
-])
+@pytest.mark.parametrize(
+    "truth, scores, message",
+    [
+        (np.zeros((3, 19)), np.zeros((4, 19)), "must both be"),
+        (np.zeros((3, 19)), np.full((3, 19), np.nan), "NaN"),
+        (np.full((3, 19), 2), np.zeros((3, 19)), "0 or 1"),
+    ],
+)
 def test_bad_inputs_raise_value_error(truth, scores, message):
     with pytest.raises(ValueError, match=message):
         metrics.image_metrics(truth, scores)

@@ -1,4 +1,5 @@
 """hpa_nb.training.model: the sigmoid head, the 4-channel weight transplant, the weighted loss, metrics, save/load."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,8 +64,9 @@ def b0_weights_file(tmp_path_factory) -> str:
     """A 3-channel EfficientNetB0 backbone's weights with non-trivial input statistics, as a user would attach."""
     source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     normalization = next(layer for layer in source.layers if isinstance(layer, keras.layers.Normalization))
-    normalization.set_weights([np.array([0.485, 0.456, 0.406], "float32"),
-                               np.array([0.052, 0.050, 0.051], "float32"), np.array(0)])
+    normalization.set_weights(
+        [np.array([0.485, 0.456, 0.406], "float32"), np.array([0.052, 0.050, 0.051], "float32"), np.array(0)]
+    )
     path = tmp_path_factory.mktemp("weights") / "b0.weights.h5"
     source.save_weights(path)
     return str(path)
@@ -94,8 +96,7 @@ def test_four_channel_transplant_extends_the_stem_with_the_rgb_mean(b0_weights_f
 
 @pytest.mark.slow  # builds EfficientNetB0 (its weights file too)
 def test_three_channel_weights_file_reproduces_the_source_backbone(b0_weights_file):
-    source = keras.applications.EfficientNetB0(include_top=False, weights=b0_weights_file,
-                                               input_shape=(SIZE, SIZE, 3))
+    source = keras.applications.EfficientNetB0(include_top=False, weights=b0_weights_file, input_shape=(SIZE, SIZE, 3))
     built = model_lib.build("efficientnetb0", SIZE, "rgb", weights=b0_weights_file).get_layer("backbone")
     images = _images(2)
     np.testing.assert_allclose(np.asarray(built(images)), np.asarray(source(images)), rtol=1e-4, atol=1e-5)
@@ -106,8 +107,9 @@ def test_keras_imagenet_file_given_as_a_path_matches_weights_imagenet(tmp_path, 
     """Keras's ImageNet .h5 stores the std where the variance belongs; a path must get the same correction."""
     source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     normalization = next(layer for layer in source.layers if isinstance(layer, keras.layers.Normalization))
-    normalization.set_weights([np.array(model_lib.IMAGENET_MEAN, "float32"),
-                               np.array(model_lib.IMAGENET_STDDEV, "float32"), np.array(0)])
+    normalization.set_weights(
+        [np.array(model_lib.IMAGENET_MEAN, "float32"), np.array(model_lib.IMAGENET_STDDEV, "float32"), np.array(0)]
+    )
     legacy = tmp_path / "efficientnetb0_notop.h5"
     with h5py.File(legacy, "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, source)
@@ -138,11 +140,14 @@ def test_unreachable_imagenet_weights_explain_the_kaggle_way(monkeypatch):
     assert isinstance(caught.value, ValueError)  # the CLI prints it as one line
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"backbone": "resnet50"}, ValueError),
-    ({"channels": "rgbk"}, ValueError),
-    ({"weights": "/no/such/file.weights.h5"}, FileNotFoundError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"backbone": "resnet50"}, ValueError),
+        ({"channels": "rgbk"}, ValueError),
+        ({"weights": "/no/such/file.weights.h5"}, FileNotFoundError),
+    ],
+)
 def test_bad_arguments_raise_user_errors(kwargs, error):
     with pytest.raises(error):
         model_lib.build(**{"backbone": "tiny", "image_size": SIZE, "weights": None, **kwargs})
@@ -158,8 +163,9 @@ def test_positive_weights_scale_only_the_positive_term():
     np.testing.assert_allclose(np.asarray(loss(y_true, y_pred)), expected, rtol=1e-5)
     negatives = np.zeros_like(y_true)  # no positives: the weights change nothing
     unweighted = model_lib.WeightedBinaryCrossentropy(None, reduction=None)
-    np.testing.assert_allclose(np.asarray(loss(negatives, y_pred)), np.asarray(unweighted(negatives, y_pred)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(loss(negatives, y_pred)), np.asarray(unweighted(negatives, y_pred)), rtol=1e-6
+    )
 
 
 def test_focal_loss_discounts_confident_correct_predictions():
@@ -193,8 +199,9 @@ def test_auc_metric_leaves_out_classes_absent_from_validation():
 
 def test_save_and_load_round_trip_gives_the_same_predictions(tmp_path):
     model = model_lib.build("tiny", SIZE, "rgb", weights=None)
-    model.compile(optimizer="adam", loss=model_lib.WeightedBinaryCrossentropy([3.0] * N_CLASSES),
-                  metrics=model_lib.make_metrics())
+    model.compile(
+        optimizer="adam", loss=model_lib.WeightedBinaryCrossentropy([3.0] * N_CLASSES), metrics=model_lib.make_metrics()
+    )
     images, labels = _images(8), np.eye(N_CLASSES, dtype="float32")[np.arange(8)]
     model.fit(images, labels, epochs=1, batch_size=4, verbose=0)
     (tmp_path / "run").mkdir()
@@ -211,8 +218,9 @@ def test_backbone_weights_written_from_a_trained_model_seed_a_new_one(tmp_path):
     seeded = model_lib.build("efficientnetv2b0", SIZE, "rgby", weights=path)
     inner = [layer for layer in seeded.get_layer("backbone").layers if isinstance(layer, keras.Model)][0]
     source = [layer for layer in trained.get_layer("backbone").layers if isinstance(layer, keras.Model)][0]
-    np.testing.assert_array_equal(inner.get_layer("block1a_project_conv").kernel.numpy(),
-                                  source.get_layer("block1a_project_conv").kernel.numpy())
+    np.testing.assert_array_equal(
+        inner.get_layer("block1a_project_conv").kernel.numpy(), source.get_layer("block1a_project_conv").kernel.numpy()
+    )
 
 
 def test_backbone_weights_are_written_atomically(tiny, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 nbval itself runs the notebooks (``make test`` passes ``--nbval-lax notebooks``); these tests check the pairing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Every plot function returns a figure on the small sample's data; saving and the diagram fallback."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +28,7 @@ def sample_matrix(sample_labels) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sample_images(small_sample, sample_labels) -> np.ndarray:
     """The first four images, RGBY, resized to 32 px, on the 0–255 scale like the data pipeline's."""
+
     def channel(image_id: str, color: str) -> np.ndarray:
         with Image.open(small_sample / "train" / f"{image_id}_{color}.png") as image:
             array = np.asarray(image, np.float32)
@@ -80,8 +82,9 @@ def test_evaluation_figures_name_every_present_class(sample_matrix, fake_scores)
     assert [name.rsplit(" (AP", 1)[0] for name in _trace_names(curves)] == present + ["micro-average"]
 
 
-def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_images, sample_matrix, fake_scores,
-                                                                    sample_labels):
+def test_image_grids_are_matplotlib_figures_titled_with_label_names(
+    sample_images, sample_matrix, fake_scores, sample_labels
+):
     ids = list(sample_labels["ID"][:2])
     grid = charts.channel_grid(sample_images[:2], sample_labels["Label"][:2], ids=ids)
     assert isinstance(grid, Figure)
@@ -90,8 +93,9 @@ def test_image_grids_are_matplotlib_figures_titled_with_label_names(sample_image
     assert titles[0].startswith(ids[0]) and all(name in titles[0] for name in first_names)
     assert len(grid.subfigs[0].axes) == 5  # red, green, blue, yellow, composite
     assert len(charts.channel_grid(sample_images[:1, ..., :3], sample_matrix[:1]).subfigs[0].axes) == 4
-    predictions = charts.prediction_grid(sample_images, sample_matrix[:4], fake_scores[:4], ids=list(
-        sample_labels["ID"][:4]), columns=3)
+    predictions = charts.prediction_grid(
+        sample_images, sample_matrix[:4], fake_scores[:4], ids=list(sample_labels["ID"][:4]), columns=3
+    )
     assert isinstance(predictions, Figure)
     top = LABEL_NAMES[int(np.argmax(fake_scores[0]))]
     assert top in predictions.axes[0].get_title(loc="left")

@@ -1,4 +1,5 @@
 """hpa_nb.training.preflight: a full Kaggle run stops before training on the sample or a CPU; versions are reported."""
+
 from __future__ import annotations
 
 import re
@@ -56,9 +57,11 @@ def test_a_full_kaggle_run_stops_before_training_with_one_line(small_sample, tmp
 def test_versions_outside_the_tested_range_are_named():
     assert preflight.untested({"python": "3.12.1", "numpy": "2.5.2", "keras": "3.15.1", "jax": None}) == []
     lines = preflight.untested({"numpy": "2.6.0", "keras": "3.4.1", "tensorflow": "2.22.0rc1"})
-    assert lines == ["numpy 2.6.0 is outside the tested range >=1.26,<2.6",
-                     "keras 3.4.1 is outside the tested range >=3.5,<3.16",
-                     "tensorflow 2.22.0rc1 is outside the tested range >=2.16,<2.22"]
+    assert lines == [
+        "numpy 2.6.0 is outside the tested range >=1.26,<2.6",
+        "keras 3.4.1 is outside the tested range >=3.5,<3.16",
+        "tensorflow 2.22.0rc1 is outside the tested range >=2.16,<2.22",
+    ]
 
 
 def test_report_prints_every_version_and_warns_on_untested_ones(monkeypatch, capsys):
@@ -68,21 +71,27 @@ def test_report_prints_every_version_and_warns_on_untested_ones(monkeypatch, cap
         preflight.report_versions()
     assert capsys.readouterr().out == "versions: python 3.12.1, keras 9.0, jax not installed\n"
     assert [str(warning.message).split(":")[0] for warning in caught] == [
-        "keras 9.0 is outside the tested range >=3.5,<3.16"]
+        "keras 9.0 is outside the tested range >=3.5,<3.16"
+    ]
 
 
 def test_the_tested_ranges_are_the_bounds_of_requirements_txt_and_admit_the_tpu_image():
     requirements = (REPO / "requirements.txt").read_text() + (REPO / "requirements-dev.txt").read_text()
     for name in ("keras", "numpy", "tensorflow", "jax"):
         low, high = preflight.TESTED_VERSIONS[name]
-        lines = re.findall(rf"^{name}(?:-cpu)?(?:\[cpu\])?>={re.escape(low)},<{re.escape(high)}\b", requirements,
-                           flags=re.M)
+        lines = re.findall(
+            rf"^{name}(?:-cpu)?(?:\[cpu\])?>={re.escape(low)},<{re.escape(high)}\b", requirements, flags=re.M
+        )
         assert lines, f"requirements do not bound {name} as >={low},<{high}"
     for package_set in ("requirements-kaggle-tpu.txt", "requirements-kaggle-tpu-2026-12.txt"):  # August and today
         image = (REPO / package_set).read_text()
         pins = dict(re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", image, flags=re.M))
-        versions = {"keras": pins["keras"], "numpy": pins["numpy"], "jax": pins["jax"],
-                    "tensorflow": pins["tensorflow-cpu"]}
+        versions = {
+            "keras": pins["keras"],
+            "numpy": pins["numpy"],
+            "jax": pins["jax"],
+            "tensorflow": pins["tensorflow-cpu"],
+        }
         assert preflight.untested(versions) == [], package_set
 
 

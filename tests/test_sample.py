@@ -1,4 +1,5 @@
 """The synthetic sample: competition layout, determinism, labels, masks and label-driven green patterns."""
+
 from __future__ import annotations
 
 import csv
@@ -86,7 +87,7 @@ def test_tfrecords_hold_each_image_as_four_contiguous_records_in_varying_colour_
     assert files == [f"train-{i:03d}-of-{len(files):03d}.tfrec" for i in range(len(files))] and len(files) >= 2
     orders = set()
     for start in range(0, len(examples), 4):
-        group = examples[start:start + 4]
+        group = examples[start : start + 4]
         image_ids = {features["image_name"].decode().rsplit("_", 1)[0] for _, features in group}
         assert len(image_ids) == 1, f"records {start}..{start + 3} mix images {image_ids}"
         assert len({file for file, _ in group}) == 1  # one image never spans two files
@@ -303,8 +304,14 @@ def test_overwrites_a_previous_sample_but_never_a_foreign_folder(tmp_path):
 # --- command line -----------------------------------------------------------------------------
 def _cli(*arguments: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "hpa_nb", "sample", *arguments], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hpa_nb", "sample", *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # a whole sample through the command; the writer's own tests stay quick

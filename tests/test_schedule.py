@@ -1,4 +1,5 @@
 """hpa_nb.training.schedule: warmup → sustain → exponential decay, scaled with the global batch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,9 @@ keras = pytest.importorskip("keras")
 
 @pytest.fixture
 def lr() -> schedule.WarmupSustainDecay:
-    return schedule.WarmupSustainDecay(initial_lr=1e-4, max_lr=1e-3, warmup_steps=10, sustain_steps=5,
-                                       decay=0.5, decay_steps=4, min_lr=1e-5)
+    return schedule.WarmupSustainDecay(
+        initial_lr=1e-4, max_lr=1e-3, warmup_steps=10, sustain_steps=5, decay=0.5, decay_steps=4, min_lr=1e-5
+    )
 
 
 def _at(lr, step: int) -> float:

@@ -1,4 +1,5 @@
 """hpa_nb.cells.submit: mask encoding, the submission file (every ID, PNG sizes, decodable masks) and the CLI verb."""
+
 from __future__ import annotations
 
 import base64
@@ -71,7 +72,8 @@ def handmade(tmp_path_factory) -> Path:
             _write_png(root / "test" / f"{image_id}_{color}.png", (np.clip(array, 0, 255) * scale).astype(dtype))
         rows.append((image_id, 0, 0, ""))  # wrong sizes on purpose: the PNG's must win
     pd.DataFrame(rows, columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]).iloc[::-1].to_csv(
-        root / "sample_submission.csv", index=False)
+        root / "sample_submission.csv", index=False
+    )
     return root
 
 
@@ -89,8 +91,12 @@ def test_masks_round_trip_through_the_competition_encoding():
 
 
 def test_written_submission_has_every_id_png_sizes_and_decodable_masks(handmade, tmp_path):
-    out = write_submission(CellClassifier(_channel_means, 32, "rgby"), data_dir=handmade,
-                           out_csv=tmp_path / "sub" / "submission.csv", progress=False)
+    out = write_submission(
+        CellClassifier(_channel_means, 32, "rgby"),
+        data_dir=handmade,
+        out_csv=tmp_path / "sub" / "submission.csv",
+        progress=False,
+    )
     table = pd.read_csv(out, dtype={"ID": str}, keep_default_na=False)
     assert list(table.columns) == ["ID", "ImageWidth", "ImageHeight", "PredictionString"]
     assert table["ID"].tolist() == ["img2", "img1", "img0"]  # sample_submission's order
@@ -113,8 +119,15 @@ def test_written_submission_has_every_id_png_sizes_and_decodable_masks(handmade,
 
 
 def test_confidence_floor_and_image_only_rule(handmade, tmp_path):
-    out = write_submission(fake_classifier, handmade, tmp_path / "floor.csv", confidence_floor=0.5,
-                           rule=ScoreRule(image_weight=1.0, negative="model"), ids=["img0"], progress=False)
+    out = write_submission(
+        fake_classifier,
+        handmade,
+        tmp_path / "floor.csv",
+        confidence_floor=0.5,
+        rule=ScoreRule(image_weight=1.0, negative="model"),
+        ids=["img0"],
+        progress=False,
+    )
     row = pd.read_csv(out).iloc[0]
     kept = parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth)
     assert kept and all(confidence >= 0.5 for _, confidence, _ in kept)
@@ -136,7 +149,8 @@ def odd_green(handmade, tmp_path_factory) -> Path:
         shutil.copy(handmade / "test" / f"img0_{color}.png", root / "test")
     _write_png(root / "test" / "img0_green.png", np.zeros((48, 40), np.uint8))
     pd.DataFrame([("img0", 0, 0, "")], columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]).to_csv(
-        root / "sample_submission.csv", index=False)
+        root / "sample_submission.csv", index=False
+    )
     return root
 
 
@@ -161,18 +175,60 @@ def test_submit_covers_every_sample_submission_id(small_sample, trained_run, tmp
 
 def test_cli_submit(small_sample, trained_run, tmp_path, capsys):
     out = tmp_path / "cli.csv"
-    assert main(["submit", "--model", str(trained_run), "--data", str(small_sample), "--out", str(out),
-                 "--image-weight", "1"]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "--model",
+                str(trained_run),
+                "--data",
+                str(small_sample),
+                "--out",
+                str(out),
+                "--image-weight",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_csv(out)) == len(pd.read_csv(small_sample / "sample_submission.csv"))
     assert main(["submit", "--model", str(tmp_path / "missing"), "--data", str(small_sample)]) == 2
     assert "model.keras" in capsys.readouterr().err
-    assert main(["submit", "--model", str(trained_run), "--data", str(small_sample), "--out", str(out),
-                 "--image-weight", "2"]) == 2
+    assert (
+        main(
+            [
+                "submit",
+                "--model",
+                str(trained_run),
+                "--data",
+                str(small_sample),
+                "--out",
+                str(out),
+                "--image-weight",
+                "2",
+            ]
+        )
+        == 2
+    )
 
 
 def test_cli_submit_names_an_image_with_odd_channel_sizes(odd_green, trained_run, tmp_path, capsys):
-    assert main(["submit", "--model", str(trained_run), "--data", str(odd_green), "--out", str(tmp_path / "x.csv"),
-                 "--image-weight", "1"]) == 2
+    assert (
+        main(
+            [
+                "submit",
+                "--model",
+                str(trained_run),
+                "--data",
+                str(odd_green),
+                "--out",
+                str(tmp_path / "x.csv"),
+                "--image-weight",
+                "1",
+            ]
+        )
+        == 2
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "img0_green.png is 40×48 px" in errors[0]
 
@@ -202,8 +258,10 @@ def test_scored_cells_are_written_and_scored_without_segmenting_again(small_samp
     for row in table.itertuples():
         cells_found = predictions[row.ID]
         assert (row.ImageHeight, row.ImageWidth) == cells_found.mask.shape
-        assert len(parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth)) == \
-            len(cells_found.cell_ids) * N_CLASSES
+        assert (
+            len(parse_prediction_string(row.PredictionString, row.ImageHeight, row.ImageWidth))
+            == len(cells_found.cell_ids) * N_CLASSES
+        )
     scored = score_cells(predictions, small_sample)
     monkeypatch.undo()
     fresh = evaluate_cells(fake_classifier, small_sample, test_ids, progress=False)

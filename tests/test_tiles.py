@@ -1,4 +1,5 @@
 """Cell tiles: what a tile holds, reading them through the data layer, restarting after a kill, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -77,17 +78,22 @@ def test_tiles_are_read_through_the_data_layer_by_image(small_sample, true_tiles
     keys = tiles.tile_keys(manifest, some)
     read = pipeline.open_dataset(small_sample, 24, "rgb", with_id=True, ids=keys, shards=true_tiles)
     found = [(key.decode(), image.shape, image.dtype) for image, _, key in read.as_numpy_iterator()]
-    assert sorted(key for key, _, _ in found) == sorted(keys) and {(s, d) for _, s, d in found} == {((24, 24, 3), np.dtype("float32"))}
+    assert sorted(key for key, _, _ in found) == sorted(keys) and {(s, d) for _, s, d in found} == {
+        ((24, 24, 3), np.dtype("float32"))
+    }
     assert "cell tiles" in pipeline.describe_layout(small_sample, "rgb", true_tiles)
-    batch, labels = next(iter(pipeline.training_dataset(small_sample, keys, 24, "rgb", batch_size=4, shards=true_tiles)))
+    batch, labels = next(
+        iter(pipeline.training_dataset(small_sample, keys, 24, "rgb", batch_size=4, shards=true_tiles))
+    )
     assert batch.shape == (4, 24, 24, 3) and labels.shape == (4, 19)
     by_image = list(tiles.read_tiles(true_tiles, image_ids=some).as_numpy_iterator())
     assert len(by_image) == len(keys) and by_image[0][0].shape == (32, 32, 4)
 
 
 def test_png_tiles_hold_the_same_pixels_in_fewer_bytes(small_sample, true_tiles, tmp_path):
-    packed = tiles.write_tiles(small_sample, tmp_path / "png", size=32, segmentation="masks", encoding="png",
-                               progress=False)
+    packed = tiles.write_tiles(
+        small_sample, tmp_path / "png", size=32, segmentation="masks", encoding="png", progress=False
+    )
     assert packed["encoding"] == "png" and packed["bytes"] < tiles.read_manifest(true_tiles)["bytes"]
     raw_crops, raw_info = tiles.load_tiles(true_tiles)
     png_crops, png_info = tiles.load_tiles(tmp_path / "png")
@@ -100,10 +106,14 @@ def test_png_tiles_hold_the_same_pixels_in_fewer_bytes(small_sample, true_tiles,
 
 
 def test_tiles_stop_before_writing_more_when_the_projection_is_over_the_disk_budget(small_sample, tmp_path, capsys):
-    with pytest.raises(DiskBudgetError, match=r"tiles of .*: .* kB per image, so the 40 images would need .* GB, "
-                                              r"over the 1e-06 GB budget"):
-        tiles.write_tiles(small_sample, tmp_path / "t", size=32, segmentation="masks", images_per_file=50,
-                          max_gb=1e-6, progress=False)
+    with pytest.raises(
+        DiskBudgetError,
+        match=r"tiles of .*: .* kB per image, so the 40 images would need .* GB, "
+        r"over the 1e-06 GB budget",
+    ):
+        tiles.write_tiles(
+            small_sample, tmp_path / "t", size=32, segmentation="masks", images_per_file=50, max_gb=1e-6, progress=False
+        )
     assert "projection: tiles of" in capsys.readouterr().err  # the line comes before the stop
     assert not list((tmp_path / "t").glob("tiles-*")) and not (tmp_path / "t" / tiles.MANIFEST).exists()
 
@@ -111,8 +121,9 @@ def test_tiles_stop_before_writing_more_when_the_projection_is_over_the_disk_bud
 def test_tiles_of_a_16_bit_sample_match_the_8_bit_ones(tmp_path):
     crops = {}
     for depth in (8, 16):
-        root = write_sample(tmp_path / f"b{depth}", images=6, size=64, seed=4, bit_depth=depth, test_images=0,
-                            progress=False)
+        root = write_sample(
+            tmp_path / f"b{depth}", images=6, size=64, seed=4, bit_depth=depth, test_images=0, progress=False
+        )
         tiles.write_tiles(root, size=32, segmentation="masks", progress=False)
         crops[depth] = tiles.load_tiles(root / "tiles")[0].astype(int)
     assert crops[8].shape == crops[16].shape and np.abs(crops[8] - crops[16]).max() <= 2
@@ -127,21 +138,36 @@ def test_bad_images_are_named_in_one_line_or_skipped(small_sample, tmp_path, cli
     result = cli("tiles", "--src", root, "--out", tmp_path / "t", "--size", "16", "--segmentation", "masks")
     assert result.status == 2 and len(result.errors) == 1 and "Traceback" not in result.err, result.err[-2000:]
     assert f"{ids[3]}_green.png" in result.errors[0]  # the first bad image in train.csv order, by its file
-    result = cli("tiles", "--src", root, "--out", tmp_path / "t", "--size", "16", "--segmentation", "masks",
-                 "--skip-bad")
+    result = cli(
+        "tiles", "--src", root, "--out", tmp_path / "t", "--size", "16", "--segmentation", "masks", "--skip-bad"
+    )
     assert result.status == 0 and "skipped 2" in result.err
     manifest = tiles.read_manifest(tmp_path / "t")
     assert manifest["images"] == len(ids) - 2 and manifest["skipped"] == 2
     listed = tiles.image_labels(manifest)
     assert ids[3] not in listed and ids[5] not in listed
-    assert cli("tiles", "--src", root, "--out", tmp_path / "u", "--size", "16", "--segmentation", "cellpose").status == 2
+    assert (
+        cli("tiles", "--src", root, "--out", tmp_path / "u", "--size", "16", "--segmentation", "cellpose").status == 2
+    )
 
 
 @pytest.mark.slow
 def test_a_killed_tiles_run_goes_on_in_a_fresh_process(default_sample, tmp_path):
     out = tmp_path / "tiles"
-    command = [sys.executable, "-m", "hpa_nb", "tiles", "--src", str(default_sample), "--out", str(out),
-               "--size", "32", "--images-per-file", "20"]
+    command = [
+        sys.executable,
+        "-m",
+        "hpa_nb",
+        "tiles",
+        "--src",
+        str(default_sample),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--images-per-file",
+        "20",
+    ]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     kill_when_written(command, out / "tiles-00001.tfrec", environment)
     assert not (out / tiles.MANIFEST).exists()
@@ -164,13 +190,13 @@ def test_a_killed_tiles_run_goes_on_in_a_fresh_process(default_sample, tmp_path)
 
 def test_tiles_stopped_at_a_deadline_are_adopted_by_the_next_session(small_sample, tmp_path):
     first = tmp_path / "session1" / "tiles"
-    stopped = tiles.write_tiles(small_sample, first, size=16, segmentation="masks", images_per_file=7,
-                                progress=False, deadline=time.time() - 1)  # already past: stop after the first file
+    stopped = tiles.write_tiles(
+        small_sample, first, size=16, segmentation="masks", images_per_file=7, progress=False, deadline=time.time() - 1
+    )  # already past: stop after the first file
     assert (stopped["complete"], stopped["images"], len(stopped["files"])) == (False, 7, 1)
     second = tmp_path / "session2" / "tiles"  # the next session starts with an empty working folder
     assert tiles.adopt_tiles(first, second) == 1
-    finished = tiles.write_tiles(small_sample, second, size=16, segmentation="masks", images_per_file=7,
-                                 progress=False)
+    finished = tiles.write_tiles(small_sample, second, size=16, segmentation="masks", images_per_file=7, progress=False)
     assert finished["complete"] and finished["images"] == len(pd.read_csv(small_sample / "train.csv"))
     assert finished["files"][0] == stopped["files"][0]
     assert (second / "tiles-00000.tfrec").read_bytes() == (first / "tiles-00000.tfrec").read_bytes()

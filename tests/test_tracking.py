@@ -1,5 +1,6 @@
 """Optional W&B tracking (`hpa_nb.training.tracking`): off in one line without wandb or a key; offline, the run
 folder holds the W&B run with the config, every epoch's metrics and learning rate, and the final figures."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +19,10 @@ def test_tracking_is_off_in_one_line_without_wandb_or_a_key(monkeypatch, capsys,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert tracking.start(tmp_path, {"epochs": 1}, environ={"WANDB_API_KEY": "k"}) is None
-    assert capsys.readouterr().err == "tracking: off (wandb is not installed (pip install wandb, or TRACK = True in 03_train))\n"
+    assert (
+        capsys.readouterr().err
+        == "tracking: off (wandb is not installed (pip install wandb, or TRACK = True in 03_train))\n"
+    )
 
 
 def _records(path: Path):
@@ -32,8 +36,8 @@ def _records(path: Path):
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
             continue
-        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
-        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
         if kind == 0:
             break
         pending = chunk if kind in (1, 2) else pending + chunk  # full or first; middle or last
@@ -61,15 +65,30 @@ def _items(update) -> dict:
 
 
 @pytest.mark.slow
-def test_an_offline_wandb_run_holds_the_config_every_epoch_and_the_final_figures(small_sample, cli, monkeypatch,
-                                                                                  tmp_path):
+def test_an_offline_wandb_run_holds_the_config_every_epoch_and_the_final_figures(
+    small_sample, cli, monkeypatch, tmp_path
+):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     out = tmp_path / "tracked"
-    result = cli("train", "--quick", "--data", small_sample, "--out", out, "--image-size", "32", "--epochs", "2",
-                 "--steps-per-epoch", "2", "--batch-size", "4")
+    result = cli(
+        "train",
+        "--quick",
+        "--data",
+        small_sample,
+        "--out",
+        out,
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "4",
+    )
     assert result.status == 0, result.err[-2000:]
     assert f"tracking: W&B run tracked (offline, under {out / 'wandb'})" in result.err
     logs = list((out / "wandb").glob(f"offline-run-*-{tracking.run_id(out)}/run-{tracking.run_id(out)}.wandb"))

@@ -1,4 +1,5 @@
 """hpa_nb.training.train and `python -m hpa_nb train`: quick training, the run folder, resume, the distributed CPU paths."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,11 +64,34 @@ def test_the_config_is_grouped_in_sections_and_an_older_runs_config_json_still_l
     with pytest.raises(TypeError):
         TrainConfig("data")  # by name only: the sections' order is free to change
     # config.json of a run trained before the sections (the field order of then, and its runtime keys), as written
-    older = {"data_dir": "d", "shards": None, "level": "image", "tiles": None, "relabel": False, "relabel_folds": 2,
-             "split_from": None, "out_dir": str(tmp_path), "image_size": 64, "channels": "rgb", "backbone": "tiny",
-             "weights": None, "dropout": 0.2, "epochs": 5, "batch_size": 16, "steps_per_epoch": None,
-             "val_fraction": 0.2, "seed": 0, "quick": True, "resume": False, "max_lr": 0.008, "patience": 3,
-             "cache": True, "backend": "tensorflow", "replicas": 1, "final": {"val_auc": 0.7}}
+    older = {
+        "data_dir": "d",
+        "shards": None,
+        "level": "image",
+        "tiles": None,
+        "relabel": False,
+        "relabel_folds": 2,
+        "split_from": None,
+        "out_dir": str(tmp_path),
+        "image_size": 64,
+        "channels": "rgb",
+        "backbone": "tiny",
+        "weights": None,
+        "dropout": 0.2,
+        "epochs": 5,
+        "batch_size": 16,
+        "steps_per_epoch": None,
+        "val_fraction": 0.2,
+        "seed": 0,
+        "quick": True,
+        "resume": False,
+        "max_lr": 0.008,
+        "patience": 3,
+        "cache": True,
+        "backend": "tensorflow",
+        "replicas": 1,
+        "final": {"val_auc": 0.7},
+    }
     RunFolder(tmp_path).config.write_text(json.dumps(older))
     loaded = load_config(tmp_path)
     assert loaded.backbone == "tiny" and loaded.max_lr == 0.008 and loaded.section("data")["data_dir"] == "d"
@@ -89,7 +113,8 @@ def test_load_split_reads_both_subsets(tmp_path):
 def test_numeric_looking_ids_survive_the_split_round_trip(tmp_path):
     ids = [f"{index:04d}" for index in range(20)] + ["1e3", "NA"]
     pd.DataFrame({"ID": ids, "Label": [str(index % 3) for index in range(len(ids))]}).to_csv(
-        tmp_path / "train.csv", index=False)
+        tmp_path / "train.csv", index=False
+    )
     config = TrainConfig(val_fraction=0.25)
     first = _split(tmp_path, tmp_path, config, reuse=False)
     config = TrainConfig(val_fraction=0.5, seed=7)  # a resumed run reads split.csv, whatever the config says now
@@ -119,8 +144,11 @@ def validation(trained_result, small_sample):
     """The validation split of the shared trained run as in-memory arrays, and the saved model's predictions on it."""
     config = load_config(trained_result.run_dir)
     val_ids = load_split(trained_result.run_dir)["val"]
-    batches = list(pipeline.eval_dataset(config.data_dir, val_ids, config.image_size, config.channels, 64,
-                                         with_id=False).as_numpy_iterator())
+    batches = list(
+        pipeline.eval_dataset(
+            config.data_dir, val_ids, config.image_size, config.channels, 64, with_id=False
+        ).as_numpy_iterator()
+    )
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     model = load_model(trained_result.run_dir)
@@ -132,8 +160,9 @@ def test_inference_mode_agrees_with_batch_statistics(validation):
     momentum 0.99 they would still be the initial 0 and 1 but for the re-estimation (`bn_recalibration`)."""
     images, labels, model, inference = validation
     model.get_layer("dropout").rate = 0.0  # compare batch norm only
-    batch_statistics = np.concatenate([np.asarray(model(images[i:i + 16], training=True))
-                                       for i in range(0, len(images), 16)])
+    batch_statistics = np.concatenate(
+        [np.asarray(model(images[i : i + 16], training=True)) for i in range(0, len(images), 16)]
+    )
     assert np.abs(inference - batch_statistics).mean() < 0.08
 
 
@@ -156,8 +185,6 @@ def test_run_folder_holds_model_history_config_split_and_checkpoints(trained_res
     checkpoints = sorted(p.name for p in RunFolder(run).checkpoints.iterdir())
     assert checkpoints == [f"epoch-{e:03d}.keras" for e in (epochs - 1, epochs)]
     assert not [p for p in run.rglob(".tmp*")]
-
-
 
 
 def test_saved_model_gives_the_trained_models_predictions(trained_result, validation):
@@ -186,9 +213,25 @@ def _kill_after_checkpoint(command: list[str], run: Path, epoch: int, timeout: f
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_a_fresh_process_in_place_and_from_an_attached_copy(small_sample, tmp_path):
     run = tmp_path / "run"
-    _kill_after_checkpoint(_train_command("--data", str(small_sample), "--out", str(run), *TINY_RUN[:1],
-                                          "--epochs", "6", "--steps-per-epoch", "3", "--image-size", "32",
-                                          "--patience", "10"), run, epoch=2)
+    _kill_after_checkpoint(
+        _train_command(
+            "--data",
+            str(small_sample),
+            "--out",
+            str(run),
+            *TINY_RUN[:1],
+            "--epochs",
+            "6",
+            "--steps-per-epoch",
+            "3",
+            "--image-size",
+            "32",
+            "--patience",
+            "10",
+        ),
+        run,
+        epoch=2,
+    )
     finished, _ = last_checkpoint(run)
     assert finished >= 2
     before = pd.read_csv(RunFolder(run).history)
@@ -197,8 +240,13 @@ def test_a_killed_run_resumes_in_a_fresh_process_in_place_and_from_an_attached_c
     shutil.copytree(run, attached)
     split = RunFolder(run).split.read_text()
 
-    resumed = subprocess.run(_train_command("--resume", "--out", str(run), "--epochs", str(finished + 2)),
-                             env=_environment(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _train_command("--resume", "--out", str(run), "--epochs", str(finished + 2)),
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"continuing after epoch {finished}" in resumed.stderr
     history = pd.read_csv(RunFolder(run).history)
@@ -208,9 +256,13 @@ def test_a_killed_run_resumes_in_a_fresh_process_in_place_and_from_an_attached_c
     assert RunFolder(run).split.read_text() == split and RunFolder(run).model.is_file()
 
     elsewhere = tmp_path / "new-session"
-    adopted = subprocess.run(_train_command("--resume-from", str(attached.parent), "--out", str(elsewhere),
-                                            "--epochs", str(finished + 1)),
-                             env=_environment(), capture_output=True, text=True, timeout=600)
+    adopted = subprocess.run(
+        _train_command("--resume-from", str(attached.parent), "--out", str(elsewhere), "--epochs", str(finished + 1)),
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert adopted.returncode == 0, adopted.stderr[-3000:]
     assert f"continuing after epoch {finished}" in adopted.stderr
     assert pd.read_csv(RunFolder(elsewhere).history)["epoch"].tolist() == list(range(finished + 1))
@@ -222,9 +274,13 @@ def test_a_run_stops_at_its_deadline_with_its_checkpoint_and_the_next_process_fi
     run = tmp_path / "run"
     common = ("--epochs", "3", "--steps-per-epoch", "2", "--image-size", "32", "--patience", "10")
     # a deadline already past: the run stops after the epoch in hand, as a Kaggle version at HOURS would
-    stopped = subprocess.run(_train_command("--data", str(small_sample), "--out", str(run), "--quick", *common,
-                                            "--hours", "1e-9"),
-                             env=_environment(), capture_output=True, text=True, timeout=600)
+    stopped = subprocess.run(
+        _train_command("--data", str(small_sample), "--out", str(run), "--quick", *common, "--hours", "1e-9"),
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopping after epoch 1 of 3: the next one would end past the deadline" in stopped.stderr
     assert "projection: training" in stopped.stderr and "stopped at --hours" in stopped.stdout
@@ -233,8 +289,13 @@ def test_a_run_stops_at_its_deadline_with_its_checkpoint_and_the_next_process_fi
     assert sorted(path.name for path in RunFolder(run).checkpoints.iterdir()) == ["epoch-001.keras"]
     assert "stopped at its deadline after epoch 1 of 3" in unfinished(run)
 
-    finished = subprocess.run(_train_command("--resume", "--out", str(run), *common),
-                              env=_environment(), capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(
+        _train_command("--resume", "--out", str(run), *common),
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "continuing after epoch 1" in finished.stderr and "stopping after" not in finished.stderr
     info = load_info(run)
@@ -246,15 +307,22 @@ def test_a_run_stops_at_its_deadline_with_its_checkpoint_and_the_next_process_fi
 def test_a_runs_model_loads_in_a_fresh_process_with_plain_keras(trained_run):
     path = RunFolder(trained_run).model
     # each option in turn, in one process: hpa_nb is never imported there unless asked
-    probe = ("import sys, numpy as np{extra}; import keras\n"
-             "for options in ({{}}, {{'compile': False}}):\n"
-             "    model = keras.saving.load_model(sys.argv[1], **options)\n"
-             "    print(model.predict(np.zeros((1, 32, 32, 3), 'float32'), verbose=0).shape, 'hpa_nb' in sys.modules)")
+    probe = (
+        "import sys, numpy as np{extra}; import keras\n"
+        "for options in ({{}}, {{'compile': False}}):\n"
+        "    model = keras.saving.load_model(sys.argv[1], **options)\n"
+        "    print(model.predict(np.zeros((1, 32, 32, 3), 'float32'), verbose=0).shape, 'hpa_nb' in sys.modules)"
+    )
     environment = {key: value for key, value in _environment().items() if key != "PYTHONPATH"}
     for extra, imported in ((", hpa_nb", True), ("", False)):
-        done = subprocess.run([sys.executable, "-c", probe.format(extra=extra), str(path)],
-                              env={**environment, "PYTHONPATH": str(REPO)} if imported else environment,
-                              cwd=trained_run, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", probe.format(extra=extra), str(path)],
+            env={**environment, "PYTHONPATH": str(REPO)} if imported else environment,
+            cwd=trained_run,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.split() == ["(1,", "19)", str(imported)] * 2, done.stdout
 
@@ -277,8 +345,17 @@ def test_resuming_with_other_model_options_or_other_data_is_refused(small_sample
 
 
 def test_a_missing_weights_file_is_one_line_exit_2(small_sample, tmp_path, capsys):
-    code = main(["train", "--data", str(small_sample), "--out", str(tmp_path / "run"),
-                 "--weights", str(tmp_path / "absent.weights.h5")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(small_sample),
+            "--out",
+            str(tmp_path / "run"),
+            "--weights",
+            str(tmp_path / "absent.weights.h5"),
+        ]
+    )
     assert code == 2
     assert "absent.weights.h5" in capsys.readouterr().err
 
@@ -303,8 +380,19 @@ def test_weights_none_reaches_a_full_run_and_survives_config_json(small_sample, 
 # --- distributed runs on CPU, each in its own process (the backend is fixed per process) --
 def _train_in_subprocess(small_sample: Path, run: Path, extra_env: dict[str, str], batch_size: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **extra_env}
-    command = [sys.executable, "-m", "hpa_nb", "train", "--data", str(small_sample), "--out", str(run),
-               *TINY_RUN, "--batch-size", str(batch_size)]
+    command = [
+        sys.executable,
+        "-m",
+        "hpa_nb",
+        "train",
+        "--data",
+        str(small_sample),
+        "--out",
+        str(run),
+        *TINY_RUN,
+        "--batch-size",
+        str(batch_size),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     history = pd.read_csv(RunFolder(run).history)
@@ -314,8 +402,9 @@ def _train_in_subprocess(small_sample: Path, run: Path, extra_env: dict[str, str
 
 @pytest.mark.slow
 def test_tensorflow_mirrored_strategy_over_two_logical_cpus(small_sample, tmp_path):
-    info = _train_in_subprocess(small_sample, tmp_path / "run", {
-        "KERAS_BACKEND": "tensorflow", "HPA_CPU_REPLICAS": "2"}, batch_size=4)
+    info = _train_in_subprocess(
+        small_sample, tmp_path / "run", {"KERAS_BACKEND": "tensorflow", "HPA_CPU_REPLICAS": "2"}, batch_size=4
+    )
     assert (info["backend"], info["replicas"], info["distribution"]) == ("tensorflow", 2, "MirroredStrategy")
     assert info["global_batch_size"] == 8
 
@@ -323,8 +412,20 @@ def test_tensorflow_mirrored_strategy_over_two_logical_cpus(small_sample, tmp_pa
 # What a v5e-8 run uses and a CPU run does not: 8 devices under JAX's DataParallel, mixed_bfloat16 and several
 # steps per compiled call with a leftover chunk (5 steps asked in calls of 2: Keras on JAX would train 6, so an
 # epoch becomes 4). TPU_LIKE runs on 8 virtual CPU devices; the global batch is 2 per device x 8.
-TPU_LIKE = ("--batch-size", "2", "--steps-per-epoch", "5", "--steps-per-execution", "2", "--precision",
-            "mixed_bfloat16", "--image-size", "32", "--weights", "none")
+TPU_LIKE = (
+    "--batch-size",
+    "2",
+    "--steps-per-epoch",
+    "5",
+    "--steps-per-execution",
+    "2",
+    "--precision",
+    "mixed_bfloat16",
+    "--image-size",
+    "32",
+    "--weights",
+    "none",
+)
 
 
 def _tpu_like_run(*arguments: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -355,8 +456,9 @@ def test_a_run_reads_shards_written_elsewhere_as_uint8_batches(small_sample, tmp
 
     shard_dir = tmp_path / "prepared"
     write_shards(small_sample, shard_dir, size=64, channels="rgb", progress=False)
-    config = TrainConfig.make(True, data_dir=str(small_sample), out_dir=str(tmp_path / "run"),
-                              shards=str(shard_dir), epochs=1)
+    config = TrainConfig.make(
+        True, data_dir=str(small_sample), out_dir=str(tmp_path / "run"), shards=str(shard_dir), epochs=1
+    )
     plan = train_module.prepare(config)
     assert plan.layout.startswith(f"compact shards {shard_dir} (40 images, 64 px, rgb, raw)")
     assert f"data: {plan.layout}" in plan.summary() and plan.config.shards == str(shard_dir)

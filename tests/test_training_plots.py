@@ -1,4 +1,5 @@
 """hpa_nb.plots.training: the training kernel's matplotlib figures, and the model diagram with and without visualkeras."""
+
 from __future__ import annotations
 
 import sys
@@ -52,8 +53,15 @@ def test_lr_schedule_accepts_python_and_keras_schedules():
 
 
 def test_training_history_plots_loss_and_auc_for_train_and_val(tmp_path):
-    history = pd.DataFrame({"epoch": [0, 1, 2], "auc": [0.6, 0.7, 0.8], "loss": [0.9, 0.6, 0.5],
-                            "val_auc": [0.55, 0.6, 0.65], "val_loss": [1.0, 0.8, 0.7]})
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2],
+            "auc": [0.6, 0.7, 0.8],
+            "loss": [0.9, 0.6, 0.5],
+            "val_auc": [0.55, 0.6, 0.65],
+            "val_loss": [1.0, 0.8, 0.7],
+        }
+    )
     history.to_csv(tmp_path / "history.csv", index=False)
     figure = training_plots.training_history(tmp_path / "history.csv")
     labels = [line.get_label().split()[0] for axis in figure.axes for line in axis.get_lines()]

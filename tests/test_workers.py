@@ -1,6 +1,7 @@
 """Per-image work on every core (`hpa_nb.core.workers`): results in order, errors at their turn, a dead worker in one
 line, no orphans after a SIGKILL; and the tile writer and the submission, byte for byte the same with 1 and 2
 workers."""
+
 from __future__ import annotations
 
 import os
@@ -98,9 +99,27 @@ def test_a_gpu_that_classical_segmentation_does_not_need_is_said(monkeypatch):
 
 def _run_tiles(data: Path, out: Path, *extra: str) -> subprocess.Popen:
     environ = {**os.environ, "PYTHONPATH": str(REPO), "HPA_TEST_MARK": str(out)}
-    return subprocess.Popen([sys.executable, "-m", "hpa_nb", "tiles", "--src", str(data), "--out", str(out),
-                             "--size", "48", "--images-per-file", "2", *extra], env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hpa_nb",
+            "tiles",
+            "--src",
+            str(data),
+            "--out",
+            str(out),
+            "--size",
+            "48",
+            "--images-per-file",
+            "2",
+            *extra,
+        ],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _marked(mark: str) -> list[int]:
@@ -108,7 +127,9 @@ def _marked(mark: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and f"HPA_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+            if entry.name.isdigit() and f"HPA_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes().split(
+                b"\0"
+            ):
                 if "State:\tZ" not in (entry / "status").read_text():
                     found.append(int(entry.name))
         except OSError:

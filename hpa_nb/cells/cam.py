@@ -7,6 +7,7 @@ gives back the image's own logit; averaged inside one cell's mask, it gives the 
 CAM) and 7th place solutions scored cells. `cell_scores` pools a map inside each cell by area, on the map's grid;
 `class_map_views` gathers what `hpa_nb.plots.cells.class_map_figure` draws.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ class ClassMaps:
         try:
             pooled, output = model.get_layer(POOL_LAYER), model.get_layer(OUTPUT_LAYER)
         except ValueError:
-            raise ValueError(f"model {model.name} has no '{POOL_LAYER}' → '{OUTPUT_LAYER}' head: CAM needs a model "
-                             "built by hpa_nb.training.model.build") from None
+            raise ValueError(
+                f"model {model.name} has no '{POOL_LAYER}' → '{OUTPUT_LAYER}' head: CAM needs a model "
+                "built by hpa_nb.training.model.build"
+            ) from None
         kernel, bias = (np.asarray(w, np.float32) for w in output.get_weights())
         return cls(keras.Model(model.inputs, pooled.input), kernel, bias)
 
@@ -63,8 +66,9 @@ def cell_scores(logit_map: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -
     index[np.asarray(cell_ids, np.int64)] = np.arange(len(cell_ids))
     cell = index[mask.ravel()]
     inside = cell >= 0
-    counts = np.bincount(cell[inside] * grid_h * grid_w + position[inside],
-                         minlength=len(cell_ids) * grid_h * grid_w).reshape(len(cell_ids), grid_h * grid_w)
+    counts = np.bincount(
+        cell[inside] * grid_h * grid_w + position[inside], minlength=len(cell_ids) * grid_h * grid_w
+    ).reshape(len(cell_ids), grid_h * grid_w)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return sigmoid(shares @ logit_map.reshape(-1, classes))
 
@@ -93,8 +97,9 @@ class ClassMapView:
         return list(self.truth) + [int(c) for c in others[:false_ones]]
 
 
-def class_map_views(model, image_size: int, channels: str, data_dir: Path, ids: Sequence[str],
-                    labels: Mapping[str, str]) -> list[ClassMapView]:
+def class_map_views(
+    model, image_size: int, channels: str, data_dir: Path, ids: Sequence[str], labels: Mapping[str, str]
+) -> list[ClassMapView]:
     """The class maps of `model` (an image run's, at its `image_size` and `channels`) for images `ids` of
     `data_dir`, with their labels (``{ID: "3|5"}``)."""
     maps = ClassMaps.of(model)
@@ -102,6 +107,13 @@ def class_map_views(model, image_size: int, channels: str, data_dir: Path, ids: 
     for image_id in ids:
         pixels = read_channels(image_folder(data_dir, image_id), image_id, colors_needed(channels))
         logit_map = maps(resize_image(stack_channels(pixels, channels), image_size)[None])[0]
-        views.append(ClassMapView(image_id, pixels, logit_map, sigmoid(logit_map.mean(axis=(0, 1))),
-                                  [int(c) for c in np.flatnonzero(parse_label(labels[image_id], image_id))]))
+        views.append(
+            ClassMapView(
+                image_id,
+                pixels,
+                logit_map,
+                sigmoid(logit_map.mean(axis=(0, 1))),
+                [int(c) for c in np.flatnonzero(parse_label(labels[image_id], image_id))],
+            )
+        )
     return views

@@ -7,6 +7,7 @@ tuned on the other parts, so no image is scored with weights tuned on it; the ru
 on all of them. Each image is segmented once, every model predicts once per variant, and the rows rescore those
 probabilities (`hpa_nb.cells.scoring.rescore`) against cells matched to the truth once (`CellMatches`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,17 +57,22 @@ def scores_under(predictions: Mapping[str, CellPredictions], rule: ScoreRule) ->
 def tune(predictions: Mapping[str, CellPredictions], matches: CellMatches, reading: str = "challenge") -> ScoreRule:
     """The geometric rule with the best cell mAP on these cells: image and CAM weights over the grid, then the
     scale of cells cut off by the edge."""
+
     def score(rule: ScoreRule) -> float:
         return matches.mean_average_precision(scores_under(predictions, rule), reading=reading)
 
-    grid = [ScoreRule("geometric", wi, cam_weight=wc) for wi, wc in itertools.product(IMAGE_WEIGHTS, CAM_WEIGHTS)
-            if wi + wc <= 1.0]
+    grid = [
+        ScoreRule("geometric", wi, cam_weight=wc)
+        for wi, wc in itertools.product(IMAGE_WEIGHTS, CAM_WEIGHTS)
+        if wi + wc <= 1.0
+    ]
     best = max(grid, key=score)  # max keeps the first of equals: the lower weights
     return max((dataclasses.replace(best, partial_scale=s) for s in PARTIAL_SCALES), key=score)
 
 
-def cross_tune(predictions: Mapping[str, CellPredictions], truth: tuple[dict, dict],
-               count: int = TUNING_PARTS) -> tuple[dict[str, CellPredictions], ScoreRule]:
+def cross_tune(
+    predictions: Mapping[str, CellPredictions], truth: tuple[dict, dict], count: int = TUNING_PARTS
+) -> tuple[dict[str, CellPredictions], ScoreRule]:
     """Every image scored under the rule `tune` found on the other parts (`parts`), and the rule tuned on all."""
     rescored = {}
     for part in parts(list(predictions), count):
@@ -77,8 +83,10 @@ def cross_tune(predictions: Mapping[str, CellPredictions], truth: tuple[dict, di
 
 
 def describe_rule(rule: ScoreRule) -> str:
-    return (f"{rule.combine}: image {rule.image_weight:g}, cell {rule.cell_weight:g}, CAM {rule.cam_weight:g}, "
-            f"edge cells × {rule.partial_scale:g}")
+    return (
+        f"{rule.combine}: image {rule.image_weight:g}, cell {rule.cell_weight:g}, CAM {rule.cam_weight:g}, "
+        f"edge cells × {rule.partial_scale:g}"
+    )
 
 
 @dataclass
@@ -109,10 +117,19 @@ class ModelComparison:
 
     def table(self) -> pd.DataFrame:
         """One row per scoring: its name, TTA, cell mAP in both readings, and its rule."""
-        return pd.DataFrame([(s.name, "yes" if s.tta else "no", s.maps["challenge"], s.maps["all_classes"],
-                              ("cross-tuned; on all: " if s.tuned else "") + describe_rule(s.rule))
-                             for s in self.scorings],
-                            columns=["scoring", "TTA", "cell mAP (challenge)", "cell mAP (all classes)", "rule"])
+        return pd.DataFrame(
+            [
+                (
+                    s.name,
+                    "yes" if s.tta else "no",
+                    s.maps["challenge"],
+                    s.maps["all_classes"],
+                    ("cross-tuned; on all: " if s.tuned else "") + describe_rule(s.rule),
+                )
+                for s in self.scorings
+            ],
+            columns=["scoring", "TTA", "cell mAP (challenge)", "cell mAP (all classes)", "rule"],
+        )
 
     def best(self) -> Scoring:
         return max(self.scorings, key=lambda s: s.maps["challenge"])
@@ -120,19 +137,28 @@ class ModelComparison:
     def write_rule(self, path: str | Path, name: str | None = None, tta: bool | None = None) -> Path:
         """The rule of the best row (or of `name`) as JSON, for ``submit --rule``."""
         chosen = self.best() if name is None else self[(name, bool(tta))]
-        return write_text(Path(path), json.dumps({"scoring": chosen.name, "tta": chosen.tta,
-                                                  **dataclasses.asdict(chosen.rule)}, indent=1) + "\n")
+        return write_text(
+            Path(path),
+            json.dumps({"scoring": chosen.name, "tta": chosen.tta, **dataclasses.asdict(chosen.rule)}, indent=1) + "\n",
+        )
 
     def __str__(self) -> str:
         return self.table().round(3).to_string(index=False)
 
 
-def compare_models(image_models: CellClassifier | Sequence[CellClassifier],
-                   cell_models: CellClassifier | Sequence[CellClassifier], data_dir: Path,
-                   ids: Sequence[str] | None = None, method: str = "classical", use_truth_masks: bool = False,
-                   progress: bool = True, tta: bool = True, border_scale: float | None = 0.0,
-                   workers: int | None = None,
-                   **method_options) -> ModelComparison:
+def compare_models(
+    image_models: CellClassifier | Sequence[CellClassifier],
+    cell_models: CellClassifier | Sequence[CellClassifier],
+    data_dir: Path,
+    ids: Sequence[str] | None = None,
+    method: str = "classical",
+    use_truth_masks: bool = False,
+    progress: bool = True,
+    tta: bool = True,
+    border_scale: float | None = 0.0,
+    workers: int | None = None,
+    **method_options,
+) -> ModelComparison:
     """Score the images of `data_dir` with true cells (the sample's test images by default) every way.
 
     Rows: "image model" (the image run's own rule, image and frame crop), "cell model", "CAM", "image × cell"
@@ -144,33 +170,70 @@ def compare_models(image_models: CellClassifier | Sequence[CellClassifier],
     cell_models = [cell_models] if isinstance(cell_models, CellClassifier) else list(cell_models)
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     truth = load_cell_truth(data_dir, ids)
-    image_only = predict_images(image_models[0], data_dir, ids, method, ScoreRule(),
-                                masks=truth[0] if use_truth_masks else None, progress=progress, workers=workers,
-                                **method_options)
+    image_only = predict_images(
+        image_models[0],
+        data_dir,
+        ids,
+        method,
+        ScoreRule(),
+        masks=truth[0] if use_truth_masks else None,
+        progress=progress,
+        workers=workers,
+        **method_options,
+    )
     masks = {image_id: cells.mask for image_id, cells in image_only.items()}
     matches = matches_of(image_only, truth)
     scorings = [_scoring("image model", False, ScoreRule(), image_only, matches)]
     variants = [("", image_models[0], cell_models[0])]
     if len(image_models) > 1 or len(cell_models) > 1:
-        variants.append((f"ensemble of {len(image_models)} image and {len(cell_models)} cell runs",
-                         CellClassifier.average(image_models), CellClassifier.average(cell_models)))
+        variants.append(
+            (
+                f"ensemble of {len(image_models)} image and {len(cell_models)} cell runs",
+                CellClassifier.average(image_models),
+                CellClassifier.average(cell_models),
+            )
+        )
     for (prefix, image_model, cell_model), with_tta in itertools.product(variants, (False, True) if tta else (False,)):
         if with_tta:
             image_model, cell_model = image_model.with_tta(), cell_model.with_tta()
-        probed = predict_images(image_model, data_dir, ids, method, PROBE, masks=masks, progress=progress,
-                                cell_model=cell_model, workers=workers)
-        rules = ({"cell model": dataclasses.replace(PROBE, image_weight=0.0, cam_weight=0.0),
-                  "CAM": dataclasses.replace(PROBE, image_weight=0.0, cam_weight=1.0),
-                  "image × cell": COMBINED_RULE} if not prefix else {f"{prefix}, image × cell": COMBINED_RULE})
+        probed = predict_images(
+            image_model,
+            data_dir,
+            ids,
+            method,
+            PROBE,
+            masks=masks,
+            progress=progress,
+            cell_model=cell_model,
+            workers=workers,
+        )
+        rules = (
+            {
+                "cell model": dataclasses.replace(PROBE, image_weight=0.0, cam_weight=0.0),
+                "CAM": dataclasses.replace(PROBE, image_weight=0.0, cam_weight=1.0),
+                "image × cell": COMBINED_RULE,
+            }
+            if not prefix
+            else {f"{prefix}, image × cell": COMBINED_RULE}
+        )
         if not prefix and border_scale is not None and border_scale != COMBINED_RULE.partial_scale:
-            rules[f"image × cell, edge cells × {border_scale:g}"] = dataclasses.replace(COMBINED_RULE,
-                                                                                     partial_scale=border_scale)
+            rules[f"image × cell, edge cells × {border_scale:g}"] = dataclasses.replace(
+                COMBINED_RULE, partial_scale=border_scale
+            )
         for name, rule in rules.items():
             if not (with_tta and name == "CAM"):  # the class maps are taken without TTA
                 scorings.append(_scoring(name, with_tta, rule, probed, matches))
         rescored, tuned = cross_tune(probed, truth)
-        scorings.append(Scoring(f"{prefix or 'image × cell × CAM'}, tuned", with_tta, tuned,
-                                _maps(matches, rescored), rescored, tuned=True))
+        scorings.append(
+            Scoring(
+                f"{prefix or 'image × cell × CAM'}, tuned",
+                with_tta,
+                tuned,
+                _maps(matches, rescored),
+                rescored,
+                tuned=True,
+            )
+        )
     return ModelComparison(sorted(scorings, key=lambda s: s.tta), ids)  # without TTA first
 
 
@@ -179,7 +242,8 @@ def _maps(matches: CellMatches, scored: Mapping[str, CellPredictions]) -> dict[s
     return {reading: matches.mean_average_precision(rows, reading=reading) for reading in READINGS}
 
 
-def _scoring(name: str, tta: bool, rule: ScoreRule, predictions: dict[str, CellPredictions],
-             matches: CellMatches) -> Scoring:
+def _scoring(
+    name: str, tta: bool, rule: ScoreRule, predictions: dict[str, CellPredictions], matches: CellMatches
+) -> Scoring:
     rescored = {i: rescore(p, rule) for i, p in predictions.items()}
     return Scoring(name, tta, rule, _maps(matches, rescored), rescored)

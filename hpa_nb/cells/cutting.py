@@ -1,6 +1,7 @@
 """What the models see of one image, cut without a model: read, segment, resize the whole image, and cut each
 cell's crop or tile. This is the per-image work that `hpa_nb.cells.scoring.iter_predictions` runs in worker
 processes (`hpa_nb.core.workers`), while the models score the results, batched, in the main process."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,14 @@ class ImageInputs:
     encoded: tuple[str, ...] | None = None  # each cell's mask in the competition's encoding, for a submission
 
 
-def cut_inputs(image: np.ndarray, mask: np.ndarray, rule: ScoreRule, classifier: ModelInput,
-               cell_model: ModelInput | None = None, cell_image: np.ndarray | None = None) -> ImageInputs:
+def cut_inputs(
+    image: np.ndarray,
+    mask: np.ndarray,
+    rule: ScoreRule,
+    classifier: ModelInput,
+    cell_model: ModelInput | None = None,
+    cell_image: np.ndarray | None = None,
+) -> ImageInputs:
     """What `rule` needs of one image (``[H, W, C]`` float32, 0–255, the classifier's channels) and its mask."""
     ids = cell_ids_of(mask)
     whole = resize_image(image, classifier.image_size) if rule.image_weight > 0 else None
@@ -53,9 +60,16 @@ def cut_inputs(image: np.ndarray, mask: np.ndarray, rule: ScoreRule, classifier:
     return ImageInputs(mask, ids, whole, crops, kept)
 
 
-def cut_image(method: str, rule: ScoreRule, settings: ClassicalSettings, classifier: ModelInput,
-              cell_model: ModelInput | None, method_options: dict, encode_masks: bool,
-              item: tuple[str, Path, np.ndarray | None]) -> ImageInputs:
+def cut_image(
+    method: str,
+    rule: ScoreRule,
+    settings: ClassicalSettings,
+    classifier: ModelInput,
+    cell_model: ModelInput | None,
+    method_options: dict,
+    encode_masks: bool,
+    item: tuple[str, Path, np.ndarray | None],
+) -> ImageInputs:
     """Read ``FOLDER/{ID}_*.png``, segment it (unless the item holds its mask) and cut it: `cut_inputs`; with
     `encode_masks`, each cell's mask encoded for the submission too."""
     image_id, folder, mask = item

@@ -1,6 +1,7 @@
 """Cell masks in the competition's encoding: COCO RLE, zlib at its best level, base64. Encoding every cell of a
 2048 px image takes a full-image comparison and an RLE per cell, so a submission does it in the workers that cut
 the images (`hpa_nb.cells.cutting`)."""
+
 from __future__ import annotations
 
 import base64

@@ -8,6 +8,7 @@ scores set each training tile's target (`refine`), written to ``RUN/targets.csv`
 reads them (`hpa_nb.training.train.prepare` never trains a model itself). Validation tiles keep their
 weak labels, so their scores stay comparable with a run without relabelling.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ from hpa_nb.training.config import TrainConfig
 SHARPNESS = 3.0
 
 
-def refine(scores: dict[str, np.ndarray], image_labels: dict[str, str],
-           sharpness: float = SHARPNESS) -> dict[str, np.ndarray]:
+def refine(
+    scores: dict[str, np.ndarray], image_labels: dict[str, str], sharpness: float = SHARPNESS
+) -> dict[str, np.ndarray]:
     """Targets for tiles from their out-of-fold scores (tile key → 19 floats) and their images' labels.
 
     For each class of its image, a tile's target is its score divided by the highest score of that
@@ -83,10 +85,19 @@ def out_of_fold_scores(config: TrainConfig, run_dir: Path, train_image_ids: list
         held = set(held_out)
         run.write_split(split_file, [i for i in train_image_ids if i not in held], held_out)
         if not run.is_run(fold_dir):
-            print(f"relabel: fold {k + 1} of {len(parts)}: training on {len(train_image_ids) - len(held)} images, "
-                  f"scoring the cells of {len(held)}", file=sys.stderr)
-            fold = dataclasses.replace(config, relabel=False, out_dir=str(fold_dir), split_from=str(split_file),
-                                       resume=run.RunFolder(fold_dir).config.is_file(), resume_from=None)
+            print(
+                f"relabel: fold {k + 1} of {len(parts)}: training on {len(train_image_ids) - len(held)} images, "
+                f"scoring the cells of {len(held)}",
+                file=sys.stderr,
+            )
+            fold = dataclasses.replace(
+                config,
+                relabel=False,
+                out_dir=str(fold_dir),
+                split_from=str(split_file),
+                resume=run.RunFolder(fold_dir).config.is_file(),
+                resume_from=None,
+            )
             train.train(fold)
         model = load_classifier(fold_dir, level="cell")
         crops, info = tiles.load_tiles(config.tiles, image_ids=held_out)
@@ -115,8 +126,15 @@ def relabel(config: TrainConfig) -> Path:
     labels = tiles.image_labels(tiles.read_manifest(config.tiles))
     targets = refine(scores, labels)
     run.write_targets(folder.path, targets)
-    moved = np.mean([not np.array_equal(target > 0.5, parse_label(labels[key.rpartition("_")[0]]) > 0.5)
-                     for key, target in targets.items()])
-    print(f"relabel: {len(targets)} training cells, {moved:.0%} of them with other classes than their image's label "
-          f"(at 0.5)", file=sys.stderr)
+    moved = np.mean(
+        [
+            not np.array_equal(target > 0.5, parse_label(labels[key.rpartition("_")[0]]) > 0.5)
+            for key, target in targets.items()
+        ]
+    )
+    print(
+        f"relabel: {len(targets)} training cells, {moved:.0%} of them with other classes than their image's label "
+        f"(at 0.5)",
+        file=sys.stderr,
+    )
     return folder.targets

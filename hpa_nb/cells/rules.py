@@ -1,6 +1,7 @@
 """How a cell's scores are made from the image-level, cell and CAM probabilities (`ScoreRule`), the rules a
 submission uses by default, and a rule file that `compare --out` wrote. numpy only, so the command line reads the
 choices and defaults without loading a model framework."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,8 +117,10 @@ class ScoreRule:
         """Scores ``[N, 19]`` from image probabilities ``[19]``, cell probabilities ``[N, 19]`` and, with a
         ``cam_weight``, CAM cell scores ``[N, 19]``."""
         shape = np.shape(cell_probs)
-        terms = [(np.broadcast_to(np.asarray(image_probs, np.float64), shape), self.image_weight),
-                 (np.asarray(cell_probs, np.float64), self.cell_weight)]
+        terms = [
+            (np.broadcast_to(np.asarray(image_probs, np.float64), shape), self.image_weight),
+            (np.asarray(cell_probs, np.float64), self.cell_weight),
+        ]
         if self.cam_weight > 0:
             if cam_probs is None:
                 raise ValueError("a rule with a cam_weight needs the CAM cell scores")

@@ -6,6 +6,7 @@ TensorFlow's training kernel. A `CellClassifier` is a model's prediction functio
 ``[N, S, S, C]`` on the 0–255 scale to ``[N, 19]`` probabilities) with the input size and channels
 it was trained on; `CellClassifier.from_keras` wraps a Keras model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,24 +94,29 @@ class CellClassifier:
             return sum(w * member(member_input(member, batch)) for member, w in zip(members, weights))
 
         def cam(image: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
-            return sum(w * member.cam_scores(image[..., : len(member.channels)], mask, cell_ids)
-                       for member, w in zip(members, weights))
+            return sum(
+                w * member.cam_scores(image[..., : len(member.channels)], mask, cell_ids)
+                for member, w in zip(members, weights)
+            )
 
         with_cam = all(member.cam is not None for member in members)
         name = "ensemble of " + ", ".join(f"{member.name} × {w:.2f}" for member, w in zip(members, weights))
         return cls(predict, size, channels, cam if with_cam else None, name)
 
     @classmethod
-    def from_keras(cls, model, image_size: int, channels: str, batch_size: int = 32, name: str = "") -> "CellClassifier":
+    def from_keras(
+        cls, model, image_size: int, channels: str, batch_size: int = 32, name: str = ""
+    ) -> "CellClassifier":
         """Wrap a Keras model with sigmoid outputs, run compiled in chunks of ``batch_size``.
 
         A chunk is padded with zeros to a power of two (at most `batch_size` rows), so the compiled predict step
         sees a few shapes only and is traced once for each: calling the model eagerly cell by cell costs tens of
         milliseconds of Python per call."""
+
         def predict(batch: np.ndarray) -> np.ndarray:
             outputs = []
             for start in range(0, len(batch), batch_size):
-                chunk = np.asarray(batch[start:start + batch_size], np.float32)
+                chunk = np.asarray(batch[start : start + batch_size], np.float32)
                 rows = min(batch_size, 1 << (len(chunk) - 1).bit_length())
                 padded = np.concatenate([chunk, np.zeros((rows - len(chunk), *chunk.shape[1:]), np.float32)])
                 outputs.append(np.asarray(model.predict_on_batch(padded))[: len(chunk)])
@@ -135,14 +141,22 @@ def load_classifier(run_dir: Path, batch_size: int = 32, level: str = "image") -
         raise FileNotFoundError(f"{RunFolder(run_dir).model} does not exist (train a model first)")
     config = load_config(run_dir)
     if config.level != level:
-        raise ValueError(f"{run_dir} holds a {config.level}-level model, not the {level}-level model asked for "
-                         f"(--model takes an image run, --cell-model a cell run)")
-    return CellClassifier.from_keras(load_model(run_dir), config.image_size, config.channels, batch_size,
-                                     name=str(run_dir))
+        raise ValueError(
+            f"{run_dir} holds a {config.level}-level model, not the {level}-level model asked for "
+            f"(--model takes an image run, --cell-model a cell run)"
+        )
+    return CellClassifier.from_keras(
+        load_model(run_dir), config.image_size, config.channels, batch_size, name=str(run_dir)
+    )
 
 
-def load_ensemble(run_dirs: Sequence[Path], weights: Sequence[float] | None = None, level: str = "image",
-                  tta: bool = False, batch_size: int = 32) -> CellClassifier:
+def load_ensemble(
+    run_dirs: Sequence[Path],
+    weights: Sequence[float] | None = None,
+    level: str = "image",
+    tta: bool = False,
+    batch_size: int = 32,
+) -> CellClassifier:
     """The runs' models as one classifier (`CellClassifier.average`, weights default equal), with test-time
     augmentation if asked (`CellClassifier.with_tta`)."""
     if not run_dirs:
@@ -173,8 +187,12 @@ def predict_cells(
     return score_inputs(classifier, inputs, rule, cell_model)
 
 
-def score_inputs(classifier: CellClassifier, inputs: ImageInputs, rule: ScoreRule = ScoreRule(),
-                 cell_model: CellClassifier | None = None) -> CellPredictions:
+def score_inputs(
+    classifier: CellClassifier,
+    inputs: ImageInputs,
+    rule: ScoreRule = ScoreRule(),
+    cell_model: CellClassifier | None = None,
+) -> CellPredictions:
     """The models' part of `predict_cells`: score an image already cut (`hpa_nb.cells.cutting.cut_inputs`)."""
     mask, ids = inputs.mask, inputs.cell_ids
     image_probs = classifier(inputs.whole[None])[0] if inputs.whole is not None else np.ones(N_CLASSES, np.float32)
@@ -185,8 +203,12 @@ def score_inputs(classifier: CellClassifier, inputs: ImageInputs, rule: ScoreRul
         crop_probs = (cell_model if cell_model is not None else classifier)(inputs.crops)
     else:
         crop_probs = np.ones((len(ids), N_CLASSES), np.float32)
-    return rescore(CellPredictions(mask, ids, np.zeros((len(ids), N_CLASSES), np.float32), image_probs, crop_probs,
-                                   cam_probs, inputs.encoded), rule)
+    return rescore(
+        CellPredictions(
+            mask, ids, np.zeros((len(ids), N_CLASSES), np.float32), image_probs, crop_probs, cam_probs, inputs.encoded
+        ),
+        rule,
+    )
 
 
 def _input_of(model: CellClassifier | None) -> ModelInput | None:
@@ -217,8 +239,16 @@ def predict_image(
     **method_options,
 ) -> CellPredictions:
     """Read ``folder/{ID}_*.png``, segment it (unless ``mask`` is given) and score its cells."""
-    inputs = cut_image(method, rule, settings, _input_of(classifier), _input_of(cell_model), method_options, False,
-                       (image_id, folder, mask))
+    inputs = cut_image(
+        method,
+        rule,
+        settings,
+        _input_of(classifier),
+        _input_of(cell_model),
+        method_options,
+        False,
+        (image_id, folder, mask),
+    )
     return score_inputs(classifier, inputs, rule, cell_model)
 
 
@@ -249,19 +279,33 @@ def iter_predictions(
     """
     if on_accelerator(method, method_options):
         workers = 1
-    work = functools.partial(cut_image, method, rule, settings, _input_of(classifier), _input_of(cell_model),
-                             method_options, encode_masks)
-    items = [(image_id, folder if folder is not None else image_folder(data_dir, image_id),
-              masks[image_id] if masks is not None else None) for image_id in ids]
+    work = functools.partial(
+        cut_image, method, rule, settings, _input_of(classifier), _input_of(cell_model), method_options, encode_masks
+    )
+    items = [
+        (
+            image_id,
+            folder if folder is not None else image_folder(data_dir, image_id),
+            masks[image_id] if masks is not None else None,
+        )
+        for image_id in ids
+    ]
     with Workers(workers, preload=["hpa_nb.cells.cutting"]) as pool:
         cut = pool.map(work, items, describe=lambda item: f"image {item[0]}")
         for image_id, inputs in zip(tqdm(ids, desc="cells", unit="image", disable=not progress), cut):
             yield image_id, score_inputs(classifier, inputs, rule, cell_model)
 
 
-def predict_images(classifier: CellClassifier, data_dir: Path, ids: Sequence[str], method: str = "classical",
-                   rule: ScoreRule = ScoreRule(), masks: Mapping[str, np.ndarray] | None = None,
-                   progress: bool = True, **options) -> dict[str, CellPredictions]:
+def predict_images(
+    classifier: CellClassifier,
+    data_dir: Path,
+    ids: Sequence[str],
+    method: str = "classical",
+    rule: ScoreRule = ScoreRule(),
+    masks: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+    **options,
+) -> dict[str, CellPredictions]:
     """`iter_predictions` kept as ``{ID: CellPredictions}`` in ``ids`` order, for a notebook to reuse.
 
     Every mask is kept at its image's size (2 bytes a pixel: 8 MiB for a 2048 px image). Feed

@@ -13,6 +13,7 @@ Notebook-facing: `submit` (from a run folder), `write_submission` (from any `Cel
 `write_predictions` (from cells already scored), `evaluate_cells` / `score_cells` (the local cell
 mAP on sample images with ground truth), `encode_mask` / `decode_mask` / `parse_prediction_string`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,9 @@ def prediction_string(predictions: CellPredictions, confidence_floor: float = DE
     parts: list[str] = []
     # Comparing a Fortran-ordered mask gives Fortran-ordered cell masks: no transposing copy of the
     # whole image per cell, which would cost far more than the encoding itself.
-    encodings = predictions.encoded if predictions.encoded is not None else encode_cells(predictions.mask,
-                                                                                         predictions.cell_ids)
+    encodings = (
+        predictions.encoded if predictions.encoded is not None else encode_cells(predictions.mask, predictions.cell_ids)
+    )
     for encoded, scores in zip(encodings, predictions.scores):  # each cell's mask once, repeated per class
         for label, confidence in enumerate(scores):
             if confidence >= confidence_floor:
@@ -70,8 +72,10 @@ def parse_prediction_string(text: str, height: int, width: int) -> list[tuple[in
     tokens = str(text).split() if isinstance(text, str) else []
     if len(tokens) % 3:
         raise ValueError(f"a PredictionString has {len(tokens)} tokens, not a multiple of 3")
-    return [(int(tokens[i]), float(tokens[i + 1]), decode_mask(tokens[i + 2], height, width))
-            for i in range(0, len(tokens), 3)]
+    return [
+        (int(tokens[i]), float(tokens[i + 1]), decode_mask(tokens[i + 2], height, width))
+        for i in range(0, len(tokens), 3)
+    ]
 
 
 def read_submission_ids(data_dir: Path) -> list[str]:
@@ -85,8 +89,11 @@ def read_submission_ids(data_dir: Path) -> list[str]:
     return table["ID"].tolist()
 
 
-def write_predictions(predictions: Iterable[tuple[str, CellPredictions]] | Mapping[str, CellPredictions],
-                      out_csv: Path, confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR) -> Path:
+def write_predictions(
+    predictions: Iterable[tuple[str, CellPredictions]] | Mapping[str, CellPredictions],
+    out_csv: Path,
+    confidence_floor: float = DEFAULT_CONFIDENCE_FLOOR,
+) -> Path:
     """Write the submission CSV atomically from ``(ID, CellPredictions)`` pairs (or a dict), in their order.
 
     Width and height are each mask's own, which `segment` keeps at the PNGs' size.
@@ -133,9 +140,20 @@ def write_submission(
         for color in colors_needed(*channels):
             if not (test_dir / f"{image_id}_{color}.png").is_file():
                 raise FileNotFoundError(f"test image {test_dir / f'{image_id}_{color}.png'} does not exist")
-    scored = iter_predictions(classifier, data_dir, ids, method, rule, progress=progress, folder=test_dir,
-                              settings=settings, cell_model=cell_model, workers=workers, encode_masks=True,
-                              **method_options)
+    scored = iter_predictions(
+        classifier,
+        data_dir,
+        ids,
+        method,
+        rule,
+        progress=progress,
+        folder=test_dir,
+        settings=settings,
+        cell_model=cell_model,
+        workers=workers,
+        encode_masks=True,
+        **method_options,
+    )
     return write_predictions(scored, out_csv, confidence_floor)
 
 
@@ -168,13 +186,26 @@ def submit(
     image_runs, cell_runs = folders(run_dir), folders(cell_run_dir)
     classifier = load_ensemble(image_runs, weights, "image", tta, batch_size)
     cell_model = load_ensemble(cell_runs, cell_weights, "cell", tta, batch_size) if cell_runs else None
-    print(f"submission: {describe_scoring(image_runs, cell_runs, rule)}; segmentation {method}"
-          + ("; TTA ×8" if tta else ""), file=sys.stderr)
+    print(
+        f"submission: {describe_scoring(image_runs, cell_runs, rule)}; segmentation {method}"
+        + ("; TTA ×8" if tta else ""),
+        file=sys.stderr,
+    )
     note = accelerator_note(method)
     if note:
         print(note, file=sys.stderr)
-    return write_submission(classifier, data_dir, out_csv, method, rule, confidence_floor, progress=progress,
-                            cell_model=cell_model, workers=workers, **method_options)
+    return write_submission(
+        classifier,
+        data_dir,
+        out_csv,
+        method,
+        rule,
+        confidence_floor,
+        progress=progress,
+        cell_model=cell_model,
+        workers=workers,
+        **method_options,
+    )
 
 
 def accelerator_note(method: str) -> str:
@@ -182,12 +213,18 @@ def accelerator_note(method: str) -> str:
     (the models' few forward passes gain little), so only HPA-Cell-Segmentation is worth a GPU; else empty."""
     if method == "hpacellseg" or not tf.config.list_physical_devices("GPU"):
         return ""
-    return ("note: this session has a GPU, but classical segmentation runs on the CPU cores: push 05_submission "
-            "with --accelerator none and keep the GPU quota (a GPU pays with --segmentation hpacellseg)")
+    return (
+        "note: this session has a GPU, but classical segmentation runs on the CPU cores: push 05_submission "
+        "with --accelerator none and keep the GPU quota (a GPU pays with --segmentation hpacellseg)"
+    )
 
 
-def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_weight,
-                partial_scale: float = ScoreRule.partial_scale, cam_weight: float = 0.0) -> ScoreRule:
+def choose_rule(
+    with_cell_model: bool,
+    image_weight: float = ScoreRule.image_weight,
+    partial_scale: float = ScoreRule.partial_scale,
+    cam_weight: float = 0.0,
+) -> ScoreRule:
     """The rule a submission scores cells under: the image × cell rule (`COMBINED_RULE`) when a cell model is
     there, else the image model's blend of image and crop with `image_weight`; `partial_scale` and `cam_weight`
     (the CAM cell score's share, taken from the cell term) on either."""
@@ -198,6 +235,7 @@ def choose_rule(with_cell_model: bool, image_weight: float = ScoreRule.image_wei
 
 def describe_scoring(run_dir: Runs, cell_run_dir: Runs | None, rule: ScoreRule) -> str:
     """One line: which models score the cells, and under which rule."""
+
     def described(runs: list[Path], kind: str) -> str:
         parts = []
         for folder in runs:
@@ -210,8 +248,10 @@ def describe_scoring(run_dir: Runs, cell_run_dir: Runs | None, rule: ScoreRule) 
     models = described(image_runs, "image") + (" and " + described(cell_runs, "cell") if cell_runs else "")
     name = "image × cell rule" if cell_runs else "image model's rule"
     cam = f", CAM weight {rule.cam_weight:g}" if rule.cam_weight else ""
-    return (f"scoring cells with the {models}, under the {name}: {rule.combine}, image weight {rule.image_weight:g}"
-            f"{cam}, cells cut off by the edge × {rule.partial_scale:g}")
+    return (
+        f"scoring cells with the {models}, under the {name}: {rule.combine}, image weight {rule.image_weight:g}"
+        f"{cam}, cells cut off by the edge × {rule.partial_scale:g}"
+    )
 
 
 @dataclass
@@ -227,19 +267,24 @@ class CellEvaluation:
     def table(self):
         """Per-class AP in both readings as a pandas DataFrame, classes absent from the truth left out."""
         challenge, every = self.average_precisions["challenge"], self.average_precisions["all_classes"]
-        rows = [(c, LABEL_NAMES[c], challenge[c], every[c]) for c in range(len(LABEL_NAMES)) if challenge[c] is not None]
+        rows = [
+            (c, LABEL_NAMES[c], challenge[c], every[c]) for c in range(len(LABEL_NAMES)) if challenge[c] is not None
+        ]
         return pd.DataFrame(rows, columns=["class", "name", "AP (challenge)", "AP (all classes)"])
 
     def describe(self) -> str:
-        return (f"cell mAP {self.cell_maps['challenge']:.3f} (challenge reading), "
-                f"{self.cell_maps['all_classes']:.3f} (all classes) over {len(self.predictions)} images")
+        return (
+            f"cell mAP {self.cell_maps['challenge']:.3f} (challenge reading), "
+            f"{self.cell_maps['all_classes']:.3f} (all classes) over {len(self.predictions)} images"
+        )
 
     def __str__(self) -> str:
         return f"{self.describe()}; segmentation: {self.segmentation}"
 
 
-def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
-                truth: tuple[dict, dict] | None = None) -> CellEvaluation:
+def score_cells(
+    predictions: Mapping[str, CellPredictions], data_dir: Path, truth: tuple[dict, dict] | None = None
+) -> CellEvaluation:
     """The local cell mAP (both readings) and segmentation quality of cells already scored, against the
     sample's true cells. ``truth`` is `load_cell_truth`'s ``(masks, labels)``, read from ``data_dir`` if not given.
     """
@@ -248,10 +293,13 @@ def score_cells(predictions: Mapping[str, CellPredictions], data_dir: Path,
     for image_id, predicted in predictions.items():
         segmentation = segmentation + score_segmentation(predicted.mask, masks[image_id], 0.6)
     inputs = {i: p.as_map_input() for i, p in predictions.items()}
-    average_precisions = {reading: cell_average_precisions(inputs, masks, labels, reading=reading)
-                          for reading in READINGS}
-    maps = {reading: float(np.mean([ap for ap in aps if ap is not None] or [0.0]))
-            for reading, aps in average_precisions.items()}
+    average_precisions = {
+        reading: cell_average_precisions(inputs, masks, labels, reading=reading) for reading in READINGS
+    }
+    maps = {
+        reading: float(np.mean([ap for ap in aps if ap is not None] or [0.0]))
+        for reading, aps in average_precisions.items()
+    }
     return CellEvaluation(maps, average_precisions, segmentation, dict(predictions))
 
 
@@ -274,6 +322,15 @@ def evaluate_cells(
     """
     ids = read_submission_ids(data_dir) if ids is None else list(ids)
     masks, labels = load_cell_truth(data_dir, ids)
-    predictions = predict_images(classifier, data_dir, ids, method, rule, masks=masks if use_truth_masks else None,
-                                 progress=progress, cell_model=cell_model, workers=workers)
+    predictions = predict_images(
+        classifier,
+        data_dir,
+        ids,
+        method,
+        rule,
+        masks=masks if use_truth_masks else None,
+        progress=progress,
+        cell_model=cell_model,
+        workers=workers,
+    )
     return score_cells(predictions, data_dir, (masks, labels))

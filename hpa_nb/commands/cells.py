@@ -1,4 +1,5 @@
 """`python -m hpa_nb submit` and `compare`: cells scored for a submission, or against true cells."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,31 @@ from hpa_nb.sample.sources import ensure_evaluation_sample
 def submit(args: argparse.Namespace) -> None:
 
     base = load_rule(args.rule) if args.rule else COMBINED_RULE if args.cell_model else ScoreRule()
-    given = {"combine": args.combine, "image_weight": args.image_weight, "partial_scale": args.partial_scale,
-             "cam_weight": args.cam_weight, "negative": args.negative, "crop": args.crop}
+    given = {
+        "combine": args.combine,
+        "image_weight": args.image_weight,
+        "partial_scale": args.partial_scale,
+        "cam_weight": args.cam_weight,
+        "negative": args.negative,
+        "crop": args.crop,
+    }
     rule = dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
     out = args.out or working_dir() / "submission.csv"
-    written = write_submission(args.model, data_dir(args.data), out, method=args.segmentation, rule=rule,
-                     confidence_floor=args.confidence_floor, batch_size=args.batch_size, cell_run_dir=args.cell_model,
-                     weights=args.weights, cell_weights=args.cell_weights, tta=args.tta, workers=args.workers,
-                               **segmentation_options(args))
+    written = write_submission(
+        args.model,
+        data_dir(args.data),
+        out,
+        method=args.segmentation,
+        rule=rule,
+        confidence_floor=args.confidence_floor,
+        batch_size=args.batch_size,
+        cell_run_dir=args.cell_model,
+        weights=args.weights,
+        cell_weights=args.cell_weights,
+        tta=args.tta,
+        workers=args.workers,
+        **segmentation_options(args),
+    )
     print(f"wrote {written}")
 
 
@@ -35,11 +53,20 @@ def compare(args: argparse.Namespace) -> None:
     image_models = [load_classifier(folder) for folder in args.model]
     cell_models = [load_classifier(folder, level="cell") for folder in args.cell_model]
     masks = args.segmentation == "masks"
-    comparison = compare_models(image_models, cell_models, data, method="classical" if masks else args.segmentation,
-                                use_truth_masks=masks, tta=not args.no_tta, workers=args.workers,
-                                **segmentation_options(args))
-    print(f"{len(comparison.images)} test images of {data}, cells: {args.segmentation}; tuned rows: each "
-          f"image under weights tuned on the other {TUNING_PARTS - 1} of {TUNING_PARTS} parts")
+    comparison = compare_models(
+        image_models,
+        cell_models,
+        data,
+        method="classical" if masks else args.segmentation,
+        use_truth_masks=masks,
+        tta=not args.no_tta,
+        workers=args.workers,
+        **segmentation_options(args),
+    )
+    print(
+        f"{len(comparison.images)} test images of {data}, cells: {args.segmentation}; tuned rows: each "
+        f"image under weights tuned on the other {TUNING_PARTS - 1} of {TUNING_PARTS} parts"
+    )
     print(comparison.table().round(3).to_string(index=False))
     if args.out:
         print(f"wrote {comparison.write_rule(args.out)} (the rule of '{comparison.best().name}')")

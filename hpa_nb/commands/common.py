@@ -1,5 +1,6 @@
 """What several verbs' handlers share: the data folder an option names or discovery finds, and the
 segmentation options."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """`python -m hpa_nb evaluate` and `folds`: a run's figures on held-out images."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,16 @@ from hpa_nb.training.evaluate import format_table
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    result = evaluate_runs(args.model, data_dir(args.data) if args.data else None, args.out, split=args.split,
-                      tta=args.tta, batch_size=args.batch_size, thresholds=args.thresholds, weights=args.weights)
+    result = evaluate_runs(
+        args.model,
+        data_dir(args.data) if args.data else None,
+        args.out,
+        split=args.split,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        thresholds=args.thresholds,
+        weights=args.weights,
+    )
     print(format_table(result.metrics))
     print(f"wrote {', '.join(str(path) for path in result.files)}")
 

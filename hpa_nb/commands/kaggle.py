@@ -1,5 +1,6 @@
 """`python -m hpa_nb kaggle ACTION`: bundles, pushes, the chain and Kaggle datasets, over the official kaggle
 CLI. Light: nothing here loads TensorFlow, Keras or JAX."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,28 @@ def main(args: argparse.Namespace) -> None:
             print(f"wrote {folder}")
         print(f"wrote {kernels.write_root_metadata()}")
     elif args.kaggle_action == "push":
-        folder = kaggle.push(args.name, args.username, resume_from=args.resume_from, shards=args.shards,
-                             attach=args.attach, fold=None if args.fold is None else (args.fold, args.folds),
-                             enable_internet=False if args.no_internet else None,
-                             dataset_sources=args.dataset, model_sources=args.model,
-                             **({"accelerator": args.accelerator} if args.accelerator else {}))
+        folder = kaggle.push(
+            args.name,
+            args.username,
+            resume_from=args.resume_from,
+            shards=args.shards,
+            attach=args.attach,
+            fold=None if args.fold is None else (args.fold, args.folds),
+            enable_internet=False if args.no_internet else None,
+            dataset_sources=args.dataset,
+            model_sources=args.model,
+            **({"accelerator": args.accelerator} if args.accelerator else {}),
+        )
         print(f"pushed {folder}")
     elif args.kaggle_action == "image-set":
         out = args.out or image_set.REPO_ROOT / f"requirements-kaggle-tpu-{time.strftime('%Y-%m')}.txt"
-        print(f"wrote {image_set.write(args.recipe or image_set.RECIPE, out, args.python or image_set.default_python())}")
+        print(
+            f"wrote {image_set.write(args.recipe or image_set.RECIPE, out, args.python or image_set.default_python())}"
+        )
     elif args.kaggle_action == "hpacellseg-dataset":
-        folder = hpacellseg_offline.build(args.package, args.fork, args.weights, args.out,
-                                          kaggle.find_username(args.username))
+        folder = hpacellseg_offline.build(
+            args.package, args.fork, args.weights, args.out, kaggle.find_username(args.username)
+        )
         print(f"wrote {folder}")
         if args.create:
             kaggle.run_kaggle(["datasets", "create", "-p", str(folder)])
@@ -65,5 +76,9 @@ def run_chain(args: argparse.Namespace) -> None:
         return
     states = chain.drive(steps, source, wait=args.wait, sessions=args.sessions, poll=args.poll)
     if all(state.done for state in states.values()):
-        print(chain.submit(source) if args.submit else "the chain is done: submit with --submit, or from "
-              f"https://www.kaggle.com/code/{source.ref(chain.Step('05_submission'))}")
+        print(
+            chain.submit(source)
+            if args.submit
+            else "the chain is done: submit with --submit, or from "
+            f"https://www.kaggle.com/code/{source.ref(chain.Step('05_submission'))}"
+        )

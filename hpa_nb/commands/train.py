@@ -1,4 +1,5 @@
 """`python -m hpa_nb train`: options → `TrainConfig` → `hpa_nb.training.train.train`."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,31 @@ from hpa_nb.commands.common import data_dir
 from hpa_nb.training import hosts, inputs, run, train
 from hpa_nb.training.config import TrainConfig
 
-TRAIN_OPTIONS = ("shards", "folds", "fold", "level", "tiles", "relabel", "split_from", "image_size", "channels", "backbone", "weights", "epochs", "batch_size",
-                 "steps_per_epoch", "val_fraction", "seed", "max_lr", "loss", "patience", "precision", "steps_per_execution",
-                 "allow_sample_data", "allow_cpu")
+TRAIN_OPTIONS = (
+    "shards",
+    "folds",
+    "fold",
+    "level",
+    "tiles",
+    "relabel",
+    "split_from",
+    "image_size",
+    "channels",
+    "backbone",
+    "weights",
+    "epochs",
+    "batch_size",
+    "steps_per_epoch",
+    "val_fraction",
+    "seed",
+    "max_lr",
+    "loss",
+    "patience",
+    "precision",
+    "steps_per_execution",
+    "allow_sample_data",
+    "allow_cpu",
+)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -32,8 +55,9 @@ def main(args: argparse.Namespace) -> None:
         saved = run.load_config(previous)
         kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
         explicit["data_dir"] = str(data_dir(data or kept))
-        config = dataclasses.replace(saved, resume=True, resume_from=str(previous) if args.resume_from else None,
-                                     **explicit)
+        config = dataclasses.replace(
+            saved, resume=True, resume_from=str(previous) if args.resume_from else None, **explicit
+        )
     else:
         explicit["data_dir"] = str(data_dir(data))
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
@@ -42,8 +66,8 @@ def main(args: argparse.Namespace) -> None:
     if config.relabel:  # a step of its own, before the cell run that reads its targets
         relabel.relabel(config)
     result = train.train(config, several)
-    print(f"trained {config.backbone} into {result.run_dir}: "
-          + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
-          + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else ""))
-
-
+    print(
+        f"trained {config.backbone} into {result.run_dir}: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
+        + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else "")
+    )

@@ -7,6 +7,7 @@ line how long it takes, how many versions that is (each goes on where the last s
 ``/kaggle/working`` it fills. Where the disk cannot hold the output, it stops before
 writing more (`DiskBudgetError`).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,13 @@ class DiskBudgetError(ValueError):
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.0f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,18 @@ class Projection:
         return max(1, math.ceil(self.seconds_left / (self.hours * 3600)))
 
     def line(self) -> str:
-        cost = f"{self.seconds_per_unit:.3g} s" + (f" and {self.bytes_per_unit / 1e3:.0f} kB" if self.bytes_per_unit else "")
-        text = (f"projection: {self.what}, {cost} per {self.unit} measured here, so the {self.total:,} {self.unit}s "
-                f"take {_hours(self.total * self.seconds_per_unit)} in all"
-                + (f" ({_hours(self.seconds_left)} still to go)" if self.done else ""))
+        cost = f"{self.seconds_per_unit:.3g} s" + (
+            f" and {self.bytes_per_unit / 1e3:.0f} kB" if self.bytes_per_unit else ""
+        )
+        text = (
+            f"projection: {self.what}, {cost} per {self.unit} measured here, so the {self.total:,} {self.unit}s "
+            f"take {_hours(self.total * self.seconds_per_unit)} in all"
+            + (f" ({_hours(self.seconds_left)} still to go)" if self.done else "")
+        )
         if self.hours:
-            text += (f"; at HOURS = {self.hours:g} per version, {self.versions} version"
-                     + ("" if self.versions == 1 else "s, each going on where the last stopped"))
+            text += f"; at HOURS = {self.hours:g} per version, {self.versions} version" + (
+                "" if self.versions == 1 else "s, each going on where the last stopped"
+            )
         if self.bytes_per_unit:
             text += f"; {self.gb:.1f} GB of output" + (f" against {self.max_gb:g} GB" if self.max_gb else "")
         return text
@@ -69,15 +81,24 @@ class Projection:
         if self.max_gb is not None and self.bytes_per_unit and self.gb > self.max_gb:
             raise DiskBudgetError(
                 f"{self.what}: {self.bytes_per_unit / 1e3:.0f} kB per {self.unit}, so the {self.total:,} {self.unit}s "
-                f"would need {self.gb:.1f} GB, over the {self.max_gb:g} GB budget")
+                f"would need {self.gb:.1f} GB, over the {self.max_gb:g} GB budget"
+            )
 
 
 class Probe:
     """Times a writer's first `PROBE_IMAGES` images, then prints the `Projection` and checks the disk once;
     `check` re-checks the disk from the bytes written so far (after every finished file)."""
 
-    def __init__(self, what: str, total: int | None, done: int, hours: float | None = None,
-                 max_gb: float | None = None, probe_images: int = PROBE_IMAGES, stream=None) -> None:
+    def __init__(
+        self,
+        what: str,
+        total: int | None,
+        done: int,
+        hours: float | None = None,
+        max_gb: float | None = None,
+        probe_images: int = PROBE_IMAGES,
+        stream=None,
+    ) -> None:
         self.what, self.total, self.done, self.hours, self.max_gb = what, total, done, hours, max_gb
         self.probe_images, self.stream = probe_images, stream or sys.stderr
         self.started, self.projection = time.perf_counter(), None
@@ -85,8 +106,16 @@ class Probe:
     def _projection(self, images: int, written_bytes: float, done_bytes: float) -> Projection:
         seconds = (time.perf_counter() - self.started) / images
         per_image = (done_bytes + written_bytes) / (self.done + images)
-        return Projection(self.what, "image", self.total or self.done + images, self.done + images, seconds,
-                          per_image, self.hours, self.max_gb)
+        return Projection(
+            self.what,
+            "image",
+            self.total or self.done + images,
+            self.done + images,
+            seconds,
+            per_image,
+            self.hours,
+            self.max_gb,
+        )
 
     def update(self, images: int, written_bytes: float, done_bytes: float = 0.0) -> None:
         """`images` written in this run so far, `written_bytes` of them, and the earlier runs' `done_bytes`."""

@@ -1,13 +1,20 @@
 """The Kaggle chain: the notebooks as kernels, how each runs (accelerator, internet), the kernels whose output it
 reads (a graph, not a list), where its own output says it is done, what it is projected to take, and its slug.
 Kernel bundles and pushes live in `hpa_nb.kaggle.push`; the driver that runs the graph in `hpa_nb.kaggle.chain`."""
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
 # The machines `kaggle kernels push --accelerator` names (kaggle-cli 2.2), by kind; a kernel without one runs on CPU.
-MACHINES = {"TpuV5E8": "tpu", "TpuV6E8": "tpu", "NvidiaTeslaT4": "gpu", "NvidiaTeslaT4Highmem": "gpu", "NvidiaL4": "gpu"}
+MACHINES = {
+    "TpuV5E8": "tpu",
+    "TpuV6E8": "tpu",
+    "NvidiaTeslaT4": "gpu",
+    "NvidiaTeslaT4Highmem": "gpu",
+    "NvidiaL4": "gpu",
+}
 
 # How a kernel's push attaches one of its inputs: every push of the row ("table"), or the chain (and a user who
 # asks) through `kaggle push`'s option of that name ("shards": 03_train's SHARDS, "attach": --attach).
@@ -52,27 +59,41 @@ class KernelSettings:
 # projections (00, 06: their writers run over generated 2048 px images, scaled to 21,806 images) and estimates.
 KERNELS: dict[str, KernelSettings] = {
     # CPU, offline: reads the competition's images once and writes compact shards into its output.
-    "00_prepare": KernelSettings("HPA 00 Prepare", internet=False, done_marker="shards/manifest.json", hours=1.8,
-                                 basis="measured"),
+    "00_prepare": KernelSettings(
+        "HPA 00 Prepare", internet=False, done_marker="shards/manifest.json", hours=1.8, basis="measured"
+    ),
     "01_eda": KernelSettings("HPA 01 EDA"),
     "02_augmentation": KernelSettings("HPA 02 Augmentation"),
     # Internet on so Keras can download ImageNet weights; see the README to run offline.
-    "03_train": KernelSettings("HPA 03 Train", accelerator="TpuV5E8", inputs=(Input("00_prepare", "shards"),),
-                               done_marker="run/config.json", hours=2.5),
+    "03_train": KernelSettings(
+        "HPA 03 Train",
+        accelerator="TpuV5E8",
+        inputs=(Input("00_prepare", "shards"),),
+        done_marker="run/config.json",
+        hours=2.5,
+    ),
     "04_evaluate": KernelSettings("HPA 04 Evaluate", inputs=(Input("03_train"),)),
     # CPU, offline: cutting tiles segments each image with scikit-image, which the TPU image lacks.
     # 6.0 h measured on one core, over a Kaggle CPU session's 4 workers at the 2-worker efficiency of bench cells
     "06_cells": KernelSettings("HPA 06 Cells", internet=False, done_marker="tiles/tiles.json", hours=1.7),
     # TPU, like 03_train: the cell model on 06_cells' tiles, split by image as 03_train's run was.
-    "07_cell_train": KernelSettings("HPA 07 Cell Train", accelerator="TpuV5E8",
-                                    inputs=(Input("06_cells"), Input("03_train")), done_marker="cell_run/config.json",
-                                    hours=6.5),
+    "07_cell_train": KernelSettings(
+        "HPA 07 Cell Train",
+        accelerator="TpuV5E8",
+        inputs=(Input("06_cells"), Input("03_train")),
+        done_marker="cell_run/config.json",
+        hours=6.5,
+    ),
     # Code competitions only accept submissions from notebooks with the internet off. It scores cells with the
     # image run, and with the cell run too when 07_cell_train's output is attached (`push 05_submission --attach
     # 07_cell_train`); it segments with HPA-Cell-Segmentation when its offline folder is attached (`--dataset`).
-    "05_submission": KernelSettings("HPA 05 Submission", internet=False,
-                                    inputs=(Input("03_train"), Input("07_cell_train", "attach")),
-                                    done_marker="submission.csv", hours=0.1),
+    "05_submission": KernelSettings(
+        "HPA 05 Submission",
+        internet=False,
+        inputs=(Input("03_train"), Input("07_cell_train", "attach")),
+        done_marker="submission.csv",
+        hours=0.1,
+    ),
 }
 # The kernels from a fork to a submission: what `kaggle chain` runs (01, 02 and 04 only look).
 CHAIN = ("00_prepare", "06_cells", "03_train", "07_cell_train", "05_submission")

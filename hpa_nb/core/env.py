@@ -1,5 +1,6 @@
 """Where the code runs: Kaggle (its input and working folders), a TPU VM or elsewhere; the Keras backend;
 the cache; and finding folders under a mount without walking the competition's image folders."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ from typing import Callable, Mapping
 COMPETITION = "hpa-single-cell-image-classification"
 KAGGLE_ROOT = "/kaggle"  # moved by HPA_KAGGLE_ROOT, so that tests lay out a Kaggle session in a temporary folder
 IMAGE_FOLDERS = ("train", "test", "train_tfrecords")  # tens of thousands of files each: never walked
-
 
 
 def on_kaggle(environ: Mapping[str, str] = os.environ) -> bool:

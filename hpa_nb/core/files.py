@@ -4,6 +4,7 @@ A reader, a rerun or a crash in the middle of a write never finds half a file un
 name: ``os.replace`` within one folder (one file system) is atomic, so the file there is either
 the old one or the new one, whole.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The 19 localisation classes and the multi-hot labels of train.csv."""
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence

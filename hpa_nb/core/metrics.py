@@ -5,6 +5,7 @@ Every image-level score is computed per class from ``y_true`` (multi-hot ``[N, C
 with no positives, or no negatives for ROC AUC) is ``None`` (JSON ``null``): never a crash (scikit-learn raises
 or warns there) and never a made-up 0.5. Averages skip those classes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -86,8 +87,9 @@ def best_f1_threshold(y_true: np.ndarray, y_score: np.ndarray) -> tuple[float | 
         return None, None
     precision, recall, thresholds = sk.precision_recall_curve(truth, score)  # thresholds ascending
     precision, recall = precision[:-1], recall[:-1]  # the closing (1, 0) point has no threshold
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
-                   where=precision + recall > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0
+    )
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # the last maximum: the highest threshold among equal F1s
     lower = thresholds[best - 1] if best > 0 else thresholds[best]
     return float(f1[best]), float((thresholds[best] + lower) / 2.0)
@@ -137,15 +139,17 @@ def image_metrics(
             f1 = None
             if threshold is not None and column_truth.any():
                 f1 = f1_score(column_truth, column_score >= threshold)
-        classes.append({
-            "index": index,
-            "name": name,
-            "support": int(np.sum(column_truth)),
-            "roc_auc": roc_auc(column_truth, column_score),
-            "average_precision": average_precision(column_truth, column_score),
-            "f1": f1,
-            "threshold": threshold,
-        })
+        classes.append(
+            {
+                "index": index,
+                "name": name,
+                "support": int(np.sum(column_truth)),
+                "roc_auc": roc_auc(column_truth, column_score),
+                "average_precision": average_precision(column_truth, column_score),
+                "f1": f1,
+                "threshold": threshold,
+            }
+        )
     used = np.array([DEFAULT_THRESHOLD if c["threshold"] is None else c["threshold"] for c in classes])
     return {
         "images": int(truth.shape[0]),
@@ -210,8 +214,9 @@ def _average_precision(true_positive: np.ndarray, positives: int) -> float:
 READINGS = ("challenge", "all_classes")
 
 
-def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float = 0.6,
-                            reading: str = "challenge") -> list[float | None]:
+def cell_average_precisions(
+    predictions, truth_masks, truth_labels, iou: float = 0.6, reading: str = "challenge"
+) -> list[float | None]:
     """Per-class AP of cell predictions (19 entries; ``None`` for a class no ground-truth cell has).
 
     OpenImages-style: for each class, the predictions carrying that class are ranked by confidence
@@ -233,8 +238,9 @@ def cell_average_precisions(predictions, truth_masks, truth_labels, iou: float =
     In both, a predicted mask without pixels is dropped and a ground-truth cell without pixels is
     not counted, as the OpenImages evaluator does.
     """
-    matches = match_cells({image_id: [mask for mask, _ in cells] for image_id, cells in predictions.items()},
-                          truth_masks, truth_labels)
+    matches = match_cells(
+        {image_id: [mask for mask, _ in cells] for image_id, cells in predictions.items()}, truth_masks, truth_labels
+    )
     return matches.average_precisions([scores for cells in predictions.values() for _, scores in cells], iou, reading)
 
 
@@ -270,8 +276,11 @@ class CellMatches:
             matched: set[tuple[str, int]] = set()
             true_positive = np.zeros(len(ranked))
             for row, (_, image_id, overlap) in enumerate(ranked):
-                candidates = [cell for cell, classes in self.cell_classes[image_id].items()
-                              if c in classes and cell < overlap.size]
+                candidates = [
+                    cell
+                    for cell, classes in self.cell_classes[image_id].items()
+                    if c in classes and cell < overlap.size
+                ]
                 if not candidates:
                     continue
                 best = max(candidates, key=lambda cell: overlap[cell])
@@ -294,8 +303,11 @@ def match_cells(prediction_masks: Mapping[str, Sequence[np.ndarray]], truth_mask
     cell_classes: dict[str, dict[int, set[int]]] = {}
     for image_id, mask in truth_masks.items():
         area = np.bincount(np.asarray(mask).ravel())
-        cell_classes[image_id] = {int(cell): _class_set(labels) for cell, labels in truth_labels.get(image_id, {}).items()
-                                  if 0 < int(cell) < area.size and area[int(cell)] > 0}
+        cell_classes[image_id] = {
+            int(cell): _class_set(labels)
+            for cell, labels in truth_labels.get(image_id, {}).items()
+            if 0 < int(cell) < area.size and area[int(cell)] > 0
+        }
     evaluatable = {image_id: set().union(*cells.values()) for image_id, cells in cell_classes.items()}
     positives = np.zeros(len(LABEL_NAMES), np.int64)
     for cells in cell_classes.values():
@@ -331,8 +343,9 @@ def cell_map(predictions, truth_masks, truth_labels, iou: float = 0.6, reading: 
     (`hpa_nb.segmentation.quality.load_cell_truth` reads both from a sample). ``reading``: see
     `cell_average_precisions`. Perfect predictions score 1.0 in both readings.
     """
-    scores = [ap for ap in cell_average_precisions(predictions, truth_masks, truth_labels, iou, reading)
-              if ap is not None]
+    scores = [
+        ap for ap in cell_average_precisions(predictions, truth_masks, truth_labels, iou, reading) if ap is not None
+    ]
     if not scores:
         raise ValueError("the ground truth has no labelled cells")
     return float(np.mean(scores))

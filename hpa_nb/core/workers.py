@@ -15,6 +15,7 @@ in the items' order, so a writer downstream writes exactly what one process woul
 
 With one worker nothing is started: the function runs in this process, as it always did.
 """
+
 from __future__ import annotations
 
 import collections
@@ -129,8 +130,9 @@ class Workers:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(self.preload)
             self.slots = context.Array("q", self.in_flight, lock=False)
-            self.pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_start_worker,
-                                            initargs=(os.getpid(), self.slots))
+            self.pool = ProcessPoolExecutor(
+                self.count, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), self.slots)
+            )
             try:  # every worker up before any work is timed
                 list(self.pool.map(_ready, range(self.count)))
             except BrokenProcessPool as exc:
@@ -146,8 +148,9 @@ class Workers:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
-    def map(self, function: Callable[[Any], Any], items: Iterable[Any],
-            describe: Callable[[Any], str] = str) -> Iterator[Any]:
+    def map(
+        self, function: Callable[[Any], Any], items: Iterable[Any], describe: Callable[[Any], str] = str
+    ) -> Iterator[Any]:
         """``function(item)`` for each item, in order; `describe(item)` names the item a dead worker held."""
         if self.pool is None:
             yield from map(function, items)
@@ -170,10 +173,14 @@ class Workers:
                 result = future.result()
             except BrokenProcessPool:
                 self.close()  # every worker down: the slots are final
-                held = [describe(each) for each, each_slot, _ in [(item, slot, future), *pending]
-                        if self.slots[each_slot] > 0]
+                held = [
+                    describe(each)
+                    for each, each_slot, _ in [(item, slot, future), *pending]
+                    if self.slots[each_slot] > 0
+                ]
                 where = f"working on {' and '.join(held)}" if held else f"before {describe(item)} was done"
-                raise WorkerLost(f"a worker process died while {where} (killed, or out of memory): run again with "
-                                 "fewer workers") from None
+                raise WorkerLost(
+                    f"a worker process died while {where} (killed, or out of memory): run again with fewer workers"
+                ) from None
             submit()
             yield result

@@ -5,6 +5,7 @@ the same image on every run (the baseline's ``tf.random.uniform`` rotation did n
 transforms move all channels together (a protein must stay over its own nucleus); labels are
 never touched, because flips and rotations do not change where a protein sits in the cell.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
@@ -96,8 +97,9 @@ def augment(image: tf.Tensor, seed: int | Sequence[int] | tf.Tensor, steps: Iter
     return image
 
 
-def preview_pairs(images: Iterable[np.ndarray] | np.ndarray | tf.Tensor, seed: int = 0,
-                  steps: Iterable[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def preview_pairs(
+    images: Iterable[np.ndarray] | np.ndarray | tf.Tensor, seed: int = 0, steps: Iterable[str] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[(before, after), ...]`` for a notebook preview: image i is augmented with seed ``(seed, i)``."""
     pairs = []
     for index, image in enumerate(images):

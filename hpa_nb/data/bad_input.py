@@ -5,6 +5,7 @@ problem travels with its element as a string ("" when there is none), built with
 `first_problem`; `SkipLog.keep` drops and logs it with ``skip_bad``, and `error_message` cleans
 TensorFlow's own wording off an error that does escape.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,11 @@ class SkipLog:
 
     def keep(self, problem: tf.Tensor) -> tf.Tensor:
         """A tf.data filter predicate: True when `problem` is empty, else log it and drop."""
-        return tf.cond(tf.equal(problem, ""), lambda: tf.constant(True),
-                       lambda: tf.py_function(self._add_tensor, [problem], tf.bool))
+        return tf.cond(
+            tf.equal(problem, ""),
+            lambda: tf.constant(True),
+            lambda: tf.py_function(self._add_tensor, [problem], tf.bool),
+        )
 
 
 def skip_log(skip_bad: bool | SkipLog) -> SkipLog | None:
@@ -47,8 +51,12 @@ def skip_log(skip_bad: bool | SkipLog) -> SkipLog | None:
 
 
 # Node markers come as "[[{{node Assert}}]]", "[[IteratorGetNext]]" (Keras fit) or "[[node X (defined at ...) ]]".
-_TF_NOISE = (re.compile(r"\{\{function_node [^}]*\}\}"), re.compile(r"\[\[[^\[\]]*\]\]"),
-             re.compile(r"\[Op:[^\]]*\]( name: \S*)?"), re.compile(r"^.*assertion failed:\s*", re.S))
+_TF_NOISE = (
+    re.compile(r"\{\{function_node [^}]*\}\}"),
+    re.compile(r"\[\[[^\[\]]*\]\]"),
+    re.compile(r"\[Op:[^\]]*\]( name: \S*)?"),
+    re.compile(r"^.*assertion failed:\s*", re.S),
+)
 
 
 def error_message(exc: BaseException) -> str:
@@ -62,7 +70,6 @@ def error_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-
 def first_problem(checks: Sequence[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
     """The message of the first failed check, or "" when all pass."""
     problem = tf.constant("")
@@ -73,6 +80,7 @@ def first_problem(checks: Sequence[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
 
 def join_text(*parts: object) -> tf.Tensor:
     """Concatenate strings, string tensors and numbers (tensors or not) into one string tensor."""
+
     def text(part: object) -> object:
         if isinstance(part, tf.Tensor):
             return part if part.dtype == tf.string else tf.strings.as_string(part)

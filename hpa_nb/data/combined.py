@@ -6,6 +6,7 @@ per PNG, so every reader of the competition layout reads it unchanged and nothin
 stops it in one line that names both files. `extra_ids` gives the images of the extra sources, which a run only
 ever trains on (`hpa_nb.data.splits.holdout`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ def combine(folders: Sequence[str | Path], out_root: Path) -> Path:
         frame = load_labels(folder)[["ID", "Label"]]
         for image_id in frame["ID"]:
             if image_id in seen:
-                raise ValueError(f"image {image_id} is in both {seen[image_id] / 'train.csv'} and {folder / 'train.csv'}: "
-                                 "the IDs of data sources must not collide (rename one source's images)")
+                raise ValueError(
+                    f"image {image_id} is in both {seen[image_id] / 'train.csv'} and {folder / 'train.csv'}: "
+                    "the IDs of data sources must not collide (rename one source's images)"
+                )
             seen[image_id] = folder
         frames.append(frame.assign(source=str(folder)))
     view = out_root / view_name(folders)
@@ -51,7 +54,9 @@ def combine(folders: Sequence[str | Path], out_root: Path) -> Path:
             target = (folder / "train" / f"{image_id}_{color}.png").resolve()
             link = view / "train" / target.name
             if not target.is_file():
-                raise FileNotFoundError(f"image {image_id} of {folder / 'train.csv'}: no {folder / 'train' / target.name}")
+                raise FileNotFoundError(
+                    f"image {image_id} of {folder / 'train.csv'}: no {folder / 'train' / target.name}"
+                )
             if not link.is_symlink() or os.readlink(link) != str(target):
                 link.unlink(missing_ok=True)
                 link.symlink_to(target)

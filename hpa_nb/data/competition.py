@@ -6,6 +6,7 @@ decoded once (`hpa_nb.data.reading`). Every bad input (a truncated file, a corru
 missing colours, a bad label) is named by file and ID. `encode_record` and `write_tfrecord` write
 the same format, for the sample, the benchmarks and the tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,10 @@ def load_labels(root: str | Path, skip_bad: bool | SkipLog = False) -> pd.DataFr
 def encode_record(image_name: str, png: bytes, target: str) -> bytes:
     """One record as the competition's TFRecords hold it: a channel's PNG bytes, ``{ID}_{colour}`` and
     the image's label text, serialized with sorted keys (the same bytes every run)."""
-    feature = {key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-               for key, value in (("image", png), ("image_name", image_name.encode()), ("target", target.encode()))}
+    feature = {
+        key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+        for key, value in (("image", png), ("image_name", image_name.encode()), ("target", target.encode()))
+    }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
@@ -95,12 +98,19 @@ def _label_from_text(text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return label, well_formed & in_range
 
 
-_COMPETITION_FEATURES = {name: tf.io.FixedLenFeature([], tf.string, default_value="")
-                         for name in ("image", "image_name", "target")}
+_COMPETITION_FEATURES = {
+    name: tf.io.FixedLenFeature([], tf.string, default_value="") for name in ("image", "image_name", "target")
+}
 
 
-def _decoded_records(files: tf.data.Dataset, cycle: int, deterministic: bool, wanted: Callable[[tf.Tensor], tf.Tensor],
-                     colors: tuple[str, ...], image_size: int) -> tf.data.Dataset:
+def _decoded_records(
+    files: tf.data.Dataset,
+    cycle: int,
+    deterministic: bool,
+    wanted: Callable[[tf.Tensor], tf.Tensor],
+    colors: tuple[str, ...],
+    image_size: int,
+) -> tf.data.Dataset:
     """Each competition record parsed, and decoded and resized once if its colour is wanted, exactly
     as the physical floor of a reader does it (one plain parallel map): ``{"channel" [S, S, 1],
     "hw" [2], "image", "color", "target", "path", "problem"}``.
@@ -111,22 +121,35 @@ def _decoded_records(files: tf.data.Dataset, cycle: int, deterministic: bool, wa
     unwanted colour keep their place for those checks but are not decoded. Records of unwanted
     images are dropped first.
     """
-    records = files.interleave(file_records, cycle_length=cycle, num_parallel_calls=AUTOTUNE,
-                               deterministic=deterministic)
+    records = files.interleave(
+        file_records, cycle_length=cycle, num_parallel_calls=AUTOTUNE, deterministic=deterministic
+    )
     wanted_colors = tf.constant(colors)
 
     def parse(record: tf.Tensor, path: tf.Tensor, problem: tf.Tensor) -> dict:
         features = tf.io.parse_single_example(record, _COMPETITION_FEATURES)  # a problem's empty record: defaults
         name = features["image_name"]
-        return {"png": features["image"], "image": tf.strings.regex_replace(name, r"_[^_]*$", ""),
-                "color": tf.strings.regex_replace(name, r"^.*_", ""), "target": features["target"], "path": path,
-                "problem": problem}
+        return {
+            "png": features["image"],
+            "image": tf.strings.regex_replace(name, r"_[^_]*$", ""),
+            "color": tf.strings.regex_replace(name, r"^.*_", ""),
+            "target": features["target"],
+            "path": path,
+            "problem": problem,
+        }
 
     def decode(r: dict) -> dict:
         skip = tf.not_equal(r["problem"], "") | tf.logical_not(tf.reduce_any(tf.equal(r["color"], wanted_colors)))
-        channel, hw = tf.cond(skip, lambda: (tf.zeros([image_size, image_size, 1]), tf.constant([-1, -1])),
-                              lambda: decode_resize_sized(r["png"], image_size))
-        return {"channel": channel, "hw": hw, **{key: r[key] for key in ("image", "color", "target", "path", "problem")}}
+        channel, hw = tf.cond(
+            skip,
+            lambda: (tf.zeros([image_size, image_size, 1]), tf.constant([-1, -1])),
+            lambda: decode_resize_sized(r["png"], image_size),
+        )
+        return {
+            "channel": channel,
+            "hw": hw,
+            **{key: r[key] for key in ("image", "color", "target", "path", "problem")},
+        }
 
     records = records.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     records = records.filter(lambda r: tf.not_equal(r["problem"], "") | wanted(r["image"]))
@@ -143,13 +166,19 @@ def _image_records(records: tf.data.Dataset) -> tf.data.Dataset:
     files are the worst case: each file whole). A group still incomplete when the files end comes
     out short, for `_competition_element` to report; a file's problem (truncated, corrupt) travels alone.
     """
+
     def key(r: dict) -> tf.Tensor:
-        return tf.where(tf.not_equal(r["problem"], "") & tf.equal(r["image"], ""), tf.constant(-1, tf.int64),
-                        tf.strings.to_hash_bucket_fast(r["image"], 2**62))
+        return tf.where(
+            tf.not_equal(r["problem"], "") & tf.equal(r["image"], ""),
+            tf.constant(-1, tf.int64),
+            tf.strings.to_hash_bucket_fast(r["image"], 2**62),
+        )
 
     return records.group_by_window(
-        key_func=key, reduce_func=lambda _, window: window.batch(len(COLORS)),
-        window_size_func=lambda group: tf.where(group < 0, tf.constant(1, tf.int64), len(COLORS)))
+        key_func=key,
+        reduce_func=lambda _, window: window.batch(len(COLORS)),
+        window_size_func=lambda group: tf.where(group < 0, tf.constant(1, tf.int64), len(COLORS)),
+    )
 
 
 def _competition_element(group: dict, colors: tuple[str, ...]) -> dict:
@@ -169,33 +198,57 @@ def _competition_element(group: dict, colors: tuple[str, ...]) -> dict:
     where = join_text("file ", path, ": image ", image_id, ": ")
     # A padding row that matches every colour keeps argmax defined for short groups (reported below).
     padded = tf.concat([matches, tf.ones([1, len(COLORS)], tf.bool)], 0)
-    order = tf.stack([tf.argmax(tf.cast(padded[:, COLORS.index(color)], tf.int32), output_type=tf.int32)
-                      for color in colors])
+    order = tf.stack(
+        [tf.argmax(tf.cast(padded[:, COLORS.index(color)], tf.int32), output_type=tf.int32) for color in colors]
+    )
     sizes = tf.gather(tf.concat([group["hw"], [[-1, -1]]], 0), order)  # [C, 2]
-    listing = tf.strings.reduce_join([join_text(color, " ", sizes[i, 1], "x", sizes[i, 0])
-                                      for i, color in enumerate(colors)], separator=", ")
-    problem = first_problem([
-        (tf.not_equal(problem, ""), problem),
-        (tf.not_equal(count, len(COLORS)),
-         join_text(where, "only ", count, " records, expected 4: a record is missing or its PNG does not decode (",
-                   tf.strings.reduce_join(tf.boolean_mask(tf.constant(COLORS), tf.equal(per_color, 0)), separator=","),
-                   ")")),
-        (tf.reduce_any(tf.not_equal(ids, image_id)), join_text(where, "its records were grouped with image ", other_id)),
-        (tf.logical_not(tf.reduce_all(known)), join_text(where, "unknown colour suffix '", unknown, "'")),
-        (tf.reduce_any(tf.not_equal(per_color, 1)),
-         join_text(where, "colours ", tf.strings.reduce_join(suffixes, separator=","),
-                   " (need red, green, blue, yellow once each)")),
-        (tf.reduce_any(tf.not_equal(targets, target)), join_text(where, "its records disagree on the label")),
-        (tf.logical_not(label_ok), join_text(where, "label '", target, "' is not in 0..", N_CLASSES - 1)),
-        (tf.reduce_any(tf.not_equal(sizes, sizes[:1])), join_text(where, "channels of unequal sizes (", listing, ")")),
-    ])
+    listing = tf.strings.reduce_join(
+        [join_text(color, " ", sizes[i, 1], "x", sizes[i, 0]) for i, color in enumerate(colors)], separator=", "
+    )
+    problem = first_problem(
+        [
+            (tf.not_equal(problem, ""), problem),
+            (
+                tf.not_equal(count, len(COLORS)),
+                join_text(
+                    where,
+                    "only ",
+                    count,
+                    " records, expected 4: a record is missing or its PNG does not decode (",
+                    tf.strings.reduce_join(tf.boolean_mask(tf.constant(COLORS), tf.equal(per_color, 0)), separator=","),
+                    ")",
+                ),
+            ),
+            (
+                tf.reduce_any(tf.not_equal(ids, image_id)),
+                join_text(where, "its records were grouped with image ", other_id),
+            ),
+            (tf.logical_not(tf.reduce_all(known)), join_text(where, "unknown colour suffix '", unknown, "'")),
+            (
+                tf.reduce_any(tf.not_equal(per_color, 1)),
+                join_text(
+                    where,
+                    "colours ",
+                    tf.strings.reduce_join(suffixes, separator=","),
+                    " (need red, green, blue, yellow once each)",
+                ),
+            ),
+            (tf.reduce_any(tf.not_equal(targets, target)), join_text(where, "its records disagree on the label")),
+            (tf.logical_not(label_ok), join_text(where, "label '", target, "' is not in 0..", N_CLASSES - 1)),
+            (
+                tf.reduce_any(tf.not_equal(sizes, sizes[:1])),
+                join_text(where, "channels of unequal sizes (", listing, ")"),
+            ),
+        ]
+    )
     channels = tf.concat([group["channel"], tf.zeros_like(group["channel"][:1])], 0)
     image = tf.concat(tf.unstack(tf.gather(channels, order)), axis=-1)  # [S, S, C]
     return {"id": image_id, "label": label, "data": image, "source": path, "problem": problem}
 
 
-def tfrecord_layout(files: Sequence[str], colors: tuple[str, ...], ids: Iterable[str] | None,
-                    exclude: Iterable[str] | None = None) -> Layout:
+def tfrecord_layout(
+    files: Sequence[str], colors: tuple[str, ...], ids: Iterable[str] | None, exclude: Iterable[str] | None = None
+) -> Layout:
     """Competition TFRecords: each record decoded once, then grouped by image (the decoding is in `parse`)."""
     files = [str(f) for f in files]
     if not files:
@@ -206,12 +259,19 @@ def tfrecord_layout(files: Sequence[str], colors: tuple[str, ...], ids: Iterable
     def parse(items: tf.data.Dataset, deterministic: bool, image_size: int) -> tf.data.Dataset:
         cycle = files_at_once(len(files), deterministic, MAX_FILES_AT_ONCE)
         records = _decoded_records(items, cycle, deterministic, wanted, colors, image_size)
-        return _image_records(records).map(lambda group: _competition_element(group, colors),
-                                           num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        return _image_records(records).map(
+            lambda group: _competition_element(group, colors), num_parallel_calls=AUTOTUNE, deterministic=deterministic
+        )
 
-    return Layout("tfrecords", f"competition TFRecords ({len(files)} files)",
-                  lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
-                  len(files), parse, lambda image, size: image, False)
+    return Layout(
+        "tfrecords",
+        f"competition TFRecords ({len(files)} files)",
+        lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
+        len(files),
+        parse,
+        lambda image, size: image,
+        False,
+    )
 
 
 def _png_problem(element: dict, colors: tuple[str, ...]) -> tf.Tensor:
@@ -219,9 +279,13 @@ def _png_problem(element: dict, colors: tuple[str, ...]) -> tf.Tensor:
 
     Failure path only: each channel is read and decoded again on its own, inside ignore_errors.
     """
+
     def size(path: tf.Tensor) -> tf.Tensor:  # [height, width], or [-1, -1] when it does not decode
-        sizes = tf.data.Dataset.from_tensors(path).map(
-            lambda p: tf.shape(tf.io.decode_png(tf.io.read_file(p), channels=1, dtype=tf.uint16))[:2]).ignore_errors()
+        sizes = (
+            tf.data.Dataset.from_tensors(path)
+            .map(lambda p: tf.shape(tf.io.decode_png(tf.io.read_file(p), channels=1, dtype=tf.uint16))[:2])
+            .ignore_errors()
+        )
         return sizes.concatenate(tf.data.Dataset.from_tensors(tf.constant([-1, -1]))).take(1).get_single_element()
 
     sizes = tf.stack([size(element["data"][i]) for i in range(len(colors))])
@@ -229,17 +293,28 @@ def _png_problem(element: dict, colors: tuple[str, ...]) -> tf.Tensor:
     unequal = tf.reduce_any(tf.not_equal(sizes, sizes[:1]), axis=1)
     culprit = tf.argmax(tf.cast(tf.where(tf.reduce_any(broken), broken, unequal), tf.int32), output_type=tf.int32)
     where = join_text("file ", tf.gather(element["data"], culprit), ": image ", element["id"], ": ")
-    listing = tf.strings.reduce_join([join_text(color, " ", sizes[i, 1], "x", sizes[i, 0])
-                                      for i, color in enumerate(colors)], separator=", ")
-    return first_problem([
-        (tf.reduce_any(broken), join_text(where, "the ", tf.gather(tf.constant(colors), culprit), " PNG does not decode")),
-        (tf.reduce_any(unequal), join_text(where, "channels of unequal sizes (", listing, ")")),
-        (tf.constant(True), join_text("file ", element["source"], ": image ", element["id"], ": does not decode")),
-    ])
+    listing = tf.strings.reduce_join(
+        [join_text(color, " ", sizes[i, 1], "x", sizes[i, 0]) for i, color in enumerate(colors)], separator=", "
+    )
+    return first_problem(
+        [
+            (
+                tf.reduce_any(broken),
+                join_text(where, "the ", tf.gather(tf.constant(colors), culprit), " PNG does not decode"),
+            ),
+            (tf.reduce_any(unequal), join_text(where, "channels of unequal sizes (", listing, ")")),
+            (tf.constant(True), join_text("file ", element["source"], ": image ", element["id"], ": does not decode")),
+        ]
+    )
 
 
-def png_layout(root: Path, colors: tuple[str, ...], ids: Iterable[str] | None, log: SkipLog | None,
-                exclude: Iterable[str] | None = None) -> Layout:
+def png_layout(
+    root: Path,
+    colors: tuple[str, ...],
+    ids: Iterable[str] | None,
+    log: SkipLog | None,
+    exclude: Iterable[str] | None = None,
+) -> Layout:
     frame = load_labels(root, skip_bad=log or False)
     folder = root / "train"
     if not folder.is_dir():
@@ -279,15 +354,29 @@ def png_layout(root: Path, colors: tuple[str, ...], ids: Iterable[str] | None, l
     path_array = np.array(paths, dtype=object).reshape(len(rows), len(colors)).astype(str)
 
     def parse(items: tf.data.Dataset, deterministic: bool, image_size: int) -> tf.data.Dataset:
-        return items.map(lambda image_id, label, files: {"id": image_id, "label": label, "data": files,
-                                                          "source": tf.strings.reduce_join(files, separator=" or "),
-                                                          "problem": tf.constant("")})
+        return items.map(
+            lambda image_id, label, files: {
+                "id": image_id,
+                "label": label,
+                "data": files,
+                "source": tf.strings.reduce_join(files, separator=" or "),
+                "problem": tf.constant(""),
+            }
+        )
 
     def decode(files: tf.Tensor, image_size: int) -> tf.Tensor:
         pngs = tf.stack([tf.io.read_file(files[i]) for i in range(len(colors))])
         return decode_png_channels(pngs, len(colors), image_size)
 
-    return Layout("png", f"PNG folder {folder} ({len(rows)} images)",
-                   lambda: tf.data.Dataset.from_tensor_slices(
-                       (tf.constant(image_ids, tf.string), labels.reshape(-1, N_CLASSES), path_array)),
-                   len(rows), parse, decode, True, lambda element: _png_problem(element, colors))
+    return Layout(
+        "png",
+        f"PNG folder {folder} ({len(rows)} images)",
+        lambda: tf.data.Dataset.from_tensor_slices(
+            (tf.constant(image_ids, tf.string), labels.reshape(-1, N_CLASSES), path_array)
+        ),
+        len(rows),
+        parse,
+        decode,
+        True,
+        lambda element: _png_problem(element, colors),
+    )

@@ -1,6 +1,7 @@
 """An image's cells as a model sees them: each cell cut out (`cell_crops`, tight) or shown alone in the
 image's frame (`frame_crops`), resized with the training pipeline's own kernel (one kernel for training and
 scoring: no train/test skew); and the cells' ids, areas and contact with the image's edge."""
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -17,8 +18,9 @@ def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
     return resize(np.asarray(image, np.float32), image_size).numpy()
 
 
-def cell_crops(image: np.ndarray, mask: np.ndarray, image_size: int,
-               cell_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def cell_crops(
+    image: np.ndarray, mask: np.ndarray, image_size: int, cell_ids: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's own crop for the classifier: (cell ids, float32 ``[N, S, S, C]``).
 
     A crop is the cell's bounding box with every pixel outside the cell set to 0, padded with
@@ -27,8 +29,14 @@ def cell_crops(image: np.ndarray, mask: np.ndarray, image_size: int,
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
     boxes = ndimage.find_objects(mask.astype(np.int32))
-    ids = np.array([i for i in (cell_ids if cell_ids is not None else range(1, len(boxes) + 1))
-                    if 0 < i <= len(boxes) and boxes[i - 1] is not None], np.int64)
+    ids = np.array(
+        [
+            i
+            for i in (cell_ids if cell_ids is not None else range(1, len(boxes) + 1))
+            if 0 < i <= len(boxes) and boxes[i - 1] is not None
+        ],
+        np.int64,
+    )
     crops = np.zeros((len(ids), image_size, image_size, image.shape[-1]), np.float32)
     for row, cell_id in enumerate(ids):
         box = boxes[cell_id - 1]
@@ -37,13 +45,18 @@ def cell_crops(image: np.ndarray, mask: np.ndarray, image_size: int,
         side = max(height, width)
         square = np.zeros((side, side, image.shape[-1]), np.float32)
         top, left = (side - height) // 2, (side - width) // 2
-        square[top:top + height, left:left + width] = crop
+        square[top : top + height, left : left + width] = crop
         crops[row] = resize_image(square, image_size)
     return ids, crops
 
 
-def frame_crops(image: np.ndarray, mask: np.ndarray, image_size: int, cell_ids: Sequence[int] | None = None,
-                resized: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def frame_crops(
+    image: np.ndarray,
+    mask: np.ndarray,
+    image_size: int,
+    cell_ids: Sequence[int] | None = None,
+    resized: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Each cell shown alone in the whole image's frame: (cell ids, float32 ``[N, S, S, C]``).
 
     The image is resized to ``image_size`` once (as for the image-level prediction) and every

@@ -7,6 +7,7 @@ multi-hot ``[19]``, ``id`` a tf.string. Layouts: compact shards (`hpa_nb.data.sh
 competition's TFRecords and PNG folder (`hpa_nb.data.competition`). Bad input raises an error naming
 the file and the ID, or, with ``skip_bad=True``, skips the image and says so on stderr.
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,8 +52,9 @@ def shard_folder(root: str | Path, channels: str, shards: str | Path | None = No
     return None
 
 
-def choose_layout(root: str | Path, channels: str, ids: Iterable[str] | None, log: SkipLog | None,
-                  shards: str | Path | None = None) -> Layout:
+def choose_layout(
+    root: str | Path, channels: str, ids: Iterable[str] | None, log: SkipLog | None, shards: str | Path | None = None
+) -> Layout:
     """The fastest layout of `root`: compact shards (`shard_folder`), then competition TFRecords, then PNGs.
 
     `shards` may also name a folder of cell tiles (`hpa_nb.data.tiles`), read the same way one record per cell."""
@@ -79,17 +81,25 @@ def describe_layout(root: str | Path, channels: str, shards: str | Path | None =
     found = shard_folder(root, channels, shards)
     if found is not None:
         shard_dir, manifest = found
-        return (f"compact shards {shard_dir} ({manifest['count']} images, {manifest['size']} px, "
-                f"{manifest['channels']}, {manifest['encoding']}) with labels checked against {Path(root) / 'train.csv'}")
+        return (
+            f"compact shards {shard_dir} ({manifest['count']} images, {manifest['size']} px, "
+            f"{manifest['channels']}, {manifest['encoding']}) with labels checked against {Path(root) / 'train.csv'}"
+        )
     files = tf.io.gfile.glob(str(Path(root) / "train_tfrecords" / TFRECORD_PATTERN))
     if files:
         return f"competition TFRecords ({len(files)} files) in {Path(root) / 'train_tfrecords'}"
     return f"PNG folder {Path(root) / 'train'}"
 
 
-def read_tfrecords(files: str | Path | Sequence[str | Path], image_size: int, channels: str = "rgb",
-                   with_id: bool = False, deterministic: bool = True, ids: Iterable[str] | None = None,
-                   skip_bad: bool | SkipLog = False) -> tf.data.Dataset:
+def read_tfrecords(
+    files: str | Path | Sequence[str | Path],
+    image_size: int,
+    channels: str = "rgb",
+    with_id: bool = False,
+    deterministic: bool = True,
+    ids: Iterable[str] | None = None,
+    skip_bad: bool | SkipLog = False,
+) -> tf.data.Dataset:
     """Competition TFRecords (one record per channel) → ``(image, label)`` or ``(image, label, id)``.
 
     `files` is a list of ``.tfrec`` files or a folder of them. Each record is decoded once; an
@@ -105,8 +115,14 @@ def read_tfrecords(files: str | Path | Sequence[str | Path], image_size: int, ch
     return read(layout, image_size, channels, with_id, deterministic, skip_log(skip_bad))
 
 
-def read_png_dir(root: str | Path, image_size: int, channels: str = "rgb", with_id: bool = False,
-                 ids: Iterable[str] | None = None, skip_bad: bool | SkipLog = False) -> tf.data.Dataset:
+def read_png_dir(
+    root: str | Path,
+    image_size: int,
+    channels: str = "rgb",
+    with_id: bool = False,
+    ids: Iterable[str] | None = None,
+    skip_bad: bool | SkipLog = False,
+) -> tf.data.Dataset:
     """``root/train.csv`` + ``root/train/{ID}_{color}.png`` → ``(image, label)`` or ``(image, label, id)``.
 
     Images come in train.csv order. A missing channel file, an ID without images or a bad
@@ -117,9 +133,16 @@ def read_png_dir(root: str | Path, image_size: int, channels: str = "rgb", with_
     return read(layout, image_size, channels, with_id, True, log)
 
 
-def open_dataset(root: str | Path, image_size: int, channels: str = "rgb", with_id: bool = False,
-                 ids: Iterable[str] | None = None, deterministic: bool = True,
-                 skip_bad: bool | SkipLog = False, shards: str | Path | None = None) -> tf.data.Dataset:
+def open_dataset(
+    root: str | Path,
+    image_size: int,
+    channels: str = "rgb",
+    with_id: bool = False,
+    ids: Iterable[str] | None = None,
+    deterministic: bool = True,
+    skip_bad: bool | SkipLog = False,
+    shards: str | Path | None = None,
+) -> tf.data.Dataset:
     """The images of a data folder through its fastest layout: shards, then TFRecords, then PNGs.
 
     Prints one line saying which layout it used. `ids` keeps only those images (for a split);
@@ -151,10 +174,12 @@ def _stateless_shuffle(elements: tf.data.Dataset, window: int, seed: tf.Tensor) 
     is what lets a stream start at any pass; over a whole pass (`window` ≥ its length) it is a
     uniform permutation.
     """
+
     def permute(window_index: tf.Tensor, batch):
         size = tf.shape(tf.nest.flatten(batch)[0])[0]
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(size), seed=tf.random.experimental.stateless_fold_in(seed, window_index))
+            tf.range(size), seed=tf.random.experimental.stateless_fold_in(seed, window_index)
+        )
         return tf.nest.map_structure(lambda values: tf.gather(values, order), batch)
 
     return elements.batch(window).enumerate().map(permute).unbatch()
@@ -163,8 +188,9 @@ def _stateless_shuffle(elements: tf.data.Dataset, window: int, seed: tf.Tensor) 
 def _label_replacer(targets: Mapping[str, np.ndarray]) -> Callable[[dict], dict]:
     """An element map giving each record that `targets` names its target instead of its stored label."""
     keys = tf.constant(list(targets), tf.string)
-    rows = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, tf.range(len(targets), dtype=tf.int64)),
-                                     -1)
+    rows = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(keys, tf.range(len(targets), dtype=tf.int64)), -1
+    )
     matrix = tf.constant(np.stack(list(targets.values())).astype(np.float32))
 
     def replace(element: dict) -> dict:
@@ -193,9 +219,16 @@ class Stream:
     trace: str | None = None  # a file: the ID of every image this worker feeds is appended to it, in order
 
 
-def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
-                     batch_size: int = 32, stream: Stream = Stream(), shards: str | Path | None = None,
-                     targets: Mapping[str, np.ndarray] | None = None) -> tf.data.Dataset:
+def training_dataset(
+    root: str | Path,
+    ids: Iterable[str] | None,
+    image_size: int,
+    channels: str = "rgb",
+    batch_size: int = 32,
+    stream: Stream = Stream(),
+    shards: str | Path | None = None,
+    targets: Mapping[str, np.ndarray] | None = None,
+) -> tf.data.Dataset:
     """An infinite, shuffled, augmented, batched dataset of ``(image, label)`` for ``model.fit``,
     images as uint8 (`to_uint8`); `stream` says how it is drawn.
 
@@ -263,12 +296,14 @@ def training_dataset(root: str | Path, ids: Iterable[str] | None, image_size: in
     else:
         # shuffle, skip to the start, and only then decode: decoding is the parallel, AUTOTUNEd map, and
         # the shuffle holds compressed records (TFRecords: decoded channels at S px, grouped in `parse`).
-        elements = passes.flat_map(lambda index: _stateless_shuffle(records(pass_seed(index)), stream.shuffle_buffer,
-                                                                    pass_seed(index)))
+        elements = passes.flat_map(
+            lambda index: _stateless_shuffle(records(pass_seed(index)), stream.shuffle_buffer, pass_seed(index))
+        )
         images = decode_stage(mine(elements.skip(offset)), layout, image_size, channel_count, deterministic, None)
     if stream.trace:
-        images = images.map(lambda image, label, image_id: (
-            image, label, _traced(image_id, stream.trace)))  # sequential: the file keeps the stream's order
+        images = images.map(
+            lambda image, label, image_id: (image, label, _traced(image_id, stream.trace))
+        )  # sequential: the file keeps the stream's order
     # augment: stateless, seeded by (seed, position in the whole stream) so a run repeats exactly, on any number of
     # workers: the j-th image of this worker sits at position start + (j // local)·B + worker_index·local + j % local.
     base_seed = tf.constant([seed, 0], tf.int64)
@@ -293,9 +328,16 @@ def _traced(image_id: tf.Tensor, path: str) -> tf.Tensor:
         return tf.identity(image_id)
 
 
-def eval_dataset(root: str | Path, ids: Iterable[str] | None, image_size: int, channels: str = "rgb",
-                 batch_size: int = 32, with_id: bool = True, cache: bool = False,
-                 shards: str | Path | None = None) -> tf.data.Dataset:
+def eval_dataset(
+    root: str | Path,
+    ids: Iterable[str] | None,
+    image_size: int,
+    channels: str = "rgb",
+    batch_size: int = 32,
+    with_id: bool = True,
+    cache: bool = False,
+    shards: str | Path | None = None,
+) -> tf.data.Dataset:
     """A finite, ordered, batched dataset of uint8 images without augmentation; the last partial batch is kept.
 
     With ``cache=True`` the decoded images are kept in memory after the first pass (S·S·C

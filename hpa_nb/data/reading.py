@@ -6,6 +6,7 @@ A `Layout` (competition TFRecords and PNG folders in `hpa_nb.data.competition`, 
 `hpa_nb.data.shards`) says where its items come from, how to parse them into elements
 ``{"id", "label", "data", "source", "problem"}``, and how to decode ``data``; `read` runs one.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,9 @@ class Layout:
     items: Callable[[], tf.data.Dataset]
     item_count: int
     parse: Callable[[tf.data.Dataset, bool, int], tf.data.Dataset]  # (items, deterministic, S) → elements
-    decode: Callable[[tf.Tensor, int], tf.Tensor]            # ("data", S) → float32 [S, S, C] 0–255
+    decode: Callable[[tf.Tensor, int], tf.Tensor]  # ("data", S) → float32 [S, S, C] 0–255
     decode_can_fail: bool
-    explain: Callable[[dict], tf.Tensor] | None = None       # element → why `decode` failed (failure path only)
+    explain: Callable[[dict], tf.Tensor] | None = None  # element → why `decode` failed (failure path only)
 
 
 def id_predicate(ids: Iterable[str] | None, exclude: Iterable[str] | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -87,10 +88,14 @@ def file_records(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
 
     def count_bytes(total: tf.Tensor, element: tuple[tf.Tensor, tf.Tensor]):
         record, is_end = element
-        total = total + tf.where(is_end, tf.constant(0, tf.int64),
-                                 tf.cast(tf.strings.length(record), tf.int64) + TFRECORD_OVERHEAD)
-        problem = tf.where(is_end & tf.not_equal(total, size),
-                           join_text("file ", path, ": truncated or corrupt after byte ", total, " of ", size), "")
+        total = total + tf.where(
+            is_end, tf.constant(0, tf.int64), tf.cast(tf.strings.length(record), tf.int64) + TFRECORD_OVERHEAD
+        )
+        problem = tf.where(
+            is_end & tf.not_equal(total, size),
+            join_text("file ", path, ": truncated or corrupt after byte ", total, " of ", size),
+            "",
+        )
         return total, (record, is_end, problem)
 
     stream = records.concatenate(end).scan(tf.constant(0, tf.int64), count_bytes)
@@ -105,13 +110,16 @@ def resize(image: tf.Tensor, image_size: int, scale: float = 1.0) -> tf.Tensor:
     are, so a full-size image is never cast to float."""
     target = [image_size, image_size]
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    resized = tf.case([(tf.equal(height, image_size) & tf.equal(width, image_size), lambda: tf.cast(image, tf.float32)),
-                       (height >= image_size, lambda: tf.image.resize(image, target, method="area"))],
-                      default=lambda: tf.image.resize(image, target, method="bilinear"))
+    resized = tf.case(
+        [
+            (tf.equal(height, image_size) & tf.equal(width, image_size), lambda: tf.cast(image, tf.float32)),
+            (height >= image_size, lambda: tf.image.resize(image, target, method="area")),
+        ],
+        default=lambda: tf.image.resize(image, target, method="bilinear"),
+    )
     if scale != 1.0:
         resized = resized / scale
     return tf.clip_by_value(resized, 0.0, 255.0)
-
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -123,6 +131,7 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
 
 def decode_resize_sized(png: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """One greyscale PNG, 8- or 16-bit → (float32 [S, S, 1] on the 0–255 scale, its decoded [height, width])."""
+
     # Decoding an 8-bit PNG as uint16 also works (×257) but costs a quarter more time, so look
     # at the IHDR bit depth (byte 24) and decode each kind natively.
     def decode(dtype: tf.DType, scale: float) -> tuple[tf.Tensor, tf.Tensor]:
@@ -142,14 +151,21 @@ def decode_png_channels(pngs: tf.Tensor, count: int, image_size: int) -> tf.Tens
     """[C] greyscale PNG strings → float32 [S, S, C]. Each is resized on its own (same result as
     resizing the stack); channels of unequal sizes fail here, for `channel_problem` to name."""
     decoded = [decode_resize_sized(pngs[i], image_size) for i in range(count)]
-    checks = [tf.debugging.assert_equal(size, decoded[0][1], message="channels of unequal sizes")
-              for _, size in decoded[1:]]
+    checks = [
+        tf.debugging.assert_equal(size, decoded[0][1], message="channels of unequal sizes") for _, size in decoded[1:]
+    ]
     with tf.control_dependencies(checks):
         return tf.concat([image for image, _ in decoded], axis=-1)
 
 
-def decode_stage(elements: tf.data.Dataset, layout: Layout, image_size: int, channel_count: int,
-                  deterministic: bool, log: SkipLog | None) -> tf.data.Dataset:
+def decode_stage(
+    elements: tf.data.Dataset,
+    layout: Layout,
+    image_size: int,
+    channel_count: int,
+    deterministic: bool,
+    log: SkipLog | None,
+) -> tf.data.Dataset:
     """{"id","label","data","problem"} → (image [S,S,C], label, id), raising or skipping on bad input."""
 
     def decode(element: dict) -> tuple:
@@ -175,16 +191,28 @@ def decode_stage(elements: tf.data.Dataset, layout: Layout, image_size: int, cha
             decoded = decoded.map(decode).ignore_errors()
             return decoded.concatenate(tf.data.Dataset.from_tensors(element).map(flag)).take(1)
 
-        images = elements.interleave(decode_or_flag, cycle_length=AUTOTUNE, block_length=1,
-                                     num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        images = elements.interleave(
+            decode_or_flag,
+            cycle_length=AUTOTUNE,
+            block_length=1,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        )
     else:
-        images = elements.map(lambda e: tf.cond(tf.equal(e["problem"], ""), lambda: decode(e), lambda: (
-            tf.zeros([image_size, image_size, channel_count]), e["label"], e["id"], e["problem"])),
-            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        images = elements.map(
+            lambda e: tf.cond(
+                tf.equal(e["problem"], ""),
+                lambda: decode(e),
+                lambda: (tf.zeros([image_size, image_size, channel_count]), e["label"], e["id"], e["problem"]),
+            ),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        )
 
     if log is not None:
         images = images.filter(lambda image, label, image_id, problem: log.keep(problem))
     else:
+
         def raise_on_problem(image, label, image_id, problem):
             with tf.control_dependencies([tf.debugging.Assert(tf.equal(problem, ""), [problem])]):
                 return tf.identity(image), label, image_id, problem
@@ -198,8 +226,9 @@ def _public(images: tf.data.Dataset, with_id: bool) -> tf.data.Dataset:
     return images if with_id else images.map(lambda image, label, image_id: (image, label))
 
 
-def read(layout: Layout, image_size: int, channels: str, with_id: bool, deterministic: bool,
-          log: SkipLog | None) -> tf.data.Dataset:
+def read(
+    layout: Layout, image_size: int, channels: str, with_id: bool, deterministic: bool, log: SkipLog | None
+) -> tf.data.Dataset:
     elements = layout.parse(layout.items(), deterministic, image_size)
     images = decode_stage(elements, layout, image_size, len(colors_of(channels)), deterministic, log)
     return _public(images, with_id)

@@ -5,6 +5,7 @@ settings it was written with) is written next to its final name, and the rename 
 commit. So a file under its final name is whole and listed, a killed run leaves only temporary
 files (removed on the next start), and a rerun skips what is finished.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def finished_files(out: Path, pattern: str, settings: dict, required: set[str]) 
     for path in sorted(out.glob(pattern)):  # renamed after its sidecar, so every one has its listing
         record = json.loads(sidecar(path).read_text())
         if not required <= set(record):
-            raise ValueError(f"{out} holds files written by an older hpa-nb ({sidecar(path).name} lacks "
-                             f"{sorted(required - set(record))}): use another --out")
+            raise ValueError(
+                f"{out} holds files written by an older hpa-nb ({sidecar(path).name} lacks "
+                f"{sorted(required - set(record))}): use another --out"
+            )
         mismatched = {key: record.get(key) for key, value in settings.items() if record.get(key) != value}
         if mismatched:
             raise ValueError(f"{out} already holds files with {mismatched}, not {settings}: use another --out")
@@ -106,11 +109,20 @@ class RollingWriter:
     unfinished temporary file, so nothing under a final name is ever partial.
     """
 
-    def __init__(self, out: Path, prefix: str, settings: dict, finished: dict[str, dict], probe: Probe,
-                 images_per_file: int | None, target_bytes: int, deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        prefix: str,
+        settings: dict,
+        finished: dict[str, dict],
+        probe: Probe,
+        images_per_file: int | None,
+        target_bytes: int,
+        deadline: float | None = None,
+    ) -> None:
         self.out, self.prefix, self.settings, self.finished, self.probe = out, prefix, settings, finished, probe
         self.images_per_file, self.target_bytes, self.deadline = images_per_file, target_bytes, deadline
-        self.index = max((int(name[len(prefix) + 1:len(prefix) + 6]) + 1 for name in finished), default=0)
+        self.index = max((int(name[len(prefix) + 1 : len(prefix) + 6]) + 1 for name in finished), default=0)
         self.done_bytes = sum(record["bytes"] for record in finished.values())  # by earlier runs
         self.images = self.bytes = 0  # written by this run
         self.stopped_at_deadline = False

@@ -4,6 +4,7 @@ all channels resized once, about 150 MB a shard, listed by ``manifest.json``.
 `write_shards` writes them (restartable: a shard is renamed into place only when whole),
 `shard_layout` reads them back, and `read_manifest` checks a folder before anything is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,13 +69,20 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return record_files.read_listing(Path(shard_dir) / MANIFEST, SHARD_FORMAT, "compact shards")
 
 
-_SHARD_FEATURES = {"id": tf.io.FixedLenFeature([], tf.string, default_value=""),
-                   "label": tf.io.FixedLenFeature([N_CLASSES], tf.float32, default_value=[0.0] * N_CLASSES),
-                   "image": tf.io.FixedLenFeature([], tf.string, default_value="")}
+_SHARD_FEATURES = {
+    "id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "label": tf.io.FixedLenFeature([N_CLASSES], tf.float32, default_value=[0.0] * N_CLASSES),
+    "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+}
 
 
-def shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids: Iterable[str] | None,
-                  exclude: Iterable[str] | None = None) -> Layout:
+def shard_layout(
+    shard_dir: Path,
+    manifest: dict,
+    colors: tuple[str, ...],
+    ids: Iterable[str] | None,
+    exclude: Iterable[str] | None = None,
+) -> Layout:
     """The shards of `shard_dir`, read through its `manifest`, which `choose_layout` found to hold `colors`."""
     stored = colors_of(manifest["channels"])
     size, stored_count, encoding = int(manifest["size"]), len(stored), manifest["encoding"]
@@ -86,15 +94,26 @@ def shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids: 
         features = tf.io.parse_single_example(record, _SHARD_FEATURES)  # a problem's empty record gives defaults
         image_id, image, label = features["id"], features["image"], features["label"]
         raw_ok = tf.equal(tf.strings.length(image), size * size * stored_count) | tf.constant(encoding != "raw")
-        return {"id": image_id, "label": label, "data": image, "source": path, "problem": first_problem([
-            (tf.not_equal(problem, ""), problem),
-            (tf.logical_not(raw_ok), join_text("file ", path, ": image ", image_id, ": wrong image size")),
-        ])}
+        return {
+            "id": image_id,
+            "label": label,
+            "data": image,
+            "source": path,
+            "problem": first_problem(
+                [
+                    (tf.not_equal(problem, ""), problem),
+                    (tf.logical_not(raw_ok), join_text("file ", path, ": image ", image_id, ": wrong image size")),
+                ]
+            ),
+        }
 
     def parse(items: tf.data.Dataset, deterministic: bool, image_size: int) -> tf.data.Dataset:
-        records = items.interleave(file_records,
-                                   cycle_length=files_at_once(len(files), deterministic), num_parallel_calls=AUTOTUNE,
-                                   deterministic=deterministic)
+        records = items.interleave(
+            file_records,
+            cycle_length=files_at_once(len(files), deterministic),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        )
         elements = records.map(element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         return elements.filter(lambda e: tf.not_equal(e["problem"], "") | wanted(e["id"]))
 
@@ -107,10 +126,15 @@ def shard_layout(shard_dir: Path, manifest: dict, colors: tuple[str, ...], ids: 
         return resize(image[..., : len(colors)], image_size)
 
     decoders = {"raw": decode_raw, "png": decode_png}
-    return Layout("shards", f"compact shards {shard_dir} ({manifest['count']} images, {size} px, "
-                             f"{manifest['channels']}, {encoding})",
-                   lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
-                   len(files), parse, decoders[encoding], encoding != "raw")
+    return Layout(
+        "shards",
+        f"compact shards {shard_dir} ({manifest['count']} images, {size} px, {manifest['channels']}, {encoding})",
+        lambda: tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64))),
+        len(files),
+        parse,
+        decoders[encoding],
+        encoding != "raw",
+    )
 
 
 def pair(shard_dir: Path, manifest: dict, frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
@@ -126,25 +150,36 @@ def pair(shard_dir: Path, manifest: dict, frame: pd.DataFrame, source: str | Pat
     if any("ids" not in entry for entry in entries):
         raise ValueError(f"{where} lists no image IDs (written by an older hpa-nb): write the shards again")
     if not manifest.get("complete", True):
-        raise ValueError(f"{where}: the shards are incomplete ({manifest['count']} images; their prepare run "
-                         "stopped at its deadline): run 00_prepare again with RESUME_FROM to finish them")
+        raise ValueError(
+            f"{where}: the shards are incomplete ({manifest['count']} images; their prepare run "
+            "stopped at its deadline): run 00_prepare again with RESUME_FROM to finish them"
+        )
     held = {image_id: label for entry in entries for image_id, label in zip(entry["ids"], entry["labels"])}
     truth = {image_id: _label_text(parse_label(text, image_id)) for image_id, text in zip(frame["ID"], frame["Label"])}
     extra = sorted(set(held) - set(truth))
     if extra:
-        raise ValueError(f"{where}: the shards hold {len(extra)} images that {source}/train.csv lacks (e.g. "
-                         f"{extra[0]}): they were written from other data")
+        raise ValueError(
+            f"{where}: the shards hold {len(extra)} images that {source}/train.csv lacks (e.g. "
+            f"{extra[0]}): they were written from other data"
+        )
     for image_id, label in held.items():
         if truth[image_id] != label:
-            raise ValueError(f"{where}: image {image_id} has label '{label}' in the shards but "
-                             f"'{truth[image_id]}' in {source}/train.csv: they were written from other data")
+            raise ValueError(
+                f"{where}: image {image_id} has label '{label}' in the shards but "
+                f"'{truth[image_id]}' in {source}/train.csv: they were written from other data"
+            )
     missing = sorted(set(truth) - set(held))
     if len(missing) > manifest.get("skipped", 0):
-        raise ValueError(f"{where}: {len(missing)} of the {len(truth)} images in {source}/train.csv are not in "
-                         f"the shards (e.g. {missing[0]}): write the shards again from {source}")
+        raise ValueError(
+            f"{where}: {len(missing)} of the {len(truth)} images in {source}/train.csv are not in "
+            f"the shards (e.g. {missing[0]}): write the shards again from {source}"
+        )
     if missing:
-        print(f"warning: {len(missing)} images of train.csv were skipped as bad when the shards were written "
-              f"(e.g. {missing[0]}); training leaves them out", file=sys.stderr)
+        print(
+            f"warning: {len(missing)} images of train.csv were skipped as bad when the shards were written "
+            f"(e.g. {missing[0]}); training leaves them out",
+            file=sys.stderr,
+        )
     return frame[frame["ID"].isin(held)].reset_index(drop=True)
 
 
@@ -163,16 +198,20 @@ def _label_text(label: np.ndarray) -> str:
 
 def _shard_example(image: np.ndarray, label: np.ndarray, image_id: bytes, encoding: str) -> bytes:
     data = image.tobytes() if encoding == "raw" else tf.io.encode_png(image).numpy()
-    feature = {"id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id])),
-               "label": tf.train.Feature(float_list=tf.train.FloatList(value=label.tolist())),
-               "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))}
+    feature = {
+        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id])),
+        "label": tf.train.Feature(float_list=tf.train.FloatList(value=label.tolist())),
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+    }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 ShardBudgetError = DiskBudgetError  # the shards would not fit in the disk budget (/kaggle/working holds 20 GB)
 
 
-def _source_layout(src: Path, colors: tuple[str, ...], log: SkipLog | None, exclude: list[str]) -> tuple[Layout, int | None]:
+def _source_layout(
+    src: Path, colors: tuple[str, ...], log: SkipLog | None, exclude: list[str]
+) -> tuple[Layout, int | None]:
     """The layout to shard from, and how many images it holds in all (None when unknown).
 
     PNGs first: the image list is known up front (a true progress total) and only the wanted
@@ -187,9 +226,18 @@ def _source_layout(src: Path, colors: tuple[str, ...], log: SkipLog | None, excl
     return tfrecord_layout(records, colors, None, exclude), expected
 
 
-def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512, channels: str = "rgby",
-                 encoding: str = "raw", images_per_shard: int | None = None, skip_bad: bool | SkipLog = False,
-                 progress: bool = True, max_gb: float | None = None, deadline: float | None = None) -> dict:
+def write_shards(
+    src: str | Path,
+    out: str | Path | None = None,
+    size: int = 512,
+    channels: str = "rgby",
+    encoding: str = "raw",
+    images_per_shard: int | None = None,
+    skip_bad: bool | SkipLog = False,
+    progress: bool = True,
+    max_gb: float | None = None,
+    deadline: float | None = None,
+) -> dict:
     """Write compact training shards: one record per image, all channels resized once, uint8.
 
     `out` defaults to ``src/shards`` (where `open_dataset` looks). Shards hold about 150 MB
@@ -221,14 +269,22 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
     print(f"shard: reading {layout.description}; {len(done_ids)} images already in {len(finished)} shards")
     per_shard = images_per_shard or max(1, SHARD_TARGET_BYTES // (size * size * len(colors)))
     images = read(layout, size, channels, True, True, log)
-    images = images.map(lambda image, label, image_id: (to_uint8(image), label, image_id),
-                        num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
-    probe = Probe(f"shards of {src}", expected, len(done_ids), None if deadline is None else (deadline - time.time()) / 3600,
-                  max_gb)
-    bar = tqdm(total=None if expected is None else expected - len(done_ids), unit="img", desc="shard",
-               disable=not progress)
-    with record_files.RollingWriter(out, "shard", settings, finished, probe, per_shard, SHARD_TARGET_BYTES,
-                                    deadline) as writer:
+    images = images.map(
+        lambda image, label, image_id: (to_uint8(image), label, image_id), num_parallel_calls=AUTOTUNE
+    ).prefetch(AUTOTUNE)
+    probe = Probe(
+        f"shards of {src}",
+        expected,
+        len(done_ids),
+        None if deadline is None else (deadline - time.time()) / 3600,
+        max_gb,
+    )
+    bar = tqdm(
+        total=None if expected is None else expected - len(done_ids), unit="img", desc="shard", disable=not progress
+    )
+    with record_files.RollingWriter(
+        out, "shard", settings, finished, probe, per_shard, SHARD_TARGET_BYTES, deadline
+    ) as writer:
         try:
             for image, label, image_id in images.as_numpy_iterator():
                 bar.update(1)
@@ -237,18 +293,39 @@ def write_shards(src: str | Path, out: str | Path | None = None, size: int = 512
                     break
         finally:
             bar.close()
-    manifest = _manifest(finished, settings, src, complete=not writer.stopped_at_deadline,
-                         skipped=log.count if log else 0)
-    return record_files.finish(manifest_path(out), manifest,
-                               f"shard: stopped at the deadline with {manifest['count']} images in {len(finished)} "
-                               "shards; run again (adopting these shards) to go on")
+    manifest = _manifest(
+        finished, settings, src, complete=not writer.stopped_at_deadline, skipped=log.count if log else 0
+    )
+    return record_files.finish(
+        manifest_path(out),
+        manifest,
+        f"shard: stopped at the deadline with {manifest['count']} images in {len(finished)} "
+        "shards; run again (adopting these shards) to go on",
+    )
 
 
 def _manifest(finished: dict[str, dict], settings: dict, src: Path, complete: bool, skipped: int) -> dict:
-    shards = [{"file": name, "count": len(record["ids"]), "bytes": record["bytes"], "ids": record["ids"],
-               "labels": record["labels"]} for name, record in sorted(finished.items())]
+    shards = [
+        {
+            "file": name,
+            "count": len(record["ids"]),
+            "bytes": record["bytes"],
+            "ids": record["ids"],
+            "labels": record["labels"],
+        }
+        for name, record in sorted(finished.items())
+    ]
     count = sum(entry["count"] for entry in shards)
     total_bytes = sum(entry["bytes"] for entry in shards)
-    return {"format": SHARD_FORMAT, "version": MANIFEST_VERSION, **settings, "count": count, "bytes": total_bytes,
-            "bytes_per_image": round(total_bytes / count) if count else None, "complete": complete,
-            "shards": shards, "source": str(src), "skipped": skipped}
+    return {
+        "format": SHARD_FORMAT,
+        "version": MANIFEST_VERSION,
+        **settings,
+        "count": count,
+        "bytes": total_bytes,
+        "bytes_per_image": round(total_bytes / count) if count else None,
+        "complete": complete,
+        "shards": shards,
+        "source": str(src),
+        "skipped": skipped,
+    }

@@ -1,5 +1,6 @@
 """Multi-label stratified splits of image IDs: a train/validation split (`split`), K folds (`folds`), and the
 held-out part a run validates on (`holdout`), which keeps images of extra data sources on the training side."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -49,7 +50,9 @@ def _checked(ids: Sequence[str], labels_matrix: np.ndarray) -> tuple[list[str], 
     return ids, matrix
 
 
-def split(ids: Sequence[str], labels_matrix: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+def split(
+    ids: Sequence[str], labels_matrix: np.ndarray, val_fraction: float, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """A deterministic multi-label stratified split: ``(train_ids, val_ids)`` in input order."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
@@ -69,8 +72,15 @@ def folds(ids: Sequence[str], labels_matrix: np.ndarray, k: int, seed: int = 0) 
     return [[i for i, s in zip(ids, side) if s == fold] for fold in range(k)]
 
 
-def holdout(ids: Sequence[str], labels_matrix: np.ndarray, val_fraction: float, seed: int, n_folds: int | None = None,
-            fold: int = 0, train_only: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+def holdout(
+    ids: Sequence[str],
+    labels_matrix: np.ndarray,
+    val_fraction: float,
+    seed: int,
+    n_folds: int | None = None,
+    fold: int = 0,
+    train_only: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
     """``(train_ids, val_ids)`` of one run: with `n_folds`, fold `fold` of `folds` held out and the others trained on;
     else `split`. IDs in `train_only` (extra data sources) are never held out: they are left out of the drawing,
     which is the same as without them, and go to the training side."""

@@ -14,6 +14,7 @@ whole), `read_tiles` reads them back through the data layer's shard reader, and 
 the tiles of a set of images (a split is made over images, so no cell of a validation image is
 trained on).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,8 +85,9 @@ def cut_tiles(image: np.ndarray, mask: np.ndarray, image_id: str, size: int) -> 
 
     ids, crops = cell_crops(image, mask, size, cell_ids_of(mask))
     boxes = ndimage.find_objects(mask.astype(np.int32))
-    box_rows = np.array([[b[0].start, b[1].start, b[0].stop, b[1].stop] for b in (boxes[i - 1] for i in ids)],
-                        np.int64).reshape(-1, 4)
+    box_rows = np.array(
+        [[b[0].start, b[1].start, b[0].stop, b[1].stop] for b in (boxes[i - 1] for i in ids)], np.int64
+    ).reshape(-1, 4)
     areas, border = cell_extent(mask, ids)
     uint8 = np.clip(np.rint(crops), 0, 255).astype(np.uint8)
     return ImageTiles(image_id, ids, uint8, box_rows, (areas / mask.size).astype(np.float32), border)
@@ -102,8 +104,9 @@ def _example(tiles: ImageTiles, row: int, label: np.ndarray, encoding: str = "ra
         "image_id": feature("bytes", [tiles.image_id.encode()]),
         "cell_id": feature("int64", [cell_id]),
         "label": feature("float", label.tolist()),
-        "image": feature("bytes", [tiles.crops[row].tobytes() if encoding == "raw"
-                                   else tf.io.encode_png(tiles.crops[row]).numpy()]),
+        "image": feature(
+            "bytes", [tiles.crops[row].tobytes() if encoding == "raw" else tf.io.encode_png(tiles.crops[row]).numpy()]
+        ),
         "box": feature("int64", tiles.boxes[row].tolist()),
         "area_fraction": feature("float", [float(tiles.area_fractions[row])]),
         "border": feature("int64", [int(tiles.border[row])]),
@@ -111,20 +114,30 @@ def _example(tiles: ImageTiles, row: int, label: np.ndarray, encoding: str = "ra
     return tf.train.Example(features=tf.train.Features(feature=feature_map)).SerializeToString(deterministic=True)
 
 
-def _mask(src: Path, image_id: str, pixels: dict, segmentation: str, settings: ClassicalSettings,
-          method_options: dict) -> np.ndarray:
+def _mask(
+    src: Path, image_id: str, pixels: dict, segmentation: str, settings: ClassicalSettings, method_options: dict
+) -> np.ndarray:
     if segmentation == "masks":
         mask = read_mask(src, image_id)
         if mask.shape != pixels["red"].shape:
-            raise ValueError(f"image {image_id}: mask {src / 'masks' / (image_id + '.png')} is "
-                             f"{mask.shape[1]}×{mask.shape[0]} px, the image {pixels['red'].shape[1]}×"
-                             f"{pixels['red'].shape[0]} px")
+            raise ValueError(
+                f"image {image_id}: mask {src / 'masks' / (image_id + '.png')} is "
+                f"{mask.shape[1]}×{mask.shape[0]} px, the image {pixels['red'].shape[1]}×"
+                f"{pixels['red'].shape[0]} px"
+            )
         return mask
     return segment(pixels["red"], pixels["blue"], pixels["yellow"], segmentation, settings, **method_options)
 
 
-def _image_tiles(src: Path, image_id: str, size: int, channels: str, segmentation: str,
-                 settings: ClassicalSettings, method_options: dict) -> ImageTiles:
+def _image_tiles(
+    src: Path,
+    image_id: str,
+    size: int,
+    channels: str,
+    segmentation: str,
+    settings: ClassicalSettings,
+    method_options: dict,
+) -> ImageTiles:
     """Read, segment and cut one training image; bad input raises ValueError naming the file or ID."""
     folder = src / "train"
     colors = colors_needed(channels)
@@ -138,8 +151,16 @@ def _image_tiles(src: Path, image_id: str, size: int, channels: str, segmentatio
     return cut_tiles(stack_channels(pixels, channels), mask, image_id, size)
 
 
-def _image_record(src: Path, size: int, channels: str, segmentation: str, settings: ClassicalSettings,
-                  method_options: dict, encoding: str, item: tuple[str, str]) -> tuple[list[bytes], dict] | Exception:
+def _image_record(
+    src: Path,
+    size: int,
+    channels: str,
+    segmentation: str,
+    settings: ClassicalSettings,
+    method_options: dict,
+    encoding: str,
+    item: tuple[str, str],
+) -> tuple[list[bytes], dict] | Exception:
     """One image's tile records and listing entry (in a worker process); a bad image's error, returned to be raised
     or counted where one process would have."""
     image_id, label_text = item
@@ -152,11 +173,22 @@ def _image_record(src: Path, size: int, channels: str, segmentation: str, settin
     return examples, {"ids": image_id, "labels": label_text, "cell_ids": tiles.cell_ids.tolist()}
 
 
-def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128, channels: str = "rgby",
-                segmentation: str = "classical", images_per_file: int | None = None,
-                skip_bad: bool | SkipLog = False, progress: bool = True, deadline: float | None = None,
-                max_gb: float | None = None, encoding: str = "raw", settings: ClassicalSettings = ClassicalSettings(),
-                workers: int | None = None, **method_options) -> dict:
+def write_tiles(
+    src: str | Path,
+    out: str | Path | None = None,
+    size: int = 128,
+    channels: str = "rgby",
+    segmentation: str = "classical",
+    images_per_file: int | None = None,
+    skip_bad: bool | SkipLog = False,
+    progress: bool = True,
+    deadline: float | None = None,
+    max_gb: float | None = None,
+    encoding: str = "raw",
+    settings: ClassicalSettings = ClassicalSettings(),
+    workers: int | None = None,
+    **method_options,
+) -> dict:
     """Write one record per cell of every image in ``src/train.csv`` (PNGs in ``src/train/``).
 
     `out` defaults to ``src/tiles``. Cells come from `segmentation` (`SEGMENTATIONS`; ``"masks"``
@@ -192,17 +224,26 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
     finished = records.finished_files(out, TILE_GLOB, file_settings, {"ids", "labels", "cell_ids", "bytes"})
     done = {image_id for record in finished.values() for image_id in record["ids"]}
     todo = [(i, t) for i, t in zip(frame["ID"], frame["Label"]) if i not in done]
-    print(f"tiles: {len(todo)} images of {src / 'train.csv'} to cut ({segmentation} cells, {size} px, {channels}); "
-          f"{len(done)} already in {len(finished)} files", file=sys.stderr)
+    print(
+        f"tiles: {len(todo)} images of {src / 'train.csv'} to cut ({segmentation} cells, {size} px, {channels}); "
+        f"{len(done)} already in {len(finished)} files",
+        file=sys.stderr,
+    )
     if on_accelerator(segmentation, method_options):
         workers = 1
     work = functools.partial(_image_record, src, size, channels, segmentation, settings, method_options, encoding)
     with Workers(workers, preload=[__name__]) as pool:
-        probe = Probe(f"tiles of {src} ({pool.count} worker{'s' if pool.count > 1 else ''})", len(frame), len(done),
-                      None if deadline is None else (deadline - time.time()) / 3600, max_gb)
+        probe = Probe(
+            f"tiles of {src} ({pool.count} worker{'s' if pool.count > 1 else ''})",
+            len(frame),
+            len(done),
+            None if deadline is None else (deadline - time.time()) / 3600,
+            max_gb,
+        )
         bar = tqdm(total=len(todo), unit="img", desc="tiles", disable=not progress, file=sys.stderr)
-        with records.RollingWriter(out, "tiles", file_settings, finished, probe, images_per_file, TARGET_BYTES,
-                                   deadline) as writer:
+        with records.RollingWriter(
+            out, "tiles", file_settings, finished, probe, images_per_file, TARGET_BYTES, deadline
+        ) as writer:
             try:
                 for outcome in pool.map(work, todo, describe=lambda item: f"image {item[0]}"):
                     bar.update(1)
@@ -216,18 +257,39 @@ def write_tiles(src: str | Path, out: str | Path | None = None, size: int = 128,
             finally:
                 bar.close()
     manifest = _manifest(finished, file_settings, src, not writer.stopped_at_deadline, log.count if log else 0)
-    return records.finish(manifest_path(out), manifest,
-                          f"tiles: stopped at the deadline with {manifest['images']} images in {len(finished)} files; "
-                          "run again (adopting these files, `adopt_tiles`) to go on")
+    return records.finish(
+        manifest_path(out),
+        manifest,
+        f"tiles: stopped at the deadline with {manifest['images']} images in {len(finished)} files; "
+        "run again (adopting these files, `adopt_tiles`) to go on",
+    )
 
 
 def _manifest(finished: dict[str, dict], settings: dict, src: Path, complete: bool, skipped: int) -> dict:
-    files = [{"file": name, "images": len(record["ids"]), "count": sum(map(len, record["cell_ids"])),
-              "bytes": record["bytes"], "ids": record["ids"], "labels": record["labels"],
-              "cell_ids": record["cell_ids"]} for name, record in sorted(finished.items())]
-    return {"format": TILE_FORMAT, "version": 1, **settings, "images": sum(f["images"] for f in files),
-            "count": sum(f["count"] for f in files), "bytes": sum(f["bytes"] for f in files), "complete": complete,
-            "skipped": skipped, "source": str(src), "files": files}
+    files = [
+        {
+            "file": name,
+            "images": len(record["ids"]),
+            "count": sum(map(len, record["cell_ids"])),
+            "bytes": record["bytes"],
+            "ids": record["ids"],
+            "labels": record["labels"],
+            "cell_ids": record["cell_ids"],
+        }
+        for name, record in sorted(finished.items())
+    ]
+    return {
+        "format": TILE_FORMAT,
+        "version": 1,
+        **settings,
+        "images": sum(f["images"] for f in files),
+        "count": sum(f["count"] for f in files),
+        "bytes": sum(f["bytes"] for f in files),
+        "complete": complete,
+        "skipped": skipped,
+        "source": str(src),
+        "files": files,
+    }
 
 
 def adopt_tiles(previous: str | Path, out: str | Path) -> int:
@@ -247,9 +309,13 @@ def is_tile_folder(folder: str | Path) -> bool:
 def tile_keys(manifest: dict, image_ids: Iterable[str] | None = None) -> list[str]:
     """The record IDs of the tiles of `image_ids` (all images when None), in listing order."""
     wanted = None if image_ids is None else set(image_ids)
-    return [tile_key(image_id, cell_id) for entry in manifest["files"]
-            for image_id, cells in zip(entry["ids"], entry["cell_ids"])
-            if wanted is None or image_id in wanted for cell_id in cells]
+    return [
+        tile_key(image_id, cell_id)
+        for entry in manifest["files"]
+        for image_id, cells in zip(entry["ids"], entry["cell_ids"])
+        if wanted is None or image_id in wanted
+        for cell_id in cells
+    ]
 
 
 def image_labels(manifest: dict) -> dict[str, str]:
@@ -264,13 +330,23 @@ def tile_layout(tile_dir: Path, manifest: dict, colors: tuple[str, ...], keys: I
         raise ValueError(f"{Path(tile_dir) / MANIFEST}: the tiles hold {manifest['channels']}, not {'+'.join(colors)}")
     as_shards = {**manifest, "shards": manifest["files"]}
     layout = shard_layout(Path(tile_dir), as_shards, colors, keys)
-    return dataclasses.replace(layout, kind="tiles", description=(
-        f"cell tiles {tile_dir} ({manifest['count']} cells of {manifest['images']} images, {manifest['size']} px, "
-        f"{manifest['channels']}, {manifest['segmentation']} cells)"))
+    return dataclasses.replace(
+        layout,
+        kind="tiles",
+        description=(
+            f"cell tiles {tile_dir} ({manifest['count']} cells of {manifest['images']} images, {manifest['size']} px, "
+            f"{manifest['channels']}, {manifest['segmentation']} cells)"
+        ),
+    )
 
 
-def read_tiles(tile_dir: str | Path, image_size: int | None = None, channels: str | None = None,
-               image_ids: Iterable[str] | None = None, with_id: bool = True):
+def read_tiles(
+    tile_dir: str | Path,
+    image_size: int | None = None,
+    channels: str | None = None,
+    image_ids: Iterable[str] | None = None,
+    with_id: bool = True,
+):
     """The tiles as a tf.data dataset of ``(image, label, tile key)`` (image float32 on the 0–255 scale
     at `image_size`, default the tiles' size), keeping the cells of `image_ids` (all when None)."""
     manifest = read_manifest(tile_dir)
@@ -280,31 +356,44 @@ def read_tiles(tile_dir: str | Path, image_size: int | None = None, channels: st
     return read(layout, image_size or int(manifest["size"]), channels, with_id, True, None)
 
 
-
-
-
 def load_tiles(tile_dir: str | Path, count: int | None = None, image_ids: Iterable[str] | None = None):
     """The first `count` tiles (of `image_ids`, all when None) as numpy: (uint8 crops ``[N, S, S, C]``, a
     pandas DataFrame with each tile's key, image ID, cell ID, label text, box, area fraction and border flag)."""
 
     manifest = read_manifest(tile_dir)
     size, depth = int(manifest["size"]), len(manifest["channels"])
-    spec = {"id": tf.io.FixedLenFeature([], tf.string), "image_id": tf.io.FixedLenFeature([], tf.string),
-            "cell_id": tf.io.FixedLenFeature([], tf.int64), "label": tf.io.FixedLenFeature([N_CLASSES], tf.float32),
-            "image": tf.io.FixedLenFeature([], tf.string), "box": tf.io.FixedLenFeature([4], tf.int64),
-            "area_fraction": tf.io.FixedLenFeature([], tf.float32), "border": tf.io.FixedLenFeature([], tf.int64)}
+    spec = {
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "image_id": tf.io.FixedLenFeature([], tf.string),
+        "cell_id": tf.io.FixedLenFeature([], tf.int64),
+        "label": tf.io.FixedLenFeature([N_CLASSES], tf.float32),
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "box": tf.io.FixedLenFeature([4], tf.int64),
+        "area_fraction": tf.io.FixedLenFeature([], tf.float32),
+        "border": tf.io.FixedLenFeature([], tf.int64),
+    }
     files = [str(Path(tile_dir) / entry["file"]) for entry in manifest["files"]]
     wanted = None if image_ids is None else set(image_ids)
     crops, rows = [], []
     for record in tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec)).as_numpy_iterator():
         if wanted is not None and record["image_id"].decode() not in wanted:
             continue
-        crops.append(np.frombuffer(record["image"], np.uint8).reshape(size, size, depth) if manifest["encoding"] == "raw"
-                     else tf.io.decode_png(record["image"], channels=depth).numpy())
-        rows.append({"key": record["id"].decode(), "image_id": record["image_id"].decode(),
-                     "cell_id": int(record["cell_id"]), "label": "|".join(map(str, np.flatnonzero(record["label"]))),
-                     "box": tuple(int(v) for v in record["box"]), "area_fraction": float(record["area_fraction"]),
-                     "border": bool(record["border"])})
+        crops.append(
+            np.frombuffer(record["image"], np.uint8).reshape(size, size, depth)
+            if manifest["encoding"] == "raw"
+            else tf.io.decode_png(record["image"], channels=depth).numpy()
+        )
+        rows.append(
+            {
+                "key": record["id"].decode(),
+                "image_id": record["image_id"].decode(),
+                "cell_id": int(record["cell_id"]),
+                "label": "|".join(map(str, np.flatnonzero(record["label"]))),
+                "box": tuple(int(v) for v in record["box"]),
+                "area_fraction": float(record["area_fraction"]),
+                "border": bool(record["border"]),
+            }
+        )
         if count is not None and len(rows) == count:
             break
     return (np.stack(crops) if crops else np.zeros((0, size, size, depth), np.uint8)), pd.DataFrame(rows)

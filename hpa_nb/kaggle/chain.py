@@ -8,6 +8,7 @@ So the driver can run again at any moment, from any machine: it pushes a kernel 
 the kernel has no running or finished version. The one local file, the version numbers Kaggle gave the pushes
 (`CACHE`), is for display and for `--submit`, never for deciding.
 """
+
 from __future__ import annotations
 
 import collections
@@ -66,7 +67,7 @@ class Step:
 
     @property
     def kind(self) -> str | None:
-        """"tpu", "gpu", or None for a CPU: the accelerator sessions it counts against."""
+        """ "tpu", "gpu", or None for a CPU: the accelerator sessions it counts against."""
         return MACHINES.get(self.accelerator or "")
 
 
@@ -187,8 +188,20 @@ class Kaggle:
         if marker is None:
             return {}
         with tempfile.TemporaryDirectory(prefix="hpa-chain-") as folder:
-            code, text = kaggle.ask_kaggle(["kernels", "output", self.ref(step), "-p", folder, "-o", "-q",
-                                            "--file-pattern", f"^{re.escape(marker)}$"], self.environ)
+            code, text = kaggle.ask_kaggle(
+                [
+                    "kernels",
+                    "output",
+                    self.ref(step),
+                    "-p",
+                    folder,
+                    "-o",
+                    "-q",
+                    "--file-pattern",
+                    f"^{re.escape(marker)}$",
+                ],
+                self.environ,
+            )
             if code != 0:
                 raise ValueError(f"`kaggle kernels output {self.ref(step)}` failed: {_last_line(text)}")
             path = Path(folder) / marker
@@ -211,14 +224,30 @@ class Kaggle:
         projected = (float(projections[-1][0]) * SECONDS[projections[-1][1]] / 3600) if projections else None
         return (None if seconds is None else seconds / 3600), projected, [line for line in lines if line.strip()][-3:]
 
-    def push(self, step: Step, chain: Sequence[Step], resume: bool, push_dir: Path | None = None,
-             notebooks_dir: Path | None = None) -> int | None:
+    def push(
+        self,
+        step: Step,
+        chain: Sequence[Step],
+        resume: bool,
+        push_dir: Path | None = None,
+        notebooks_dir: Path | None = None,
+    ) -> int | None:
         """Push `step` with exactly the inputs its row names (and its own output, to resume); its version."""
         shards = [self.ref(producer) for producer, via in inputs(step, chain) if via == "shards"]
         attach = [self.ref(producer) for producer, via in inputs(step, chain) if via != "shards"]
-        folder = kaggle.bundle(step.name, self.username, self.environ, push_dir, notebooks_dir,
-                               resume_from=self.ref(step) if resume else None, shards=shards[0] if shards else None,
-                               attach=attach, fold=step.fold, table_sources=False, accelerator=step.accelerator)
+        folder = kaggle.bundle(
+            step.name,
+            self.username,
+            self.environ,
+            push_dir,
+            notebooks_dir,
+            resume_from=self.ref(step) if resume else None,
+            shards=shards[0] if shards else None,
+            attach=attach,
+            fold=step.fold,
+            table_sources=False,
+            accelerator=step.accelerator,
+        )
         version = kaggle.send(folder, self.environ)
         self.remember(step, version)
         return version
@@ -232,20 +261,22 @@ def read_state(step: Step, source: Kaggle, versions: Mapping[str, int] | None = 
     if status in ("COMPLETE", "ERROR"):
         marker = source.marker(step)
         state.marker_missing = marker is None
-        state.unfinished = marker is not None and (marker.get("complete") is False
-                                                   or marker.get("stopped_at_deadline") is True)
+        state.unfinished = marker is not None and (
+            marker.get("complete") is False or marker.get("stopped_at_deadline") is True
+        )
     if status is not None:
         state.hours_used, state.projected, state.log_tail = source.log(step)
     return state
 
 
-def read_states(chain: Sequence[Step], source: Kaggle, known: Mapping[Step, State] | None = None
-                ) -> dict[Step, State]:
+def read_states(chain: Sequence[Step], source: Kaggle, known: Mapping[Step, State] | None = None) -> dict[Step, State]:
     """Every kernel's state. One `known` done by an earlier pass of this driver, which never pushes a done kernel
     again, is not asked about again: a long wait polls only the kernels still to finish."""
     versions, known = source.versions(), known or {}
-    return {step: known[step] if step in known and known[step].done else read_state(step, source, versions)
-            for step in chain}
+    return {
+        step: known[step] if step in known and known[step].done else read_state(step, source, versions)
+        for step in chain
+    }
 
 
 # --- plan ---------------------------------------------------------------------------------------------------------
@@ -258,15 +289,19 @@ def hours(step: Step, states: Mapping[Step, State] | None = None) -> tuple[float
     return settings.hours, "README, measured" if settings.basis == "measured" else "README, est."
 
 
-def schedule(chain: Sequence[Step], sessions: int = 1,
-             hours_of: Callable[[Step], float] | None = None) -> dict[Step, tuple[float, float]]:
+def schedule(
+    chain: Sequence[Step], sessions: int = 1, hours_of: Callable[[Step], float] | None = None
+) -> dict[Step, tuple[float, float]]:
     """Each kernel's (start, end) in hours from now if every kernel starts as soon as its inputs are done, with at
     most `sessions` accelerated kernels of one kind (TPU, GPU) at a time: the wall clock is the latest end."""
     hours_of = hours_of or (lambda step: hours(step)[0])
     times: dict[Step, tuple[float, float]] = {}
     while len(times) < len(chain):
-        ready = [(max((times[p][1] for p, _ in inputs(step, chain)), default=0.0), step) for step in chain
-                 if step not in times and all(p in times for p, _ in inputs(step, chain))]
+        ready = [
+            (max((times[p][1] for p, _ in inputs(step, chain)), default=0.0), step)
+            for step in chain
+            if step not in times and all(p in times for p, _ in inputs(step, chain))
+        ]
         start, step = min(ready, key=lambda item: (item[0], chain.index(item[1])))
         if step.kind:  # wait for a session of its kind to end while `sessions` are busy then
             ends = sorted(end for other, (begin, end) in times.items() if other.kind == step.kind and end > start)
@@ -282,7 +317,9 @@ def critical_path(chain: Sequence[Step], times: Mapping[Step, tuple[float, float
     path = [step]
     while True:
         start = times[step][0]
-        before = [p for p, _ in inputs(step, chain)] + [other for other in chain if step.kind and other.kind == step.kind]
+        before = [p for p, _ in inputs(step, chain)] + [
+            other for other in chain if step.kind and other.kind == step.kind
+        ]
         waited = [p for p in before if p is not step and abs(times[p][1] - start) < 1e-9]
         if not waited or start == 0:
             return path[::-1]
@@ -290,13 +327,18 @@ def critical_path(chain: Sequence[Step], times: Mapping[Step, tuple[float, float
         path.append(step)
 
 
-def plan_text(chain: Sequence[Step], states: Mapping[Step, State] | None = None, sessions: int = 1,
-              note: str = "") -> str:
+def plan_text(
+    chain: Sequence[Step], states: Mapping[Step, State] | None = None, sessions: int = 1, note: str = ""
+) -> str:
     """The plan `chain plan` prints: each kernel, what runs side by side, the critical path, the week's TPU hours."""
     rows = [("kernel", "accelerator", "inputs", "hours", "basis")]
     for step in chain:
-        reads = ", ".join(producer.label + (f" ({via})" if via == "shards" else "")
-                          for producer, via in inputs(step, chain)) or "the competition"
+        reads = (
+            ", ".join(
+                producer.label + (f" ({via})" if via == "shards" else "") for producer, via in inputs(step, chain)
+            )
+            or "the competition"
+        )
         figure, basis = hours(step, states)
         rows.append((step.label, step.accelerator or "CPU", reads, f"{figure:.1f} h", basis))
     widths = [max(len(row[column]) for row in rows) for column in range(5)]
@@ -304,14 +346,18 @@ def plan_text(chain: Sequence[Step], states: Mapping[Step, State] | None = None,
     lines.append("side by side: " + ", then ".join(" ∥ ".join(step.label for step in wave) for wave in waves(chain)))
     times = schedule(chain, sessions, lambda step: hours(step, states)[0])
     path = critical_path(chain, times)
-    lines.append(f"critical path: {' → '.join(step.label for step in path)}: "
-                 f"{max(end for _, end in times.values()):.1f} h wall clock "
-                 f"(at most {sessions} TPU or GPU kernel{'s' if sessions > 1 else ''} of a kind at a time)")
+    lines.append(
+        f"critical path: {' → '.join(step.label for step in path)}: "
+        f"{max(end for _, end in times.values()):.1f} h wall clock "
+        f"(at most {sessions} TPU or GPU kernel{'s' if sessions > 1 else ''} of a kind at a time)"
+    )
     for kind, quota in (("tpu", FREE_TPU_HOURS), ("gpu", FREE_GPU_HOURS)):
         used = sum(hours(step, states)[0] for step in chain if MACHINES.get(step.accelerator or "") == kind)
         if used or kind == "tpu":
-            lines.append(f"{kind.upper()} this week: {used:.1f} h of the free {quota:g} h"
-                         + ("" if used <= quota else ": over the quota, spread it over two weeks or train fewer folds"))
+            lines.append(
+                f"{kind.upper()} this week: {used:.1f} h of the free {quota:g} h"
+                + ("" if used <= quota else ": over the quota, spread it over two weeks or train fewer folds")
+            )
     if note:
         lines.append(note)
     return "\n".join(lines)
@@ -337,8 +383,15 @@ def status_text(chain: Sequence[Step], states: Mapping[Step, State]) -> str:
     for step in chain:
         state = states[step]
         used = "" if state.hours_used is None else f"{state.hours_used:.1f} h"
-        rows.append((step.label, "" if state.version is None else f"v{state.version}", state.describe(), used,
-                     next_move(state, states, chain)))
+        rows.append(
+            (
+                step.label,
+                "" if state.version is None else f"v{state.version}",
+                state.describe(),
+                used,
+                next_move(state, states, chain),
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(5)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
@@ -357,9 +410,14 @@ def failure_line(state: State) -> str:
     return line + "; fix it, then run `kaggle chain run` again"
 
 
-def advance(chain: Sequence[Step], source: Kaggle, sessions: int = 1, push_dir: Path | None = None,
-            notebooks_dir: Path | None = None, known: Mapping[Step, State] | None = None
-            ) -> tuple[dict[Step, State], list[Step]]:
+def advance(
+    chain: Sequence[Step],
+    source: Kaggle,
+    sessions: int = 1,
+    push_dir: Path | None = None,
+    notebooks_dir: Path | None = None,
+    known: Mapping[Step, State] | None = None,
+) -> tuple[dict[Step, State], list[Step]]:
     """One pass: read every kernel's state, stop on a failed one, push each ready kernel once (a stopped one with
     --resume-from), keeping at most `sessions` kernels of one accelerator kind queued or running (Kaggle limits an
     account's sessions). Returns the states and the kernels pushed. `known`: the last pass's states."""
@@ -376,10 +434,13 @@ def advance(chain: Sequence[Step], source: Kaggle, sessions: int = 1, push_dir: 
         if step.kind and busy[step.kind] >= sessions:
             continue
         if state.to_resume:
-            print(f"{step.label} (version {state.version or '?'}) stopped at HOURS with its work unfinished: pushing "
-                  f"it again with --resume-from {source.ref(step)}", file=sys.stderr, flush=True)
-        state.version = source.push(step, chain, resume=state.to_resume, push_dir=push_dir,
-                                    notebooks_dir=notebooks_dir)
+            print(
+                f"{step.label} (version {state.version or '?'}) stopped at HOURS with its work unfinished: pushing "
+                f"it again with --resume-from {source.ref(step)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        state.version = source.push(step, chain, resume=state.to_resume, push_dir=push_dir, notebooks_dir=notebooks_dir)
         state.status, state.unfinished, state.hours_used = "QUEUED", False, None
         if step.kind:
             busy[step.kind] += 1
@@ -391,29 +452,57 @@ def submit(source: Kaggle, message: str = "hpa-nb chain") -> str:
     """Submit 05_submission's latest version to the code competition; refused, one line says how in the browser."""
     step = Step("05_submission")
     page = f"https://www.kaggle.com/code/{source.ref(step)}"
-    by_hand = (f"submit it from the kernel's page instead: {page} → Output → Submit "
-               f"(competition {COMPETITION})")
+    by_hand = f"submit it from the kernel's page instead: {page} → Output → Submit (competition {COMPETITION})"
     version = source.versions().get(step.slug)
     if version is None:
         raise ValueError(f"the version of {source.ref(step)} is not known here (it was pushed elsewhere): {by_hand}")
-    code, text = kaggle.ask_kaggle(["competitions", "submit", "-c", COMPETITION, "-k", source.ref(step),
-                                    "-v", str(version), "-f", "submission.csv", "-m", message], source.environ)
+    code, text = kaggle.ask_kaggle(
+        [
+            "competitions",
+            "submit",
+            "-c",
+            COMPETITION,
+            "-k",
+            source.ref(step),
+            "-v",
+            str(version),
+            "-f",
+            "submission.csv",
+            "-m",
+            message,
+        ],
+        source.environ,
+    )
     if code != 0 or re.search(r"\b403\b|forbidden|error", text, re.I):
         raise ValueError(f"Kaggle refused the code submission through the API ({_last_line(text)}): {by_hand}")
     return f"submitted {source.ref(step)} version {version}: {_last_line(text)}"
 
 
-def drive(chain: Sequence[Step], source: Kaggle, wait: bool = False, sessions: int = 1,
-          poll: float = 60.0, max_poll: float = 900.0, out=sys.stdout, push_dir: Path | None = None,
-          notebooks_dir: Path | None = None, sleep: Callable[[float], None] = time.sleep) -> dict[Step, State]:
+def drive(
+    chain: Sequence[Step],
+    source: Kaggle,
+    wait: bool = False,
+    sessions: int = 1,
+    poll: float = 60.0,
+    max_poll: float = 900.0,
+    out=sys.stdout,
+    push_dir: Path | None = None,
+    notebooks_dir: Path | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[Step, State]:
     """`chain run`: one pass, or with `wait` passes with backoff until every kernel is done (or one fails),
     redrawing one line per kernel on a terminal and printing the table again when it changes elsewhere."""
     shown, delay, drawn, states = "", poll, 0, None
     while True:
         states, pushed = advance(chain, source, sessions, push_dir, notebooks_dir, known=states)
         for step in pushed:
-            print(f"pushed {step.label} ({source.ref(step)}"
-                  + (f", version {states[step].version}" if states[step].version else "") + ")", file=out, flush=True)
+            print(
+                f"pushed {step.label} ({source.ref(step)}"
+                + (f", version {states[step].version}" if states[step].version else "")
+                + ")",
+                file=out,
+                flush=True,
+            )
         table = status_text(chain, states)
         if table != shown:
             if drawn and out.isatty():
@@ -440,5 +529,7 @@ def _log_lines(text: str) -> tuple[list[str], float | None]:
     if not isinstance(entries, list):
         return text.splitlines(), None
     data = "".join(str(entry.get("data", "")) for entry in entries if isinstance(entry, dict))
-    times = [entry["time"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("time"), (int, float))]
+    times = [
+        entry["time"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("time"), (int, float))
+    ]
     return data.splitlines(), (max(times) if times else None)

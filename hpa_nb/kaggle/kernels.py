@@ -5,6 +5,7 @@ first code cell recreates the exact ``hpa_nb/**/*.py`` sources from an embedded 
 deterministic: the same notebook and sources always give the same bytes, so CI can tell a stale
 committed bundle from a fresh one. Only the notebook and ``hpa_nb/**/*.py`` go in, never credentials.
 """
+
 from __future__ import annotations
 
 import base64
@@ -48,8 +49,10 @@ DEFAULT_KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": 
 # shape decides the machine; the two flags say which kind it is.
 ACCELERATOR_FLAGS: dict[str | None, dict[str, Any]] = {
     None: {"enable_gpu": False, "enable_tpu": False},
-    **{shape: {"machine_shape": shape, "enable_gpu": kind == "gpu", "enable_tpu": kind == "tpu"}
-       for shape, kind in MACHINES.items()},
+    **{
+        shape: {"machine_shape": shape, "enable_gpu": kind == "gpu", "enable_tpu": kind == "tpu"}
+        for shape, kind in MACHINES.items()
+    },
 }
 DEFAULT = "default"  # `kernel_metadata(accelerator=)`: the table's machine for the kernel
 
@@ -91,8 +94,7 @@ def kernel_metadata(
     settings = kernel_settings(name)
     accelerator = settings.accelerator if accelerator == DEFAULT else None if accelerator == "none" else accelerator
     if accelerator not in ACCELERATOR_FLAGS:
-        raise ValueError(f"unknown Kaggle accelerator {accelerator!r} for {name}: one of "
-                         f"{', '.join(MACHINES)} or none")
+        raise ValueError(f"unknown Kaggle accelerator {accelerator!r} for {name}: one of {', '.join(MACHINES)} or none")
     return {
         "id": kernel_id(f"{name} {variant}" if variant else name, username),
         "title": f"{settings.title} {variant}" if variant else settings.title,
@@ -105,7 +107,7 @@ def kernel_metadata(
         "competition_sources": [COMPETITION],
         "dataset_sources": list(dataset_sources),
         "kernel_sources": [kernel_id(source, username) for source in settings.kernel_sources if table_sources]
-                          + list(kernel_sources),
+        + list(kernel_sources),
         "model_sources": list(model_sources),
     }
 
@@ -119,8 +121,11 @@ def package_files(package_dir: Path = PACKAGE_DIR) -> list[Path]:
     """The files a bundle carries: every ``.py`` of the package and its stage folders, sorted by path, nothing else."""
     files = sorted(package_dir.rglob("*.py"), key=lambda path: path.relative_to(package_dir).as_posix())
     # only the package's own folders: each holds an __init__.py (a stray folder of scripts never travels)
-    files = [path for path in files if (path.parent / "__init__.py").is_file()
-             and len(path.relative_to(package_dir).parts) <= 2]
+    files = [
+        path
+        for path in files
+        if (path.parent / "__init__.py").is_file() and len(path.relative_to(package_dir).parts) <= 2
+    ]
     if not (package_dir / "__init__.py").is_file():
         raise FileNotFoundError(f"{package_dir} is not the hpa_nb package (no __init__.py)")
     return files
@@ -205,12 +210,13 @@ def _bootstrap_cell(tar_bytes: bytes) -> str:
     # independent of the compressor.
     compressed = lzma.compress(tar_bytes, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9)
     encoded = base64.b64encode(compressed).decode("ascii")
-    lines = "\n".join(encoded[start:start + 100] for start in range(0, len(encoded), 100))
+    lines = "\n".join(encoded[start : start + 100] for start in range(0, len(encoded), 100))
     return BOOTSTRAP_TEMPLATE.format(sha256=hashlib.sha256(tar_bytes).hexdigest(), archive=lines)
 
 
-def bundle_notebook(notebook_py: Path, package_dir: Path = PACKAGE_DIR,
-                    parameters: Mapping[str, Any] | None = None) -> str:
+def bundle_notebook(
+    notebook_py: Path, package_dir: Path = PACKAGE_DIR, parameters: Mapping[str, Any] | None = None
+) -> str:
     """The self-contained .ipynb text of a jupytext py:percent notebook.
 
     The bootstrap cell goes right before the first code cell (after the header markdown), so it
@@ -234,12 +240,17 @@ def bundle_notebook(notebook_py: Path, package_dir: Path = PACKAGE_DIR,
         tagged = [i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])]
         if not tagged:
             raise ValueError(f"{notebook_py.name} has no cell tagged parameters to set {', '.join(parameters)} after")
-        unknown = [name for name in parameters
-                   if not re.search(rf"^{re.escape(name)}\s*=", notebook.cells[tagged[0]].source, re.M)]
+        unknown = [
+            name
+            for name in parameters
+            if not re.search(rf"^{re.escape(name)}\s*=", notebook.cells[tagged[0]].source, re.M)
+        ]
         if unknown:
             raise ValueError(f"{notebook_py.name} has no parameter {', '.join(unknown)}")
-        injected = nbformat.v4.new_code_cell("# Parameters set by `python -m hpa_nb kaggle push`\n" + "\n".join(
-            f"{name} = {value!r}" for name, value in parameters.items()))
+        injected = nbformat.v4.new_code_cell(
+            "# Parameters set by `python -m hpa_nb kaggle push`\n"
+            + "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+        )
         injected.metadata = {"tags": ["injected-parameters"]}
         notebook.cells.insert(tagged[0] + 1, injected)
     for index, cell in enumerate(notebook.cells):
@@ -291,8 +302,9 @@ def build_bundle(
     return target
 
 
-def root_metadata(username: str = PLACEHOLDER_USERNAME, build_dir: Path = BUILD_DIR,
-                  repo_root: Path = REPO_ROOT) -> dict[str, Any]:
+def root_metadata(
+    username: str = PLACEHOLDER_USERNAME, build_dir: Path = BUILD_DIR, repo_root: Path = REPO_ROOT
+) -> dict[str, Any]:
     """The repository root's kernel-metadata.json: the training kernel, pointing at its committed bundle."""
     code_file = (build_dir / ROOT_KERNEL / f"{ROOT_KERNEL}.ipynb").relative_to(repo_root).as_posix()
     return kernel_metadata(ROOT_KERNEL, username, code_file=code_file)
@@ -321,8 +333,10 @@ def build_all(
     names = list(names) if names else notebook_names(notebooks_dir)
     if not names:
         raise FileNotFoundError(f"no notebooks/*.py under {notebooks_dir}")
-    return [build_bundle(name, out_dir, PLACEHOLDER_USERNAME, notebooks_dir, package_dir)
-            for name in tqdm(names, desc="kaggle bundles", unit="notebook", disable=len(names) < 2)]
+    return [
+        build_bundle(name, out_dir, PLACEHOLDER_USERNAME, notebooks_dir, package_dir)
+        for name in tqdm(names, desc="kaggle bundles", unit="notebook", disable=len(names) < 2)
+    ]
 
 
 # --- staleness ------------------------------------------------------------------------------
@@ -374,8 +388,9 @@ def stale_bundles(
                     problems.append(f"{old} is missing")
                 elif file.endswith(".ipynb"):
                     try:
-                        same = (bundle_fingerprint(old.read_text(encoding="utf-8"))
-                                == bundle_fingerprint(new.read_text(encoding="utf-8")))
+                        same = bundle_fingerprint(old.read_text(encoding="utf-8")) == bundle_fingerprint(
+                            new.read_text(encoding="utf-8")
+                        )
                     except (ValueError, lzma.LZMAError, tarfile.TarError, json.JSONDecodeError):
                         same = False
                     if not same:

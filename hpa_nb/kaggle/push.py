@@ -3,6 +3,7 @@
 The CLI finds its own credentials (kaggle.json, KAGGLE_USERNAME/KAGGLE_KEY, KAGGLE_API_TOKEN, `kaggle auth
 login`); nothing here reads them. Only the username is needed, to name the kernels.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,9 @@ def kaggle_command(environ: Mapping[str, str] = os.environ) -> list[str]:
     raise ValueError("the kaggle CLI is not installed: pip install kaggle (see requirements-dev.txt)")
 
 
-def find_username(explicit: str | None = None, environ: Mapping[str, str] = os.environ,
-                  root_metadata_path: Path = ROOT_METADATA) -> str:
+def find_username(
+    explicit: str | None = None, environ: Mapping[str, str] = os.environ, root_metadata_path: Path = ROOT_METADATA
+) -> str:
     """The Kaggle username for kernel ids: --username, KAGGLE_USERNAME, the root kernel-metadata.json's
     owner, or what `kaggle config view` reports."""
     if explicit:
@@ -55,17 +57,20 @@ def find_username(explicit: str | None = None, environ: Mapping[str, str] = os.e
     owner = root_username(root_metadata_path)
     if owner != PLACEHOLDER_USERNAME:
         return owner
-    shown = subprocess.run([*kaggle_command(environ), "config", "view"], env=dict(environ), capture_output=True,
-                           text=True)
+    shown = subprocess.run(
+        [*kaggle_command(environ), "config", "view"], env=dict(environ), capture_output=True, text=True
+    )
     found = re.search(r"^\W*username:\s*(\S+)\s*$", shown.stdout, re.M) if shown.returncode == 0 else None
     if found and found.group(1) != "None":
         return found.group(1)
-    raise ValueError("no Kaggle username: pass --username NAME or set KAGGLE_USERNAME "
-                     "(an access token does not carry one)")
+    raise ValueError(
+        "no Kaggle username: pass --username NAME or set KAGGLE_USERNAME (an access token does not carry one)"
+    )
 
 
-def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ,
-               refusals: Sequence[re.Pattern] = ()) -> list[str]:
+def run_kaggle(
+    arguments: Sequence[str], environ: Mapping[str, str] = os.environ, refusals: Sequence[re.Pattern] = ()
+) -> list[str]:
     """Run `kaggle <arguments>`, echoing its output as it comes.
 
     A non-zero exit status (no credentials, for one: the CLI says how to add them), or an output
@@ -73,8 +78,9 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
     """
     command = kaggle_command(environ)
     print("$ kaggle " + " ".join(arguments), flush=True)
-    process = subprocess.Popen([*command, *arguments], env=dict(environ), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [*command, *arguments], env=dict(environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in process.stdout:
         print(line, end="", flush=True)
@@ -89,15 +95,28 @@ def run_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ
 
 def ask_kaggle(arguments: Sequence[str], environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
     """`kaggle <arguments>` quietly: its exit status and what it printed (stdout and stderr together)."""
-    done = subprocess.run([*kaggle_command(environ), *arguments], env=dict(environ), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(
+        [*kaggle_command(environ), *arguments],
+        env=dict(environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return done.returncode, done.stdout
 
 
-def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[str, str] = os.environ,
-         push_dir: Path | None = None, notebooks_dir: Path | None = None,
-         resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
-         fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
+def push(
+    name: str = ROOT_KERNEL,
+    username: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+    push_dir: Path | None = None,
+    notebooks_dir: Path | None = None,
+    resume_from: str | None = None,
+    shards: str | None = None,
+    attach: Sequence[str] = (),
+    fold: tuple[int, int] | None = None,
+    **metadata_options: Any,
+) -> Path:
     """Build ``name`` with the user's kernel id and send it with `kaggle kernels push -p`; returns the folder.
 
     ``resume_from`` ("OWNER/KERNEL", or "OWNER/KERNEL/VERSION" for one version; e.g. the same kernel, whose last version was stopped) attaches
@@ -110,16 +129,34 @@ def push(name: str = ROOT_KERNEL, username: str | None = None, environ: Mapping[
     Exits with a one-line error when Kaggle refuses the push, which the CLI itself reports with
     exit status 0.
     """
-    folder = bundle(name, username, environ, push_dir, notebooks_dir, resume_from=resume_from, shards=shards,
-                    attach=attach, fold=fold, **metadata_options)
+    folder = bundle(
+        name,
+        username,
+        environ,
+        push_dir,
+        notebooks_dir,
+        resume_from=resume_from,
+        shards=shards,
+        attach=attach,
+        fold=fold,
+        **metadata_options,
+    )
     send(folder, environ)
     return folder
 
 
-def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = os.environ,
-           push_dir: Path | None = None, notebooks_dir: Path | None = None,
-           resume_from: str | None = None, shards: str | None = None, attach: Sequence[str] = (),
-           fold: tuple[int, int] | None = None, **metadata_options: Any) -> Path:
+def bundle(
+    name: str,
+    username: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+    push_dir: Path | None = None,
+    notebooks_dir: Path | None = None,
+    resume_from: str | None = None,
+    shards: str | None = None,
+    attach: Sequence[str] = (),
+    fold: tuple[int, int] | None = None,
+    **metadata_options: Any,
+) -> Path:
     """The push folder `push` sends (its options are `push`'s), built but not sent."""
     kaggle_command(environ)  # fail before building when the CLI is missing
     user = find_username(username, environ)
@@ -128,8 +165,10 @@ def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = 
         if not reference:
             continue
         if not KERNEL_REFERENCE.fullmatch(reference):
-            raise ValueError(f"--{parameter.lower().replace('_', '-')} takes OWNER/KERNEL or OWNER/KERNEL/VERSION "
-                             f"(e.g. alice/{kernel_slug(name)} or alice/{kernel_slug(name)}/3), got {reference!r}")
+            raise ValueError(
+                f"--{parameter.lower().replace('_', '-')} takes OWNER/KERNEL or OWNER/KERNEL/VERSION "
+                f"(e.g. alice/{kernel_slug(name)} or alice/{kernel_slug(name)}/3), got {reference!r}"
+            )
         parameters[parameter] = reference
         metadata_options["kernel_sources"] = [*metadata_options.get("kernel_sources", ()), reference]
     for handle in metadata_options.get("model_sources", ()):
@@ -145,8 +184,14 @@ def bundle(name: str, username: str | None = None, environ: Mapping[str, str] = 
             raise ValueError(f"--fold {k} --folds {folds}: the fold must be one of 0..folds-1, with at least 2 folds")
         parameters.update(FOLDS=folds, FOLD=k)
         metadata_options["variant"] = f"Fold {k}"
-    return build_bundle(name, push_dir or PUSH_DIR, user, notebooks_dir or NOTEBOOKS_DIR, parameters=parameters or None,
-                        **metadata_options)
+    return build_bundle(
+        name,
+        push_dir or PUSH_DIR,
+        user,
+        notebooks_dir or NOTEBOOKS_DIR,
+        parameters=parameters or None,
+        **metadata_options,
+    )
 
 
 MODEL_PARTS = ("OWNER", "MODEL", "FRAMEWORK", "VARIATION", "VERSION")
@@ -158,8 +203,10 @@ def check_model_source(handle: str) -> None:
     example = "e.g. keras/resnetv1/keras/resnet_50_imagenet/3"
     parts = handle.split("/")
     if len(parts) != len(MODEL_PARTS):
-        raise ValueError(f"--model {handle}: a Kaggle model source has {len(MODEL_PARTS)} parts, "
-                         f"{'/'.join(MODEL_PARTS)} ({example}), not {len(parts)}")
+        raise ValueError(
+            f"--model {handle}: a Kaggle model source has {len(MODEL_PARTS)} parts, "
+            f"{'/'.join(MODEL_PARTS)} ({example}), not {len(parts)}"
+        )
     empty = [name for name, part in zip(MODEL_PARTS, parts) if not part.strip()]
     if empty:
         raise ValueError(f"--model {handle}: its {empty[0]} is empty ({'/'.join(MODEL_PARTS)}, {example})")
@@ -179,8 +226,12 @@ def status(name: str = ROOT_KERNEL, username: str | None = None, environ: Mappin
     run_kaggle(["kernels", "status", kernel_id(name, find_username(username, environ))], environ)
 
 
-def output(name: str = ROOT_KERNEL, out_dir: Path | None = None, username: str | None = None,
-           environ: Mapping[str, str] = os.environ) -> Path:
+def output(
+    name: str = ROOT_KERNEL,
+    out_dir: Path | None = None,
+    username: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Path:
     """`kaggle kernels output USER/hpa-<name> -p OUT` (default out/kaggle/<name>); returns OUT."""
     out_dir = out_dir or Path("out") / "kaggle" / name
     slug = kernel_id(name, find_username(username, environ))

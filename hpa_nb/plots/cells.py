@@ -1,4 +1,5 @@
 """Notebook views of cells: a segmentation drawn over the image, and per-cell predictions beside it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,8 +62,16 @@ def plot_cells(
         for (row, col), scores in zip(centres, predictions.scores):
             best = np.argsort(-scores)[:top]
             text = "\n".join(f"{LABEL_NAMES[c][:14]} {scores[c]:.2f}" for c in best)
-            ax.text(col, row, text, color="white", fontsize=7, ha="center", va="center",
-                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+            ax.text(
+                col,
+                row,
+                text,
+                color="white",
+                fontsize=7,
+                ha="center",
+                va="center",
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0},
+            )
     ax.set_title(title or f"{len(cell_ids_of(mask))} cells")
     ax.axis("off")
     return ax
@@ -100,7 +109,7 @@ def tile_gallery(crops: np.ndarray, info, truth: Mapping[str, str] | None = None
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     short = lambda text: ", ".join(LABEL_NAMES[int(c)][:12] for c in str(text).split("|"))  # noqa: E731
     for axis, crop, row in zip(axes, crops, info.itertuples()):
-        channels = {color: crop[..., index].astype(np.float32) for index, color in enumerate(COLORS[:crop.shape[-1]])}
+        channels = {color: crop[..., index].astype(np.float32) for index, color in enumerate(COLORS[: crop.shape[-1]])}
         axis.imshow(composite(channels))
         title, color = f"{row.image_id[:8]} cell {row.cell_id}\nweak: {short(row.label)}", "black"
         if truth is not None and row.key in truth:
@@ -129,12 +138,23 @@ def class_map_figure(views: Sequence, false_ones: int = 2) -> Figure:
         for axis, c in zip(row[1:], view.classes(false_ones)):
             probabilities = 1.0 / (1.0 + np.exp(-np.clip(view.logit_map[..., c], -60, 60)))
             axis.imshow(rgb // 2)
-            axis.imshow(probabilities, cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0, interpolation="bilinear",
-                        extent=(-0.5, width - 0.5, height - 0.5, -0.5))
-            axis.set_title(f"{LABEL_NAMES[c][:16]} {view.probabilities[c]:.2f}", fontsize=8,
-                           color="black" if c in view.truth else "firebrick")
+            axis.imshow(
+                probabilities,
+                cmap="inferno",
+                alpha=0.55,
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="bilinear",
+                extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+            )
+            axis.set_title(
+                f"{LABEL_NAMES[c][:16]} {view.probabilities[c]:.2f}",
+                fontsize=8,
+                color="black" if c in view.truth else "firebrick",
+            )
         for axis in row:
             axis.set_axis_off()
-    figure.suptitle(f"class maps ({grid_h}×{grid_w} positions): true classes in black, strongest false ones in red",
-                    fontsize=9)
+    figure.suptitle(
+        f"class maps ({grid_h}×{grid_w} positions): true classes in black, strongest false ones in red", fontsize=9
+    )
     return figure

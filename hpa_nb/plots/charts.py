@@ -6,6 +6,7 @@ matplotlib ``Figure``s built without pyplot (see `hpa_nb.plots.figures`). The tr
 must work on the TPU image without plotly, are in `hpa_nb.plots.training`. Classes are always
 shown by name, never by index.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ from hpa_nb.plots.figures import FIGURE_DPI, show_figures_inline
 TEMPLATE = "plotly_white"
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "auc": "#2ca02c", "ap": "#9467bd", "weight": "#d62728"}
 # Each stain in its own colour, black for no signal: easier to read than greyscale side by side.
-CHANNEL_COLORMAPS = {name: LinearSegmentedColormap.from_list(name, ["black", color])
-                     for name, color in zip(CHANNEL_NAMES, ("red", "lime", "blue", "yellow"))}
+CHANNEL_COLORMAPS = {
+    name: LinearSegmentedColormap.from_list(name, ["black", color])
+    for name, color in zip(CHANNEL_NAMES, ("red", "lime", "blue", "yellow"))
+}
 
 
 if TYPE_CHECKING:
@@ -48,12 +51,17 @@ def _plotly():
     return go
 
 
-
-def _styled(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None,
-            height: int = 450) -> go.Figure:
+def _styled(
+    fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None, height: int = 450
+) -> go.Figure:
     """The one look every plotly figure here shares."""
-    fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.01), height=height,
-                      margin=dict(l=60, r=30, t=70, b=60), hoverlabel=dict(namelength=-1))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=dict(text=title, x=0.01),
+        height=height,
+        margin=dict(l=60, r=30, t=70, b=60),
+        hoverlabel=dict(namelength=-1),
+    )
     if x_title is not None:
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:
@@ -67,8 +75,16 @@ def labels_per_image(labels: np.ndarray) -> go.Figure:
     go = _plotly()
     per_image = multi_hot(labels).sum(axis=1).astype(int)
     values, counts = np.unique(per_image, return_counts=True)
-    fig = go.Figure(go.Bar(x=values, y=counts, marker_color=COLORS["train"], text=counts, textposition="outside",
-                           hovertemplate="%{y} images with %{x} labels<extra></extra>"))
+    fig = go.Figure(
+        go.Bar(
+            x=values,
+            y=counts,
+            marker_color=COLORS["train"],
+            text=counts,
+            textposition="outside",
+            hovertemplate="%{y} images with %{x} labels<extra></extra>",
+        )
+    )
     fig.update_xaxes(dtick=1)
     return _styled(fig, "Labels per image", "labels on the image", "images", height=380)
 
@@ -84,20 +100,34 @@ def label_cooccurrence(labels: np.ndarray, normalize: bool = False) -> go.Figure
     together = matrix.T @ matrix
     counts = np.diag(together)
     values = together / np.maximum(counts[:, None], 1) if normalize else together
-    hover = [[f"{LABEL_NAMES[row]} & {LABEL_NAMES[col]}: {int(together[row, col])} images"
-              + (f" ({values[row, col]:.0%} of {LABEL_NAMES[row]})" if normalize else "")
-              for col in range(N_CLASSES)] for row in range(N_CLASSES)]
-    fig = go.Figure(go.Heatmap(
-        z=values, x=list(LABEL_NAMES), y=list(LABEL_NAMES), text=hover, hoverinfo="text",
-        colorscale="Blues", colorbar=dict(title="fraction" if normalize else "images")))
+    hover = [
+        [
+            f"{LABEL_NAMES[row]} & {LABEL_NAMES[col]}: {int(together[row, col])} images"
+            + (f" ({values[row, col]:.0%} of {LABEL_NAMES[row]})" if normalize else "")
+            for col in range(N_CLASSES)
+        ]
+        for row in range(N_CLASSES)
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=values,
+            x=list(LABEL_NAMES),
+            y=list(LABEL_NAMES),
+            text=hover,
+            hoverinfo="text",
+            colorscale="Blues",
+            colorbar=dict(title="fraction" if normalize else "images"),
+        )
+    )
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(tickangle=-45)
     title = "Label co-occurrence" + (" (row-normalised: P(column | row))" if normalize else " (images)")
     return _styled(fig, title, height=720)
 
 
-def image_properties(root: str | os.PathLike, ids: Iterable[str], folder: str = "train",
-                     channel: str = "red") -> pd.DataFrame:
+def image_properties(
+    root: str | os.PathLike, ids: Iterable[str], folder: str = "train", channel: str = "red"
+) -> pd.DataFrame:
     """Width, height and bit depth of each image, read from one channel's PNG header (no pixel decoding)."""
     rows = []
     for image_id in ids:
@@ -107,23 +137,41 @@ def image_properties(root: str | os.PathLike, ids: Iterable[str], folder: str = 
         with Image.open(path) as image:
             # Pillow opens 16-bit greyscale PNGs as "I;16" (or "I"), 8-bit ones as "L".
             bit_depth = 16 if image.mode.startswith("I") else 1 if image.mode == "1" else 8
-            rows.append({"ID": image_id, "width": image.width, "height": image.height,
-                         "bit_depth": bit_depth, "mode": image.mode})
+            rows.append(
+                {
+                    "ID": image_id,
+                    "width": image.width,
+                    "height": image.height,
+                    "bit_depth": bit_depth,
+                    "mode": image.mode,
+                }
+            )
     return pd.DataFrame(rows, columns=["ID", "width", "height", "bit_depth", "mode"])
 
 
 def image_sizes(properties: pd.DataFrame) -> go.Figure:
     """Images per size and bit depth, from `image_properties`."""
     go = _plotly()
-    groups = (properties.assign(size=properties["width"].astype(str) + "×" + properties["height"].astype(str))
-              .groupby(["size", "bit_depth"]).size().reset_index(name="images"))
+    groups = (
+        properties.assign(size=properties["width"].astype(str) + "×" + properties["height"].astype(str))
+        .groupby(["size", "bit_depth"])
+        .size()
+        .reset_index(name="images")
+    )
     fig = go.Figure()
     for bit_depth, frame in groups.groupby("bit_depth"):
-        fig.add_trace(go.Bar(x=frame["size"], y=frame["images"], name=f"{bit_depth}-bit",
-                             hovertemplate="%{x} px, " + f"{bit_depth}-bit: " + "%{y} images<extra></extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=frame["size"],
+                y=frame["images"],
+                name=f"{bit_depth}-bit",
+                hovertemplate="%{x} px, " + f"{bit_depth}-bit: " + "%{y} images<extra></extra>",
+            )
+        )
     fig.update_layout(barmode="group")
-    return _styled(fig, f"Image sizes and bit depths ({len(properties)} images)", "width × height (px)", "images",
-                   height=380)
+    return _styled(
+        fig, f"Image sizes and bit depths ({len(properties)} images)", "width × height (px)", "images", height=380
+    )
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -138,18 +186,26 @@ def per_class_scores(metrics: Mapping[str, Any]) -> go.Figure:
     fig = go.Figure()
     for key, label, color in (("roc_auc", "ROC AUC", COLORS["auc"]), ("average_precision", "AP", COLORS["ap"])):
         values = [np.nan if entry[key] is None else entry[key] for entry in classes]
-        fig.add_trace(go.Bar(
-            y=names, x=values, name=label, orientation="h", marker_color=color,
-            customdata=[[entry["support"], "n/a" if entry["f1"] is None else f"{entry['f1']:.3f}"]
-                        for entry in classes],
-            hovertemplate="%{y}<br>" + label + " %{x:.3f}<br>support %{customdata[0]}, F1 %{customdata[1]}"
-                          "<extra></extra>"))
+        fig.add_trace(
+            go.Bar(
+                y=names,
+                x=values,
+                name=label,
+                orientation="h",
+                marker_color=color,
+                customdata=[
+                    [entry["support"], "n/a" if entry["f1"] is None else f"{entry['f1']:.3f}"] for entry in classes
+                ],
+                hovertemplate="%{y}<br>" + label + " %{x:.3f}<br>support %{customdata[0]}, F1 %{customdata[1]}"
+                "<extra></extra>",
+            )
+        )
     for entry in classes:
         if entry["roc_auc"] is None and entry["average_precision"] is None:
-            fig.add_annotation(y=entry["name"], x=0.02, text="absent", showarrow=False, xanchor="left",
-                               font=dict(color="grey"))
-    fig.add_vline(x=0.5, line_dash="dot", line_color="grey", annotation_text="chance AUC",
-                  annotation_position="top")
+            fig.add_annotation(
+                y=entry["name"], x=0.02, text="absent", showarrow=False, xanchor="left", font=dict(color="grey")
+            )
+    fig.add_vline(x=0.5, line_dash="dot", line_color="grey", annotation_text="chance AUC", annotation_position="top")
     fig.update_layout(barmode="group", bargap=0.25)
     fig.update_xaxes(range=[0, 1.02])
     fig.update_yaxes(autorange="reversed")
@@ -161,8 +217,9 @@ def per_class_scores(metrics: Mapping[str, Any]) -> go.Figure:
     return _styled(fig, title, "score", None, height=160 + 32 * len(classes))
 
 
-def precision_recall_curves(y_true: np.ndarray, y_score: np.ndarray,
-                            class_names: Sequence[str] = LABEL_NAMES) -> go.Figure:
+def precision_recall_curves(
+    y_true: np.ndarray, y_score: np.ndarray, class_names: Sequence[str] = LABEL_NAMES
+) -> go.Figure:
     """One precision–recall curve per class present (legend: its AP), plus the micro-average."""
     go = _plotly()
     truth = np.asarray(y_true)
@@ -176,12 +233,19 @@ def precision_recall_curves(y_true: np.ndarray, y_score: np.ndarray,
         precision, recall, thresholds = metrics_module.precision_recall_curve(column_truth, column_score)
         average = metrics_module.average_precision(column_truth, column_score)
         micro = name == "micro-average"
-        fig.add_trace(go.Scatter(
-            x=recall, y=precision, name=f"{name} (AP {average:.2f})", mode="lines", line_shape="hv",
-            line=dict(color="black", dash="dash", width=3) if micro else dict(width=1.5),
-            customdata=np.r_[thresholds, np.nan],
-            hovertemplate=name + "<br>recall %{x:.2f}, precision %{y:.2f}<br>threshold %{customdata:.3f}"
-                                 "<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=recall,
+                y=precision,
+                name=f"{name} (AP {average:.2f})",
+                mode="lines",
+                line_shape="hv",
+                line=dict(color="black", dash="dash", width=3) if micro else dict(width=1.5),
+                customdata=np.r_[thresholds, np.nan],
+                hovertemplate=name + "<br>recall %{x:.2f}, precision %{y:.2f}<br>threshold %{customdata:.3f}"
+                "<extra></extra>",
+            )
+        )
     fig.update_xaxes(range=[0, 1.02])
     fig.update_yaxes(range=[0, 1.05])
     return _styled(fig, "Precision–recall curves", "recall", "precision", height=560)
@@ -205,8 +269,9 @@ def _label_names(label: Any) -> list[str]:
     return names_of(np.asarray(label, np.float32))
 
 
-def channel_grid(images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] | None = None,
-                 stretch: bool = True) -> Figure:
+def channel_grid(
+    images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] | None = None, stretch: bool = True
+) -> Figure:
     """Each image's channels (red, green, blue and yellow when present) and its RGB composite, one row per image.
 
     `images` is ``[N, S, S, 3 or 4]`` on the 0–255 scale, in the channel order red, green,
@@ -218,7 +283,7 @@ def channel_grid(images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] |
     batch = np.asarray(images, np.float32)
     if batch.ndim != 4 or batch.shape[-1] not in (3, 4):
         raise ValueError(f"images must be [N, height, width, 3 or 4], got shape {batch.shape}")
-    channels = CHANNEL_NAMES[:batch.shape[-1]]
+    channels = CHANNEL_NAMES[: batch.shape[-1]]
     columns = len(channels) + 1
     figure = Figure(figsize=(2.6 * columns, 3.0 * len(batch)), layout="constrained", dpi=FIGURE_DPI)
     rows = figure.subfigures(len(batch), 1, squeeze=False)[:, 0]
@@ -227,8 +292,9 @@ def channel_grid(images: np.ndarray, labels: Sequence[Any], ids: Sequence[str] |
         row.suptitle(f"{image_id}: {', '.join(_label_names(label)) or 'no label'}", fontsize=11, fontweight="bold")
         axes = row.subplots(1, columns)
         for axis, channel_index, name in zip(axes, range(len(channels)), channels):
-            axis.imshow(_display_scaled(image[..., channel_index], stretch), cmap=CHANNEL_COLORMAPS[name],
-                        vmin=0, vmax=1)
+            axis.imshow(
+                _display_scaled(image[..., channel_index], stretch), cmap=CHANNEL_COLORMAPS[name], vmin=0, vmax=1
+            )
             axis.set_title(name, fontsize=10)
         axes[-1].imshow(_composite(image, stretch))
         axes[-1].set_title("composite (R, G, B)", fontsize=10)
@@ -261,9 +327,15 @@ def augmentation_grid(image: np.ndarray, seed: int = 0, samples: int = 4, stretc
     return figure
 
 
-def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
-                    ids: Sequence[str] | None = None, top_k: int = 3, columns: int = 4,
-                    stretch: bool = True) -> Figure:
+def prediction_grid(
+    images: np.ndarray,
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    ids: Sequence[str] | None = None,
+    top_k: int = 3,
+    columns: int = 4,
+    stretch: bool = True,
+) -> Figure:
     """RGB composites titled with the true labels and the `top_k` predicted classes with their probabilities.
 
     A predicted class that is also a true label is marked ✓; the title is green when the
@@ -288,7 +360,11 @@ def prediction_grid(images: np.ndarray, y_true: np.ndarray, y_score: np.ndarray,
         predicted = [f"{'✓ ' if truth[index, c] else ''}{LABEL_NAMES[c]} {score[index, c]:.2f}" for c in ranked]
         heading = ids[index] if ids is not None else f"image {index}"
         true_names = ", ".join(names_of(truth[index])) or "no label"
-        axis.set_title(f"{heading}\ntrue: {true_names}\npredicted: " + "\n".join(predicted), fontsize=8,
-                       color="green" if truth[index, ranked[0]] else "firebrick", loc="left")
+        axis.set_title(
+            f"{heading}\ntrue: {true_names}\npredicted: " + "\n".join(predicted),
+            fontsize=8,
+            color="green" if truth[index, ranked[0]] else "firebrick",
+            loc="left",
+        )
     figure.suptitle("Sample predictions (top classes with probabilities)", fontsize=12, fontweight="bold")
     return figure

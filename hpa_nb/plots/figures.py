@@ -5,6 +5,7 @@ and this module must never need plotly; a plotly figure is recognised by its met
 matplotlib figures are built without pyplot: they never open a window, need no display, and show
 exactly once when a notebook cell returns them.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ All matplotlib (`hpa_nb.plots.figures.Chart`), because Kaggle's TPU image, where
 runs, has matplotlib but not plotly, kaleido or visualkeras. The model diagram uses visualkeras
 where it is installed and otherwise draws the backbone's shape profile with matplotlib.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,9 @@ def schedule_curve(schedule: Callable[[Any], Any], steps: int | Sequence[int]) -
     return all_steps, _schedule_values(schedule, all_steps)
 
 
-def lr_schedule(schedule: Callable[[Any], Any], steps: int | Sequence[int],
-                steps_per_epoch: int | None = None) -> Chart:
+def lr_schedule(
+    schedule: Callable[[Any], Any], steps: int | Sequence[int], steps_per_epoch: int | None = None
+) -> Chart:
     """The learning rate a schedule gives at each optimizer step.
 
     `schedule` is any callable step → learning rate, a Keras ``LearningRateSchedule``
@@ -109,8 +111,13 @@ def training_history(history: pd.DataFrame | Mapping[str, Sequence[float]] | str
         columns = [column for column in frame.columns if pattern.match(column)]
         for name in columns:
             validation = name.startswith("val_")
-            axis.plot(epochs, frame[name], "o--" if validation else "o-", color=COLORS["val" if validation else "train"],
-                      label=f"{name} ({'validation' if validation else 'training'})")
+            axis.plot(
+                epochs,
+                frame[name],
+                "o--" if validation else "o-",
+                color=COLORS["val" if validation else "train"],
+                label=f"{name} ({'validation' if validation else 'training'})",
+            )
         if columns:
             axis.legend(fontsize=8)
         else:
@@ -148,8 +155,7 @@ def shape_profile(model: Any) -> Chart:
     axis.set_xlabel("layer (depth)")
     axis.set_ylabel("feature-map side (px)")
     channel_axis = axis.twinx()
-    channel_axis.step(profile["depth"], profile["channels"], where="post", color=COLORS["channels"],
-                      label="channels")
+    channel_axis.step(profile["depth"], profile["channels"], where="post", color=COLORS["channels"], label="channels")
     channel_axis.set_ylabel("channels")
     figure.legend(loc="outside upper right", ncols=2, fontsize=8)
     parameters = sum(int(np.prod(weight.shape)) for weight in model.weights)

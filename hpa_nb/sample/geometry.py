@@ -1,5 +1,6 @@
 """The synthetic sample's cells: where each cell, nucleus and nucleolus lies in an image (`make_geometry`),
 and the drawing primitives the stains are made of (blurred spots, paths and lines)."""
+
 from __future__ import annotations
 
 import math
@@ -115,8 +116,15 @@ def make_geometry(size: int, rng: np.random.Generator) -> Geometry:
     wobble = _waves(rng, size, 40 * unit)
     while True:  # a cell crowded out by its neighbours is dropped, so every cell id has pixels in the mask
         # separable coordinates (a column and a row) keep the [cells, S, S] work to a few operations
-        distances = _squared_distance(grid[None, :, None], grid[None, None, :], per_cell(cy), per_cell(cx),
-                                      per_cell(a), per_cell(b), per_cell(theta))
+        distances = _squared_distance(
+            grid[None, :, None],
+            grid[None, None, :],
+            per_cell(cy),
+            per_cell(cx),
+            per_cell(a),
+            per_cell(b),
+            per_cell(theta),
+        )
         owner = distances.argmin(axis=0)
         cell_distance = np.sqrt(np.take_along_axis(distances, owner[None], axis=0)[0])
         inside = cell_distance < 1.0 + 0.1 * wobble
@@ -124,7 +132,8 @@ def make_geometry(size: int, rng: np.random.Generator) -> Geometry:
         if present.all():
             break
         cy, cx, a, b, theta, ny, nx, na, nb, ntheta = (
-            value[present] for value in (cy, cx, a, b, theta, ny, nx, na, nb, ntheta))
+            value[present] for value in (cy, cx, a, b, theta, ny, nx, na, nb, ntheta)
+        )
     cells = len(cy)
     # weighted Voronoi regions can leave a stray fragment of a cell elsewhere: keep each cell's largest piece
     labels = np.where(inside, owner + 1, 0)
@@ -134,13 +143,18 @@ def make_geometry(size: int, rng: np.random.Generator) -> Geometry:
         if count > 1:
             inside[window] &= ~own | (parts == np.bincount(parts.ravel())[1:].argmax() + 1)
     owned = lambda value: np.asarray(value, np.float32)[owner]  # noqa: E731  each pixel's own cell's value
-    nucleus_distance = np.sqrt(_squared_distance(grid[:, None], grid[None, :], owned(ny), owned(nx), owned(na),
-                                                 owned(nb), owned(ntheta)))
+    nucleus_distance = np.sqrt(
+        _squared_distance(grid[:, None], grid[None, :], owned(ny), owned(nx), owned(na), owned(nb), owned(ntheta))
+    )
     nucleus = inside & (nucleus_distance < 1.0 + 0.04 * wobble)
     labels = np.where(inside, owner + 1, 0)
     padded = np.pad(labels, 1, mode="edge")
-    boundary = inside & ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels)
-                         | (padded[1:-1, :-2] != labels) | (padded[1:-1, 2:] != labels))
+    boundary = inside & (
+        (padded[:-2, 1:-1] != labels)
+        | (padded[2:, 1:-1] != labels)
+        | (padded[1:-1, :-2] != labels)
+        | (padded[1:-1, 2:] != labels)
+    )
     texture = _smooth_noise(rng, size, max(1.0, 1.8 * unit))
     reticulum = np.exp(-((texture / 0.45) ** 2))  # zero crossings of smooth noise form a mesh
     nucleoli = []
@@ -150,8 +164,31 @@ def make_geometry(size: int, rng: np.random.Generator) -> Geometry:
         nucleoli.append(np.stack(ellipse_points(ny[i], nx[i], na[i], nb[i], ntheta[i], rho, phi), axis=1))
     points = np.concatenate(nucleoli)
     nucleoli_map = spots(size, points[:, 0], points[:, 1], 1.0, NUCLEOLUS_SIGMA * unit)
-    return Geometry(size, unit, cy, cx, a, b, theta, ny, nx, na, nb, ntheta, owner, inside, cell_distance,
-                    nucleus_distance, nucleus, inside & ~nucleus, boundary, texture, reticulum, nucleoli, nucleoli_map)
+    return Geometry(
+        size,
+        unit,
+        cy,
+        cx,
+        a,
+        b,
+        theta,
+        ny,
+        nx,
+        na,
+        nb,
+        ntheta,
+        owner,
+        inside,
+        cell_distance,
+        nucleus_distance,
+        nucleus,
+        inside & ~nucleus,
+        boundary,
+        texture,
+        reticulum,
+        nucleoli,
+        nucleoli_map,
+    )
 
 
 def _splat(size: int, ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
@@ -173,7 +210,9 @@ STEP = 0.5  # px between samples along a path
 NUCLEOLUS_SIGMA = 2.6  # in Geometry.unit
 
 
-def walk(start_y, start_x, heading, length, bend, wiggle, frequency, phase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def walk(
+    start_y, start_x, heading, length, bend, wiggle, frequency, phase
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample points along paths (one per row): heading turns by `bend` over the length, plus a sinusoidal wiggle."""
     steps = int(np.ceil(np.max(length) / STEP)) + 1
     t = np.arange(steps, dtype=np.float64)[None] * STEP
@@ -197,8 +236,9 @@ def in_cells(geometry: Geometry, carriers: np.ndarray, region: np.ndarray) -> np
     return (region & carriers[geometry.owner]).astype(np.float32)
 
 
-def points_in_nuclei(geometry: Geometry, cells: np.ndarray, count: tuple[int, int], reach: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def points_in_nuclei(
+    geometry: Geometry, cells: np.ndarray, count: tuple[int, int], reach: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random points inside the nuclei of `cells`, up to `reach` of the nuclear radius."""
     g = geometry
     per_cell = rng.integers(count[0], count[1] + 1, len(cells))
@@ -207,22 +247,32 @@ def points_in_nuclei(geometry: Geometry, cells: np.ndarray, count: tuple[int, in
     return ellipse_points(g.ny[index], g.nx[index], g.na[index], g.nb[index], g.ntheta[index], rho, phi)
 
 
-def points_in_cytoplasm(geometry: Geometry, cells: np.ndarray, count: tuple[int, int],
-                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def points_in_cytoplasm(
+    geometry: Geometry, cells: np.ndarray, count: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random points between the nucleus and the edge of each of `cells` (and their cell index)."""
     g = geometry
     per_cell = rng.integers(count[0], count[1] + 1, len(cells))
     index = np.repeat(cells, per_cell)
-    inner = (g.na[index] / g.a[index])  # roughly where the nucleus ends
+    inner = g.na[index] / g.a[index]  # roughly where the nucleus ends
     rho = rng.uniform(inner + 0.1, 0.95)
-    ys, xs = ellipse_points(g.cy[index], g.cx[index], g.a[index], g.b[index], g.theta[index], rho,
-                             rng.uniform(0, 2 * np.pi, len(index)))
+    ys, xs = ellipse_points(
+        g.cy[index], g.cx[index], g.a[index], g.b[index], g.theta[index], rho, rng.uniform(0, 2 * np.pi, len(index))
+    )
     return ys, xs, index
 
 
-def points_by_nucleus(geometry: Geometry, cells: np.ndarray, outside: float,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def points_by_nucleus(
+    geometry: Geometry, cells: np.ndarray, outside: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One point per cell just outside its nuclear rim (golgi, centrosome, aggresome sit there)."""
     g = geometry
-    return ellipse_points(g.ny[cells], g.nx[cells], g.na[cells], g.nb[cells], g.ntheta[cells],
-                           1.0 + outside, rng.uniform(0, 2 * np.pi, len(cells)))
+    return ellipse_points(
+        g.ny[cells],
+        g.nx[cells],
+        g.na[cells],
+        g.nb[cells],
+        g.ntheta[cells],
+        1.0 + outside,
+        rng.uniform(0, 2 * np.pi, len(cells)),
+    )

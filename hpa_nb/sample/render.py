@@ -1,5 +1,6 @@
 """The synthetic sample's stains: one green pattern per class (`PATTERNS`), and `render_image`, which draws
 all four channels of an image whose cells carry given labels."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -77,11 +78,26 @@ def _golgi(g: Geometry, carriers: np.ndarray, rng: np.random.Generator) -> np.nd
 def _intermediate_filaments(g: Geometry, carriers: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cells = np.repeat(np.flatnonzero(carriers), rng.integers(6, 11, int(carriers.sum())))
     n = len(cells)
-    ys, xs = ellipse_points(g.cy[cells], g.cx[cells], g.a[cells], g.b[cells], g.theta[cells],
-                             rng.uniform(0.6, 0.95, n), rng.uniform(0, 2 * np.pi, n))
+    ys, xs = ellipse_points(
+        g.cy[cells],
+        g.cx[cells],
+        g.a[cells],
+        g.b[cells],
+        g.theta[cells],
+        rng.uniform(0.6, 0.95, n),
+        rng.uniform(0, 2 * np.pi, n),
+    )
     heading = np.arctan2(g.cy[cells] - ys, g.cx[cells] - xs) + rng.normal(0, 0.6, n)  # across the cell
-    ys, xs, on = walk(ys, xs, heading, 1.8 * g.a[cells], rng.normal(0, 1.2, n), rng.uniform(0.15, 0.35, n),
-                       rng.uniform(0.05, 0.12, n) / max(g.unit, 0.3), rng.uniform(0, 2 * np.pi, n))
+    ys, xs, on = walk(
+        ys,
+        xs,
+        heading,
+        1.8 * g.a[cells],
+        rng.normal(0, 1.2, n),
+        rng.uniform(0.15, 0.35, n),
+        rng.uniform(0.05, 0.12, n) / max(g.unit, 0.3),
+        rng.uniform(0, 2 * np.pi, n),
+    )
     return np.minimum(lines(g.size, ys, xs, on, 0.7, 0.7 * g.unit), 1.0) * in_cells(g, carriers, g.cytoplasm)
 
 
@@ -105,9 +121,16 @@ def _radial_lines(g: Geometry, cells: np.ndarray, count: tuple[int, int], rng: n
     n = len(index)
     heading = rng.uniform(0, 2 * np.pi, n)
     start = 0.3 * g.na[index]
-    return walk(g.ny[index] + start * np.sin(heading), g.nx[index] + start * np.cos(heading), heading,
-                 1.2 * g.a[index], rng.normal(0, 0.5, n), rng.uniform(0, 0.12, n), rng.uniform(0.1, 0.3, n),
-                 rng.uniform(0, 2 * np.pi, n))
+    return walk(
+        g.ny[index] + start * np.sin(heading),
+        g.nx[index] + start * np.cos(heading),
+        heading,
+        1.2 * g.a[index],
+        rng.normal(0, 0.5, n),
+        rng.uniform(0, 0.12, n),
+        rng.uniform(0.1, 0.3, n),
+        rng.uniform(0, 2 * np.pi, n),
+    )
 
 
 def _microtubules(g: Geometry, carriers: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -129,8 +152,14 @@ def _mitotic_spindle(g: Geometry, carriers: np.ndarray, rng: np.random.Generator
     cos, sin = np.cos(axis)[:, None, None], np.sin(axis)[:, None, None]
     ys = g.ny[cells][:, None, None] + along * sin + across * cos
     xs = g.nx[cells][:, None, None] + along * cos - across * sin
-    arcs = lines(g.size, ys.reshape(len(cells) * len(bows), -1), xs.reshape(len(cells) * len(bows), -1),
-                  np.ones((len(cells) * len(bows), len(t))), 0.45, 0.5 * g.unit)
+    arcs = lines(
+        g.size,
+        ys.reshape(len(cells) * len(bows), -1),
+        xs.reshape(len(cells) * len(bows), -1),
+        np.ones((len(cells) * len(bows), len(t))),
+        0.45,
+        0.5 * g.unit,
+    )
     poles_y = np.concatenate([g.ny[cells] + half * np.sin(axis), g.ny[cells] - half * np.sin(axis)])
     poles_x = np.concatenate([g.nx[cells] + half * np.cos(axis), g.nx[cells] - half * np.cos(axis)])
     poles = spots(g.size, poles_y, poles_x, 1.0, 1.3 * g.unit)
@@ -155,8 +184,16 @@ def _plasma_membrane(g: Geometry, carriers: np.ndarray, rng: np.random.Generator
 def _mitochondria(g: Geometry, carriers: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ys, xs, index = points_in_cytoplasm(g, np.flatnonzero(carriers), (40, 70), rng)
     n = len(ys)
-    ys, xs, on = walk(ys, xs, rng.uniform(0, 2 * np.pi, n), rng.uniform(0.1, 0.2, n) * g.a[index],
-                       rng.normal(0, 1.0, n), np.zeros(n), np.zeros(n), np.zeros(n))
+    ys, xs, on = walk(
+        ys,
+        xs,
+        rng.uniform(0, 2 * np.pi, n),
+        rng.uniform(0.1, 0.2, n) * g.a[index],
+        rng.normal(0, 1.0, n),
+        np.zeros(n),
+        np.zeros(n),
+        np.zeros(n),
+    )
     return np.minimum(lines(g.size, ys, xs, on, 0.8, 0.6 * g.unit), 1.0) * in_cells(g, carriers, g.cytoplasm)
 
 
@@ -180,14 +217,31 @@ def _negative(g: Geometry, carriers: np.ndarray, rng: np.random.Generator) -> np
 
 
 PATTERNS: tuple[Pattern, ...] = (
-    _nucleoplasm, _nuclear_membrane, _nucleoli, _fibrillar_center, _nuclear_speckles, _nuclear_bodies,
-    _endoplasmic_reticulum, _golgi, _intermediate_filaments, _actin_filaments, _microtubules,
-    _mitotic_spindle, _centrosome, _plasma_membrane, _mitochondria, _aggresome, _cytosol, _vesicles, _negative,
+    _nucleoplasm,
+    _nuclear_membrane,
+    _nucleoli,
+    _fibrillar_center,
+    _nuclear_speckles,
+    _nuclear_bodies,
+    _endoplasmic_reticulum,
+    _golgi,
+    _intermediate_filaments,
+    _actin_filaments,
+    _microtubules,
+    _mitotic_spindle,
+    _centrosome,
+    _plasma_membrane,
+    _mitochondria,
+    _aggresome,
+    _cytosol,
+    _vesicles,
+    _negative,
 )
 
 
-def render_image(size: int, cell_labels: list[list[int]] | None, rng: np.random.Generator,
-                 geometry: Geometry | None = None) -> tuple[dict[str, np.ndarray], Geometry]:
+def render_image(
+    size: int, cell_labels: list[list[int]] | None, rng: np.random.Generator, geometry: Geometry | None = None
+) -> tuple[dict[str, np.ndarray], Geometry]:
     """The four channels (float32, 0..1) of one image whose cells carry `cell_labels`."""
     g = geometry or make_geometry(size, rng)
     level = lambda low, high: rng.uniform(low, high, g.cells).astype(np.float32)[g.owner]  # noqa: E731  per cell

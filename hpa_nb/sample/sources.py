@@ -1,5 +1,6 @@
 """The data every command falls back to: the competition where it is mounted, else a synthetic sample
 generated into the cache on first use; and where a run's data came from, found again in a later session."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ class DataSource:
 def sample_dir(spec: Mapping[str, int], environ: Mapping[str, str] = os.environ) -> Path:
     """The cache folder of the sample `write_sample(**spec)` writes, named by its settings and the generator's version."""
     tests = "" if spec["test_images"] == DEFAULT_SAMPLE["test_images"] else f"-t{spec['test_images']}"
-    name = (f"sample-v{writer.GENERATOR_VERSION}-n{spec['images']}{tests}-s{spec['size']}-seed{spec['seed']}"
-            f"-b{spec['bit_depth']}")
+    name = (
+        f"sample-v{writer.GENERATOR_VERSION}-n{spec['images']}{tests}-s{spec['size']}-seed{spec['seed']}"
+        f"-b{spec['bit_depth']}"
+    )
     return cache_dir(environ) / name
 
 
@@ -89,8 +92,10 @@ def resolve_source(record: Mapping | None, saved: str | None, environ: Mapping[s
     if kind == "competition":
         found = find_competition_dir(kaggle_input(environ)) if on_kaggle(environ) else None
         if found is None:
-            raise FileNotFoundError(f"the run was trained on the competition data ({saved}), which is not attached "
-                                    f"here: add {COMPETITION} as an input, or set DATA_DIR")
+            raise FileNotFoundError(
+                f"the run was trained on the competition data ({saved}), which is not attached "
+                f"here: add {COMPETITION} as an input, or set DATA_DIR"
+            )
         return found
     if kind == "sample":
         spec = {key: record["spec"][key] for key in ("images", "size", "seed", "bit_depth", "test_images")}

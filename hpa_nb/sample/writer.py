@@ -5,6 +5,7 @@ the green channel shows a class-specific pattern for every label its cells carry
 competition files it writes ground truth for cell-level work: ``masks/{ID}.png`` (uint16
 instance ids) and ``cells.csv`` (per-cell labels), plus ``sample.json`` (the parameters).
 """
+
 from __future__ import annotations
 
 import io
@@ -176,16 +177,24 @@ def _validate(images: int, size: int, bit_depth: int, test_images: int) -> None:
 def _records(plan: _Plan, pngs: dict[str, bytes], rng: np.random.Generator) -> list[bytes]:
     """The image's four serialized competition records, colours in a per-image shuffled order."""
     target = "|".join(str(label) for label in plan.labels)
-    return [encode_record(f"{plan.image_id}_{COLORS[i]}", pngs[COLORS[i]], target)
-            for i in rng.permutation(len(COLORS))]
+    return [
+        encode_record(f"{plan.image_id}_{COLORS[i]}", pngs[COLORS[i]], target) for i in rng.permutation(len(COLORS))
+    ]
 
 
 def _write_csv(path: Path, header: str, rows: list[str]) -> None:
     path.write_text("\n".join([header, *rows]) + "\n")
 
 
-def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int = 0, bit_depth: int = 8,
-                 test_images: int = 16, progress: bool = True) -> Path:
+def write_sample(
+    out: str | Path,
+    images: int = 240,
+    size: int = 256,
+    seed: int = 0,
+    bit_depth: int = 8,
+    test_images: int = 16,
+    progress: bool = True,
+) -> Path:
     """Write an HPA-like synthetic data set in the competition layout into `out` and return it.
 
     Files: ``train.csv``, ``train/{ID}_{color}.png``, ``train_tfrecords/train-NNN-of-MMM.tfrec``
@@ -197,7 +206,6 @@ def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int 
     label. The same arguments give byte-identical files.
     """
     _validate(images, size, bit_depth, test_images)  # before the slow TensorFlow import: bad input answers at once
-
 
     out = Path(out)
     _prepare(out)
@@ -218,7 +226,9 @@ def write_sample(out: str | Path, images: int = 240, size: int = 256, seed: int 
                 (out / plan.split / f"{plan.image_id}_{color}.png").write_bytes(pngs[color])
             (out / "masks" / f"{plan.image_id}.png").write_bytes(_png(geometry.mask(), mask=True))
             label_text = "|".join(str(label) for label in plan.labels)
-            cell_rows += [f"{plan.image_id},{i + 1},{'|'.join(map(str, labels))}" for i, labels in enumerate(cell_labels)]
+            cell_rows += [
+                f"{plan.image_id},{i + 1},{'|'.join(map(str, labels))}" for i, labels in enumerate(cell_labels)
+            ]
             if plan.split == "train":
                 train_rows.append(f"{plan.image_id},{label_text}")
                 records += _records(plan, pngs, rng)

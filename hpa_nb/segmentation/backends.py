@@ -1,5 +1,6 @@
 """Cell segmentation by name: `segment(red, blue, yellow, method)` gives a uint16 instance mask at the image's
 size from one of the backends in `SEGMENTERS`, then applies the rule for fragments and edges they all share."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -58,8 +59,11 @@ def segment(
     if len(shapes) != 1 or len(np.shape(red)) != 2:
         raise ValueError(f"red, blue and yellow must be 2-D arrays of one shape, got {sorted(shapes)}")
     labels = SEGMENTERS[method](
-        np.asarray(red, np.float32), np.asarray(blue, np.float32), np.asarray(yellow, np.float32),
-        settings, **method_options,
+        np.asarray(red, np.float32),
+        np.asarray(blue, np.float32),
+        np.asarray(yellow, np.float32),
+        settings,
+        **method_options,
     )
     labels = clean_labels(labels, settings.min_area_fraction, drop_border=settings.border == "drop")
     return labels.astype(np.uint16)
@@ -68,10 +72,18 @@ def segment(
 _SEGMENTATORS: dict[tuple, object] = {}
 
 
-def _segment_hpacellseg(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, settings: ClassicalSettings,
-                        hpacellseg_dir: str | None = None, nuclei_model: str | None = None,
-                        cell_model: str | None = None, device: str = "cuda", scale_factor: float = 0.25,
-                        work_size: int | None = None) -> np.ndarray:
+def _segment_hpacellseg(
+    red: np.ndarray,
+    blue: np.ndarray,
+    yellow: np.ndarray,
+    settings: ClassicalSettings,
+    hpacellseg_dir: str | None = None,
+    nuclei_model: str | None = None,
+    cell_model: str | None = None,
+    device: str = "cuda",
+    scale_factor: float = 0.25,
+    work_size: int | None = None,
+) -> np.ndarray:
     hpacellseg.require_torch()  # the first thing missing, if it is
     explicit = bool(nuclei_model and cell_model)
     where = None if explicit else offline.search_root(hpacellseg_dir)[0].resolve()

@@ -1,5 +1,6 @@
 """The classical cell segmentation (scipy and scikit-image, no downloads), and the steps every backend shares:
 normalising a stain, working at a smaller size and back, and cleaning an instance mask."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,8 +74,9 @@ def segment_nuclei(blue: np.ndarray, sigma: float, peak_spacing: float) -> np.nd
     radius = np.sqrt(np.median(areas) / np.pi)
     distance = ndimage.distance_transform_edt(binary)
     distance = gaussian(distance, sigma=max(1.0, radius / 8), preserve_range=True)
-    peaks = peak_local_max(distance, min_distance=max(2, int(peak_spacing * radius)), labels=components,
-                           exclude_border=False)
+    peaks = peak_local_max(
+        distance, min_distance=max(2, int(peak_spacing * radius)), labels=components, exclude_border=False
+    )
     markers = np.zeros(blue.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # A component without a peak (a flat plateau) still is a nucleus: seed it whole.
@@ -84,8 +86,7 @@ def segment_nuclei(blue: np.ndarray, sigma: float, peak_spacing: float) -> np.nd
     return watershed(-distance, markers, mask=binary)
 
 
-def segment_classical(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray,
-                       settings: ClassicalSettings) -> np.ndarray:
+def segment_classical(red: np.ndarray, blue: np.ndarray, yellow: np.ndarray, settings: ClassicalSettings) -> np.ndarray:
     from skimage.filters import gaussian, threshold_otsu  # scikit-image: not on the TPU image
     from skimage.segmentation import watershed
 

@@ -21,6 +21,7 @@ copying its code, touching only the package's own module namespaces:
   2-channel cell model (by its published name: it has the 3-channel one's architecture), a nuclei
   model given as the cell model, one file given as both.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -68,17 +69,23 @@ def _check_fork() -> None:
     """PyPI's ``pytorch-zoo`` is another package of the same import name, without ``pytorch_zoo.unet``,
     which the model files unpickle into."""
     if importlib.util.find_spec("pytorch_zoo") is None:
-        raise SegmentationUnavailableError("hpacellseg's model files need the pytorch_zoo fork "
-                                    "(github.com/haoxusci/pytorch_zoo): put its source folder on sys.path")
+        raise SegmentationUnavailableError(
+            "hpacellseg's model files need the pytorch_zoo fork "
+            "(github.com/haoxusci/pytorch_zoo): put its source folder on sys.path"
+        )
     try:
         unet = importlib.util.find_spec("pytorch_zoo.unet")  # imports the package, whose __init__ needs torchvision
     except ImportError as error:
-        raise SegmentationUnavailableError(f"hpacellseg's pytorch_zoo fork needs {error.name} ({error}): pip install "
-                                    f"{error.name} (on Kaggle it is preinstalled)") from None
+        raise SegmentationUnavailableError(
+            f"hpacellseg's pytorch_zoo fork needs {error.name} ({error}): pip install "
+            f"{error.name} (on Kaggle it is preinstalled)"
+        ) from None
     if unet is None:
-        raise SegmentationUnavailableError("the installed pytorch_zoo is PyPI's pytorch-zoo, not the fork hpacellseg needs "
-                                    "(no pytorch_zoo.unet): pip uninstall pytorch-zoo, then put the fork's source "
-                                    "folder (github.com/haoxusci/pytorch_zoo) on sys.path")
+        raise SegmentationUnavailableError(
+            "the installed pytorch_zoo is PyPI's pytorch-zoo, not the fork hpacellseg needs "
+            "(no pytorch_zoo.unet): pip uninstall pytorch-zoo, then put the fork's source "
+            "folder (github.com/haoxusci/pytorch_zoo) on sys.path"
+        )
 
 
 def load_model(path: str | Path, device: str = "cpu"):
@@ -87,8 +94,10 @@ def load_model(path: str | Path, device: str = "cpu"):
     torch = require_torch()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"hpacellseg model file {path} not found: attach the hosts' published weights "
-                                "(nuclei-model.pth, cell-model.pth) or pass their paths")
+        raise FileNotFoundError(
+            f"hpacellseg model file {path} not found: attach the hosts' published weights "
+            "(nuclei-model.pth, cell-model.pth) or pass their paths"
+        )
     _check_fork()
     module = torch.load(path, map_location=torch.device(device), weights_only=False)
     if isinstance(module, torch.nn.DataParallel):
@@ -108,19 +117,24 @@ def _check_channels(module, path: Path, torch) -> None:
             with torch.no_grad():
                 declared = 3, module(torch.zeros(1, 3, 64, 64)).shape[1]
         except RuntimeError as error:
-            raise ValueError(f"{path} does not run on a 3-channel image ({str(error).splitlines()[0]}): "
-                             "hpacellseg's U-Nets take 3") from None
+            raise ValueError(
+                f"{path} does not run on a 3-channel image ({str(error).splitlines()[0]}): hpacellseg's U-Nets take 3"
+            ) from None
     if tuple(declared) != (3, 3):
-        raise ValueError(f"{path} takes {declared[0]} channels and gives {declared[1]}: hpacellseg's U-Nets "
-                         "take 3 and give 3 (use the hosts' dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth)")
+        raise ValueError(
+            f"{path} takes {declared[0]} channels and gives {declared[1]}: hpacellseg's U-Nets "
+            "take 3 and give 3 (use the hosts' dpn_unet_nuclei_v1.pth and dpn_unet_cell_3ch_v1.pth)"
+        )
 
 
 TWO_CHANNEL_NAMES = ("dpn_unet_cell_v2",)  # the hosts' published 2-channel cell model (no ER plane)
 
 
 def two_channel_error(path: Path) -> ValueError:
-    return ValueError(f"{path} is HPA-Cell-Segmentation's 2-channel cell model: hpa-nb feeds the ER channel and "
-                      "needs the 3-channel one, dpn_unet_cell_3ch_v1.pth")
+    return ValueError(
+        f"{path} is HPA-Cell-Segmentation's 2-channel cell model: hpa-nb feeds the ER channel and "
+        "needs the 3-channel one, dpn_unet_cell_3ch_v1.pth"
+    )
 
 
 def check_pair(nuclei_model: Path, cell_model: Path) -> None:
@@ -134,8 +148,10 @@ def check_pair(nuclei_model: Path, cell_model: Path) -> None:
     if any(stem in name for stem in TWO_CHANNEL_NAMES) or "2ch" in name:
         raise two_channel_error(cell_model)
     if "nucle" in name:
-        raise ValueError(f"{cell_model} is named as a nuclei model but given as the cell model: pass the 3-channel "
-                         "cell model (dpn_unet_cell_3ch_v1.pth)")
+        raise ValueError(
+            f"{cell_model} is named as a nuclei model but given as the cell model: pass the 3-channel "
+            "cell model (dpn_unet_cell_3ch_v1.pth)"
+        )
     if nuclei_model.is_file() and cell_model.is_file() and nuclei_model.samefile(cell_model):
         raise ValueError(f"{cell_model} is given as both the nuclei and the cell model: they are two files")
 
@@ -179,8 +195,10 @@ def _scaled(function):
 def patch_package() -> tuple[types.ModuleType, types.ModuleType]:
     """Import ``hpacellseg`` and give its two modules the fixes above (once); returns them."""
     require_torch()
-    segmentator = _require("hpacellseg.cellsegmentator", "put HPA-Cell-Segmentation's source folder on sys.path, "
-                                                         "with its requirements opencv and imageio (README)")
+    segmentator = _require(
+        "hpacellseg.cellsegmentator",
+        "put HPA-Cell-Segmentation's source folder on sys.path, with its requirements opencv and imageio (README)",
+    )
     utils = importlib.import_module("hpacellseg.utils")
     if not getattr(utils, "_hpa_nb_patched", False):
         segmentator.transform = _Proxy(segmentator.transform, rescale=_rescale(segmentator.transform.rescale))
@@ -198,8 +216,14 @@ class HpaCellSegmenter:
     ``scale_factor``: the package's own further scaling before the networks (0.25 for 2048 px images).
     """
 
-    def __init__(self, nuclei_model: str | Path, cell_model: str | Path, device: str = "cpu",
-                 work_size: int | None = None, scale_factor: float = 0.25) -> None:
+    def __init__(
+        self,
+        nuclei_model: str | Path,
+        cell_model: str | Path,
+        device: str = "cpu",
+        work_size: int | None = None,
+        scale_factor: float = 0.25,
+    ) -> None:
         segmentator, self._utils = patch_package()
         import torch  # torch: optional; Kaggle's TPU image lacks it
 
@@ -207,8 +231,13 @@ class HpaCellSegmenter:
         self.work_size, self.device = work_size, device
         check_pair(nuclei_model, cell_model)
         self._segmentator = segmentator.CellSegmentator(
-            load_model(nuclei_model, device), load_model(cell_model, device), scale_factor=scale_factor,
-            device=device, padding=True, multi_channel_model=True)
+            load_model(nuclei_model, device),
+            load_model(cell_model, device),
+            scale_factor=scale_factor,
+            device=device,
+            padding=True,
+            multi_channel_model=True,
+        )
 
     def __call__(self, red: np.ndarray, blue: np.ndarray, yellow: np.ndarray) -> np.ndarray:
         """Cell labels (int32, 0 = background) of one image's channels (2-D, one shape, any scale)."""

@@ -1,4 +1,5 @@
 """An image's stains and (for the sample) its true cell mask, read at full size from the PNG folders as numpy."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,10 @@ def read_channels(folder: Path, image_id: str, colors: Iterable[str] = COLORS) -
     for color, pixels in channels.items():
         if pixels.shape != channels[first].shape:
             (height, width), (first_height, first_width) = pixels.shape, channels[first].shape
-            raise ValueError(f"image {image_id}: {folder / f'{image_id}_{color}.png'} is {width}×{height} px, "
-                             f"but {image_id}_{first}.png is {first_width}×{first_height} px")
+            raise ValueError(
+                f"image {image_id}: {folder / f'{image_id}_{color}.png'} is {width}×{height} px, "
+                f"but {image_id}_{first}.png is {first_width}×{first_height} px"
+            )
     return channels
 
 
@@ -44,8 +47,9 @@ def stack_channels(channels: Mapping[str, np.ndarray], channel_mode: str) -> np.
 
 def colors_needed(*channels: str) -> list[str]:
     """The stains one prediction reads: the models' channels plus red, blue and yellow for segmentation."""
-    return sorted({color for mode in channels for color in colors_of(mode)} | {"red", "blue", "yellow"},
-                  key=COLORS.index)
+    return sorted(
+        {color for mode in channels for color in colors_of(mode)} | {"red", "blue", "yellow"}, key=COLORS.index
+    )
 
 
 def read_mask(data_dir: Path, image_id: str) -> np.ndarray:

@@ -16,6 +16,7 @@ unpack archives), plain clones of the two repositories, and the weights under th
 code, so it cannot run from inside a zip, and /kaggle/input is read-only) and puts the code on sys.path.
 `resolve` is what the segmentation calls; `choose_segmentation` is the submission notebook's pick.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,10 @@ CELL_NAMES = ("cell-model.pth", "cell_model.pth", "dpn_unet_cell_3ch_v1.pth")
 TWO_CHANNEL_FILES = tuple(stem + ".pth" for stem in TWO_CHANNEL_NAMES)
 DATASET_SLUG = "hpacellseg-offline"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same sources always give the same zip
-RECIPE = ("see the README's 'Offline on Kaggle, step by step' (python -m hpa_nb kaggle hpacellseg-dataset lays the "
-          "folder out)")
+RECIPE = (
+    "see the README's 'Offline on Kaggle, step by step' (python -m hpa_nb kaggle hpacellseg-dataset lays the "
+    "folder out)"
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,11 @@ class OfflineSources:
 
 def _missing(sources: OfflineSources, name: int = 0) -> list[str]:
     """The weight files `sources` lacks, each by its `name`-th spelling (0: ours, -1: Zenodo's)."""
-    return [names[name] for names, path in ((NUCLEI_NAMES, sources.nuclei_model), (CELL_NAMES, sources.cell_model))
-            if path is None]
+    return [
+        names[name]
+        for names, path in ((NUCLEI_NAMES, sources.nuclei_model), (CELL_NAMES, sources.cell_model))
+        if path is None
+    ]
 
 
 def _first_file(root: Path, names: tuple[str, ...], max_depth: int) -> Path | None:
@@ -93,12 +99,17 @@ def _source_roots(root: Path, max_depth: int) -> tuple[Path, ...]:
 def find(root: Path, max_depth: int = 5) -> OfflineSources:
     """The pieces under `root` (each absent one is None, or left out of `import_paths`)."""
     root = Path(root)
-    return OfflineSources(_source_roots(root, max_depth), _first_file(root, NUCLEI_NAMES, max_depth),
-                          _first_file(root, CELL_NAMES, max_depth), _first_file(root, TWO_CHANNEL_FILES, max_depth))
+    return OfflineSources(
+        _source_roots(root, max_depth),
+        _first_file(root, NUCLEI_NAMES, max_depth),
+        _first_file(root, CELL_NAMES, max_depth),
+        _first_file(root, TWO_CHANNEL_FILES, max_depth),
+    )
 
 
-def search_root(folder: str | Path | None = None, environ: Mapping[str, str] = os.environ,
-                input_root: Path | None = None) -> tuple[Path, int]:
+def search_root(
+    folder: str | Path | None = None, environ: Mapping[str, str] = os.environ, input_root: Path | None = None
+) -> tuple[Path, int]:
     """Where to look, and how deep: `folder`, else $HPA_CELLSEG_DIR, else /kaggle/input on Kaggle, else the
     current folder (only its own files and subfolders: not a checkout's .venv)."""
     folder = folder or environ.get("HPA_CELLSEG_DIR")
@@ -135,22 +146,23 @@ def activate(sources: OfflineSources, environ: Mapping[str, str] = os.environ) -
     importlib.invalidate_caches()
 
 
-def resolve(folder: str | Path | None = None, environ: Mapping[str, str] = os.environ,
-            input_root: Path | None = None) -> OfflineSources:
+def resolve(
+    folder: str | Path | None = None, environ: Mapping[str, str] = os.environ, input_root: Path | None = None
+) -> OfflineSources:
     """The pieces for a run, activated; a folder without both weight files is a one-line error."""
     root, depth = search_root(folder, environ, input_root)
     sources = find(root, depth)
     if not sources.complete:
         if sources.cell_model is None and sources.two_channel_model is not None:
             raise two_channel_error(sources.two_channel_model)
-        raise FileNotFoundError(f"no {' and '.join(_missing(sources))} (or their Zenodo names) in {root.resolve()}: "
-                                f"{RECIPE}")
+        raise FileNotFoundError(
+            f"no {' and '.join(_missing(sources))} (or their Zenodo names) in {root.resolve()}: {RECIPE}"
+        )
     activate(sources, environ)
     return sources
 
 
-def choose_segmentation(environ: Mapping[str, str] = os.environ,
-                        input_root: Path | None = None) -> tuple[str, str]:
+def choose_segmentation(environ: Mapping[str, str] = os.environ, input_root: Path | None = None) -> tuple[str, str]:
     """("hpacellseg", why) when torch and an offline folder are there, else ("classical", why not)."""
     if importlib.util.find_spec("torch") is None:
         return "classical", "classical segmentation (hpacellseg needs torch, which is not installed)"
@@ -160,8 +172,7 @@ def choose_segmentation(environ: Mapping[str, str] = os.environ,
         return "classical", f"classical segmentation ({error})"
     sources = find(root, depth)
     if not sources.complete or not sources.import_paths:
-        return "classical", (f"classical segmentation (no complete HPA-Cell-Segmentation folder in {root}: "
-                             f"{RECIPE})")
+        return "classical", (f"classical segmentation (no complete HPA-Cell-Segmentation folder in {root}: {RECIPE})")
     return "hpacellseg", f"hpacellseg segmentation, the hosts' tool: {sources.describe()}"
 
 
@@ -177,8 +188,11 @@ def _write_sources_zip(package: Path, fork: Path, target: Path) -> None:
     with atomic_path(target) as scratch, zipfile.ZipFile(scratch, "w", zipfile.ZIP_DEFLATED) as archive:
         for folder in (package, fork):
             for path in sorted(folder.rglob("*")):
-                if path.is_file() and (path.suffix == ".py" or path.name in ("VERSION", "LICENSE")) \
-                        and "__pycache__" not in path.parts:
+                if (
+                    path.is_file()
+                    and (path.suffix == ".py" or path.name in ("VERSION", "LICENSE"))
+                    and "__pycache__" not in path.parts
+                ):
                     info = zipfile.ZipInfo(str(path.relative_to(folder.parent)), ZIP_TIME)
                     info.compress_type = zipfile.ZIP_DEFLATED
                     archive.writestr(info, path.read_bytes())
@@ -199,24 +213,33 @@ def _place(source: Path, target: Path) -> None:
 def build(package_dir: Path, fork_dir: Path, weights_dir: Path, out: Path, username: str) -> Path:
     """Lay out the offline folder in `out` from a clone of HPA-Cell-Segmentation, a clone of its
     ``pytorch_zoo`` fork and a folder with the two published weight files; returns `out`."""
-    package = _package_folder(Path(package_dir), "hpacellseg", "cellsegmentator.py",
-                              "clone github.com/CellProfiling/HPA-Cell-Segmentation")
-    if (Path(fork_dir) / "pytorch_zoo" / "__init__.py").is_file() and not (Path(fork_dir) / "pytorch_zoo" / "unet.py").is_file():
-        raise ValueError(f"{fork_dir} is PyPI's pytorch-zoo (no pytorch_zoo/unet.py), not the fork hpacellseg needs: "
-                         "clone github.com/haoxusci/pytorch_zoo")
+    package = _package_folder(
+        Path(package_dir), "hpacellseg", "cellsegmentator.py", "clone github.com/CellProfiling/HPA-Cell-Segmentation"
+    )
+    if (Path(fork_dir) / "pytorch_zoo" / "__init__.py").is_file() and not (
+        Path(fork_dir) / "pytorch_zoo" / "unet.py"
+    ).is_file():
+        raise ValueError(
+            f"{fork_dir} is PyPI's pytorch-zoo (no pytorch_zoo/unet.py), not the fork hpacellseg needs: "
+            "clone github.com/haoxusci/pytorch_zoo"
+        )
     fork = _package_folder(Path(fork_dir), "pytorch_zoo", "unet.py", "clone github.com/haoxusci/pytorch_zoo")
     weights = find(Path(weights_dir), max_depth=1)
     if weights.cell_model is None and weights.two_channel_model is not None:
         raise two_channel_error(weights.two_channel_model)
     if not weights.complete:
-        raise FileNotFoundError(f"{weights_dir} lacks {' and '.join(_missing(weights, -1))}: download it from "
-                                "zenodo.org/record/4665863")
+        raise FileNotFoundError(
+            f"{weights_dir} lacks {' and '.join(_missing(weights, -1))}: download it from zenodo.org/record/4665863"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_sources_zip(package, fork, out / SOURCES_ZIP)
     _place(weights.nuclei_model, out / NUCLEI_NAMES[0])
     _place(weights.cell_model, out / CELL_NAMES[0])
-    metadata = {"title": "HPA-Cell-Segmentation offline", "id": f"{username}/{DATASET_SLUG}",
-                "licenses": [{"name": "other"}]}
+    metadata = {
+        "title": "HPA-Cell-Segmentation offline",
+        "id": f"{username}/{DATASET_SLUG}",
+        "licenses": [{"name": "other"}],
+    }
     write_text(out / "dataset-metadata.json", json.dumps(metadata, indent=2) + "\n")
     return out

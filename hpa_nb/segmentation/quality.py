@@ -1,5 +1,6 @@
 """How well a segmentation matches the true cells: IoU tables, one-to-one matching, a score per image
 and over a data set, and the sample's cell ground truth (``masks/`` and ``cells.csv``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ def iou_table(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.
         raise ValueError(f"masks differ in shape: {predicted.shape} vs {truth.shape}")
     predicted_ids, predicted_index = np.unique(predicted, return_inverse=True)
     truth_ids, truth_index = np.unique(truth, return_inverse=True)
-    pairs = np.bincount(predicted_index.ravel() * len(truth_ids) + truth_index.ravel(),
-                        minlength=len(predicted_ids) * len(truth_ids)).reshape(len(predicted_ids), len(truth_ids))
+    pairs = np.bincount(
+        predicted_index.ravel() * len(truth_ids) + truth_index.ravel(), minlength=len(predicted_ids) * len(truth_ids)
+    ).reshape(len(predicted_ids), len(truth_ids))
     predicted_area = pairs.sum(axis=1, keepdims=True)
     truth_area = pairs.sum(axis=0, keepdims=True)
     iou = pairs / np.maximum(predicted_area + truth_area - pairs, 1)
@@ -73,12 +75,19 @@ class SegmentationScore:
         return self.matched / self.predicted_cells if self.predicted_cells else 1.0
 
     def __add__(self, other: "SegmentationScore") -> "SegmentationScore":
-        return SegmentationScore(self.truth_cells + other.truth_cells, self.predicted_cells + other.predicted_cells,
-                                 self.matched + other.matched, self.iou_sum + other.iou_sum, self.threshold)
+        return SegmentationScore(
+            self.truth_cells + other.truth_cells,
+            self.predicted_cells + other.predicted_cells,
+            self.matched + other.matched,
+            self.iou_sum + other.iou_sum,
+            self.threshold,
+        )
 
     def __str__(self) -> str:
-        return (f"mean matched IoU {self.mean_iou:.3f}, found {self.recall:.1%} of {self.truth_cells} cells, "
-                f"precision {self.precision:.1%} (IoU ≥ {self.threshold})")
+        return (
+            f"mean matched IoU {self.mean_iou:.3f}, found {self.recall:.1%} of {self.truth_cells} cells, "
+            f"precision {self.precision:.1%} (IoU ≥ {self.threshold})"
+        )
 
 
 def score_segmentation(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> SegmentationScore:
@@ -115,8 +124,9 @@ def segmentation_quality(
     return total
 
 
-def load_cell_truth(data_dir: Path, ids: Sequence[str] | None = None
-                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[int, np.ndarray]]]:
+def load_cell_truth(
+    data_dir: Path, ids: Sequence[str] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, dict[int, np.ndarray]]]:
     """Ground truth of the sample for `hpa_nb.core.metrics.cell_map`: (masks, labels).
 
     ``masks[ID]`` is the uint16 instance mask ``masks/{ID}.png``; ``labels[ID][cell_id]`` is the

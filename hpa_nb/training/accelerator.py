@@ -19,6 +19,7 @@ otherwise                                  one device, no strategy
 
 Mixed precision follows the device: bfloat16 on TPU, float16 on GPU, float32 on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,12 +92,18 @@ class Accelerator:
 
     def describe(self) -> str:
         hosts = f" over {self.hosts.count} hosts" if self.hosts.several else ""
-        return (f"{self.backend} on {self.replicas} × {self.device_kind} ({self.device_name}){hosts}, {self.path}, "
-                f"precision {self.precision}")
+        return (
+            f"{self.backend} on {self.replicas} × {self.device_kind} ({self.device_name}){hosts}, {self.path}, "
+            f"precision {self.precision}"
+        )
 
 
-def detect(cpu_replicas: int | None = None, precision: str | None = None,
-           environ: Mapping[str, str] = os.environ, hosts: Hosts = Hosts()) -> Accelerator:
+def detect(
+    cpu_replicas: int | None = None,
+    precision: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+    hosts: Hosts = Hosts(),
+) -> Accelerator:
     """Find the accelerator and prepare it (connect the TPU, set the JAX distribution).
 
     ``cpu_replicas`` (default: env ``HPA_CPU_REPLICAS``) splits the CPU into that many logical
@@ -141,8 +148,11 @@ def _detect_tensorflow(cpu_replicas: int) -> Accelerator:
         if len(devices) > 1:
             strategy = tf.distribute.MirroredStrategy(devices)
             return Accelerator("tensorflow", "cpu", "cpu", len(devices), PRECISION["cpu"], strategy)
-        print(f"accelerator: cannot split the CPU into {cpu_replicas} devices once TensorFlow has started; "
-              "using one (call detect() first)", file=sys.stderr)
+        print(
+            f"accelerator: cannot split the CPU into {cpu_replicas} devices once TensorFlow has started; "
+            "using one (call detect() first)",
+            file=sys.stderr,
+        )
     return Accelerator("tensorflow", "cpu", "cpu", 1, PRECISION["cpu"])
 
 

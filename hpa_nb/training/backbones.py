@@ -1,5 +1,6 @@
 """The backbones `--backbone` names, and what a weights or preset argument may be: light (no Keras import), so
 that the command line and `TrainConfig` can check them without loading a framework."""
+
 from __future__ import annotations
 
 from pathlib import Path

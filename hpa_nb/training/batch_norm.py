@@ -8,6 +8,7 @@ or ``tf.function``) that returns the batch statistics without touching the model
 batch is sharded over the devices exactly as Keras shards a training batch, so 8 TPU chips share
 the work instead of each computing it all, op by op.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -48,7 +49,9 @@ def _statistics_function(model, layers: list) -> Callable:
 
         distribution = keras.distribution.distribution()
         # The statistics come back whole on every device, so every host reads the same values.
-        compiled = jax.jit(statistics, **({} if distribution is None else {"out_shardings": hosts.replicated(distribution)}))
+        compiled = jax.jit(
+            statistics, **({} if distribution is None else {"out_shardings": hosts.replicated(distribution)})
+        )
 
         def place(images):  # shard the batch over the devices like Keras's own training step does
             if distribution is None:

@@ -1,6 +1,7 @@
 """The callbacks `fit` trains with, besides Keras's own: each epoch's history row and checkpoint (`epoch_recorder`),
 batch-norm statistics re-estimated before each validation (`recalibration`), and the projection and deadline
 (`clock`)."""
+
 from __future__ import annotations
 
 import sys
@@ -56,7 +57,6 @@ def recalibration(dataset, steps: int):
 def clock(plan):
     """Projects the run's time from its first steps, and stops it at the deadline after the epoch in hand."""
 
-
     config = plan.config
     images_per_epoch = plan.steps_per_epoch * plan.global_batch
     hours = None if config.deadline is None else (config.deadline - time.time()) / 3600
@@ -77,10 +77,19 @@ def clock(plan):
             self.projected = True
             if not plan.hosts.writer:  # one projection per run, not one per host
                 return
-            projection = Projection("training", "epoch", config.epochs, plan.finished_epochs,
-                                    seconds_per_image * images_per_epoch, hours=hours)
-            print(f"{projection.line()} ({what}: {seconds_per_image * 1e3:.3g} ms per image, {images_per_epoch} "
-                  "images per epoch)", file=sys.stderr)
+            projection = Projection(
+                "training",
+                "epoch",
+                config.epochs,
+                plan.finished_epochs,
+                seconds_per_image * images_per_epoch,
+                hours=hours,
+            )
+            print(
+                f"{projection.line()} ({what}: {seconds_per_image * 1e3:.3g} ms per image, {images_per_epoch} "
+                "images per epoch)",
+                file=sys.stderr,
+            )
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch_started = time.time()
@@ -99,12 +108,16 @@ def clock(plan):
             if not self.projected:
                 self.project(self.epoch_seconds[0] / images_per_epoch, "the first epoch, compiling included")
             # Every host stops after the same epoch: host 0's clock decides for all.
-            if config.deadline is not None and hosts.agree(time.time() + max(self.epoch_seconds) > config.deadline,
-                                                           plan.hosts):
+            if config.deadline is not None and hosts.agree(
+                time.time() + max(self.epoch_seconds) > config.deadline, plan.hosts
+            ):
                 self.model.stop_training = True
                 self.stopped_at_deadline = epoch + 1 < config.epochs
                 if self.stopped_at_deadline and plan.hosts.writer:
-                    print(f"train: stopping after epoch {epoch + 1} of {config.epochs}: the next one would end past "
-                          "the deadline (HOURS); its checkpoint is saved, resume from this output", file=sys.stderr)
+                    print(
+                        f"train: stopping after epoch {epoch + 1} of {config.epochs}: the next one would end past "
+                        "the deadline (HOURS); its checkpoint is saved, resume from this output",
+                        file=sys.stderr,
+                    )
 
     return Clock()

@@ -1,5 +1,6 @@
 """Every training option in one dataclass, shared by the CLI, the notebooks and ``RUN/config.json``,
 with the quick sizes that CI and smoke runs use."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,12 @@ class TrainConfig:
     cache: bool = False  # cache decoded images in memory (small data sets only)
 
     # --- model ------------------------------------------------------------------------------------------------------
-    backbone: str = "efficientnetb0"  # a key of hpa_nb.training.model.BACKBONES, or a KerasHub preset (handle or folder)
-    weights: str | None = "imagenet"  # "imagenet", None ("none" too), or a weights file (see hpa_nb.training.model.build)
+    backbone: str = (
+        "efficientnetb0"  # a key of hpa_nb.training.model.BACKBONES, or a KerasHub preset (handle or folder)
+    )
+    weights: str | None = (
+        "imagenet"  # "imagenet", None ("none" too), or a weights file (see hpa_nb.training.model.build)
+    )
     dropout: float = 0.3
 
     # --- optimisation: Adam with linear warmup → sustain → exponential decay (hpa_nb.training.schedule) ------------
@@ -122,43 +127,93 @@ class TrainConfig:
 # Sized so the default sample trains in about a minute on two CPU cores and still learns (the README's
 # "Models and cells on the default sample" gives the validation AUC over seeds).
 QUICK: dict[str, Any] = {
-    "quick": True, "backbone": "tiny", "weights": None, "image_size": 64, "epochs": 5, "batch_size": 16,
-    "max_lr": 8e-3, "initial_lr": 1e-4, "warmup_epochs": 0.5, "lr_decay": 0.7, "dropout": 0.2,
-    "patience": 3, "cache": True,
+    "quick": True,
+    "backbone": "tiny",
+    "weights": None,
+    "image_size": 64,
+    "epochs": 5,
+    "batch_size": 16,
+    "max_lr": 8e-3,
+    "initial_lr": 1e-4,
+    "warmup_epochs": 0.5,
+    "lr_decay": 0.7,
+    "dropout": 0.2,
+    "patience": 3,
+    "cache": True,
 }
 BN_RECALIBRATION = ("epoch", "end", "off")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # The sections of TrainConfig, in its order: a run's summary and the README list the options by these.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": ("data_dir", "shards", "image_size", "channels", "val_fraction", "seed", "split_from", "folds", "fold",
-             "extra_data", "augment", "cache"),
+    "data": (
+        "data_dir",
+        "shards",
+        "image_size",
+        "channels",
+        "val_fraction",
+        "seed",
+        "split_from",
+        "folds",
+        "fold",
+        "extra_data",
+        "augment",
+        "cache",
+    ),
     "model": ("backbone", "weights", "dropout"),
-    "optimisation": ("epochs", "batch_size", "steps_per_epoch", "max_lr", "initial_lr", "warmup_epochs",
-                     "sustain_epochs", "lr_decay", "min_lr", "loss", "focal_gamma", "max_positive_weight"),
+    "optimisation": (
+        "epochs",
+        "batch_size",
+        "steps_per_epoch",
+        "max_lr",
+        "initial_lr",
+        "warmup_epochs",
+        "sustain_epochs",
+        "lr_decay",
+        "min_lr",
+        "loss",
+        "focal_gamma",
+        "max_positive_weight",
+    ),
     "validation": ("patience", "val_cache_gib", "bn_recalibration", "bn_recalibration_steps"),
     "cell level": ("level", "tiles", "relabel", "relabel_folds"),
-    "runtime": ("out_dir", "quick", "resume", "resume_from", "precision", "steps_per_execution", "cpu_replicas",
-                "verbose", "keep_checkpoints", "deadline", "allow_sample_data", "allow_cpu"),
+    "runtime": (
+        "out_dir",
+        "quick",
+        "resume",
+        "resume_from",
+        "precision",
+        "steps_per_execution",
+        "cpu_replicas",
+        "verbose",
+        "keep_checkpoints",
+        "deadline",
+        "allow_sample_data",
+        "allow_cpu",
+    ),
 }
 
 
 def validate(config: TrainConfig) -> None:
     normalize_weights(config.weights)  # a missing weights file fails now, not after the data is read
     if config.backbone not in BACKBONES and not is_preset(config.backbone):
-        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub "
-                         "preset (kaggle://OWNER/MODEL/keras/VARIATION, or its folder)")
+        raise ValueError(
+            f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub "
+            "preset (kaggle://OWNER/MODEL/keras/VARIATION, or its folder)"
+        )
     if config.channels not in CHANNEL_SETS:
         raise ValueError(f"channels must be one of {', '.join(CHANNEL_SETS)}, got {config.channels!r}")
     if config.bn_recalibration not in BN_RECALIBRATION:
-        raise ValueError(f"bn_recalibration must be one of {', '.join(BN_RECALIBRATION)}, "
-                         f"got {config.bn_recalibration!r}")
+        raise ValueError(
+            f"bn_recalibration must be one of {', '.join(BN_RECALIBRATION)}, got {config.bn_recalibration!r}"
+        )
     if config.relabel and config.level != "cell":
         raise ValueError("relabel is for cell runs (level='cell')")
     if config.relabel_folds < 2:
         raise ValueError(f"relabel_folds must be at least 2, got {config.relabel_folds}")
     if config.folds is not None and (config.folds < 2 or not 0 <= config.fold < config.folds):
-        raise ValueError(f"folds must be at least 2 and fold one of 0..folds-1, got folds={config.folds}, "
-                         f"fold={config.fold}")
+        raise ValueError(
+            f"folds must be at least 2 and fold one of 0..folds-1, got folds={config.folds}, fold={config.fold}"
+        )
     if config.extra_data and config.shards:
         raise ValueError("extra data sources are read from their PNGs beside data_dir's; leave shards out")
     if config.level not in LEVELS:

@@ -8,6 +8,7 @@ labelled test set. Per-class F1 thresholds are tuned on the evaluated images the
 `hpa_nb.core.metrics.image_metrics`), so that F1 is optimistic; AUC and AP need no threshold. For a
 separate test folder, pass the thresholds of a validation evaluation (``--thresholds``).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ SPLITS = ("val", "all")
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
 
+
 @dataclass
 class Evaluation:
     """What `evaluate` computed and wrote."""
@@ -65,8 +67,14 @@ def load_thresholds(path: str | os.PathLike) -> list[float | None]:
 
 
 # --- which images ---------------------------------------------------------------------------
-def held_out_ids(run_dir: str | os.PathLike, labels: pd.DataFrame, val_fraction: float, seed: int,
-                 folds: int | None = None, fold: int = 0) -> list[str]:
+def held_out_ids(
+    run_dir: str | os.PathLike,
+    labels: pd.DataFrame,
+    val_fraction: float,
+    seed: int,
+    folds: int | None = None,
+    fold: int = 0,
+) -> list[str]:
     """The validation IDs of a run, reproduced with `hpa_nb.data.splits.holdout` and checked against RUN/split.csv.
 
     Raises ValueError when they differ (the data folder changed since training, or it is a
@@ -87,7 +95,8 @@ def held_out_ids(run_dir: str | os.PathLike, labels: pd.DataFrame, val_fraction:
             f"the held-out split reproduced from {folder.config} (val_fraction={val_fraction}, seed={seed}, "
             f"folds={folds}, fold={fold}) "
             f"differs from {folder.split}: {len(only_recorded)} val IDs missing, {len(only_reproduced)} extra "
-            f"(e.g. {example}); has the data folder changed since training?")
+            f"(e.g. {example}); has the data folder changed since training?"
+        )
     if not val_ids:
         raise ValueError(f"the run {run_dir} held out no images (val_fraction={val_fraction}); use --split all")
     return val_ids
@@ -103,23 +112,32 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A plain-text per-class table with the averages underneath, as the CLI prints it."""
+
     def number(value: float | None) -> str:
         return "–" if value is None else f"{value:.3f}"
 
     width = max(len(name) for name in LABEL_NAMES)
     lines = [f"{'class':<{width}}  {'support':>7}  {'AUC':>6}  {'AP':>6}  {'F1':>6}  {'threshold':>9}"]
     for entry in metrics["classes"]:
-        lines.append(f"{entry['name']:<{width}}  {entry['support']:>7}  {number(entry['roc_auc']):>6}  "
-                     f"{number(entry['average_precision']):>6}  {number(entry['f1']):>6}  "
-                     f"{number(entry['threshold']):>9}")
+        lines.append(
+            f"{entry['name']:<{width}}  {entry['support']:>7}  {number(entry['roc_auc']):>6}  "
+            f"{number(entry['average_precision']):>6}  {number(entry['f1']):>6}  "
+            f"{number(entry['threshold']):>9}"
+        )
     micro = metrics["micro"]
     lines.append("")
-    lines.append(f"{metrics['images']} images, {metrics['classes_present']} of {len(metrics['classes'])} classes "
-                 f"present ('–': undefined, class absent)")
-    lines.append(f"macro ROC AUC {number(metrics['macro_roc_auc'])}   mAP {number(metrics['map'])}   "
-                 f"macro F1 {number(metrics['macro_f1'])}")
-    lines.append(f"micro ROC AUC {number(micro['roc_auc'])}   micro AP {number(micro['average_precision'])}   "
-                 f"micro F1 {number(micro['f1'])}")
+    lines.append(
+        f"{metrics['images']} images, {metrics['classes_present']} of {len(metrics['classes'])} classes "
+        f"present ('–': undefined, class absent)"
+    )
+    lines.append(
+        f"macro ROC AUC {number(metrics['macro_roc_auc'])}   mAP {number(metrics['map'])}   "
+        f"macro F1 {number(metrics['macro_f1'])}"
+    )
+    lines.append(
+        f"micro ROC AUC {number(micro['roc_auc'])}   micro AP {number(micro['average_precision'])}   "
+        f"micro F1 {number(micro['f1'])}"
+    )
     return "\n".join(lines)
 
 
@@ -131,16 +149,24 @@ def _write_outputs(out_dir: Path, result: Evaluation, run_dir: Path) -> list[Pat
     files.append(metrics_path)
     files += save_figure(charts.per_class_scores(result.metrics), out_dir / "per_class_scores")
     if result.y_true.any():
-        files += save_figure(charts.precision_recall_curves(result.y_true, result.y_score), out_dir / "precision_recall")
+        files += save_figure(
+            charts.precision_recall_curves(result.y_true, result.y_score), out_dir / "precision_recall"
+        )
     if run.RunFolder(run_dir).history.is_file():
         files += save_figure(training_history(run.RunFolder(run_dir).history), out_dir / "training_history")
     return files
 
 
-def evaluate(run_dir: str | os.PathLike | Sequence[str | os.PathLike], data_dir: str | os.PathLike | None = None,
-             out_dir: str | os.PathLike | None = None, split: str = "val", tta: bool = False,
-             batch_size: int | None = None, thresholds: str | os.PathLike | None = None,
-             weights: Sequence[float] | None = None) -> Evaluation:
+def evaluate(
+    run_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    data_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    split: str = "val",
+    tta: bool = False,
+    batch_size: int | None = None,
+    thresholds: str | os.PathLike | None = None,
+    weights: Sequence[float] | None = None,
+) -> Evaluation:
     """Score a trained run, or the weighted average of several, on labelled images and write predictions.csv,
     metrics.json and plots.
 
@@ -179,12 +205,17 @@ def evaluate(run_dir: str | os.PathLike | Sequence[str | os.PathLike], data_dir:
     out_dir = Path(out_dir) if out_dir is not None else default_out
     labels = load_labels(data_dir)
     if split == "val":
-        held = [held_out_ids(folder, labels, c.val_fraction, c.seed, c.folds, c.fold) for folder, c in zip(run_dirs, configs)]
+        held = [
+            held_out_ids(folder, labels, c.val_fraction, c.seed, c.folds, c.fold)
+            for folder, c in zip(run_dirs, configs)
+        ]
         for folder, other in zip(run_dirs[1:], held[1:]):
             if set(other) != set(held[0]):
-                raise ValueError(f"{folder} holds out other images than {run_dirs[0]}: an ensemble is scored on images "
-                                 "none of its runs trained on (--split all on a separate folder), and fold runs "
-                                 "out of fold with `python -m hpa_nb folds`")
+                raise ValueError(
+                    f"{folder} holds out other images than {run_dirs[0]}: an ensemble is scored on images "
+                    "none of its runs trained on (--split all on a separate folder), and fold runs "
+                    "out of fold with `python -m hpa_nb folds`"
+                )
         ids = held[0]
     else:
         ids = labels["ID"].tolist()
@@ -200,18 +231,25 @@ def evaluate(run_dir: str | os.PathLike | Sequence[str | os.PathLike], data_dir:
         predicted_ids, y_true, scores = predict(load_model(folder), dataset, tta=tta, total=len(ids))
         if len(predicted_ids) != len(ids):
             missing = sorted(set(ids) - set(predicted_ids))
-            raise ValueError(f"the data pipeline returned {len(predicted_ids)} images for the {len(ids)} asked for"
-                             + (f" (e.g. {missing[0]} is missing)" if missing else "") + f"; is {data_dir} complete?")
+            raise ValueError(
+                f"the data pipeline returned {len(predicted_ids)} images for the {len(ids)} asked for"
+                + (f" (e.g. {missing[0]} is missing)" if missing else "")
+                + f"; is {data_dir} complete?"
+            )
         y_true, scores = reorder(ids, predicted_ids, y_true, scores)  # TFRecords come in file order
         y_score = y_score + weight * scores
-    result = Evaluation(list(ids), y_true, np.asarray(y_score, np.float32),
-                        image_metrics(y_true, y_score, given_thresholds))
-    result.metrics = {"run": str(run_dirs[0]) if len(run_dirs) == 1 else [str(r) for r in run_dirs],
-                      **({"weights": list(weights)} if len(run_dirs) > 1 else {}),
-                      "data_dir": str(data_dir), "split": split, "tta": tta,
-                      "tta_transforms": list(DIHEDRAL_TRANSFORMS) if tta else ["identity"],
-                      "thresholds_from": str(thresholds) if thresholds is not None else "tuned on these images",
-                      **result.metrics}
+    result = Evaluation(
+        list(ids), y_true, np.asarray(y_score, np.float32), image_metrics(y_true, y_score, given_thresholds)
+    )
+    result.metrics = {
+        "run": str(run_dirs[0]) if len(run_dirs) == 1 else [str(r) for r in run_dirs],
+        **({"weights": list(weights)} if len(run_dirs) > 1 else {}),
+        "data_dir": str(data_dir),
+        "split": split,
+        "tta": tta,
+        "tta_transforms": list(DIHEDRAL_TRANSFORMS) if tta else ["identity"],
+        "thresholds_from": str(thresholds) if thresholds is not None else "tuned on these images",
+        **result.metrics,
+    }
     result.files = _write_outputs(out_dir, result, run_dirs[0])
     return result
-

@@ -5,6 +5,7 @@ Their figures are honest: no image is scored by a model that saw it, so anything
 an ensemble's weights) is chosen on images that no fold model trained on. The cell-level weights are cross-tuned on
 images with true cells instead (`hpa_nb.cells.compare`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,14 @@ class OutOfFold:
 
     def table(self) -> pd.DataFrame:
         """The runs' rows, then one for the whole out-of-fold table."""
-        whole = {"run": "out of fold", "fold": "all", "backbone": "", "images": len(self.ids),
-                 "macro AUC": self.metrics["macro_roc_auc"], "mAP": self.metrics["map"]}
+        whole = {
+            "run": "out of fold",
+            "fold": "all",
+            "backbone": "",
+            "images": len(self.ids),
+            "macro AUC": self.metrics["macro_roc_auc"],
+            "mAP": self.metrics["map"],
+        }
         return pd.concat([self.runs, pd.DataFrame([whole])], ignore_index=True)
 
     def write(self, path: str | Path) -> Path:
@@ -58,8 +65,10 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
         if not config.folds:
             raise ValueError(f"{folder} is not a fold run (train it with --folds K --fold k)")
         if (config.folds, config.seed, config.level) != (first.folds, first.seed, first.level):
-            raise ValueError(f"{folder} has folds={config.folds}, seed={config.seed}, level={config.level}, not "
-                             f"{first.folds}, {first.seed}, {first.level} as {run_dirs[0]}: the runs are of other splits")
+            raise ValueError(
+                f"{folder} has folds={config.folds}, seed={config.seed}, level={config.level}, not "
+                f"{first.folds}, {first.seed}, {first.level} as {run_dirs[0]}: the runs are of other splits"
+            )
         if not run.RunFolder(folder).oof.is_file():
             raise FileNotFoundError(f"{run.RunFolder(folder).oof} does not exist: the run did not finish")
     missing = sorted(set(range(first.folds)) - {config.fold for config in configs})
@@ -73,8 +82,10 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
         ids, scores = read_predictions(run.RunFolder(folder).oof)
         held = run.load_split(folder)["val"]
         if sorted(ids) != sorted(held):
-            raise ValueError(f"{run.RunFolder(folder).oof} does not hold the run's held-out images ({len(ids)} rows, "
-                             f"{len(held)} held out)")
+            raise ValueError(
+                f"{run.RunFolder(folder).oof} does not hold the run's held-out images ({len(ids)} rows, "
+                f"{len(held)} held out)"
+            )
         if by_fold.get(config.fold) and sorted(by_fold[config.fold][0][0]) != sorted(ids):
             raise ValueError(f"{folder} holds out other images than the other runs of fold {config.fold}")
         unknown = [image_id for image_id in ids if image_id not in truth]
@@ -82,8 +93,16 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
             raise ValueError(f"{folder}: image {unknown[0]} is not in the data's train.csv")
         by_fold.setdefault(config.fold, []).append((ids, scores))
         metrics = image_metrics(label_matrix(ids, [truth[i] for i in ids]), scores)
-        rows.append({"run": str(folder), "fold": config.fold, "backbone": config.backbone, "images": len(ids),
-                     "macro AUC": metrics["macro_roc_auc"], "mAP": metrics["map"]})
+        rows.append(
+            {
+                "run": str(folder),
+                "fold": config.fold,
+                "backbone": config.backbone,
+                "images": len(ids),
+                "macro AUC": metrics["macro_roc_auc"],
+                "mAP": metrics["map"],
+            }
+        )
     all_ids, blocks = [], []
     for fold in sorted(by_fold):
         ids = by_fold[fold][0][0]
@@ -97,4 +116,3 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
     metrics = image_metrics(y_true, y_score)
     print(f"folds: {len(all_ids)} out-of-fold images from {len(run_dirs)} runs of {first.folds} folds", file=sys.stderr)
     return OutOfFold(all_ids, y_true, y_score, pd.DataFrame(rows), metrics)
-

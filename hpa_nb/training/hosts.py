@@ -17,6 +17,7 @@ How the work is divided:
 - **Predictions.** `predictor` runs a model over a batch that every host holds, each host computing its rows,
   and gives every host all the answers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,11 @@ import numpy as np
 import tensorflow as tf
 
 # Keras's own variables for keras.distribution.initialize (coordinator address, process count, this process's id).
-KERAS_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
-                   "KERAS_DISTRIBUTION_PROCESS_ID")
+KERAS_VARIABLES = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
 # A GKE TPU slice names its workers in the environment; a Cloud TPU VM slice in its metadata server.
 SLICE_VARIABLES = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
@@ -71,12 +75,17 @@ class Hosts:
         if not self.several:
             return "one host"
         where = f", coordinator {self.coordinator}" if self.coordinator else ", the TPU slice's coordinator"
-        return f"host {self.index} of {self.count}{where}; " + ("writes the run folder" if self.writer
-                                                                  else "host 0 writes the run folder")
+        return f"host {self.index} of {self.count}{where}; " + (
+            "writes the run folder" if self.writer else "host 0 writes the run folder"
+        )
 
 
-def from_options(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-                 environ: Mapping[str, str] = os.environ) -> Hosts:
+def from_options(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Hosts:
     """The hosts of this run: the options given (all three, or none), else `from_environment`."""
     given = [value is not None for value in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
@@ -86,8 +95,9 @@ def from_options(coordinator: str | None = None, num_processes: int | None = Non
     return from_environment(environ)
 
 
-def from_environment(environ: Mapping[str, str] = os.environ,
-                     metadata: Callable[[str], str | None] | None = None) -> Hosts:
+def from_environment(
+    environ: Mapping[str, str] = os.environ, metadata: Callable[[str], str | None] | None = None
+) -> Hosts:
     """The hosts Keras's ``KERAS_DISTRIBUTION_*`` variables name, else the TPU slice this host belongs to (its
     workers from ``TPU_WORKER_HOSTNAMES``/``TPU_PROCESS_ADDRESSES`` or the TPU VM's metadata server), else one."""
     address, count, index = (environ.get(name) for name in KERAS_VARIABLES)
@@ -136,12 +146,15 @@ def start(hosts: Hosts, seed: int) -> None:
         raise ValueError(f"training over {hosts.count} hosts needs KERAS_BACKEND=jax, not {keras.backend.backend()}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # what runs on CPUs (all, on a simulated slice)
     keras.utils.set_random_seed(seed)
-    keras.distribution.initialize(hosts.coordinator, hosts.count if hosts.coordinator else None,
-                                  hosts.index if hosts.coordinator else None)
+    keras.distribution.initialize(
+        hosts.coordinator, hosts.count if hosts.coordinator else None, hosts.index if hosts.coordinator else None
+    )
     if jax.process_count() != hosts.count:
         raise RuntimeError(f"JAX joined {jax.process_count()} processes, not the {hosts.count} asked for")
-    print(f"hosts: {hosts.describe()}; {jax.device_count()} devices in all, {jax.local_device_count()} here",
-          file=sys.stderr)
+    print(
+        f"hosts: {hosts.describe()}; {jax.device_count()} devices in all, {jax.local_device_count()} here",
+        file=sys.stderr,
+    )
 
 
 # --- what the hosts do together -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the input root, the producing kernel's slug preferred. A reference may still nam
 ``OWNER/KERNEL``. On Kaggle a missing input stops the kernel before any work, in one line that
 names what to attach; nothing here ever trains a substitute for it.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,14 +40,14 @@ class Artifact:
 
 
 ARTIFACTS: dict[str, Artifact] = {
-    "shards": Artifact("compact shards", "00_prepare", "SHARDS", shards.is_shard_folder,
-                       shards.default_dir),
-    "image_run": Artifact("image run", "03_train", "RUN_DIR", lambda folder: run.is_run(folder, "image"),
-                          run.default_dir),
-    "tiles": Artifact("cell tiles", "06_cells", "TILES_FROM", tiles.is_tile_folder,
-                      tiles.default_dir),
-    "cell_run": Artifact("cell run", "07_cell_train", "CELL_RUN_DIR", lambda folder: run.is_run(folder, "cell"),
-                         run.default_cell_dir),
+    "shards": Artifact("compact shards", "00_prepare", "SHARDS", shards.is_shard_folder, shards.default_dir),
+    "image_run": Artifact(
+        "image run", "03_train", "RUN_DIR", lambda folder: run.is_run(folder, "image"), run.default_dir
+    ),
+    "tiles": Artifact("cell tiles", "06_cells", "TILES_FROM", tiles.is_tile_folder, tiles.default_dir),
+    "cell_run": Artifact(
+        "cell run", "07_cell_train", "CELL_RUN_DIR", lambda folder: run.is_run(folder, "cell"), run.default_cell_dir
+    ),
 }
 
 
@@ -62,8 +63,10 @@ def _named(reference: str | Path, match: Callable[[Path, list[str]], bool], root
         return env.search_folders(path, match, 3), str(path)
     slug = chain.reference_slug(str(reference))
     mounts = env.search_folders(root, lambda folder, _: folder.name == slug, 4)
-    return ([hit for mount in mounts for hit in env.search_folders(mount, match, 3)],
-            f"the attached output {str(reference)!r} under {root}")
+    return (
+        [hit for mount in mounts for hit in env.search_folders(mount, match, 3)],
+        f"the attached output {str(reference)!r} under {root}",
+    )
 
 
 def attach_hint(kind: str, consumer: str | None = None) -> str:
@@ -74,12 +77,21 @@ def attach_hint(kind: str, consumer: str | None = None) -> str:
     if consumer is None:
         return f"attach the output of {artifact.producer} ({by_hand})"
     flag = "" if artifact.producer in sources else f" --attach {artifact.producer}"
-    return (f"attach the output of {artifact.producer}: python -m hpa_nb kaggle push {consumer}{flag} "
-            f"(it attaches OWNER/{artifact.slug()}), or {by_hand}")
+    return (
+        f"attach the output of {artifact.producer}: python -m hpa_nb kaggle push {consumer}{flag} "
+        f"(it attaches OWNER/{artifact.slug()}), or {by_hand}"
+    )
 
 
-def find(kind: str, reference: str | Path | None = None, *, consumer: str | None = None, required: bool = True,
-         input_root: Path | None = None, environ: Mapping[str, str] = os.environ) -> Path | None:
+def find(
+    kind: str,
+    reference: str | Path | None = None,
+    *,
+    consumer: str | None = None,
+    required: bool = True,
+    input_root: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Path | None:
     """The folder of `kind` (a key of `ARTIFACTS`) a kernel reads.
 
     - `reference` a folder: the artifact in it or below (an error when there is none);
@@ -93,8 +105,9 @@ def find(kind: str, reference: str | Path | None = None, *, consumer: str | None
     if reference:
         found, where = _named(reference, _matches(artifact.holds), root)
         if not found:
-            raise MissingInputError(f"{artifact.parameter} {reference}: no {artifact.what} in {where}; "
-                                    + attach_hint(kind, consumer))
+            raise MissingInputError(
+                f"{artifact.parameter} {reference}: no {artifact.what} in {where}; " + attach_hint(kind, consumer)
+            )
         return found[0]
     if not env.on_kaggle(environ):
         default = artifact.default()
@@ -114,33 +127,52 @@ def _attached(kind: str, root: Path, consumer: str | None, required: bool) -> li
     return found
 
 
-def find_all(kind: str, references: str | Path | Sequence[str | Path] | None = None, *, consumer: str | None = None,
-             required: bool = True, input_root: Path | None = None,
-             environ: Mapping[str, str] = os.environ) -> list[Path]:
+def find_all(
+    kind: str,
+    references: str | Path | Sequence[str | Path] | None = None,
+    *,
+    consumer: str | None = None,
+    required: bool = True,
+    input_root: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> list[Path]:
     """Every folder of `kind` a kernel reads, for an ensemble: each reference's (`find`), or with none given, on
     Kaggle every one attached (the producer's own first, then by path), elsewhere the default place's."""
     if isinstance(references, (str, Path)):
         references = [part for part in str(references).split(",") if part.strip()]
     if references:
-        return [find(kind, reference.strip() if isinstance(reference, str) else reference, consumer=consumer,
-                     input_root=input_root, environ=environ) for reference in references]
+        return [
+            find(
+                kind,
+                reference.strip() if isinstance(reference, str) else reference,
+                consumer=consumer,
+                input_root=input_root,
+                environ=environ,
+            )
+            for reference in references
+        ]
     if not env.on_kaggle(environ):
         found = find(kind, None, consumer=consumer, required=required, input_root=input_root, environ=environ)
         return [] if found is None else [found]
     slug = ARTIFACTS[kind].slug()
-    return sorted(_attached(kind, input_root or env.kaggle_input(environ), consumer, required),
-                  key=lambda path: (slug not in path.parts, str(path)))
+    return sorted(
+        _attached(kind, input_root or env.kaggle_input(environ), consumer, required),
+        key=lambda path: (slug not in path.parts, str(path)),
+    )
 
 
-def previous_run(reference: str | Path, input_root: Path | None = None,
-                 environ: Mapping[str, str] = os.environ) -> Path:
+def previous_run(
+    reference: str | Path, input_root: Path | None = None, environ: Mapping[str, str] = os.environ
+) -> Path:
     """The run folder to resume that `reference` names: a folder, or ``OWNER/KERNEL`` attached as input.
     A run to resume needs its config and checkpoints (`run.is_resumable`), not a finished model."""
     found, where = _named(reference, _matches(run.is_resumable), input_root or env.kaggle_input(environ))
     if not found:
-        raise MissingInputError(f"RESUME_FROM {reference}: no run folder ({run.CONFIG_FILE} and {run.CHECKPOINT_DIR}/) "
-                                f"in {where}; attach the earlier version as input "
-                                f"(python -m hpa_nb kaggle push NAME --resume-from OWNER/KERNEL[/VERSION])")
+        raise MissingInputError(
+            f"RESUME_FROM {reference}: no run folder ({run.CONFIG_FILE} and {run.CHECKPOINT_DIR}/) "
+            f"in {where}; attach the earlier version as input "
+            f"(python -m hpa_nb kaggle push NAME --resume-from OWNER/KERNEL[/VERSION])"
+        )
     return found[0]
 
 

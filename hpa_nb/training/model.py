@@ -6,6 +6,7 @@ backbone it feeds. The head is global average pooling → dropout → ``Dense(19
 one independent probability per class, as a multi-label task needs (never softmax).
 Batch norm follows Keras's ``training`` flag (no ``training=True`` hack).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,10 @@ def _v2_preprocessing(backbone: str, channels: int) -> list[keras.layers.Layer]:
         return [layers.Rescaling(1.0 / 128.0, offset=-1.0, name="v2_rescale")]
     mean = extend(np.array(IMAGENET_MEAN), channels)
     variance = extend(np.array(IMAGENET_STDDEV) ** 2, channels)
-    return [layers.Rescaling(1.0 / 255.0, name="v2_rescale"),
-            layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name="v2_normalize")]
+    return [
+        layers.Rescaling(1.0 / 255.0, name="v2_rescale"),
+        layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name="v2_normalize"),
+    ]
 
 
 def _keras_backbone(name: str, image_size: int, channels: int, weights: str | None) -> keras.Model:
@@ -87,12 +90,14 @@ def _keras_backbone(name: str, image_size: int, channels: int, weights: str | No
     try:
         with warnings.catch_warnings():  # 4 channels are intended here: see `transplant`
             warnings.filterwarnings("ignore", message="This model usually expects 1 or 3 input channels")
-            return getattr(keras.applications, spec.constructor)(include_top=False, weights=weights,
-                                    input_shape=(image_size, image_size, channels), **kwargs)
+            return getattr(keras.applications, spec.constructor)(
+                include_top=False, weights=weights, input_shape=(image_size, image_size, channels), **kwargs
+            )
     except Exception as exc:  # noqa: BLE001  (Keras raises a bare Exception for a failed download)
         if weights == "imagenet" and "URL fetch failure" in str(exc):
             raise WeightsUnavailableError(
-                f"cannot download ImageNet weights for {name} (no internet?): {KAGGLE_WEIGHTS_HELP}") from None
+                f"cannot download ImageNet weights for {name} (no internet?): {KAGGLE_WEIGHTS_HELP}"
+            ) from None
         raise
 
 
@@ -109,8 +114,9 @@ def _source_backbone(name: str, image_size: int, weights: str) -> keras.Model:
     if spec.family != "v1":
         return source
     normalization = next(layer for layer in source.layers if isinstance(layer, layers.Normalization))
-    per_channel_scale = [layer for layer in source.layers
-                         if isinstance(layer, layers.Rescaling) and np.ndim(layer.scale) == 1]
+    per_channel_scale = [
+        layer for layer in source.layers if isinstance(layer, layers.Rescaling) and np.ndim(layer.scale) == 1
+    ]
     if per_channel_scale:
         scale = np.asarray(per_channel_scale[0].scale, np.float32)
     elif weights != "imagenet" and not weights.endswith(".weights.h5"):
@@ -124,16 +130,22 @@ def _source_backbone(name: str, image_size: int, weights: str) -> keras.Model:
     return source
 
 
-def build_backbone(backbone: str = "efficientnetb0", image_size: int = 224, channels: str | int = 3,
-                   weights: str | Path | None = "imagenet") -> keras.Model:
+def build_backbone(
+    backbone: str = "efficientnetb0",
+    image_size: int = 224,
+    channels: str | int = 3,
+    weights: str | Path | None = "imagenet",
+) -> keras.Model:
     """The feature extractor alone (named "backbone"), taking 0–255 inputs; see `build` for the arguments.
     A KerasHub preset (`is_preset`) brings its own weights: ``weights`` "imagenet" loads them, None does not."""
     channel_total = channel_count(channels)
     if is_preset(backbone):
         return preset_backbone(backbone, image_size, channel_total, normalize_weights(weights) is not None)
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub preset "
-                         "(kaggle://OWNER/MODEL/keras/VARIATION, or its folder)")
+        raise ValueError(
+            f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub preset "
+            "(kaggle://OWNER/MODEL/keras/VARIATION, or its folder)"
+        )
     weights = normalize_weights(weights)
     spec = BACKBONES[backbone]
     if spec.family == "tiny":
@@ -157,8 +169,14 @@ def build_backbone(backbone: str = "efficientnetb0", image_size: int = 224, chan
     return target
 
 
-def build(backbone: str = "efficientnetb0", image_size: int = 224, channels: str | int = 3,
-          weights: str | Path | None = "imagenet", dropout: float = 0.5, n_classes: int = N_CLASSES) -> keras.Model:
+def build(
+    backbone: str = "efficientnetb0",
+    image_size: int = 224,
+    channels: str | int = 3,
+    weights: str | Path | None = "imagenet",
+    dropout: float = 0.5,
+    n_classes: int = N_CLASSES,
+) -> keras.Model:
     """A multi-label classifier: backbone → global average pooling → dropout → Dense(n_classes, sigmoid).
 
     Args:
@@ -210,8 +228,14 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
     per-sample ``class_weight`` cannot express.
     """
 
-    def __init__(self, positive_weights=None, focal_gamma: float = 0.0, epsilon: float = 1e-7,
-                 name: str = "weighted_bce", **kwargs):
+    def __init__(
+        self,
+        positive_weights=None,
+        focal_gamma: float = 0.0,
+        epsilon: float = 1e-7,
+        name: str = "weighted_bce",
+        **kwargs,
+    ):
         super().__init__(name=name, **kwargs)
         self.positive_weights = None if positive_weights is None else [float(w) for w in positive_weights]
         self.focal_gamma = float(focal_gamma)
@@ -220,8 +244,9 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.clip(ops.cast(y_pred, "float32"), self.epsilon, 1.0 - self.epsilon)
-        positive_weight = 1.0 if self.positive_weights is None else ops.convert_to_tensor(
-            self.positive_weights, "float32")
+        positive_weight = (
+            1.0 if self.positive_weights is None else ops.convert_to_tensor(self.positive_weights, "float32")
+        )
         loss = -(positive_weight * y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
         if self.focal_gamma > 0:
             p_true = y_true * y_pred + (1.0 - y_true) * (1.0 - y_pred)

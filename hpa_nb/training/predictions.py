@@ -1,6 +1,7 @@
 """Predictions of a model over a dataset, and the ``predictions.csv`` file that holds them (ID, then one
 probability per class): evaluation's output and every run's held-out predictions (``RUN/oof.csv``). Test-time
 augmentation averages the 8 flips and rotations of a square (`DIHEDRAL_TRANSFORMS`)."""
+
 from __future__ import annotations
 
 import os
@@ -68,12 +69,18 @@ def transform_names(tta: bool, transforms: Sequence[str] | None = None) -> list[
 
 def averaged(predict_batch: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """`predict_batch` over each transform of `batch` in `names`, averaged: test-time augmentation."""
-    return np.mean([np.asarray(predict_batch(np.ascontiguousarray(DIHEDRAL_TRANSFORMS[name](batch))), np.float32)
-                    for name in names], axis=0)
+    return np.mean(
+        [
+            np.asarray(predict_batch(np.ascontiguousarray(DIHEDRAL_TRANSFORMS[name](batch))), np.float32)
+            for name in names
+        ],
+        axis=0,
+    )
 
 
-def padded(model: Any, multiple: int, forward: Callable[[np.ndarray], np.ndarray] | None = None
-           ) -> Callable[[np.ndarray], np.ndarray]:
+def padded(
+    model: Any, multiple: int, forward: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     """``model.predict_on_batch`` (or `forward`) with the batch padded with zero rows to a multiple of `multiple` (a
     data-parallel model splits every batch evenly over its devices), the padding's rows dropped from the answer."""
     forward = forward or model.predict_on_batch
@@ -103,15 +110,24 @@ def reorder(wanted: Sequence[str], ids: Sequence[str], *arrays: np.ndarray) -> l
     position = {image_id: index for index, image_id in enumerate(ids)}
     missing = [image_id for image_id in wanted if image_id not in position]
     if missing:
-        raise ValueError(f"the data pipeline returned {len(ids)} images for the {len(wanted)} asked for "
-                         f"(e.g. {missing[0]} is missing)")
+        raise ValueError(
+            f"the data pipeline returned {len(ids)} images for the {len(wanted)} asked for "
+            f"(e.g. {missing[0]} is missing)"
+        )
     rows = [position[image_id] for image_id in wanted]
     return [np.asarray(array)[rows] for array in arrays]
 
 
-def predict(model: Any, dataset: Iterable, tta: bool = False, total: int | None = None,
-            transforms: Sequence[str] | None = None, desc: str = "predicting", multiple: int = 1,
-            forward: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+def predict(
+    model: Any,
+    dataset: Iterable,
+    tta: bool = False,
+    total: int | None = None,
+    transforms: Sequence[str] | None = None,
+    desc: str = "predicting",
+    multiple: int = 1,
+    forward: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Run `model` over a batched ``(image, label, id)`` dataset: (IDs, labels [N, 19], probabilities [N, 19]).
 
     With `tta`, each batch is predicted under every transform in `transforms` (default: all 8
@@ -128,8 +144,9 @@ def predict(model: Any, dataset: Iterable, tta: bool = False, total: int | None 
             batch = np.asarray(images)
             # Plain numpy in, numpy out: the same loop works on every Keras backend.
             probabilities = averaged(predict_batch, batch, names)
-            all_ids.extend(value.decode() if isinstance(value, bytes) else str(value)
-                           for value in np.asarray(batch_ids))
+            all_ids.extend(
+                value.decode() if isinstance(value, bytes) else str(value) for value in np.asarray(batch_ids)
+            )
             labels.append(np.asarray(batch_labels, np.float32))
             scores.append(probabilities.astype(np.float32))
             progress.update(len(batch))

@@ -5,6 +5,7 @@ run that would train on the wrong data, or on a CPU, stops here before its first
 with one message that says what to fix. Each check has an explicit override for a user who
 means it. Off Kaggle, and for quick runs, nothing is refused.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,12 @@ TESTED_VERSIONS: dict[str, tuple[str, str]] = {
     "jax": ("0.4.30", "0.13"),
     "numpy": ("1.26", "2.6"),
 }
-DISTRIBUTIONS = {"keras": ("keras",), "tensorflow": ("tensorflow-cpu", "tensorflow", "tensorflow-tpu"),
-                 "jax": ("jax",), "numpy": ("numpy",)}
+DISTRIBUTIONS = {
+    "keras": ("keras",),
+    "tensorflow": ("tensorflow-cpu", "tensorflow", "tensorflow-tpu"),
+    "jax": ("jax",),
+    "numpy": ("numpy",),
+}
 
 
 class PreflightError(ValueError):
@@ -40,8 +45,13 @@ def is_synthetic(root: str | Path) -> bool:
     return (Path(root) / MARKER).is_file()
 
 
-def check_data(root: str | Path, quick: bool, allow_sample_data: bool = False,
-               environ: Mapping[str, str] = os.environ, purpose: str = "train on") -> None:
+def check_data(
+    root: str | Path,
+    quick: bool,
+    allow_sample_data: bool = False,
+    environ: Mapping[str, str] = os.environ,
+    purpose: str = "train on",
+) -> None:
     """On Kaggle, refuse a full run on the synthetic sample: the competition data is not attached."""
     if quick or allow_sample_data or not on_kaggle(environ) or not is_synthetic(root):
         return
@@ -49,7 +59,8 @@ def check_data(root: str | Path, quick: bool, allow_sample_data: bool = False,
         f"this full run would {purpose} the synthetic sample in {root}: the competition data is not attached. "
         f"Accept the rules on kaggle.com/competitions/{COMPETITION}, then add it with Add Input → Competitions "
         f"(a pushed kernel lists it in competition_sources), or set QUICK = True for a smoke run, or "
-        f"ALLOW_SAMPLE_DATA = True (--allow-sample-data) to train on the sample on purpose")
+        f"ALLOW_SAMPLE_DATA = True (--allow-sample-data) to train on the sample on purpose"
+    )
 
 
 def _installed(distributions: tuple[str, ...]) -> str | None:
@@ -64,13 +75,17 @@ def _installed(distributions: tuple[str, ...]) -> str | None:
 
 def tpu_runtime_versions() -> str:
     """The installed jax, jaxlib and libtpu, in words: what decides whether JAX can drive a TPU."""
-    found = {"jax": _installed(("jax",)), "jaxlib": _installed(("jaxlib",)),
-             "libtpu": _installed(("libtpu", "libtpu-nightly"))}
+    found = {
+        "jax": _installed(("jax",)),
+        "jaxlib": _installed(("jaxlib",)),
+        "libtpu": _installed(("libtpu", "libtpu-nightly")),
+    }
     return ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items())
 
 
-def check_accelerator(device_kind: str, quick: bool, allow_cpu: bool = False,
-                      environ: Mapping[str, str] = os.environ) -> None:
+def check_accelerator(
+    device_kind: str, quick: bool, allow_cpu: bool = False, environ: Mapping[str, str] = os.environ
+) -> None:
     """On a TPU VM, refuse any run whose JAX sees no TPU (a libtpu that does not suit the image's jax); on Kaggle,
     refuse a full run on a CPU: it cannot finish inside a session."""
     if on_tpu_vm(environ) and device_kind != "tpu" and not allow_cpu:
@@ -78,7 +93,8 @@ def check_accelerator(device_kind: str, quick: bool, allow_cpu: bool = False,
             f"this is a TPU VM, but JAX sees no TPU ({device_kind} only) with {tpu_runtime_versions()}: the image's "
             "libtpu does not suit its jax. Pin a matching pair in the notebook's first cell (pip install "
             "'jax[tpu]==VERSION', which brings its own libtpu, then restart), or set ALLOW_CPU = True (--allow-cpu) "
-            "to run on the CPU on purpose")
+            "to run on the CPU on purpose"
+        )
     if quick or allow_cpu or not on_kaggle(environ) or device_kind != "cpu":
         return
     raise PreflightError(
@@ -86,7 +102,8 @@ def check_accelerator(device_kind: str, quick: bool, allow_cpu: bool = False,
         "Accelerator → TPU v5e-8 (a pushed kernel asks with machine_shape TpuV5E8), or a GPU (push --accelerator "
         "NvidiaTeslaT4Highmem: T4 ×2, or NvidiaL4); Kaggle silently gives a CPU "
         "to accounts without identity verification (kaggle.com/settings → Phone verification). Or set "
-        "QUICK = True for a smoke run, or ALLOW_CPU = True (--allow-cpu) to train on the CPU on purpose")
+        "QUICK = True for a smoke run, or ALLOW_CPU = True (--allow-cpu) to train on the CPU on purpose"
+    )
 
 
 def _version_key(text: str) -> tuple[int, ...]:
@@ -101,8 +118,10 @@ def _version_key(text: str) -> tuple[int, ...]:
 
 def installed_versions() -> dict[str, str | None]:
     """Python's version and the installed version of keras, tensorflow, jax and numpy (None: not installed)."""
-    return {"python": platform.python_version(),
-            **{name: _installed(distributions) for name, distributions in DISTRIBUTIONS.items()}}
+    return {
+        "python": platform.python_version(),
+        **{name: _installed(distributions) for name, distributions in DISTRIBUTIONS.items()},
+    }
 
 
 def untested(versions: Mapping[str, str | None]) -> list[str]:
@@ -120,8 +139,10 @@ def untested(versions: Mapping[str, str | None]) -> list[str]:
 def report_versions(stream=None) -> dict[str, str | None]:
     """Print the versions on one line (to stdout, or `stream`) and warn per version outside the tested range."""
     versions = installed_versions()
-    print("versions: " + ", ".join(f"{name} {version or 'not installed'}" for name, version in versions.items()),
-          file=stream or sys.stdout)
+    print(
+        "versions: " + ", ".join(f"{name} {version or 'not installed'}" for name, version in versions.items()),
+        file=stream or sys.stdout,
+    )
     for line in untested(versions):
         warnings.warn(f"{line}: if something fails, compare with requirements.txt", stacklevel=2)
     return versions

@@ -9,6 +9,7 @@ has rotary positions, so any multiple of their patch size suits them; ViT's posi
 preset's own size, so a pretrained ViT refuses any other in one line that names it. Whatever the family, the
 backbone ends in one feature map (`feature_map`), so the head and CAM treat them all alike.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,8 @@ def resolve_preset(preset: str, environ: Mapping[str, str] = os.environ) -> str:
     parts = preset.removeprefix("kaggle://").strip("/").split("/")[1:]  # the owner is not part of the mount
 
     def matches(folder: Path, files: list[str]) -> bool:  # .../MODEL/FRAMEWORK/VARIATION[/VERSION]
-        named = list(folder.parts[-len(parts):]) == parts
-        a_version = folder.name.isdigit() and list(folder.parts[-len(parts) - 1:-1]) == parts
+        named = list(folder.parts[-len(parts) :]) == parts
+        a_version = folder.name.isdigit() and list(folder.parts[-len(parts) - 1 : -1]) == parts
         return all(name in files for name in PRESET_FILES) and (named or a_version)
 
     found = search_folders(kaggle_input(environ), matches, 8)
@@ -73,7 +74,9 @@ def preset_backbone(preset: str, image_size: int, channels: int, pretrained: boo
     except (ValueError, FileNotFoundError):  # a preset saved from a backbone alone has no converter
         scale, offset = 1.0 / 255.0, None
     scale = scale if np.ndim(scale) == 0 else extend(np.asarray(scale), channels).tolist()
-    offset = 0.0 if offset is None else offset if np.ndim(offset) == 0 else extend(np.asarray(offset), channels).tolist()
+    offset = (
+        0.0 if offset is None else offset if np.ndim(offset) == 0 else extend(np.asarray(offset), channels).tolist()
+    )
     inputs = keras.Input((image_size, image_size, channels))
     x = layers.Rescaling(scale, offset=offset, name="preset_rescale")(inputs)
     features = target({name: x for name in target.input} if isinstance(target.input, dict) else x)  # DINO: a dict
@@ -105,13 +108,16 @@ def resized(source: keras.Model, image_size: int, channels: int, pretrained: boo
     family, config = type(source).__name__, source.get_config()
     key = next((key for key in SHAPE_KEYS if key in config), None)
     if key is None:
-        raise ValueError(f"{preset or family}: {family} is not an image backbone (its config has no "
-                         f"{' or '.join(SHAPE_KEYS)})")
+        raise ValueError(
+            f"{preset or family}: {family} is not an image backbone (its config has no {' or '.join(SHAPE_KEYS)})"
+        )
     shape, patch = tuple(config[key]), _patch_size(config)
     if patch and image_size % patch:
         lower = max(patch, image_size // patch * patch)
-        raise ValueError(f"{preset or family}: {family} cuts images into {patch} px patches, so --image-size must be "
-                         f"a multiple of {patch}, such as {lower} or {lower + patch}")
+        raise ValueError(
+            f"{preset or family}: {family} cuts images into {patch} px patches, so --image-size must be "
+            f"a multiple of {patch}, such as {lower} or {lower + patch}"
+        )
     if shape[-1] == channels and shape[0] in (image_size, None) and shape[1] in (image_size, None):
         return source
     target = type(source).from_config({**config, key: (image_size, image_size, channels)})
@@ -119,10 +125,15 @@ def resized(source: keras.Model, image_size: int, channels: int, pretrained: boo
         try:
             transplant(source, target, derived=DERIVED)
         except SizeMismatch as exc:
-            fix = (f"use --image-size {shape[0]}, the preset's own size" if shape[0] not in (None, image_size) else
-                   "use 3 channels")
-            raise ValueError(f"{preset or family}: {family} cannot take its weights at {image_size} px with {channels} "
-                             f"channels ({exc}): {fix}, or --weights none to train it from scratch") from None
+            fix = (
+                f"use --image-size {shape[0]}, the preset's own size"
+                if shape[0] not in (None, image_size)
+                else "use 3 channels"
+            )
+            raise ValueError(
+                f"{preset or family}: {family} cannot take its weights at {image_size} px with {channels} "
+                f"channels ({exc}): {fix}, or --weights none to train it from scratch"
+            ) from None
         _interpolate_again(target)
     return target
 
@@ -132,6 +143,12 @@ def _interpolate_again(model: keras.Model) -> None:
     size (which `transplant` left as built): compute that again from the weights just copied, as loading does."""
     for layer in model._flatten_layers():
         if all(hasattr(layer, name) for name in (*DERIVED, "position_embeddings", "_interpolate_position_embeddings")):
-            layer.interpolated_position_embeddings.assign(layer._interpolate_position_embeddings(
-                layer.position_embeddings, patch_size=layer.patch_size, source_shape=layer.position_embedding_shape,
-                target_shape=layer.image_shape, antialias=layer.antialias_in_interpolation))
+            layer.interpolated_position_embeddings.assign(
+                layer._interpolate_position_embeddings(
+                    layer.position_embeddings,
+                    patch_size=layer.patch_size,
+                    source_shape=layer.position_embedding_shape,
+                    target_shape=layer.image_shape,
+                    antialias=layer.antialias_in_interpolation,
+                )
+            )

@@ -7,6 +7,7 @@ fingerprint), ``split.csv`` (ID, subset; image IDs at both levels), ``oof.csv`` 
 and ``checkpoints/`` (one per epoch, for ``resume``). A relabelled cell run also holds ``folds/`` (its out-of-fold runs) and
 ``targets.csv`` (the training targets they gave, `hpa_nb.cells.relabel`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -139,8 +140,10 @@ def unfinished(run_dir: str | Path) -> str:
     info = load_info(run_dir)
     if not info.get("stopped_at_deadline"):
         return ""
-    return (f"{run_dir} stopped at its deadline after epoch {info.get('epochs_run')} of {info.get('epochs')}: "
-            f"its model is usable; push its kernel again with --resume-from to finish it")
+    return (
+        f"{run_dir} stopped at its deadline after epoch {info.get('epochs_run')} of {info.get('epochs')}: "
+        f"its model is usable; push its kernel again with --resume-from to finish it"
+    )
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
@@ -236,8 +239,11 @@ def clear_previous(run_dir: Path, keep: tuple[str, ...] = ()) -> list[str]:
             continue
         removed.append(name)
     if removed:
-        print(f"train: new run in {run_dir}: removed the previous run's {', '.join(removed)} "
-              "(use --resume to continue it instead)", file=sys.stderr)
+        print(
+            f"train: new run in {run_dir}: removed the previous run's {', '.join(removed)} "
+            "(use --resume to continue it instead)",
+            file=sys.stderr,
+        )
     return removed
 
 
@@ -283,7 +289,9 @@ def load_history(run_dir: str | Path) -> pd.DataFrame:
 def append_history(run_dir: str | Path, epoch: int, logs: dict) -> None:
     """Add `epoch`'s row (0-based) to ``history.csv``, atomically."""
     row = pd.DataFrame([{"epoch": epoch, **{key: float(value) for key, value in sorted(logs.items())}}])
-    write_text(RunFolder(run_dir).history, pd.concat([load_history(run_dir), row], ignore_index=True).to_csv(index=False))
+    write_text(
+        RunFolder(run_dir).history, pd.concat([load_history(run_dir), row], ignore_index=True).to_csv(index=False)
+    )
 
 
 def truncate_history(run_dir: str | Path, finished: int) -> None:

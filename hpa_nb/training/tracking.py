@@ -6,6 +6,7 @@ Never a dependency: Kaggle's TPU image lacks wandb, and a kernel installs it onl
 name), or when ``WANDB_MODE=offline`` (no key needed: the run is kept under ``RUN/wandb/`` for ``wandb sync``).
 Otherwise `start` says in one line that tracking is off, and training is unchanged. The key is never printed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -91,8 +92,14 @@ def start(run_dir: Path, config: Mapping[str, Any], environ: Mapping[str, str] =
     if key:
         wandb.login(key=key, verify=False)
     run_dir = Path(run_dir)
-    wandb_run = wandb.init(project=PROJECT, name=run_dir.resolve().name, id=run_id(run_dir), resume="allow",
-                           dir=str(run_dir), config=dict(config))
+    wandb_run = wandb.init(
+        project=PROJECT,
+        name=run_dir.resolve().name,
+        id=run_id(run_dir),
+        resume="allow",
+        dir=str(run_dir),
+        config=dict(config),
+    )
     mode = "offline, under " + str(run_dir / "wandb") if environ.get("WANDB_MODE") == "offline" else "online"
     print(f"tracking: W&B run {wandb_run.name} ({mode})", file=sys.stderr)
     return Tracker(wandb_run)

@@ -1,5 +1,6 @@
 """Run in a venv with torch (tests/test_hpacellseg.py): hpa_nb.segmentation.hpacellseg against the stand-in package.
 Prints one JSON object of what it saw. argv[1]: a scratch folder."""
+
 import json
 import sys
 import warnings
@@ -60,10 +61,11 @@ truth = np.zeros((256, 320), np.int32)
 red, blue = np.zeros((256, 320), np.float32), np.zeros((256, 320), np.float32)
 for k, (r, c) in enumerate(centres, 1):
     disc = (rows - r) ** 2 + (cols - c) ** 2
-    truth[disc < 30 ** 2] = k
-    red[disc < 30 ** 2], blue[disc < 12 ** 2] = 200.0, 250.0
-seen["package_shape_for_256x320"] = list(package.CellSegmentator(*modules, device="cpu", scale_factor=0.5)
-                                         .pred_nuclei([blue.astype(np.uint8)])[0].shape[:2])
+    truth[disc < 30**2] = k
+    red[disc < 30**2], blue[disc < 12**2] = 200.0, 250.0
+seen["package_shape_for_256x320"] = list(
+    package.CellSegmentator(*modules, device="cpu", scale_factor=0.5).pred_nuclei([blue.astype(np.uint8)])[0].shape[:2]
+)
 labels = segmenter(red, blue, red)
 seen["labels_shape"] = list(labels.shape)
 ious = []
@@ -75,9 +77,19 @@ seen["planted_ious"] = ious
 seen["cells"] = int(len(np.unique(labels)) - 1)
 token = hpacellseg._AREA_SCALE.set(1.0)  # the package's own 2048 px areas
 try:
-    seen["cells_at_fixed_areas"] = int(len(np.unique(package_utils.label_cell(
-        *[np.dstack([np.zeros_like(red), np.zeros_like(red), (x > 0) * 255.0]).astype(np.uint8)
-          for x in (blue, red)])[1])) - 1)
+    seen["cells_at_fixed_areas"] = int(
+        len(
+            np.unique(
+                package_utils.label_cell(
+                    *[
+                        np.dstack([np.zeros_like(red), np.zeros_like(red), (x > 0) * 255.0]).astype(np.uint8)
+                        for x in (blue, red)
+                    ]
+                )[1]
+            )
+        )
+        - 1
+    )
 finally:
     hpacellseg._AREA_SCALE.reset(token)
 try:
@@ -101,18 +113,22 @@ sys.path.remove(str(here / "pypi_pytorch_zoo"))
 from pytorch_zoo.unet import PixelUnet  # noqa: E402
 
 # The wrong files, each stopped in one line.
-wrong = {"four_planes.pth": torch.nn.DataParallel(PixelUnet(0, input_channel_num=4)),
-         "plain_conv.pth": torch.nn.Conv2d(4, 3, 1),  # declares nothing: tried on a blank image
-         "classifier.pth": torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))}
+wrong = {
+    "four_planes.pth": torch.nn.DataParallel(PixelUnet(0, input_channel_num=4)),
+    "plain_conv.pth": torch.nn.Conv2d(4, 3, 1),  # declares nothing: tried on a blank image
+    "classifier.pth": torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1)),
+}
 for name, module in wrong.items():
     torch.save(module, scratch / name)
     try:
         hpacellseg.load_model(scratch / name)
     except ValueError as error:
         seen["wrong_" + name] = str(error).replace(str(scratch), "SCRATCH")
-for name, pair in {"two_channel": (nuclei_file, scratch / "dpn_unet_cell_v2.pth"),
-                   "nuclei_as_cell": (nuclei_file, scratch / "dpn_unet_nuclei_v1.pth"),
-                   "one_file_twice": (cell_file, cell_file)}.items():
+for name, pair in {
+    "two_channel": (nuclei_file, scratch / "dpn_unet_cell_v2.pth"),
+    "nuclei_as_cell": (nuclei_file, scratch / "dpn_unet_nuclei_v1.pth"),
+    "one_file_twice": (cell_file, cell_file),
+}.items():
     try:
         hpacellseg.HpaCellSegmenter(*pair, device="cpu")
     except ValueError as error:

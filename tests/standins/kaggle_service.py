@@ -8,6 +8,7 @@ The script ($FAKE_KAGGLE_STATE/script.json): {"kernels": {SLUG: [VERSION, ...]},
 Every push is logged in order (pushes.jsonl) with its metadata and the kernels of its accelerator kind (TPU, GPU)
 that were active then.
 """
+
 import json
 import os
 import re
@@ -53,15 +54,20 @@ def main(argv):
         owner, slug = metadata["id"].split("/")
         number = versions.get(slug, {}).get("number", 0) + 1
         kind = "tpu" if metadata.get("enable_tpu") else "gpu" if metadata.get("enable_gpu") else None
-        same_kind = sorted(other for other, entry in versions.items()
-                           if kind and entry["kind"] == kind and active(versions, other))
+        same_kind = sorted(
+            other for other, entry in versions.items() if kind and entry["kind"] == kind and active(versions, other)
+        )
         with (STATE / "pushes.jsonl").open("a") as log:
-            log.write(json.dumps({"slug": slug, "version": number, "metadata": metadata,
-                                  "active_of_its_kind": same_kind}) + "\n")
+            log.write(
+                json.dumps({"slug": slug, "version": number, "metadata": metadata, "active_of_its_kind": same_kind})
+                + "\n"
+            )
         versions[slug] = {"number": number, "step": 0, "owner": owner, "kind": kind}
         save("versions.json", versions)
-        print("Kernel version %d successfully pushed.  Please check progress at https://www.kaggle.com/code/%s/%s"
-              % (number, owner, slug))
+        print(
+            "Kernel version %d successfully pushed.  Please check progress at https://www.kaggle.com/code/%s/%s"
+            % (number, owner, slug)
+        )
         return 0
     if argv[0] == "kernels" and argv[1] in ("status", "output", "logs"):
         owner, slug = argv[2].split("/")[:2]
@@ -85,16 +91,20 @@ def main(argv):
                     (target / path).parent.mkdir(parents=True, exist_ok=True)
                     (target / path).write_text(content if isinstance(content, str) else json.dumps(content))
         else:
-            entries = [{"stream_name": "stderr", "time": 60.0 * (index + 1), "data": line + "\n"}
-                       for index, line in enumerate(version.get("log", []))]
+            entries = [
+                {"stream_name": "stderr", "time": 60.0 * (index + 1), "data": line + "\n"}
+                for index, line in enumerate(version.get("log", []))
+            ]
             print(json.dumps(entries))
         return 0
     if argv[:2] == ["competitions", "submit"]:
         with (STATE / "submissions.jsonl").open("a") as log:
             log.write(json.dumps(argv) + "\n")
         if load("script.json", {}).get("submit") == "403":
-            print("403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/competitions.CompetitionApiService/"
-                  "CreateCodeSubmission")
+            print(
+                "403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/competitions.CompetitionApiService/"
+                "CreateCodeSubmission"
+            )
             return 1
         print("Successfully submitted to HPA Single Cell Classification")
         return 0

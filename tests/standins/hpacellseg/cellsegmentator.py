@@ -1,4 +1,5 @@
 """Stand-in `CellSegmentator`: two U-Nets' softmax outputs, back at the input's size (see the package doc)."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -6,8 +7,15 @@ from skimage import transform, util
 
 
 class CellSegmentator:
-    def __init__(self, nuclei_model="./nuclei_model.pth", cell_model="./cell_model.pth", scale_factor=0.25,
-                 device="cuda", padding=False, multi_channel_model=True):
+    def __init__(
+        self,
+        nuclei_model="./nuclei_model.pth",
+        cell_model="./cell_model.pth",
+        scale_factor=0.25,
+        device="cuda",
+        padding=False,
+        multi_channel_model=True,
+    ):
         self.device = "cpu" if device != "cpu" and not torch.cuda.is_available() else device
         if isinstance(nuclei_model, str):
             nuclei_model = torch.load(nuclei_model, map_location=torch.device(self.device))  # torch's defaults

@@ -1,4 +1,5 @@
 """Stand-in `label_cell`: nuclei and cells from the two predictions, with fixed pixel-area thresholds."""
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import segmentation

@@ -3,6 +3,7 @@
 Output channels are (background, border, inside); "inside" rises with the input channel `source`. Like
 the fork's U-Nets, it declares its input and output channels (`input_channel_num`, `target_channel_num`).
 """
+
 import torch
 
 
