@@ -396,6 +396,7 @@ def test_submit_and_compare_take_ensembles_tta_and_the_cam_score(
     assert submission["ID"].tolist() == pd.read_csv(small_sample / "sample_submission.csv", dtype=str)["ID"].tolist()
 
 
+@pytest.mark.slow  # fold_runs trains two folds
 def test_an_ensemble_scores_cells_with_each_members_cam(fold_runs):
     members = [scoring.load_classifier(folder) for folder in fold_runs]
     ensemble = CellClassifier.average(members)

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +74,12 @@ class KaggleSession:
         self.input, self.working = root / "kaggle" / "input", root / "kaggle" / "working"
         self.input.mkdir(parents=True)
         self.read_only = _can_mount_read_only(self.input)
+        if not self.read_only and os.environ.get("CI"):  # CI proves the inputs stay read-only; elsewhere, say it
+            raise AssertionError(
+                "unshare -rm is refused here, so /kaggle/input cannot be mounted read-only: CI needs it"
+            )
+        if not self.read_only:
+            warnings.warn("unshare -rm is refused here: the chain ran with its inputs writable", stacklevel=2)
         self.outputs: dict[str, Path] = {}
 
     def mount(self, source: Path, at: str) -> Path:
