@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast install notebooks kaggle bench clean tpu-image-set
+.PHONY: run test test-fast install notebooks kaggle bench clean tpu-image-set docs
 # The order the Kaggle chain runs them (hpa_nb.core.chain.KERNELS, a test keeps the two equal): the submission last,
 # so that it scores cells with every model made before it.
 CHAIN := tests/test_kaggle_chain.py
@@ -43,10 +43,11 @@ run: $(VENV)/.installed
 # also run in Python 3.12 venvs of Kaggle's TPU image, one per package set (.ci/kaggle-tpu-venv, cached by its file's
 # hash), and the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Without a Python 3.12
 # the TPU-image checks are skipped with one line, except in CI (CI=true), where they are required. Fails if either
-# pytest process fails. First, ruff's format and lint checks (a second each).
+# pytest process fails. First, ruff's format and lint checks and the docs site (seconds each).
 test: $(VENV)/.installed
 	@$(PY) -m ruff format --check --quiet . && $(PY) -m ruff check --quiet . || \
 	  { echo "ruff: run $(PY) -m ruff format . && $(PY) -m ruff check --fix . (settings in pyproject.toml)"; exit 1; }
+	@$(MAKE) --no-print-directory docs
 	@hcs_venv=$$(bash .ci/hpacellseg-venv $(PYTHON)) || exit 1; export HPA_HCS_VENV=$$hcs_venv; \
 	if tpu_venv=$$(bash .ci/kaggle-tpu-venv) && tpu_today=$$(bash .ci/kaggle-tpu-venv $(TPU_TODAY)); then \
 	  export HPA_TPU_VENV=$$tpu_venv HPA_TPU_VENV_2026_12=$$tpu_today; \
@@ -56,6 +57,11 @@ test: $(VENV)/.installed
 	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
 	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain and KerasHub's families"; cat $$report; \
 	notebooks=$$(cat $$report.status); rm -f $$report $$report.status; test $$tests -eq 0 && test $$notebooks -eq 0
+
+# The docs site (mkdocs.yml: docs/ and an API reference from the docstrings) into site/, strict: a broken link, a
+# missing page or an anchor that is not there stops it.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 # The quick loop while editing: the tests not marked slow (no notebooks, no venvs, no subprocess kills; the only
 # training is the two shared tiny runs, two steps each at 32 px, that the scoring and evaluation tests read).

@@ -2,7 +2,7 @@
 per-image cell work on every core (`cells`).
 
 Speed is measured here, never in tests. Each benchmark prints a table and ends with one JSON
-line that scripts (and the README) can quote.
+line that scripts (and the docs) can quote.
 """
 
 from __future__ import annotations

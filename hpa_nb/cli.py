@@ -185,7 +185,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="stop after the epoch in hand once the next would end past this many "
         "hours from now (resume later with --resume); default: no limit",
     )
-    several = p.add_argument_group("several hosts (a TPU pod slice is found by itself; see the README)")
+    several = p.add_argument_group("several hosts (a TPU pod slice is found by itself; see docs/pod-slice.md)")
     several.add_argument("--coordinator", metavar="ADDRESS:PORT", help="host 0's address, the same on every host")
     several.add_argument("--num-processes", type=int, metavar="N", help="how many hosts train together")
     several.add_argument("--process-id", type=int, metavar="K", help="this host's number, 0..N-1 (0 writes the run)")

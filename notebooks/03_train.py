@@ -172,7 +172,7 @@ print("saved:", sorted(path.name for path in RUN.iterdir() if path.suffix in {".
 print({name: round(value, 3) for name, value in result.final.items()})
 if (
     QUICK and DATA == sources.default_sample_dir() and EPOCHS is None
-):  # the README's run: CI fails here if it learned nothing
+):  # the docs' figures come from this run: CI fails here if it learned nothing
     assert result.final["val_auc"] > 0.62, f"the quick model is near chance: {result.final}"
 
 # %% [markdown]

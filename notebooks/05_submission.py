@@ -34,7 +34,7 @@ RUN_DIR = ""  # empty: on Kaggle every image run attached (03_train, its fold ke
 # Or folders / OWNER/KERNEL references, comma-separated. Several runs are averaged (an ensemble).
 CELL_RUN_DIR = ""  # empty: every cell run attached (07_cell_train; elsewhere <working dir>/cell_run if there); "none": image runs alone
 QUICK = True  # off Kaggle only: the size of the image run trained first when there is none (on Kaggle none is trained)
-SEGMENTATION = "auto"  # hpacellseg when its offline folder is attached (README), else classical; or name one
+SEGMENTATION = "auto"  # hpacellseg when its offline folder is attached (docs/kaggle.md), else classical; or name one
 IMAGE_WEIGHT = 0.7  # image run alone: cell score = IMAGE_WEIGHT * image prob. + (1 - IMAGE_WEIGHT) * cell-crop prob.
 PARTIAL_SCALE = 1.0  # scores of cells cut off by the image's edge x this (the hosts' advice is 0); 07 measures both
 CAM_WEIGHT = 0.0  # the CAM cell score's weight (the image model's class maps inside each cell), from the cell term's
@@ -81,7 +81,7 @@ print(submit.accelerator_note(SEGMENTATION) or f"segmentation: {SEGMENTATION}")
 # %% [markdown]
 # ## Cells, found without downloads, and scored
 # The competition's cells were drawn by the hosts' HPA-Cell-Segmentation, so this notebook uses it whenever
-# its offline folder (its code, its fork's code and its two weight files: see the README's recipe) is
+# its offline folder (its code, its fork's code and its two weight files: see docs/kaggle.md) is
 # attached as a dataset, and says so above. Without it, the segmentation is classical: nuclei from the blue
 # stain (smoothing, Otsu threshold, distance-transform watershed), then each cell grown from its nucleus by
 # a watershed on red + yellow.

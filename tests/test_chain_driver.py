@@ -279,7 +279,7 @@ def test_plan_on_a_fresh_clone_needs_no_kaggle_and_shows_the_graph(tmp_path):
         "then 05_submission" in done.stdout
     )
     assert "TPU this week: 11.5 h of the free 20 h" in done.stdout
-    assert "README, measured" in done.stdout and "Kaggle not asked" in done.stdout
+    assert "docs, measured" in done.stdout and "Kaggle not asked" in done.stdout
 
 
 def test_the_chain_table_names_the_markers_their_owners_write():

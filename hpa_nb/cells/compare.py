@@ -32,7 +32,7 @@ IMAGE_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # the grid the tuned rows s
 CAM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
 PARTIAL_SCALES = (1.0, 0.5, 0.0)
 # Cross-tuning: on 200 images the best weights swung from cell alone to CAM 0.7 between two halves of the 400
-# evaluation images; tuned on 300 of them, 4 times over, they settled (README).
+# evaluation images; tuned on 300 of them, 4 times over, they settled (docs).
 TUNING_PARTS = 4
 
 

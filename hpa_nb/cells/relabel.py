@@ -25,7 +25,7 @@ from hpa_nb.training import run, train
 from hpa_nb.training.config import TrainConfig
 
 # The exponent on each cell's score relative to its image's best cell (`refine`). Measured on the default
-# sample, scored on 400 held-out images (README): 1 gave cell mAP 0.742 / 0.339 (challenge / all classes),
+# sample, scored on 400 held-out images (docs): 1 gave cell mAP 0.742 / 0.339 (challenge / all classes),
 # 2 gave 0.752 / 0.361, 3 gave 0.762 / 0.368, one run each.
 SHARPNESS = 3.0
 

@@ -76,13 +76,13 @@ class ScoreRule:
     - ``partial_scale``: every score of a partial cell (`partial_cells`: it touches the image's edge
       and has less than half the image's median cell area) is multiplied by this. The host advised
       "if more than half of the cell is not present, don't predict it"; the default 1.0 leaves the
-      scores as they are (the README gives the measured effect of lower values).
+      scores as they are (the docs give the measured effect of lower values).
 
     With a cell model (`predict_cells`' ``cell_model``), the cell term is that model's score of the
     cell's tile (`cell_crops`, as `hpa_nb.data.tiles` cut them for training), whatever ``crop`` says.
 
     The defaults were chosen by comparing these rules' local cell mAP for the quick model on the
-    default sample (the README gives the figures). An image-trained model's crop scores are
+    default sample (the docs give the figures). An image-trained model's crop scores are
     noisy, so the image-level probability carries most of the weight; the crop term separates
     cells of one image that carry different labels.
     """
@@ -129,7 +129,7 @@ class ScoreRule:
         return np.clip(NEGATIVE_RULES[self.negative](combined), 0.0, 1.0).astype(np.float32)
 
 
-# The image × cell rule (`submit --cell-model`): chosen on the default sample (the README gives the comparison).
+# The image × cell rule (`submit --cell-model`): chosen on the default sample (the docs give the comparison).
 COMBINED_RULE = ScoreRule(combine="geometric", image_weight=0.3)
 
 

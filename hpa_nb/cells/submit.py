@@ -48,7 +48,7 @@ from hpa_nb.training.run import folders, load_config
 # Emit every class for every cell by default. Under the competition's AP a low-confidence
 # prediction can only add recall (it ranks after every higher one, so it never lowers the
 # precision envelope already reached), so dropping classes can only lose score. The cost is
-# the file's size (the README gives it); `confidence_floor` trims that for a confident model.
+# the file's size (the docs give it); `confidence_floor` trims that for a confident model.
 DEFAULT_CONFIDENCE_FLOOR = 0.0
 
 

@@ -67,7 +67,7 @@ def run_chain(args: argparse.Namespace) -> None:
             source = chain.Kaggle(kaggle.find_username(args.username))
             states, note = chain.read_states(steps, source), f"hours: Kaggle asked as {source.username}"
         except ValueError as exc:
-            states, note = None, f"hours: the README's figures (Kaggle not asked: {exc})"
+            states, note = None, f"hours: the docs' figures (Kaggle not asked: {exc})"
         print(chain.plan_text(steps, states, args.sessions, note))
         return
     source = chain.Kaggle(kaggle.find_username(args.username))

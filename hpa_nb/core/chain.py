@@ -55,7 +55,7 @@ class KernelSettings:
 
 # The chain on Kaggle, in the order `make run` runs the notebooks: 00_prepare → 03_train → 04_evaluate; 06_cells →
 # 07_cell_train (with 03_train's split) → 05_submission, last, with every model. Each later kernel reads the
-# earlier ones' output where Kaggle mounts it (hpa_nb.training.inputs). The hours are the README's measured
+# earlier ones' output where Kaggle mounts it (hpa_nb.training.inputs). The hours are the docs' measured
 # projections (00, 06: their writers run over generated 2048 px images, scaled to 21,806 images) and estimates.
 KERNELS: dict[str, KernelSettings] = {
     # CPU, offline: reads the competition's images once and writes compact shards into its output.
@@ -64,7 +64,7 @@ KERNELS: dict[str, KernelSettings] = {
     ),
     "01_eda": KernelSettings("HPA 01 EDA"),
     "02_augmentation": KernelSettings("HPA 02 Augmentation"),
-    # Internet on so Keras can download ImageNet weights; see the README to run offline.
+    # Internet on so Keras can download ImageNet weights; see the docs to run offline.
     "03_train": KernelSettings(
         "HPA 03 Train",
         accelerator="TpuV5E8",

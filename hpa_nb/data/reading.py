@@ -106,7 +106,7 @@ def file_records(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
 def resize(image: tf.Tensor, image_size: int, scale: float = 1.0) -> tf.Tensor:
     """Any size and dtype → float32 [S, S, C] on the 0–255 scale (after dividing by `scale`): area
     averaging when shrinking (no aliasing of fine structures, and cheaper than antialiased bilinear;
-    the README gives `bench loader`'s figures), bilinear when enlarging (area would be blocky). Integer images are resized as they
+    the docs give `bench loader`'s figures), bilinear when enlarging (area would be blocky). Integer images are resized as they
     are, so a full-size image is never cast to float."""
     target = [image_size, image_size]
     height, width = tf.shape(image)[0], tf.shape(image)[1]

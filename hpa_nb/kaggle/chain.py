@@ -286,7 +286,7 @@ def hours(step: Step, states: Mapping[Step, State] | None = None) -> tuple[float
     if state is not None and state.projected is not None:
         return state.projected, f"projected by version {state.version or '?'}"
     settings = step.settings
-    return settings.hours, "README, measured" if settings.basis == "measured" else "README, est."
+    return settings.hours, "docs, measured" if settings.basis == "measured" else "docs, est."
 
 
 def schedule(

@@ -32,7 +32,7 @@ def segment(
       of smoothed red+yellow above ``foreground_factor`` × its Otsu threshold, flooding an
       elevation of distance to the nearest nucleus minus ``signal_weight`` × the red+yellow
       signal. So every cell has exactly one nucleus, and touching cells split about half-way
-      between their nuclei, bent towards dim seams. The README gives its quality on the default
+      between their nuclei, bent towards dim seams. The docs give its quality on the default
       sample.
     - ``"hpacellseg"``: HPA-Cell-Segmentation's ``CellSegmentator`` (the method most top
       solutions used). Needs torch, and the package, its fork and its two weight files: passed as

@@ -197,7 +197,7 @@ def patch_package() -> tuple[types.ModuleType, types.ModuleType]:
     require_torch()
     segmentator = _require(
         "hpacellseg.cellsegmentator",
-        "put HPA-Cell-Segmentation's source folder on sys.path, with its requirements opencv and imageio (README)",
+        "put HPA-Cell-Segmentation's source folder on sys.path, with its requirements opencv and imageio (docs/kaggle.md)",
     )
     utils = importlib.import_module("hpacellseg.utils")
     if not getattr(utils, "_hpa_nb_patched", False):

@@ -43,7 +43,7 @@ TWO_CHANNEL_FILES = tuple(stem + ".pth" for stem in TWO_CHANNEL_NAMES)
 DATASET_SLUG = "hpacellseg-offline"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same sources always give the same zip
 RECIPE = (
-    "see the README's 'Offline on Kaggle, step by step' (python -m hpa_nb kaggle hpacellseg-dataset lays the "
+    "see docs/kaggle.md, 'Offline on Kaggle, step by step' (python -m hpa_nb kaggle hpacellseg-dataset lays the "
     "folder out)"
 )
 

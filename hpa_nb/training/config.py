@@ -124,7 +124,7 @@ class TrainConfig:
         return {field: getattr(self, field) for field in SECTIONS[name]}
 
 
-# Sized so the default sample trains in about a minute on two CPU cores and still learns (the README's
+# Sized so the default sample trains in about a minute on two CPU cores and still learns (the docs'
 # "Models and cells on the default sample" gives the validation AUC over seeds).
 QUICK: dict[str, Any] = {
     "quick": True,
@@ -143,7 +143,7 @@ QUICK: dict[str, Any] = {
 }
 BN_RECALIBRATION = ("epoch", "end", "off")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-# The sections of TrainConfig, in its order: a run's summary and the README list the options by these.
+# The sections of TrainConfig, in its order: a run's summary and the docs list the options by these.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "data": (
         "data_dir",
