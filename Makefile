@@ -52,7 +52,7 @@ test: $(VENV)/.installed
 	if tpu_venv=$$(bash .ci/kaggle-tpu-venv) && tpu_today=$$(bash .ci/kaggle-tpu-venv $(TPU_TODAY)); then \
 	  export HPA_TPU_VENV=$$tpu_venv HPA_TPU_VENV_2026_12=$$tpu_today; \
 	elif [ $$? -eq 3 ]; then export HPA_NO_PYTHON312=1; else exit 1; fi; report=$$(mktemp); \
-	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks $(CHAIN) >$$report 2>&1; \
+	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks $(CHAIN) $(BESIDE) >$$report 2>&1; \
 	  echo $$? >$$report.status; } & \
 	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
 	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain and KerasHub's families"; cat $$report; \
