@@ -75,7 +75,8 @@ KERNELS: dict[str, KernelSettings] = {
     "04_evaluate": KernelSettings("HPA 04 Evaluate", inputs=(Input("03_train"),)),
     # CPU, offline: cutting tiles segments each image with scikit-image, which the TPU image lacks.
     # 6.0 h measured on one core, over a Kaggle CPU session's 4 workers at the 2-worker efficiency of bench cells
-    "06_cells": KernelSettings("HPA 06 Cells", internet=False, done_marker="tiles/tiles.json", hours=1.7),
+    # (tiles 1.88x on 2 cores, 2026-12-07: 0.94): 6.0 / (4 x 0.94) = 1.6 h
+    "06_cells": KernelSettings("HPA 06 Cells", internet=False, done_marker="tiles/tiles.json", hours=1.6),
     # TPU, like 03_train: the cell model on 06_cells' tiles, split by image as 03_train's run was.
     "07_cell_train": KernelSettings(
         "HPA 07 Cell Train",
