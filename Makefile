@@ -43,7 +43,8 @@ run: $(VENV)/.installed
 # also run in Python 3.12 venvs of Kaggle's TPU image, one per package set (.ci/kaggle-tpu-venv, cached by its file's
 # hash), and the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Without a Python 3.12
 # the TPU-image checks are skipped with one line, except in CI (CI=true), where they are required. Fails if either
-# pytest process fails. First, ruff's format and lint checks and the docs site (seconds each).
+# pytest process fails; each lists its slowest tests at the end. First, ruff's format and lint checks and the docs
+# site (seconds each).
 test: $(VENV)/.installed
 	@$(PY) -m ruff format --check --quiet . && $(PY) -m ruff check --quiet . || \
 	  { echo "ruff: run $(PY) -m ruff format . && $(PY) -m ruff check --fix . (settings in pyproject.toml)"; exit 1; }
@@ -52,9 +53,9 @@ test: $(VENV)/.installed
 	if tpu_venv=$$(bash .ci/kaggle-tpu-venv) && tpu_today=$$(bash .ci/kaggle-tpu-venv $(TPU_TODAY)); then \
 	  export HPA_TPU_VENV=$$tpu_venv HPA_TPU_VENV_2026_12=$$tpu_today; \
 	elif [ $$? -eq 3 ]; then export HPA_NO_PYTHON312=1; else exit 1; fi; report=$$(mktemp); \
-	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks $(CHAIN) $(BESIDE) >$$report 2>&1; \
+	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=10 notebooks $(CHAIN) $(BESIDE) >$$report 2>&1; \
 	  echo $$? >$$report.status; } & \
-	HPA_OUT=$$(mktemp -d) $(PY) -m pytest tests --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest --durations=15 tests --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
 	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain and KerasHub's families"; cat $$report; \
 	notebooks=$$(cat $$report.status); rm -f $$report $$report.status; test $$tests -eq 0 && test $$notebooks -eq 0
 

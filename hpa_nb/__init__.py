@@ -17,7 +17,10 @@ from hpa_nb.core.env import select_backend as _select_backend  # noqa: E402
 
 _select_backend()
 
+from hpa_nb.core import log as _log  # noqa: E402
 from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES  # noqa: E402
+
+_log.setup()  # the package's lines on standard error, quieter with hpa_nb.core.log.setup("quiet")
 
 __all__ = ["LABEL_NAMES", "N_CLASSES"]
 __version__ = "0.1.0"

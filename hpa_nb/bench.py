@@ -8,9 +8,9 @@ line that scripts (and the docs) can quote.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +33,8 @@ from hpa_nb.sample.writer import write_sample
 from hpa_nb.training.accelerator import detect
 from hpa_nb.training.batch_norm import batch_norm_layers, recalibrate
 from hpa_nb.training.model import WeightedBinaryCrossentropy, build
+
+logger = logging.getLogger(__name__)
 
 # Images per generated TFRecord file when a data folder has only PNGs (the competition packs ~20 per file).
 IMAGES_PER_TFRECORD = 16
@@ -153,10 +155,7 @@ def loader(
     with tempfile.TemporaryDirectory(prefix="hpa_bench_") as scratch_name:
         scratch = Path(scratch_name)
         if generate_size:
-            print(
-                f"bench: writing a {images}-image {bit_depth}-bit sample at {generate_size} px (not timed)",
-                file=sys.stderr,
-            )
+            logger.info(f"bench: writing a {images}-image {bit_depth}-bit sample at {generate_size} px (not timed)")
             data_dir = write_sample(
                 scratch / "sample",
                 images=images,
@@ -171,10 +170,10 @@ def loader(
         data_dir = Path(data_dir)
         files = sorted(str(p) for p in (data_dir / "train_tfrecords").glob(competition.TFRECORD_PATTERN))
         if not files:
-            print(f"bench: packing {data_dir}/train into competition TFRecords (not timed)", file=sys.stderr)
+            logger.info(f"bench: packing {data_dir}/train into competition TFRecords (not timed)")
             files = _write_competition_tfrecords(data_dir, scratch / "train_tfrecords")
         shard_root = scratch / "shard_root"
-        print(f"bench: writing {shard_size} px shards (not timed)", file=sys.stderr)
+        logger.info(f"bench: writing {shard_size} px shards (not timed)")
         manifest = shards.write_shards(
             data_dir, shards.default_dir(shard_root), size=shard_size, channels=channels, progress=False
         )
@@ -189,10 +188,7 @@ def loader(
             for name, make in readers.items():
                 rate, count = _images_per_second(make, seconds)
                 rates[name].append(rate)
-                print(
-                    f"bench: round {round_index + 1}/{rounds}: {name}: {rate:.1f} images/s ({count} images)",
-                    file=sys.stderr,
-                )
+                logger.info(f"bench: round {round_index + 1}/{rounds}: {name}: {rate:.1f} images/s ({count} images)")
     results = {name: median(values) for name, values in rates.items()}
     baseline, floor = results["baseline filter+zip"], results["floor (decode once)"]
     print(f"\n{'reader':<24}{'images/s':>10}{'× baseline':>12}{'of floor':>10}   (median of {rounds} rounds)")
@@ -335,10 +331,9 @@ def train(
             loss=WeightedBinaryCrossentropy(),
             steps_per_execution=steps_per_execution,
         )
-    print(
+    logger.info(
         f"bench: {backbone} at {image_size} px, {channels}, global batch {global_batch} on "
-        f"{accelerator.describe()}; {steps} timed steps after {warmup_steps} warm-up",
-        file=sys.stderr,
+        f"{accelerator.describe()}; {steps} timed steps after {warmup_steps} warm-up"
     )
     fill_cache = -(-len(ids) // global_batch)  # steps of one pass
     feeds = {
@@ -349,7 +344,7 @@ def train(
     results = {}
     for name, (dataset, warmup) in feeds.items():
         results[name] = _steady_images_per_second(model, dataset, global_batch, steps, warmup, steps_per_execution)
-        print(f"bench: {name}: {results[name]:.1f} images/s", file=sys.stderr)
+        logger.info(f"bench: {name}: {results[name]:.1f} images/s")
     print(f"\n{'feed':<22}{'images/s':>10}{'% of memory':>13}")
     for name, rate in results.items():
         print(f"{name:<22}{rate:>10.1f}{100 * rate / results['in memory']:>12.0f}%")
@@ -400,7 +395,7 @@ def cells(images: int = 12, size: int = 2048, workers: int | None = None, rounds
     count = resolve(workers)
     with tempfile.TemporaryDirectory(prefix="hpa-bench-cells-") as folder:
         root = Path(folder)
-        print(f"generating {images} training and {images} test images of {size} px (16-bit RGBY)...", file=sys.stderr)
+        logger.info(f"generating {images} training and {images} test images of {size} px (16-bit RGBY)...")
         write_sample(root / "data", images=images, size=size, seed=5, bit_depth=16, test_images=images, progress=False)
         model = CellClassifier.from_keras(build("tiny", 64, "rgby", weights=None), 64, "rgby")
         stand_in = CellClassifier(_pixel_means, 64, "rgby")  # no model: the per-image work alone

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from hpa_nb.cells.rules import COMBINED_RULE, COMBINERS, CROP_KINDS, NEGATIVE_RULES, ScoreRule
+from hpa_nb.core import log
 from hpa_nb.core.chain import MACHINES
 from hpa_nb.core.labels import CHANNEL_SETS
 from hpa_nb.sample.specs import DEFAULT_SAMPLE
@@ -568,7 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)
+    _add_verbosity(parser, argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """``--quiet``/``--verbose`` (`hpa_nb.core.log`) on `parser` and on every subcommand below it, so they may come
+    before the verb or after it; below the top their default is SUPPRESS, so they do not undo one given above."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug lines too")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _add_verbosity(child, argparse.SUPPRESS)
 
 
 def handler(reference: str) -> Callable[[argparse.Namespace], None]:
@@ -596,6 +610,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log.setup("quiet" if getattr(args, "quiet", False) else "verbose" if getattr(args, "verbose", False) else "normal")
     try:
         handler(args.handler)(args)
     except KeyboardInterrupt:

@@ -16,11 +16,19 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 
 from hpa_nb.cli import main  # noqa: E402
+from hpa_nb.core import log  # noqa: E402
 from hpa_nb.data.tiles import write_tiles  # noqa: E402
 from hpa_nb.sample.sources import ensure_default_sample  # noqa: E402
 from hpa_nb.sample.writer import write_sample  # noqa: E402
 from hpa_nb.training.config import TrainConfig  # noqa: E402
 from hpa_nb.training.train import TrainResult, train  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _package_log():
+    """Each test starts with the package's own log handler at its default level (a CLI run's -q ends with it)."""
+    yield
+    log.setup()
 
 
 @pytest.fixture(scope="session")

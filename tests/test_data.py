@@ -184,7 +184,7 @@ def test_labels_without_images_of_other_ids_are_ignored_by_the_id_filter(planted
 def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys, monkeypatch):
     root = write_dataset(tmp_path / "d", count=4, files=2)
     assert len(collect(pipeline.open_dataset(root, IMAGE_SIZE, with_id=True))) == 4
-    assert "competition TFRecords" in capsys.readouterr().out
+    assert "competition TFRecords" in capsys.readouterr().err
     shards.write_shards(root, size=IMAGE_SIZE, channels="rgby", progress=False)
     capsys.readouterr()
     reads = []
@@ -192,11 +192,11 @@ def test_open_dataset_prefers_shards_then_tfrecords_then_pngs(tmp_path, capsys, 
         pipeline, "read_manifest", lambda folder, real=shards.read_manifest: reads.append(folder) or real(folder)
     )
     seen = collect(pipeline.open_dataset(root, IMAGE_SIZE, "rgby", with_id=True))
-    assert "compact shards" in capsys.readouterr().out and len(reads) == 1  # the manifest is read once
+    assert "compact shards" in capsys.readouterr().err and len(reads) == 1  # the manifest is read once
     assert_all_planted(seen, 4, 4)
     png_only = write_dataset(tmp_path / "p", count=4, tfrecords=False)
     assert len(collect(pipeline.open_dataset(png_only, IMAGE_SIZE, with_id=True))) == 4
-    assert "PNG folder" in capsys.readouterr().out
+    assert "PNG folder" in capsys.readouterr().err
 
 
 # --- bad input: named, or skipped and counted ---------------------------------------------------
@@ -496,7 +496,7 @@ def test_shards_resume_after_a_killed_run_with_every_id_once(default_sample, tmp
 
     resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"already in {len(kept)} shards" in resumed.stdout
+    assert f"already in {len(kept)} shards" in resumed.stderr
     manifest = shards.read_manifest(out)
     train_ids = pd.read_csv(default_sample / "train.csv")["ID"].tolist()
     listed = [image_id for entry in manifest["shards"] for image_id in entry["ids"]]

@@ -22,6 +22,7 @@ from hpa_nb.data.shards import write_shards
 from hpa_nb.training import train as train_module
 from hpa_nb.training.config import QUICK, SECTIONS, TrainConfig
 from hpa_nb.training.model import build_backbone
+from hpa_nb.training.plan import check_resumable, load_checkpoint, whole_executions
 from hpa_nb.training.run import (
     RunFolder,
     clear_previous,
@@ -34,7 +35,8 @@ from hpa_nb.training.run import (
     unfinished,
     write_info,
 )
-from hpa_nb.training.train import TrainResult, _check_resumable, _split, load_checkpoint, whole_executions
+from hpa_nb.training.split import split_run
+from hpa_nb.training.train import TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--quick", "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "32"]
@@ -116,9 +118,9 @@ def test_numeric_looking_ids_survive_the_split_round_trip(tmp_path):
         tmp_path / "train.csv", index=False
     )
     config = TrainConfig(val_fraction=0.25)
-    first = _split(tmp_path, tmp_path, config, reuse=False)
+    first = split_run(tmp_path, tmp_path, config, reuse=False)
     config = TrainConfig(val_fraction=0.5, seed=7)  # a resumed run reads split.csv, whatever the config says now
-    again = _split(tmp_path, tmp_path, config, reuse=True)
+    again = split_run(tmp_path, tmp_path, config, reuse=True)
     assert sorted(first[0] + first[1]) == sorted(ids) and again[:2] == first[:2]
     np.testing.assert_array_equal(again[2], first[2])
     np.testing.assert_array_equal(again[3], first[3])
@@ -337,11 +339,11 @@ def test_an_epoch_is_a_whole_number_of_compiled_calls():
 def test_resuming_with_other_model_options_or_other_data_is_refused(small_sample, tmp_path):
     config = TrainConfig.quick_variant(data_dir=str(small_sample), out_dir=str(tmp_path))
     write_info(tmp_path, config, {"data_fingerprint": "abc"})
-    _check_resumable(tmp_path, config, "abc")
+    check_resumable(tmp_path, config, "abc")
     with pytest.raises(ValueError, match="image_size=64"):
-        _check_resumable(tmp_path, TrainConfig.quick_variant(image_size=32), "abc")
+        check_resumable(tmp_path, TrainConfig.quick_variant(image_size=32), "abc")
     with pytest.raises(ValueError, match="other data"):
-        _check_resumable(tmp_path, config, "def")
+        check_resumable(tmp_path, config, "def")
 
 
 def test_a_missing_weights_file_is_one_line_exit_2(small_sample, tmp_path, capsys):
@@ -462,8 +464,55 @@ def test_a_run_reads_shards_written_elsewhere_as_uint8_batches(small_sample, tmp
     plan = train_module.prepare(config)
     assert plan.layout.startswith(f"compact shards {shard_dir} (40 images, 64 px, rgb, raw)")
     assert f"data: {plan.layout}" in plan.summary() and plan.config.shards == str(shard_dir)
-    images, labels = next(iter(plan.datasets["train"]))
-    val_images = next(iter(plan.datasets["val"]))[0]
+    images, labels = next(iter(plan.datasets.train))
+    val_images = next(iter(plan.datasets.val))[0]
     # a quarter of float32's bytes leave the host; the model's float32 input casts them in the compiled step
     assert images.dtype == val_images.dtype == tf.uint8 and images.shape[1:] == (64, 64, 3)
     assert plan.model.inputs[0].dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    ("epoch_seconds", "stops_after"),
+    [
+        ((10, 10, 10, 10, 10), 2),  # after epoch 2 (t=20) the next would end at 30, past 25
+        ((10, 4, 4, 4, 4), 3),  # the slowest so far decides: after epoch 3 (t=18) one of 10 s would end at 28
+        ((4, 4, 4, 4, 4), None),  # all five end by t=20
+        ((30, 1, 1, 1, 1), 1),  # the first epoch already ends past it
+    ],
+)
+def test_the_deadline_stops_a_run_when_the_next_epoch_would_end_past_it(
+    monkeypatch, capsys, epoch_seconds, stops_after
+):
+    """The forecast itself, with a clock that moves only as the epochs say: a run stops after the epoch in hand when
+    that epoch plus the slowest one so far would end past the deadline, and says so once."""
+    from hpa_nb.training import callbacks
+    from hpa_nb.training.hosts import Hosts
+
+    now = [1000.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    config = dataclasses.replace(TrainConfig.make(True), epochs=5, deadline=1025.0)
+    plan = type("Plan", (), {"config": config, "steps_per_epoch": 4, "global_batch": 8, "finished_epochs": 0})()
+    plan.hosts = Hosts()
+    clock = callbacks.clock(plan)
+    clock.set_model(type("Model", (), {"stop_training": False})())
+    ran = 0
+    for epoch, seconds in enumerate(epoch_seconds):
+        clock.on_epoch_begin(epoch)
+        now[0] += seconds
+        clock.on_epoch_end(epoch)
+        ran += 1
+        if clock.model.stop_training:
+            break
+    assert ran == (stops_after or len(epoch_seconds))
+    assert clock.stopped_at_deadline == (stops_after is not None)
+    lines = capsys.readouterr().err.splitlines()
+    stopping = [line for line in lines if line.startswith("train: stopping after epoch")]
+    assert stopping == (
+        [
+            f"train: stopping after epoch {stops_after} of 5: the next one would end past the deadline "
+            "(HOURS); its checkpoint is saved, resume from this output"
+        ]
+        if stops_after
+        else []
+    )
+    assert sum(line.startswith("projection: training") for line in lines) == 1  # from the first epoch, once

@@ -94,7 +94,7 @@ def test_model_diagram_survives_a_visualkeras_failure(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(visualkeras, "layered_view", broken)
     assert training_plots.model_diagram(_classifier(), tmp_path / "broken.png") is None
-    printed = capsys.readouterr().out.strip().splitlines()
+    printed = capsys.readouterr().err.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith("warning: visualkeras could not draw")
     assert not (tmp_path / "broken.png").exists()
 
@@ -104,7 +104,7 @@ def test_without_visualkeras_the_diagram_is_a_matplotlib_shape_profile(tmp_path,
     classifier = _classifier()
     figure = training_plots.model_diagram(classifier, tmp_path / "model.png")
     assert isinstance(figure, Chart) and Image.open(tmp_path / "model.png").format == "PNG"
-    assert "visualkeras is not installed" in capsys.readouterr().out
+    assert "visualkeras is not installed" in capsys.readouterr().err
     depth, side = _line(figure)
     assert side[0] == 32 and side[-1] < side[0]  # the feature maps shrink along the backbone
     _, channels = _line(figure, axis=1)

@@ -5,14 +5,14 @@ Relabelling is a step of its own, before a cell run with ``relabel=True``: `rela
 `TrainConfig.relabel_folds` cell models, each on the tiles of all training images but one fold (a run
 folder each under ``RUN/folds/``), and scores the tiles of the fold it never saw. Those out-of-fold
 scores set each training tile's target (`refine`), written to ``RUN/targets.csv``; the cell run then
-reads them (`hpa_nb.training.train.prepare` never trains a model itself). Validation tiles keep their
+reads them (`hpa_nb.training.plan.prepare` never trains a model itself). Validation tiles keep their
 weak labels, so their scores stay comparable with a run without relabelling.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,10 @@ from hpa_nb.cells.scoring import load_classifier
 from hpa_nb.core.labels import N_CLASSES, NEGATIVE, parse_label
 from hpa_nb.data import tiles
 from hpa_nb.data.crops import resize_image
-from hpa_nb.training import run, train
+from hpa_nb.training import plan, run, split, train
 from hpa_nb.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 # The exponent on each cell's score relative to its image's best cell (`refine`). Measured on the default
 # sample, scored on 400 held-out images (docs): 1 gave cell mAP 0.742 / 0.339 (challenge / all classes),
@@ -85,10 +87,9 @@ def out_of_fold_scores(config: TrainConfig, run_dir: Path, train_image_ids: list
         held = set(held_out)
         run.write_split(split_file, [i for i in train_image_ids if i not in held], held_out)
         if not run.is_run(fold_dir):
-            print(
+            logger.info(
                 f"relabel: fold {k + 1} of {len(parts)}: training on {len(train_image_ids) - len(held)} images, "
-                f"scoring the cells of {len(held)}",
-                file=sys.stderr,
+                f"scoring the cells of {len(held)}"
             )
             fold = dataclasses.replace(
                 config,
@@ -116,12 +117,12 @@ def relabel(config: TrainConfig) -> Path:
     """The relabelling step of the cell run `config` describes: write the training targets it reads,
     ``RUN/targets.csv``, from out-of-fold scores (`refine`), and return that file's path. A file already
     there is kept (a resumed step), and so is each fold run already finished."""
-    config = train.resolve(config)
+    config = plan.resolve(config)
     folder = run.RunFolder(config.out_dir)
     if folder.targets.is_file():
-        print(f"relabel: keeping {folder.targets}", file=sys.stderr)
+        logger.info(f"relabel: keeping {folder.targets}")
         return folder.targets
-    train_image_ids = train.image_split(Path(config.data_dir), folder.path, config, reuse=config.resume)[0]
+    train_image_ids = split.image_split(Path(config.data_dir), folder.path, config, reuse=config.resume)[0]
     scores = out_of_fold_scores(config, folder.path, train_image_ids)
     labels = tiles.image_labels(tiles.read_manifest(config.tiles))
     targets = refine(scores, labels)
@@ -132,9 +133,8 @@ def relabel(config: TrainConfig) -> Path:
             for key, target in targets.items()
         ]
     )
-    print(
+    logger.info(
         f"relabel: {len(targets)} training cells, {moved:.0%} of them with other classes than their image's label "
-        f"(at 0.5)",
-        file=sys.stderr,
+        f"(at 0.5)"
     )
     return folder.targets

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -44,6 +44,8 @@ from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed
 from hpa_nb.segmentation.quality import SegmentationScore, load_cell_truth, score_segmentation
 from hpa_nb.training.run import folders, load_config
+
+logger = logging.getLogger(__name__)
 
 # Emit every class for every cell by default. Under the competition's AP a low-confidence
 # prediction can only add recall (it ranks after every higher one, so it never lowers the
@@ -186,14 +188,13 @@ def submit(
     image_runs, cell_runs = folders(run_dir), folders(cell_run_dir)
     classifier = load_ensemble(image_runs, weights, "image", tta, batch_size)
     cell_model = load_ensemble(cell_runs, cell_weights, "cell", tta, batch_size) if cell_runs else None
-    print(
+    logger.info(
         f"submission: {describe_scoring(image_runs, cell_runs, rule)}; segmentation {method}"
-        + ("; TTA ×8" if tta else ""),
-        file=sys.stderr,
+        + ("; TTA ×8" if tta else "")
     )
     note = accelerator_note(method)
     if note:
-        print(note, file=sys.stderr)
+        logger.info(note)
     return write_submission(
         classifier,
         data_dir,

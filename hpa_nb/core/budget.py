@@ -10,10 +10,12 @@ writing more (`DiskBudgetError`).
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 PROBE_IMAGES = 32  # the first images whose cost the projection is made from
 
@@ -97,10 +99,9 @@ class Probe:
         hours: float | None = None,
         max_gb: float | None = None,
         probe_images: int = PROBE_IMAGES,
-        stream=None,
     ) -> None:
         self.what, self.total, self.done, self.hours, self.max_gb = what, total, done, hours, max_gb
-        self.probe_images, self.stream = probe_images, stream or sys.stderr
+        self.probe_images = probe_images
         self.started, self.projection = time.perf_counter(), None
 
     def _projection(self, images: int, written_bytes: float, done_bytes: float) -> Projection:
@@ -123,7 +124,7 @@ class Probe:
         threshold = self.probe_images if remaining is None else min(self.probe_images, max(1, remaining))
         if self.projection is None and images >= threshold:
             self.projection = self._projection(images, written_bytes, done_bytes)
-            print(self.projection.line(), file=self.stream)
+            logger.info(self.projection.line())
             self.projection.check_disk()
 
     def check(self, images: int, written_bytes: float, done_bytes: float = 0.0) -> None:

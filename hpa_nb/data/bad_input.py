@@ -8,11 +8,13 @@ TensorFlow's own wording off an error that does escape.
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from typing import Sequence
 
 import tensorflow as tf
+
+logger = logging.getLogger(__name__)
 
 
 class SkipLog:
@@ -29,7 +31,7 @@ class SkipLog:
     def add(self, problem: str) -> None:
         self.problems.append(problem)
         if self.echo:
-            print(f"warning: skipped bad input #{self.count}: {problem}", file=sys.stderr)
+            logger.warning(f"warning: skipped bad input #{self.count}: {problem}")
 
     def _add_tensor(self, problem: tf.Tensor) -> tf.Tensor:
         self.add(problem.numpy().decode("utf-8", "replace"))

@@ -10,8 +10,8 @@ ever trains on (`hpa_nb.data.splits.holdout`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,8 @@ import pandas as pd
 from hpa_nb.core.files import write_text
 from hpa_nb.core.labels import COLORS
 from hpa_nb.data.competition import load_labels
+
+logger = logging.getLogger(__name__)
 
 SOURCES_FILE = "sources.csv"  # ID, source folder: which source each image of a view came from
 
@@ -64,7 +66,7 @@ def combine(folders: Sequence[str | Path], out_root: Path) -> Path:
     write_text(view / SOURCES_FILE, table[["ID", "source"]].to_csv(index=False))
     write_text(view / "train.csv", table[["ID", "Label"]].to_csv(index=False))  # last: a view with it is whole
     counts = ", ".join(f"{len(frame)} from {folder}" for folder, frame in zip(folders, frames))
-    print(f"data: {len(table)} images in {view} ({counts})", file=sys.stderr)
+    logger.info(f"data: {len(table)} images in {view} ({counts})")
     return view
 
 

@@ -10,7 +10,7 @@ the file and the ID, or, with ``skip_bad=True``, skips the image and says so on 
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -25,6 +25,8 @@ from hpa_nb.data.bad_input import SkipLog, skip_log
 from hpa_nb.data.competition import TFRECORD_PATTERN, png_layout, tfrecord_layout
 from hpa_nb.data.reading import AUTOTUNE, Layout, decode_stage, read, to_uint8
 from hpa_nb.data.shards import default_dir, manifest_path, read_manifest, shard_layout
+
+logger = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 256
 
@@ -48,7 +50,7 @@ def shard_folder(root: str | Path, channels: str, shards: str | Path | None = No
     manifest = read_manifest(shard_dir)
     if colors_of(manifest["channels"])[: len(colors)] == colors:
         return shard_dir, manifest
-    print(f"data: ignoring {shard_dir} ({manifest['channels']} shards, {channels} requested)", file=sys.stderr)
+    logger.info(f"data: ignoring {shard_dir} ({manifest['channels']} shards, {channels} requested)")
     return None
 
 
@@ -150,7 +152,7 @@ def open_dataset(
     """
     log = skip_log(skip_bad)
     layout = choose_layout(root, channels, ids, log, shards)
-    print(f"data: reading {layout.description}")
+    logger.info(f"data: reading {layout.description}")
     return read(layout, image_size, channels, with_id, deterministic, log)
 
 
@@ -258,7 +260,7 @@ def training_dataset(
     if start_batch and ids is None:
         raise ValueError("start_batch needs the image IDs")
     layout = choose_layout(root, channels, ids, None, shards)
-    print(f"data: reading {layout.description}")
+    logger.info(f"data: reading {layout.description}")
     channel_count = len(colors_of(channels))
     retarget = _label_replacer(targets) if targets is not None else None
     local = batch_size // num_workers

@@ -9,9 +9,9 @@ files (removed on the next start), and a rerun skips what is finished.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ import tensorflow as tf
 from hpa_nb.core.budget import Probe
 from hpa_nb.core.files import TEMPORARY_GLOB, atomic_path, temporary_path, write_text
 from hpa_nb.data.reading import TFRECORD_OVERHEAD
+
+logger = logging.getLogger(__name__)
 
 
 def sidecar(path: Path) -> Path:
@@ -59,6 +61,7 @@ def commit(temporary: Path, final: Path, record: dict) -> dict:
     record = {**record, "bytes": temporary.stat().st_size}
     write_text(sidecar(final), json.dumps(record))
     os.replace(temporary, final)  # the rename is the commit
+    logger.debug(f"records: finished {final} ({len(record.get('ids', ()))} images, {record['bytes']} bytes)")
     return record
 
 
@@ -177,7 +180,7 @@ def finish(path: Path, listing: dict, stopped: str) -> dict:
     writer (`stopped` is then its line), how the next run goes on. Returns the listing."""
     write_text(path, json.dumps(listing, indent=1))
     if listing["skipped"]:
-        print(f"warning: skipped {listing['skipped']} bad images or files (listed above)", file=sys.stderr)
+        logger.warning(f"warning: skipped {listing['skipped']} bad images or files (listed above)")
     if not listing["complete"]:
-        print(stopped, file=sys.stderr)
+        logger.info(stopped)
     return listing

@@ -8,7 +8,7 @@ all channels resized once, about 150 MB a shard, listed by ``manifest.json``.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Iterable
@@ -35,6 +35,8 @@ from hpa_nb.data.reading import (
     resize,
     to_uint8,
 )
+
+logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.json"
@@ -175,10 +177,9 @@ def pair(shard_dir: Path, manifest: dict, frame: pd.DataFrame, source: str | Pat
             f"the shards (e.g. {missing[0]}): write the shards again from {source}"
         )
     if missing:
-        print(
+        logger.warning(
             f"warning: {len(missing)} images of train.csv were skipped as bad when the shards were written "
-            f"(e.g. {missing[0]}); training leaves them out",
-            file=sys.stderr,
+            f"(e.g. {missing[0]}); training leaves them out"
         )
     return frame[frame["ID"].isin(held)].reset_index(drop=True)
 
@@ -266,7 +267,7 @@ def write_shards(
     done_ids = [image_id for record in finished.values() for image_id in record["ids"]]
     log = skip_log(skip_bad)
     layout, expected = _source_layout(src, colors, log, done_ids)
-    print(f"shard: reading {layout.description}; {len(done_ids)} images already in {len(finished)} shards")
+    logger.info(f"shard: reading {layout.description}; {len(done_ids)} images already in {len(finished)} shards")
     per_shard = images_per_shard or max(1, SHARD_TARGET_BYTES // (size * size * len(colors)))
     images = read(layout, size, channels, True, True, log)
     images = images.map(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from hpa_nb.data.shards import shard_layout
 from hpa_nb.segmentation.backends import on_accelerator, segment
 from hpa_nb.segmentation.classical import ClassicalSettings
 from hpa_nb.segmentation.images import colors_needed, read_channels, read_mask, stack_channels
+
+logger = logging.getLogger(__name__)
 
 TILE_DIR = "tiles"
 ENCODINGS = ("raw", "png")
@@ -224,10 +227,9 @@ def write_tiles(
     finished = records.finished_files(out, TILE_GLOB, file_settings, {"ids", "labels", "cell_ids", "bytes"})
     done = {image_id for record in finished.values() for image_id in record["ids"]}
     todo = [(i, t) for i, t in zip(frame["ID"], frame["Label"]) if i not in done]
-    print(
+    logger.info(
         f"tiles: {len(todo)} images of {src / 'train.csv'} to cut ({segmentation} cells, {size} px, {channels}); "
-        f"{len(done)} already in {len(finished)} files",
-        file=sys.stderr,
+        f"{len(done)} already in {len(finished)} files"
     )
     if on_accelerator(segmentation, method_options):
         workers = 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import re
 import sys
@@ -27,6 +28,8 @@ from hpa_nb.core.env import COMPETITION
 from hpa_nb.core.files import write_text
 from hpa_nb.kaggle import push as kaggle
 from hpa_nb.kaggle.kernels import REPO_ROOT
+
+logger = logging.getLogger(__name__)
 
 CACHE = REPO_ROOT / "build" / "kaggle-chain"  # {slug: version} per user: display and --submit only
 FREE_TPU_HOURS = 20.0  # a week's TPU quota on a free account
@@ -434,11 +437,9 @@ def advance(
         if step.kind and busy[step.kind] >= sessions:
             continue
         if state.to_resume:
-            print(
+            logger.warning(
                 f"{step.label} (version {state.version or '?'}) stopped at HOURS with its work unfinished: pushing "
-                f"it again with --resume-from {source.ref(step)}",
-                file=sys.stderr,
-                flush=True,
+                f"it again with --resume-from {source.ref(step)}"
             )
         state.version = source.push(step, chain, resume=state.to_resume, push_dir=push_dir, notebooks_dir=notebooks_dir)
         state.status, state.unfinished, state.hours_used = "QUEUED", False, None

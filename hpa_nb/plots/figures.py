@@ -8,6 +8,7 @@ exactly once when a notebook cell returns them.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from hpa_nb.core.files import atomic_path
+
+logger = logging.getLogger(__name__)
 
 FIGURE_DPI = 80  # image grids: sharp enough on screen, small enough to commit
 CHART_DPI = 90
@@ -86,7 +89,7 @@ def save_figure(fig: Any, path: str | os.PathLike, include_plotlyjs: bool | str 
             fig.write_html(temporary, include_plotlyjs=include_plotlyjs)
         if not _can_write_png():
             if not _png_note_shown:
-                print("note: kaleido is not installed, so plotly figures are saved as HTML only")
+                logger.info("note: kaleido is not installed, so plotly figures are saved as HTML only")
                 _png_note_shown = True
             return [html]
         with atomic_path(png) as temporary:  # kaleido picks the format from the suffix

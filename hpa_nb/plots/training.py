@@ -7,6 +7,7 @@ where it is installed and otherwise draws the backbone's shape profile with matp
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -16,6 +17,8 @@ import pandas as pd
 
 from hpa_nb.core.labels import LABEL_NAMES, N_CLASSES, class_weights, label_counts, multi_hot
 from hpa_nb.plots.figures import Chart, chart, save_figure
+
+logger = logging.getLogger(__name__)
 
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "weight": "#d62728", "channels": "#2ca02c"}
 MAX_CURVE_POINTS = 1000  # an LR curve needs no more points than a screen has pixels
@@ -177,7 +180,7 @@ def model_diagram(model: Any, path: str | os.PathLike | None = None, **layered_v
     try:
         import visualkeras  # 0.1.4 where installed; Kaggle's TPU image lacks it
     except ImportError:
-        print("note: visualkeras is not installed, so the diagram is the backbone's shape profile (matplotlib)")
+        logger.info("note: visualkeras is not installed, so the diagram is the backbone's shape profile (matplotlib)")
         image = shape_profile(drawn)
     else:
         # legend_text_spacing_offset=0: any other value makes visualkeras 0.1.4 warn that it is deprecated.
@@ -186,7 +189,9 @@ def model_diagram(model: Any, path: str | os.PathLike | None = None, **layered_v
             image = visualkeras.layered_view(drawn, **options)
         except Exception as exc:  # noqa: BLE001  a diagram is a nicety; never let it stop a run
             message = " ".join(str(exc).split()) or type(exc).__name__
-            print(f"warning: visualkeras could not draw the model diagram ({type(exc).__name__}: {message}); skipped")
+            logger.warning(
+                f"warning: visualkeras could not draw the model diagram ({type(exc).__name__}: {message}); skipped"
+            )
             return None
     if path is not None:
         save_figure(image, path)

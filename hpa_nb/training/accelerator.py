@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -34,6 +34,8 @@ import tensorflow as tf
 
 from hpa_nb.core.env import tensorflow_sees_tpu
 from hpa_nb.training.hosts import Hosts
+
+logger = logging.getLogger(__name__)
 
 PRECISION = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": "float32"}
 # Steps run per compiled call: on an accelerator, one host round trip per step would idle it.
@@ -148,10 +150,9 @@ def _detect_tensorflow(cpu_replicas: int) -> Accelerator:
         if len(devices) > 1:
             strategy = tf.distribute.MirroredStrategy(devices)
             return Accelerator("tensorflow", "cpu", "cpu", len(devices), PRECISION["cpu"], strategy)
-        print(
+        logger.info(
             f"accelerator: cannot split the CPU into {cpu_replicas} devices once TensorFlow has started; "
-            "using one (call detect() first)",
-            file=sys.stderr,
+            "using one (call detect() first)"
         )
     return Accelerator("tensorflow", "cpu", "cpu", 1, PRECISION["cpu"])
 

@@ -4,7 +4,7 @@ batch-norm statistics re-estimated before each validation (`recalibration`), and
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +14,8 @@ from hpa_nb.core.budget import Projection
 from hpa_nb.core.files import atomic_path
 from hpa_nb.training import hosts, run
 from hpa_nb.training.batch_norm import recalibrate
+
+logger = logging.getLogger(__name__)
 
 
 def epoch_recorder(run_dir: Path, keep: int, several: hosts.Hosts = hosts.Hosts()):
@@ -85,10 +87,9 @@ def clock(plan):
                 seconds_per_image * images_per_epoch,
                 hours=hours,
             )
-            print(
+            logger.info(
                 f"{projection.line()} ({what}: {seconds_per_image * 1e3:.3g} ms per image, {images_per_epoch} "
-                "images per epoch)",
-                file=sys.stderr,
+                "images per epoch)"
             )
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -114,10 +115,9 @@ def clock(plan):
                 self.model.stop_training = True
                 self.stopped_at_deadline = epoch + 1 < config.epochs
                 if self.stopped_at_deadline and plan.hosts.writer:
-                    print(
+                    logger.info(
                         f"train: stopping after epoch {epoch + 1} of {config.epochs}: the next one would end past "
-                        "the deadline (HOURS); its checkpoint is saved, resume from this output",
-                        file=sys.stderr,
+                        "the deadline (HOURS); its checkpoint is saved, resume from this output"
                     )
 
     return Clock()

@@ -12,8 +12,8 @@ separate test folder, pass the thresholds of a validation evaluation (``--thresh
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +35,8 @@ from hpa_nb.training import run
 from hpa_nb.training.inputs import run_data
 from hpa_nb.training.predictions import DIHEDRAL_TRANSFORMS, ensemble_weights, predict, reorder, write_predictions
 from hpa_nb.training.run import load_model
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("val", "all")
 PREDICTIONS_FILE = "predictions.csv"
@@ -86,7 +88,7 @@ def held_out_ids(
     folder = run.RunFolder(run_dir)
     recorded = run.load_split(run_dir)["val"] if folder.split.is_file() else None
     if recorded is None:
-        print(f"note: {folder.split} not found; using the split reproduced from the config", file=sys.stderr)
+        logger.info(f"note: {folder.split} not found; using the split reproduced from the config")
     elif set(recorded) != set(val_ids) or len(recorded) != len(val_ids):
         only_recorded = sorted(set(recorded) - set(val_ids))
         only_reproduced = sorted(set(val_ids) - set(recorded))
@@ -221,7 +223,7 @@ def evaluate(
         ids = labels["ID"].tolist()
     given_thresholds = load_thresholds(thresholds) if thresholds is not None else None
     names = ", ".join(str(folder) for folder in run_dirs)
-    print(f"evaluating {names} on {len(ids)} images ({split}) from {data_dir}" + (" with TTA" if tta else ""))
+    logger.info(f"evaluating {names} on {len(ids)} images ({split}) from {data_dir}" + (" with TTA" if tta else ""))
     y_score = 0.0
     for folder, config, weight in zip(run_dirs, configs, weights):
         size = int(batch_size or config.batch_size)

@@ -8,7 +8,7 @@ images with true cells instead (`hpa_nb.cells.compare`).
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +22,8 @@ from hpa_nb.data.competition import load_labels
 from hpa_nb.training import run
 from hpa_nb.training.inputs import run_data
 from hpa_nb.training.predictions import read_predictions, reorder, write_predictions
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,5 +116,5 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
     y_true = label_matrix(all_ids, [truth[i] for i in all_ids])
     y_score = np.concatenate(blocks).astype(np.float32)
     metrics = image_metrics(y_true, y_score)
-    print(f"folds: {len(all_ids)} out-of-fold images from {len(run_dirs)} runs of {first.folds} folds", file=sys.stderr)
+    logger.info(f"folds: {len(all_ids)} out-of-fold images from {len(run_dirs)} runs of {first.folds} folds")
     return OutOfFold(all_ids, y_true, y_score, pd.DataFrame(rows), metrics)

@@ -21,8 +21,8 @@ How the work is divided:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Mapping
 import keras
 import numpy as np
 import tensorflow as tf
+
+logger = logging.getLogger(__name__)
 
 # Keras's own variables for keras.distribution.initialize (coordinator address, process count, this process's id).
 KERAS_VARIABLES = (
@@ -151,10 +153,7 @@ def start(hosts: Hosts, seed: int) -> None:
     )
     if jax.process_count() != hosts.count:
         raise RuntimeError(f"JAX joined {jax.process_count()} processes, not the {hosts.count} asked for")
-    print(
-        f"hosts: {hosts.describe()}; {jax.device_count()} devices in all, {jax.local_device_count()} here",
-        file=sys.stderr,
-    )
+    logger.info(f"hosts: {hosts.describe()}; {jax.device_count()} devices in all, {jax.local_device_count()} here")
 
 
 # --- what the hosts do together -------------------------------------------------------------------------------------

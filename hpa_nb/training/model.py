@@ -287,3 +287,16 @@ def make_metrics(label_weights=None, n_classes: int = N_CLASSES) -> list[keras.m
 def count_parameters(model: keras.Model) -> int:
     """All parameters, trainable or not."""
     return int(sum(math.prod(variable.shape) for variable in model.weights))
+
+
+def compile_for_training(
+    model, schedule, positive_weights: np.ndarray, label_weights: np.ndarray, steps_per_execution: int, focal_gamma=0.0
+) -> None:
+    """Compile `model` as a run trains it: Adam over the learning-rate `schedule`, the weighted (focal, where
+    `focal_gamma` > 0) binary cross-entropy and the validation metrics over the classes `label_weights` keeps."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=WeightedBinaryCrossentropy(positive_weights, focal_gamma=focal_gamma),
+        metrics=make_metrics(label_weights),
+        steps_per_execution=steps_per_execution,
+    )

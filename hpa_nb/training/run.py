@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +28,8 @@ from hpa_nb.core.files import atomic_path, write_text
 from hpa_nb.core.labels import N_CLASSES
 from hpa_nb.training.config import CONFIG_FIELDS, TrainConfig
 from hpa_nb.training.presets import register_classes
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -239,10 +241,9 @@ def clear_previous(run_dir: Path, keep: tuple[str, ...] = ()) -> list[str]:
             continue
         removed.append(name)
     if removed:
-        print(
+        logger.info(
             f"train: new run in {run_dir}: removed the previous run's {', '.join(removed)} "
-            "(use --resume to continue it instead)",
-            file=sys.stderr,
+            "(use --resume to continue it instead)"
         )
     return removed
 
@@ -265,7 +266,7 @@ def adopt(source: Path, run_dir: Path) -> int:
                 shutil.copyfile(source / name, temporary)
     with atomic_path(RunFolder(run_dir).checkpoint(finished)) as temporary:
         shutil.copyfile(checkpoint, temporary)
-    print(f"resume: copied {source} (after epoch {finished}) into {run_dir}", file=sys.stderr)
+    logger.info(f"resume: copied {source} (after epoch {finished}) into {run_dir}")
     return finished
 
 

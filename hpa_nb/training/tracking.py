@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from typing import Any, Mapping
 import keras
 
 from hpa_nb.core.env import on_kaggle
+
+logger = logging.getLogger(__name__)
 
 PROJECT = "hpa-nb"
 KEY = "WANDB_API_KEY"
@@ -84,7 +87,7 @@ def start(run_dir: Path, config: Mapping[str, Any], environ: Mapping[str, str] =
     """A `Tracker` for the run in `run_dir` with its `config` logged, or None, said in one line, when tracking is off."""
     reason = why_off(environ)
     if reason is not None:
-        print(f"tracking: off ({reason})", file=sys.stderr)
+        logger.info(f"tracking: off ({reason})")
         return None
     import wandb  # wandb: optional, not on Kaggle's TPU image
 
@@ -101,5 +104,5 @@ def start(run_dir: Path, config: Mapping[str, Any], environ: Mapping[str, str] =
         config=dict(config),
     )
     mode = "offline, under " + str(run_dir / "wandb") if environ.get("WANDB_MODE") == "offline" else "online"
-    print(f"tracking: W&B run {wandb_run.name} ({mode})", file=sys.stderr)
+    logger.info(f"tracking: W&B run {wandb_run.name} ({mode})")
     return Tracker(wandb_run)
