@@ -22,7 +22,7 @@ from hpa_nb.core.chain import MACHINES
 from hpa_nb.core.labels import CHANNEL_SETS
 from hpa_nb.sample.specs import DEFAULT_SAMPLE
 from hpa_nb.segmentation.backends import SEGMENTERS
-from hpa_nb.training.config import LEVELS, LOSSES, TrainConfig
+from hpa_nb.training.config import LEVELS, LOSSES, DataSettings
 
 EXIT_USER_ERROR = 2
 BENCH_KINDS = ("loader", "train", "cells")  # `hpa_nb.commands.bench.BENCHES` runs them
@@ -374,7 +374,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=BENCH_KINDS)
     p.add_argument("--data", default=None, help="data folder (default: discovered)")
     p.add_argument("--image-size", type=int, default=256, help="output (training) image size in px")
-    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default=TrainConfig.channels)
+    p.add_argument("--channels", choices=tuple(CHANNEL_SETS), default=DataSettings.channels)
     p.add_argument(
         "--size",
         type=int,
@@ -569,20 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)
-    _add_verbosity(parser, argparse.SUPPRESS)
+    _add_verbosity(parser)
     return parser
 
 
-def _add_verbosity(parser: argparse.ArgumentParser, default: object = None) -> None:
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     """``--quiet``/``--verbose`` (`hpa_nb.core.log`) on `parser` and on every subcommand below it, so they may come
-    before the verb or after it; below the top their default is SUPPRESS, so they do not undo one given above."""
+    before the verb or after it. Their default is SUPPRESS (an option left out sets nothing), so one given before
+    the verb is not undone by the verb's own parser; `main` reads them with a default of False."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
-    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug lines too")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug lines too")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in dict.fromkeys(action.choices.values()):
-                _add_verbosity(child, argparse.SUPPRESS)
+                _add_verbosity(child)
 
 
 def handler(reference: str) -> Callable[[argparse.Namespace], None]:

@@ -136,7 +136,7 @@ training_plots.model_diagram(plan.model, FIGURES / "model_diagram.png")
 # %%
 figures.saved(
     training_plots.lr_schedule(
-        plan.schedule, config.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch
+        plan.schedule, config.optimisation.epochs * plan.steps_per_epoch, steps_per_epoch=plan.steps_per_epoch
     ),
     FIGURES / "lr_schedule",
 )
@@ -147,7 +147,7 @@ figures.saved(
 # weights each class's positives by negatives / positives (capped at 20), computed on the training split.
 
 # %%
-training_plots.class_distribution(plan.train_labels, max_weight=config.max_positive_weight)
+training_plots.class_distribution(plan.train_labels, max_weight=config.optimisation.max_positive_weight)
 
 # %% [markdown]
 # ## Training

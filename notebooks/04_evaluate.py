@@ -47,7 +47,7 @@ RUN = train.image_run(RUN_DIR, consumer="04_evaluate", quick=QUICK)
 config = run.load_config(RUN)
 DATA = inputs.run_data(RUN, DATA_DIR)
 print(
-    f"run: {config.backbone} at {config.image_size} px, {config.channels}, trained on {env.Path(config.data_dir).name}"
+    f"run: {config.model.backbone} at {config.data.image_size} px, {config.data.channels}, trained on {env.Path(config.data.data_dir).name}"
 )
 
 # %% [markdown]
@@ -91,7 +91,7 @@ charts.precision_recall_curves(result.y_true, result.y_score)
 
 # %%
 dataset = pipeline.open_dataset(
-    DATA, image_size=256, channels=config.channels, with_id=True, ids=result.ids[:N_EXAMPLES]
+    DATA, image_size=256, channels=config.data.channels, with_id=True, ids=result.ids[:N_EXAMPLES]
 )
 images, label_rows, ids = pipeline.take_images(dataset, N_EXAMPLES)
 rows = [result.ids.index(image_id) for image_id in ids]
@@ -108,7 +108,7 @@ figures.saved(charts.prediction_grid(images, label_rows, result.y_score[rows], i
 # %%
 labels = dict(zip(*competition.load_labels(DATA)[["ID", "Label"]].to_numpy().T))
 views = cam.class_map_views(
-    run.load_model(RUN), config.image_size, config.channels, DATA, result.ids[:N_CLASS_MAPS], labels
+    run.load_model(RUN), config.data.image_size, config.data.channels, DATA, result.ids[:N_CLASS_MAPS], labels
 )
 figures.saved(cell_plots.class_map_figure(views), OUT / "class_maps")
 

@@ -29,7 +29,7 @@
 # - call `fit`, which projects the whole run from its first steps and stops after the epoch in hand at `HOURS`;
 # - compare a few cells' image-model and cell-model scores;
 # - give the local cell mAP of the image model, the cell model, the CAM cell score and their combinations, tuned on
-#   other images than those reported, with and without TTA, in both readings.
+#   other images than those reported, without TTA and (`TTA`) with it, in both readings.
 
 # %% tags=["parameters"]
 DATA_DIR = ""  # empty: discover (HPA_DATA_DIR, then the competition data on Kaggle, then the default sample)
@@ -42,6 +42,8 @@ QUICK = None  # None: quick off Kaggle, full on Kaggle
 RELABEL = False  # True: targets from out-of-fold cell models (hpa_nb.cells.relabel); about three times the training
 ALLOW_SAMPLE_DATA = False  # on Kaggle a full run refuses the synthetic sample unless this is True
 ALLOW_CPU = False  # on Kaggle a full run refuses to train on a CPU unless this is True
+TTA = None  # the comparison's rows with TTA too: None, on the full data only (8× the model's passes, most of the
+# quick run's time); True or False to choose
 EVAL_DATA = ""  # images with true cells to compare the scorings on; empty: on a sample, 400 held-out images drawn
 # by the sample generator with another seed (hpa_nb.core.env.EVALUATION_SAMPLE), none of them trained on
 
@@ -69,7 +71,9 @@ if TILES is None:  # off Kaggle, nothing cut yet: cut the sample's tiles here, a
     tiles.write_tiles(DATA, TILES, size=64, segmentation="masks" if (DATA / "masks").is_dir() else "classical")
 CELL_RUN = env.Path(CELL_RUN_DIR) if CELL_RUN_DIR else run.default_cell_dir()
 image_config = run.load_config(RUN)
-print(f"data: {DATA}\nimage run: {RUN} ({image_config.backbone}, {image_config.image_size} px)\ntiles: {TILES}")
+print(
+    f"data: {DATA}\nimage run: {RUN} ({image_config.model.backbone}, {image_config.data.image_size} px)\ntiles: {TILES}"
+)
 
 # %% [markdown]
 # ## The plan
@@ -89,8 +93,8 @@ cell_config = TrainConfig.make(
     split_from=str(RUN),
     relabel=RELABEL,
     image_size=manifest["size"],
-    seed=image_config.seed,
-    val_fraction=image_config.val_fraction,
+    seed=image_config.data.seed,
+    val_fraction=image_config.data.val_fraction,
     resume_from=RESUME_FROM or None,
     allow_sample_data=ALLOW_SAMPLE_DATA,
     allow_cpu=ALLOW_CPU,
@@ -150,7 +154,7 @@ if has_truth:
     display(pd.DataFrame(rows))
 
 # %% [markdown]
-# ## The local cell mAP: every scoring, with and without TTA
+# ## The local cell mAP: every scoring, without TTA and with it
 # Scored on held-out images with true cells, each segmented once, in both readings of the metric
 # (`05_submission` explains them). The rows:
 # - **image model**: the image run's own rule (its image-level score blended with the cell shown alone);
@@ -162,7 +166,8 @@ if has_truth:
 # - **image × cell × CAM, tuned**: the three terms' weights and the edge scale, cross-tuned: the images are dealt into
 #   4 parts, and each part is scored under the weights tuned on the other 3 (`hpa_nb.cells.compare.cross_tune`), so
 #   no image is scored with weights tuned on it;
-# - with TTA: the same rows with every image and tile averaged over its 8 flips and rotations.
+# - with TTA (`TTA`; the quick run leaves them out, as they take 8 times the model's passes): the same rows with
+#   every image and tile averaged over its 8 flips and rotations.
 #
 # The sample's own held-out images (50 validation and 16 test images) are too few to tell scorings apart: a class
 # seen in one image only, on one cell, moves the mAP by 0.04 when that cell changes rank. So the comparison runs on 400
@@ -174,7 +179,8 @@ if has_truth:
 # %%
 if has_truth and not env.on_kaggle():
     evaluation = env.Path(EVAL_DATA) if EVAL_DATA else sources.ensure_evaluation_sample()
-    comparison = compare.compare_models(image_model, cell_model, evaluation, progress=False)
+    with_tta = (not QUICK) if TTA is None else TTA
+    comparison = compare.compare_models(image_model, cell_model, evaluation, progress=False, tta=with_tta)
     print(f"{len(comparison.images)} held-out images of {evaluation}")
     display(comparison.table().round(3))
     maps = {(s.name, s.tta): s.maps["challenge"] for s in comparison.scorings}

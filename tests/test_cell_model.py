@@ -291,5 +291,5 @@ def test_a_relabelled_cell_run_trains_its_folds_then_on_their_targets(small_samp
         if not weak[NEGATIVE]:
             assert np.allclose(block[:, (weak > 0)].max(axis=0), 1.0)  # each label kept on its likeliest cell
     before = (out / run.TARGETS_FILE).read_text()
-    resumed = train(dataclasses.replace(config, resume=True, epochs=2)).run_dir  # reads its targets back
+    resumed = train(config.replace(resume=True, epochs=2)).run_dir  # reads its targets back
     assert (resumed / run.TARGETS_FILE).read_text() == before

@@ -250,7 +250,7 @@ def test_data_sources_join_in_a_view_and_a_colliding_id_is_named(tmp_path, cli):
     saved = run.load_split(tmp_path / "run")
     assert set(renamed.values()) <= set(saved["train"]) and not set(renamed.values()) & set(saved["val"])
     alone = splits.split(*_ids_and_matrix(first), 0.2, 0)[1]
-    assert saved["val"] == alone and run.load_config(tmp_path / "run").extra_data == [str(second)]
+    assert saved["val"] == alone and run.load_config(tmp_path / "run").data.extra_data == [str(second)]
     assert read_predictions(run.RunFolder(tmp_path / "run").oof)[0] == saved["val"]
 
     table.assign(ID=pd.read_csv(first / "train.csv", dtype=str)["ID"][:8].to_numpy()).to_csv(

@@ -128,13 +128,13 @@ def test_off_kaggle_a_missing_run_is_trained_quickly_once_in_the_default_place(t
 
     def fake_train(config):
         calls.append(config)
-        _run_folder(Path(config.out_dir))
+        _run_folder(Path(config.runtime.out_dir))
 
     monkeypatch.setattr(train, "train", fake_train)
     first = train.image_run(None)
     second = train.image_run(None)
     assert first == second == tmp_path / "out" / "run"
-    assert len(calls) == 1 and calls[0].quick and calls[0].out_dir == str(first)
+    assert len(calls) == 1 and calls[0].runtime.quick and calls[0].runtime.out_dir == str(first)
 
 
 def test_shards_are_told_from_another_data_sets_manifest_json(tmp_path):

@@ -181,13 +181,21 @@ def test_the_kernels_hand_over_as_kaggle_mounts_them(small_sample, tpu_python, t
     )
     assert info["data_source"]["kind"] == "competition" and (first_run / "model_diagram.png").is_file()
     session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train")  # nested
+    first_split, first_history = run.RunFolder(first_run).split.read_text(), run.load_history(first_run)
+    first_size = run.load_config(first_run).data.image_size
 
     # the next version goes on from the first one's output, attached as its input (`push --resume-from`)
     printed = session.run(
         "03_train", *quick, *folds, "-p", "FOLD", "0", "-p", "EPOCHS", "3", "-p", "RESUME_FROM", "alice/hpa-03-train"
     )
     assert "continuing after epoch 2" in printed
-    assert run.load_history(session.outputs["03_train"] / run.FOLDER)["epoch"].tolist() == [0, 1, 2]
+    resumed = session.outputs["03_train"] / run.FOLDER
+    assert run.load_history(resumed)["epoch"].tolist() == [0, 1, 2] and run.RunFolder(resumed).model.is_file()
+    pd.testing.assert_frame_equal(run.load_history(resumed).iloc[:2], first_history)  # the attached epochs kept
+    assert (
+        run.RunFolder(resumed).split.read_text() == first_split
+        and run.load_config(resumed).data.image_size == first_size
+    )
     fold0 = session.mount(session.outputs["03_train"], "notebooks/alice/hpa-03-train") / run.FOLDER  # the newest
     # the other fold, a kernel of its own (`kaggle push 03_train --fold 1 --folds 2`), attached beside the first
     session.run("03_train", *quick, *folds, "-p", "FOLD", "1", "-p", "EPOCHS", "2")

@@ -126,8 +126,9 @@ def _outputs(workdir: Path) -> str:
     return "\n".join(texts)
 
 
-def test_a_full_run_on_kaggle_with_the_sample_stops_before_training(tpu_set, small_sample, tmp_path):
-    _, tpu_python = tpu_set
+# The refusals' logic is test_preflight's; here the bundle itself refuses in the image's packages, one refusal in
+# each set: the sample in August's, a JAX without its TPU in December's, whose versions the line names.
+def test_a_full_run_on_kaggle_with_the_sample_stops_before_training(tpu_python, small_sample, tmp_path):
     refused = _papermill(tpu_python, tmp_path / "nb", tmp_path / "out", small_sample, KAGGLE_KERNEL_RUN_TYPE="Batch")
     assert refused.returncode != 0
     printed = _outputs(tmp_path / "nb")
@@ -135,9 +136,11 @@ def test_a_full_run_on_kaggle_with_the_sample_stops_before_training(tpu_set, sma
     assert not RunFolder(tmp_path / "out" / "run").checkpoints.exists()
 
 
-def test_a_tpu_vm_whose_jax_sees_no_tpu_stops_in_one_line_naming_the_versions(tpu_set, small_sample, tmp_path):
+def test_a_tpu_vm_whose_jax_sees_no_tpu_stops_in_one_line_naming_the_versions(
+    tpu_python_december, small_sample, tmp_path
+):
     """A libtpu that does not suit the image's jax leaves JAX on the CPU: even a quick run stops before training."""
-    package_set, tpu_python = tpu_set
+    package_set, tpu_python = "2026-12", tpu_python_december
     pins = dict(
         re.findall(r"^([a-z-]+)(?:\[cpu\])?==(\S+)$", (REPO / TPU_PACKAGE_SETS[package_set][0]).read_text(), flags=re.M)
     )
@@ -220,10 +223,10 @@ print("predict", model.predict_on_batch(np.random.default_rng(0).uniform(0, 255,
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
 
 
-def test_a_kerashub_preset_folder_trains_and_predicts_offline(tpu_set, small_sample, tmp_path):
+def test_a_kerashub_preset_folder_trains_and_predicts_offline_in_the_august_set(tpu_python, small_sample, tmp_path):
     """A small KerasHub backbone built from its config and written with `save_to_preset`, as a Kaggle Models version
-    is attached: `train --backbone FOLDER` with 4 channels, the proxy a dead port, then the run's model predicts."""
-    package_set, tpu_python = tpu_set
+    is attached: `train --backbone FOLDER` with 4 channels, the proxy a dead port, then the run's model predicts.
+    In the August set, the one the chain trains in; the December set trains a family of each kind (test_kerashub)."""
     environ = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "KERAS_BACKEND")}
     environ.update(
         KERAS_BACKEND="jax", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", HPA_OUT=str(tmp_path), **OFFLINE
@@ -266,7 +269,7 @@ def test_a_kerashub_preset_folder_trains_and_predicts_offline(tpu_set, small_sam
         timeout=600,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert run.load_config(run_dir).backbone == str(preset) and run.RunFolder(run_dir).oof.is_file()
+    assert run.load_config(run_dir).model.backbone == str(preset) and run.RunFolder(run_dir).oof.is_file()
     checked = subprocess.run(
         [str(tpu_python), "-c", CHECK_SCRIPT, str(preset), str(run_dir)],
         env=environ,
@@ -277,7 +280,7 @@ def test_a_kerashub_preset_folder_trains_and_predicts_offline(tpu_set, small_sam
     )
     assert checked.returncode == 0, checked.stderr[-3000:]
     lines = checked.stdout.strip().splitlines()
-    assert "stem 4 True True" in lines and "predict (3, 19)" in lines, (package_set, checked.stdout)
+    assert "stem 4 True True" in lines and "predict (3, 19)" in lines, checked.stdout
 
 
 @pytest.mark.network

@@ -2,7 +2,7 @@
 top solutions refined their weak cell labels.
 
 Relabelling is a step of its own, before a cell run with ``relabel=True``: `relabel(config)` trains
-`TrainConfig.relabel_folds` cell models, each on the tiles of all training images but one fold (a run
+`CellSettings.relabel_folds` cell models, each on the tiles of all training images but one fold (a run
 folder each under ``RUN/folds/``), and scores the tiles of the fold it never saw. Those out-of-fold
 scores set each training tile's target (`refine`), written to ``RUN/targets.csv``; the cell run then
 reads them (`hpa_nb.training.plan.prepare` never trains a model itself). Validation tiles keep their
@@ -79,9 +79,9 @@ def out_of_fold_scores(config: TrainConfig, run_dir: Path, train_image_ids: list
     Fold `k` trains in ``run_dir/folds/k`` (a run folder like any other: a killed fold resumes, a
     finished one is reused) on the other folds' images, validated on its own, which it then scores.
     """
-    manifest = tiles.read_manifest(config.tiles)
+    manifest = tiles.read_manifest(config.cells.tiles)
     scores: dict[str, np.ndarray] = {}
-    parts = folds_of(train_image_ids, config.relabel_folds, config.seed)
+    parts = folds_of(train_image_ids, config.cells.relabel_folds, config.data.seed)
     for k, held_out in enumerate(parts):
         fold_dir, split_file = run.RunFolder(run_dir).fold(k), run.RunFolder(run_dir).fold_split(k)
         held = set(held_out)
@@ -101,7 +101,7 @@ def out_of_fold_scores(config: TrainConfig, run_dir: Path, train_image_ids: list
             )
             train.train(fold)
         model = load_classifier(fold_dir, level="cell")
-        crops, info = tiles.load_tiles(config.tiles, image_ids=held_out)
+        crops, info = tiles.load_tiles(config.cells.tiles, image_ids=held_out)
         crops = crops[..., : len(model.channels)].astype(np.float32)
         if crops.shape[1] != model.image_size:
             crops = np.stack([resize_image(crop, model.image_size) for crop in crops])
@@ -118,13 +118,13 @@ def relabel(config: TrainConfig) -> Path:
     ``RUN/targets.csv``, from out-of-fold scores (`refine`), and return that file's path. A file already
     there is kept (a resumed step), and so is each fold run already finished."""
     config = plan.resolve(config)
-    folder = run.RunFolder(config.out_dir)
+    folder = run.RunFolder(config.runtime.out_dir)
     if folder.targets.is_file():
         logger.info(f"relabel: keeping {folder.targets}")
         return folder.targets
-    train_image_ids = split.image_split(Path(config.data_dir), folder.path, config, reuse=config.resume)[0]
+    train_image_ids = split.image_split(Path(config.data.data_dir), folder.path, config, reuse=config.runtime.resume)[0]
     scores = out_of_fold_scores(config, folder.path, train_image_ids)
-    labels = tiles.image_labels(tiles.read_manifest(config.tiles))
+    labels = tiles.image_labels(tiles.read_manifest(config.cells.tiles))
     targets = refine(scores, labels)
     run.write_targets(folder.path, targets)
     moved = np.mean(

@@ -135,18 +135,18 @@ class CellClassifier:
 
 def load_classifier(run_dir: Path, batch_size: int = 32, level: str = "image") -> CellClassifier:
     """The model of a training run folder, with the input size and channels of its config; a run of
-    another `level` (``"image"`` or ``"cell"``, `TrainConfig.level`) than asked is refused."""
+    another `level` (``"image"`` or ``"cell"``, `CellSettings.level`) than asked is refused."""
     run_dir = Path(run_dir)
     if not RunFolder(run_dir).model.is_file():
         raise FileNotFoundError(f"{RunFolder(run_dir).model} does not exist (train a model first)")
     config = load_config(run_dir)
-    if config.level != level:
+    if config.cells.level != level:
         raise ValueError(
-            f"{run_dir} holds a {config.level}-level model, not the {level}-level model asked for "
+            f"{run_dir} holds a {config.cells.level}-level model, not the {level}-level model asked for "
             f"(--model takes an image run, --cell-model a cell run)"
         )
     return CellClassifier.from_keras(
-        load_model(run_dir), config.image_size, config.channels, batch_size, name=str(run_dir)
+        load_model(run_dir), config.data.image_size, config.data.channels, batch_size, name=str(run_dir)
     )
 
 

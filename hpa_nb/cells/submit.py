@@ -241,8 +241,8 @@ def describe_scoring(run_dir: Runs, cell_run_dir: Runs | None, rule: ScoreRule) 
         parts = []
         for folder in runs:
             config = load_config(folder)
-            size = f"{config.image_size} px" + (" tiles" if kind == "cell" else f", {config.channels}")
-            parts.append(f"{kind} run {folder} ({config.backbone}, {size})")
+            size = f"{config.data.image_size} px" + (" tiles" if kind == "cell" else f", {config.data.channels}")
+            parts.append(f"{kind} run {folder} ({config.model.backbone}, {size})")
         return (f"an ensemble of {len(runs)} {kind} runs: " if len(runs) > 1 else "") + ", ".join(parts)
 
     image_runs, cell_runs = folders(run_dir), folders(cell_run_dir)

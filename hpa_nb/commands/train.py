@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -53,21 +52,21 @@ def main(args: argparse.Namespace) -> None:
         explicit["extra_data"] = [str(data_dir(folder)) for folder in extra]
     if previous is not None and run.RunFolder(previous).config.is_file():
         saved = run.load_config(previous)
-        kept = saved.data_dir if saved.data_dir and Path(saved.data_dir).is_dir() else None  # else: discover again
+        kept = (
+            saved.data.data_dir if saved.data.data_dir and Path(saved.data.data_dir).is_dir() else None
+        )  # else: discover again
         explicit["data_dir"] = str(data_dir(data or kept))
-        config = dataclasses.replace(
-            saved, resume=True, resume_from=str(previous) if args.resume_from else None, **explicit
-        )
+        config = saved.replace(resume=True, resume_from=str(previous) if args.resume_from else None, **explicit)
     else:
         explicit["data_dir"] = str(data_dir(data))
         config = TrainConfig.make(args.quick, resume=args.resume, **explicit)
-    if config.relabel and several.several:
+    if config.cells.relabel and several.several:
         raise ValueError("--relabel trains on one host: leave out --coordinator, --num-processes and --process-id")
-    if config.relabel:  # a step of its own, before the cell run that reads its targets
+    if config.cells.relabel:  # a step of its own, before the cell run that reads its targets
         relabel.relabel(config)
     result = train.train(config, several)
     print(
-        f"trained {config.backbone} into {result.run_dir}: "
+        f"trained {config.model.backbone} into {result.run_dir}: "
         + ", ".join(f"{name} {value:.4f}" for name, value in result.final.items())
         + ("; stopped at --hours before its last epoch: --resume to finish it" if result.stopped_at_deadline else "")
     )

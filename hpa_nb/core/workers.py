@@ -62,7 +62,7 @@ def resolve(workers: int | None) -> int:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
 _KEEP_BYTES = 1 << 30  # allocations up to this size come from the heap, and up to this much freed stays there
-_KEPT = False  # whether this process keeps freed memory already
+_KEPT: bool | None = None  # whether this process keeps freed memory; None: not tried yet
 
 
 def keep_freed_memory() -> bool:
@@ -71,7 +71,7 @@ def keep_freed_memory() -> bool:
     process holds on to about its peak, and the next image no longer pays for page faults. Once per process; False
     where there is no glibc."""
     global _KEPT
-    if not _KEPT:
+    if _KEPT is None:  # tried once: without glibc, not again at every pool
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _KEPT = bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))

@@ -256,10 +256,10 @@ class Kaggle:
         return version
 
 
-def read_state(step: Step, source: Kaggle, versions: Mapping[str, int] | None = None) -> State:
-    """One kernel's state: its status; for a version that ended, its marker; for a pushed kernel, its log."""
+def read_state(step: Step, source: Kaggle, versions: Mapping[str, int]) -> State:
+    """One kernel's state: its status, its version of `versions` (`Kaggle.versions`); for a version that ended, its
+    marker; for a pushed kernel, its log."""
     status, failure = source.status(step)
-    versions = source.versions() if versions is None else versions
     state = State(step, status, failure, version=versions.get(step.slug))
     if status in ("COMPLETE", "ERROR"):
         marker = source.marker(step)

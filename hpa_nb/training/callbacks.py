@@ -61,7 +61,7 @@ def clock(plan):
 
     config = plan.config
     images_per_epoch = plan.steps_per_epoch * plan.global_batch
-    hours = None if config.deadline is None else (config.deadline - time.time()) / 3600
+    hours = None if config.runtime.deadline is None else (config.runtime.deadline - time.time()) / 3600
 
     class Clock(keras.callbacks.Callback):
         """Prints the projection of all epochs once: from the steps after the first compiled call (compiling is not
@@ -82,7 +82,7 @@ def clock(plan):
             projection = Projection(
                 "training",
                 "epoch",
-                config.epochs,
+                config.optimisation.epochs,
                 plan.finished_epochs,
                 seconds_per_image * images_per_epoch,
                 hours=hours,
@@ -109,14 +109,14 @@ def clock(plan):
             if not self.projected:
                 self.project(self.epoch_seconds[0] / images_per_epoch, "the first epoch, compiling included")
             # Every host stops after the same epoch: host 0's clock decides for all.
-            if config.deadline is not None and hosts.agree(
-                time.time() + max(self.epoch_seconds) > config.deadline, plan.hosts
+            if config.runtime.deadline is not None and hosts.agree(
+                time.time() + max(self.epoch_seconds) > config.runtime.deadline, plan.hosts
             ):
                 self.model.stop_training = True
-                self.stopped_at_deadline = epoch + 1 < config.epochs
+                self.stopped_at_deadline = epoch + 1 < config.optimisation.epochs
                 if self.stopped_at_deadline and plan.hosts.writer:
                     logger.info(
-                        f"train: stopping after epoch {epoch + 1} of {config.epochs}: the next one would end past "
+                        f"train: stopping after epoch {epoch + 1} of {config.optimisation.epochs}: the next one would end past "
                         "the deadline (HOURS); its checkpoint is saved, resume from this output"
                     )
 

@@ -1,11 +1,12 @@
-"""Every training option in one dataclass, shared by the CLI, the notebooks and ``RUN/config.json``,
-with the quick sizes that CI and smoke runs use."""
+"""Every training option, in one frozen dataclass per section (data, model, optimisation, validation, cells,
+runtime) gathered in `TrainConfig`, shared by the CLI, the notebooks and ``RUN/config.json`` (flat), with the quick
+sizes that CI and smoke runs use."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from hpa_nb.core.labels import CHANNEL_SETS
 from hpa_nb.training.backbones import BACKBONES, is_preset, normalize_weights
@@ -14,12 +15,10 @@ LOSSES = ("bce", "focal")  # both with per-class positive weights; focal uses fo
 LEVELS = ("image", "cell")
 
 
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Every training option, in the sections of `SECTIONS`. Saved flat as ``RUN/config.json``; `quick_variant`
-    gives the CI / smoke-run sizes. Options are given by name (the order of the fields is the sections')."""
+@dataclass(frozen=True, kw_only=True)
+class DataSettings:
+    """What is read, and how the images are split."""
 
-    # --- data: what is read, and how the images are split -----------------------------------------------------------
     data_dir: str | None = None  # None: the folder `hpa_nb.sample.sources.find_data` discovers
     # Compact shards elsewhere (a folder, or OWNER/KERNEL of the prepare kernel attached as input), paired with
     # data_dir's train.csv. None: data_dir/shards when it exists, else on Kaggle any attached shards.
@@ -40,7 +39,14 @@ class TrainConfig:
     augment: bool = True
     cache: bool = False  # cache decoded images in memory (small data sets only)
 
-    # --- model ------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_data", [str(folder) for folder in self.extra_data or ()])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """The network: its backbone, the weights it starts from, the head's dropout."""
+
     backbone: str = (
         "efficientnetb0"  # a key of hpa_nb.training.model.BACKBONES, or a KerasHub preset (handle or folder)
     )
@@ -49,7 +55,16 @@ class TrainConfig:
     )
     dropout: float = 0.3
 
-    # --- optimisation: Adam with linear warmup → sustain → exponential decay (hpa_nb.training.schedule) ------------
+    def __post_init__(self) -> None:
+        # "none" (the CLI's spelling) becomes None here, so config.json and every reader see one form.
+        if isinstance(self.weights, str) and self.weights.lower() in ("none", ""):
+            object.__setattr__(self, "weights", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimisationSettings:
+    """Adam with linear warmup → sustain → exponential decay (`hpa_nb.training.schedule`), and the loss."""
+
     epochs: int = 20
     batch_size: int = 16  # per replica; the global batch is this × replicas
     steps_per_epoch: int | None = None  # None: one pass over the training split
@@ -63,7 +78,11 @@ class TrainConfig:
     focal_gamma: float = 2.0
     max_positive_weight: float = 20.0
 
-    # --- validation -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSettings:
+    """Early stopping, the validation cache and batch-norm re-estimation."""
+
     patience: int = 5  # early stopping on val_auc, best weights restored
     val_cache_gib: float = 4.0  # keep the decoded validation images in memory when they take at most this
     # Re-estimate batch-norm statistics over training batches (see hpa_nb.training.batch_norm):
@@ -72,7 +91,11 @@ class TrainConfig:
     bn_recalibration: str = "epoch"
     bn_recalibration_steps: int = 20
 
-    # --- cell level -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class CellSettings:
+    """Image or cell runs, and a cell run's tiles and targets."""
+
     # "image": one record per image, its label the target; "cell": one cell tile per record (`hpa_nb.data.tiles`),
     # its image's label the weak target, split by image as the image run is.
     level: str = "image"
@@ -82,7 +105,11 @@ class TrainConfig:
     relabel: bool = False
     relabel_folds: int = 2
 
-    # --- runtime: where it runs, how it stops and resumes -----------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSettings:
+    """Where a run runs, how it stops and resumes."""
+
     out_dir: str | None = None  # the run folder; None: hpa_nb.training.run.default_dir() (<working dir>/run)
     quick: bool = False
     resume: bool = False
@@ -99,29 +126,78 @@ class TrainConfig:
     allow_sample_data: bool = False
     allow_cpu: bool = False
 
-    def __post_init__(self) -> None:
-        # "none" (the CLI's spelling) becomes None here, so config.json and every reader see one form.
-        if isinstance(self.weights, str) and self.weights.lower() in ("none", ""):
-            self.weights = None
-        self.extra_data = [str(folder) for folder in self.extra_data or ()]
+
+# The sections, by the name `TrainConfig` gives each (``config.optimisation.max_lr``).
+SECTION_TYPES: dict[str, type] = {
+    "data": DataSettings,
+    "model": ModelSettings,
+    "optimisation": OptimisationSettings,
+    "validation": ValidationSettings,
+    "cells": CellSettings,
+    "runtime": RuntimeSettings,
+}
+# Each option's section, in the sections' order: the flat names of the CLI, the notebooks and config.json.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in dataclasses.fields(kind)) for name, kind in SECTION_TYPES.items()
+}
+SECTION_OF = {option: name for name, options in SECTIONS.items() for option in options}
+CONFIG_FIELDS = set(SECTION_OF)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every training option, in frozen sections (`SECTIONS`): ``config.data.image_size``,
+    ``config.optimisation.max_lr``. Made from flat option names (`of`, `make`, `quick_variant`), as the CLI, the
+    notebooks and ``RUN/config.json`` give them, and saved flat (`to_json`); `replace` changes options by name."""
+
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    optimisation: OptimisationSettings = dataclasses.field(default_factory=OptimisationSettings)
+    validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
+    cells: CellSettings = dataclasses.field(default_factory=CellSettings)
+    runtime: RuntimeSettings = dataclasses.field(default_factory=RuntimeSettings)
+
+    @classmethod
+    def of(cls, **options: Any) -> "TrainConfig":
+        """The configuration with `options` (flat names, e.g. ``max_lr=1e-3``) and the defaults for the rest."""
+        unknown = sorted(set(options) - CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown training option{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
+        return cls(
+            **{
+                section: kind(**{name: options[name] for name in SECTIONS[section] if name in options})
+                for section, kind in SECTION_TYPES.items()
+            }
+        )
 
     @classmethod
     def quick_variant(cls, **overrides: Any) -> "TrainConfig":
         """The quick configuration (tiny CNN from scratch, 64 px, 5 epochs), with `overrides` applied on top."""
-        return cls(**{**QUICK, **overrides})
+        return cls.of(**{**QUICK, **overrides})
 
     @classmethod
     def make(cls, quick: bool, **options: Any) -> "TrainConfig":
         """The quick or the full configuration with `options` on top; an option given as None keeps its default."""
         given = {name: value for name, value in options.items() if value is not None}
-        return cls.quick_variant(**given) if quick else cls(**given)
+        return cls.quick_variant(**given) if quick else cls.of(**given)
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+    @classmethod
+    def from_json(cls, saved: Mapping[str, Any]) -> "TrainConfig":
+        """A saved ``config.json`` (flat, as every version wrote it): its options, the run's own facts beside them
+        (replicas, history, ...) left out; an option an older file lacks takes its default."""
+        return cls.of(**{name: value for name, value in saved.items() if name in CONFIG_FIELDS})
+
+    def replace(self, **options: Any) -> "TrainConfig":
+        """A copy with `options` (flat names) changed."""
+        return type(self).of(**{**self.to_json(), **options})
+
+    def to_json(self) -> dict[str, Any]:
+        """Every option by its flat name, in the sections' order: what ``config.json`` holds."""
+        return {name: value for section in SECTION_TYPES for name, value in self.section(section).items()}
 
     def section(self, name: str) -> dict[str, Any]:
-        """The options of one section of `SECTIONS`, e.g. ``config.section("optimisation")``."""
-        return {field: getattr(self, field) for field in SECTIONS[name]}
+        """The options of one section, e.g. ``config.section("optimisation")``."""
+        return dataclasses.asdict(getattr(self, name))
 
 
 # Sized so the default sample trains in about a minute on two CPU cores and still learns (the docs'
@@ -142,88 +218,43 @@ QUICK: dict[str, Any] = {
     "cache": True,
 }
 BN_RECALIBRATION = ("epoch", "end", "off")
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-# The sections of TrainConfig, in its order: a run's summary and the docs list the options by these.
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": (
-        "data_dir",
-        "shards",
-        "image_size",
-        "channels",
-        "val_fraction",
-        "seed",
-        "split_from",
-        "folds",
-        "fold",
-        "extra_data",
-        "augment",
-        "cache",
-    ),
-    "model": ("backbone", "weights", "dropout"),
-    "optimisation": (
-        "epochs",
-        "batch_size",
-        "steps_per_epoch",
-        "max_lr",
-        "initial_lr",
-        "warmup_epochs",
-        "sustain_epochs",
-        "lr_decay",
-        "min_lr",
-        "loss",
-        "focal_gamma",
-        "max_positive_weight",
-    ),
-    "validation": ("patience", "val_cache_gib", "bn_recalibration", "bn_recalibration_steps"),
-    "cell level": ("level", "tiles", "relabel", "relabel_folds"),
-    "runtime": (
-        "out_dir",
-        "quick",
-        "resume",
-        "resume_from",
-        "precision",
-        "steps_per_execution",
-        "cpu_replicas",
-        "verbose",
-        "keep_checkpoints",
-        "deadline",
-        "allow_sample_data",
-        "allow_cpu",
-    ),
-}
 
 
 def validate(config: TrainConfig) -> None:
-    normalize_weights(config.weights)  # a missing weights file fails now, not after the data is read
-    if config.backbone not in BACKBONES and not is_preset(config.backbone):
+    normalize_weights(config.model.weights)  # a missing weights file fails now, not after the data is read
+    if config.model.backbone not in BACKBONES and not is_preset(config.model.backbone):
         raise ValueError(
-            f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub "
+            f"unknown backbone {config.model.backbone!r}; choose from {', '.join(BACKBONES)}, or a KerasHub "
             "preset (kaggle://OWNER/MODEL/keras/VARIATION, or its folder)"
         )
-    if config.channels not in CHANNEL_SETS:
-        raise ValueError(f"channels must be one of {', '.join(CHANNEL_SETS)}, got {config.channels!r}")
-    if config.bn_recalibration not in BN_RECALIBRATION:
+    if config.data.channels not in CHANNEL_SETS:
+        raise ValueError(f"channels must be one of {', '.join(CHANNEL_SETS)}, got {config.data.channels!r}")
+    if config.validation.bn_recalibration not in BN_RECALIBRATION:
         raise ValueError(
-            f"bn_recalibration must be one of {', '.join(BN_RECALIBRATION)}, got {config.bn_recalibration!r}"
+            f"bn_recalibration must be one of {', '.join(BN_RECALIBRATION)}, got {config.validation.bn_recalibration!r}"
         )
-    if config.relabel and config.level != "cell":
+    if config.cells.relabel and config.cells.level != "cell":
         raise ValueError("relabel is for cell runs (level='cell')")
-    if config.relabel_folds < 2:
-        raise ValueError(f"relabel_folds must be at least 2, got {config.relabel_folds}")
-    if config.folds is not None and (config.folds < 2 or not 0 <= config.fold < config.folds):
+    if config.cells.relabel_folds < 2:
+        raise ValueError(f"relabel_folds must be at least 2, got {config.cells.relabel_folds}")
+    if config.data.folds is not None and (config.data.folds < 2 or not 0 <= config.data.fold < config.data.folds):
         raise ValueError(
-            f"folds must be at least 2 and fold one of 0..folds-1, got folds={config.folds}, fold={config.fold}"
+            f"folds must be at least 2 and fold one of 0..folds-1, got folds={config.data.folds}, fold={config.data.fold}"
         )
-    if config.extra_data and config.shards:
+    if config.data.extra_data and config.data.shards:
         raise ValueError("extra data sources are read from their PNGs beside data_dir's; leave shards out")
-    if config.level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {config.level!r}")
-    if config.loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
-    if not 0 < config.val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {config.val_fraction}")
-    for name in ("image_size", "epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.image_size < 32:
-        raise ValueError(f"image_size must be at least 32 px, got {config.image_size}")
+    if config.cells.level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {config.cells.level!r}")
+    if config.optimisation.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.optimisation.loss!r}")
+    if not 0 < config.data.val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {config.data.val_fraction}")
+    for name, value in (
+        ("image_size", config.data.image_size),
+        ("epochs", config.optimisation.epochs),
+        ("batch_size", config.optimisation.batch_size),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if config.data.image_size < 32:
+        raise ValueError(f"image_size must be at least 32 px, got {config.data.image_size}")

@@ -199,7 +199,7 @@ def evaluate(
             raise FileNotFoundError(f"run folder {folder} does not exist")
     configs = [run.load_config(folder) for folder in run_dirs]
     if data_dir is None:  # the run's own data, found again here (it may be mounted elsewhere than in training)
-        data_dir = run_data(run_dirs[0]) if configs[0].data_dir else find_data().path
+        data_dir = run_data(run_dirs[0]) if configs[0].data.data_dir else find_data().path
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist (pass the labelled data folder with --data)")
@@ -208,7 +208,7 @@ def evaluate(
     labels = load_labels(data_dir)
     if split == "val":
         held = [
-            held_out_ids(folder, labels, c.val_fraction, c.seed, c.folds, c.fold)
+            held_out_ids(folder, labels, c.data.val_fraction, c.data.seed, c.data.folds, c.data.fold)
             for folder, c in zip(run_dirs, configs)
         ]
         for folder, other in zip(run_dirs[1:], held[1:]):
@@ -226,10 +226,10 @@ def evaluate(
     logger.info(f"evaluating {names} on {len(ids)} images ({split}) from {data_dir}" + (" with TTA" if tta else ""))
     y_score = 0.0
     for folder, config, weight in zip(run_dirs, configs, weights):
-        size = int(batch_size or config.batch_size)
+        size = int(batch_size or config.optimisation.batch_size)
         if size < 1:
             raise ValueError(f"batch size must be at least 1, got {size}")
-        dataset = eval_dataset(data_dir, ids, config.image_size, config.channels, size, with_id=True)
+        dataset = eval_dataset(data_dir, ids, config.data.image_size, config.data.channels, size, with_id=True)
         predicted_ids, y_true, scores = predict(load_model(folder), dataset, tta=tta, total=len(ids))
         if len(predicted_ids) != len(ids):
             missing = sorted(set(ids) - set(predicted_ids))

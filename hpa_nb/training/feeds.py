@@ -26,7 +26,7 @@ class Feeds:
 
 def records_of(config: TrainConfig) -> str | None:
     """What the data layer reads besides data_dir: the cell tiles of a cell run, else the shards (if any)."""
-    return config.tiles if config.level == "cell" else config.shards
+    return config.cells.tiles if config.cells.level == "cell" else config.data.shards
 
 
 def pad_batches(dataset, multiple: int):
@@ -63,31 +63,31 @@ def datasets(
     this host's rows of every global batch."""
 
     common = {
-        "image_size": config.image_size,
-        "channels": config.channels,
+        "image_size": config.data.image_size,
+        "channels": config.data.channels,
         "batch_size": global_batch,
         "shards": records_of(config),
     }
     workers = {"num_workers": hosts.count, "worker_index": hosts.index}
     trace = hosting.trace_path(hosts)
     stream = pipeline.Stream(
-        seed=config.seed,
-        augment=config.augment,
-        cache=config.cache,
+        seed=config.data.seed,
+        augment=config.data.augment,
+        cache=config.data.cache,
         start_batch=start_batch,
         trace=None if trace is None else str(trace),
         **workers,
     )
     train_data = pipeline.training_dataset(root, train_ids, stream=stream, targets=targets, **common)
-    val_bytes = len(val_ids) * config.image_size**2 * len(config.channels)  # uint8 images
+    val_bytes = len(val_ids) * config.data.image_size**2 * len(config.data.channels)  # uint8 images
     val_data = pipeline.eval_dataset(
-        root, val_ids, with_id=False, cache=val_bytes <= config.val_cache_gib * 2**30, **common
+        root, val_ids, with_id=False, cache=val_bytes <= config.validation.val_cache_gib * 2**30, **common
     )
     # A known length keeps Keras from warning "ran out of data" after every validation pass.
     val_data = val_data.apply(tf.data.experimental.assert_cardinality(math.ceil(len(val_ids) / global_batch)))
     if replicas > 1:
         val_data = hosting.local_rows(pad_batches(val_data, replicas), hosts)
     # BN statistics are for inference inputs: training images without augmentation.
-    unaugmented = pipeline.Stream(seed=config.seed + 1, augment=False, **workers)
+    unaugmented = pipeline.Stream(seed=config.data.seed + 1, augment=False, **workers)
     recalibration_data = pipeline.training_dataset(root, train_ids, stream=unaugmented, **common)
     return Feeds(train_data, val_data, recalibration_data)

@@ -64,18 +64,22 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
     configs = [run.load_config(folder) for folder in run_dirs]
     first = configs[0]
     for folder, config in zip(run_dirs, configs):
-        if not config.folds:
+        if not config.data.folds:
             raise ValueError(f"{folder} is not a fold run (train it with --folds K --fold k)")
-        if (config.folds, config.seed, config.level) != (first.folds, first.seed, first.level):
+        if (config.data.folds, config.data.seed, config.cells.level) != (
+            first.data.folds,
+            first.data.seed,
+            first.cells.level,
+        ):
             raise ValueError(
-                f"{folder} has folds={config.folds}, seed={config.seed}, level={config.level}, not "
-                f"{first.folds}, {first.seed}, {first.level} as {run_dirs[0]}: the runs are of other splits"
+                f"{folder} has folds={config.data.folds}, seed={config.data.seed}, level={config.cells.level}, not "
+                f"{first.data.folds}, {first.data.seed}, {first.cells.level} as {run_dirs[0]}: the runs are of other splits"
             )
         if not run.RunFolder(folder).oof.is_file():
             raise FileNotFoundError(f"{run.RunFolder(folder).oof} does not exist: the run did not finish")
-    missing = sorted(set(range(first.folds)) - {config.fold for config in configs})
+    missing = sorted(set(range(first.data.folds)) - {config.data.fold for config in configs})
     if missing:
-        raise ValueError(f"folds: no run of fold {missing[0]} of {first.folds} among the {len(run_dirs)} given")
+        raise ValueError(f"folds: no run of fold {missing[0]} of {first.data.folds} among the {len(run_dirs)} given")
     frame = load_labels(Path(data_dir) if data_dir else run_data(run_dirs[0]))
     truth = dict(zip(frame["ID"], frame["Label"]))
     by_fold: dict[int, list[tuple[list[str], np.ndarray]]] = {}
@@ -88,18 +92,18 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
                 f"{run.RunFolder(folder).oof} does not hold the run's held-out images ({len(ids)} rows, "
                 f"{len(held)} held out)"
             )
-        if by_fold.get(config.fold) and sorted(by_fold[config.fold][0][0]) != sorted(ids):
-            raise ValueError(f"{folder} holds out other images than the other runs of fold {config.fold}")
+        if by_fold.get(config.data.fold) and sorted(by_fold[config.data.fold][0][0]) != sorted(ids):
+            raise ValueError(f"{folder} holds out other images than the other runs of fold {config.data.fold}")
         unknown = [image_id for image_id in ids if image_id not in truth]
         if unknown:
             raise ValueError(f"{folder}: image {unknown[0]} is not in the data's train.csv")
-        by_fold.setdefault(config.fold, []).append((ids, scores))
+        by_fold.setdefault(config.data.fold, []).append((ids, scores))
         metrics = image_metrics(label_matrix(ids, [truth[i] for i in ids]), scores)
         rows.append(
             {
                 "run": str(folder),
-                "fold": config.fold,
-                "backbone": config.backbone,
+                "fold": config.data.fold,
+                "backbone": config.model.backbone,
                 "images": len(ids),
                 "macro AUC": metrics["macro_roc_auc"],
                 "mAP": metrics["map"],
@@ -116,5 +120,5 @@ def gather(run_dirs: Sequence[str | Path], data_dir: str | Path | None = None) -
     y_true = label_matrix(all_ids, [truth[i] for i in all_ids])
     y_score = np.concatenate(blocks).astype(np.float32)
     metrics = image_metrics(y_true, y_score)
-    logger.info(f"folds: {len(all_ids)} out-of-fold images from {len(run_dirs)} runs of {first.folds} folds")
+    logger.info(f"folds: {len(all_ids)} out-of-fold images from {len(run_dirs)} runs of {first.data.folds} folds")
     return OutOfFold(all_ids, y_true, y_score, pd.DataFrame(rows), metrics)

@@ -4,7 +4,6 @@ trains. A notebook can show each part of it first."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -42,12 +41,12 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int, global_bat
     return schedule.from_epochs(
         steps_per_epoch,
         global_batch,
-        max_lr=config.max_lr,
-        initial_lr=config.initial_lr,
-        warmup_epochs=config.warmup_epochs,
-        sustain_epochs=config.sustain_epochs,
-        decay=config.lr_decay,
-        min_lr=config.min_lr,
+        max_lr=config.optimisation.max_lr,
+        initial_lr=config.optimisation.initial_lr,
+        warmup_epochs=config.optimisation.warmup_epochs,
+        sustain_epochs=config.optimisation.sustain_epochs,
+        decay=config.optimisation.lr_decay,
+        min_lr=config.optimisation.min_lr,
     )
 
 
@@ -92,10 +91,10 @@ class Plan:
                 ),
                 f"data: {self.layout}",
                 f"split: {len(self.train_ids)} training and {len(self.val_ids)} validation "
-                f"{'cells (tiles, split by image)' if self.config.level == 'cell' else 'images'}",
+                f"{'cells (tiles, split by image)' if self.config.cells.level == 'cell' else 'images'}",
                 f"steps: global batch {self.global_batch}, {self.steps_per_epoch} steps per epoch, "
                 f"{self.steps_per_execution} per compiled call",
-                f"run: {self.run_dir} ({start}, {self.config.epochs} epochs)",
+                f"run: {self.run_dir} ({start}, {self.config.optimisation.epochs} epochs)",
             ]
         )
 
@@ -137,26 +136,25 @@ RESUME_INVARIANTS = (
 def data_root(config: TrainConfig) -> Path:
     """The folder a resolved run reads: data_dir, or with extra data sources their view (`hpa_nb.data.combined`)
     in the working folder."""
-    if not config.extra_data:
-        return Path(config.data_dir)
-    return combined.combine([config.data_dir, *config.extra_data], working_dir())
+    if not config.data.extra_data:
+        return Path(config.data.data_dir)
+    return combined.combine([config.data.data_dir, *config.data.extra_data], working_dir())
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """`config` checked, with what it leaves open found: the data (`find_data`), the run folder (``out/run``), the
     shards and, for a cell run, the tiles. On Kaggle a full run on the synthetic sample stops here (`preflight`)."""
     validate(config)
-    root = Path(config.data_dir) if config.data_dir else _discover()
-    run_dir = Path(config.out_dir) if config.out_dir else run.default_dir()
-    for folder in (root, *config.extra_data):
-        preflight.check_data(Path(folder), config.quick, config.allow_sample_data)
-    return dataclasses.replace(
-        config,
+    root = Path(config.data.data_dir) if config.data.data_dir else _discover()
+    run_dir = Path(config.runtime.out_dir) if config.runtime.out_dir else run.default_dir()
+    for folder in (root, *config.data.extra_data):
+        preflight.check_data(Path(folder), config.runtime.quick, config.runtime.allow_sample_data)
+    return config.replace(
         data_dir=str(root),
         out_dir=str(run_dir),
-        resume=config.resume or bool(config.resume_from),
-        shards=_find_shards(config.shards),
-        tiles=_find_tiles(root, config) if config.level == "cell" else None,
+        resume=config.runtime.resume or bool(config.runtime.resume_from),
+        shards=_find_shards(config.data.shards),
+        tiles=_find_tiles(root, config) if config.cells.level == "cell" else None,
     )
 
 
@@ -193,36 +191,38 @@ def prepare(config: TrainConfig, hosts: Hosts | None = None) -> Plan:
     preflight.report_versions(sys.stderr)
     config = resolve(config)
     hosts = hosts or hosting.from_environment()
-    hosting.start(hosts, config.seed)  # before JAX touches a device
-    root, run_dir = data_root(config), Path(config.out_dir)
+    hosting.start(hosts, config.data.seed)  # before JAX touches a device
+    root, run_dir = data_root(config), Path(config.runtime.out_dir)
     if hosts.writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if config.resume_from:
-            run.adopt(inputs.previous_run(config.resume_from), run_dir)
-    accelerator = detect(config.cpu_replicas, config.precision, hosts=hosts)  # before TF touches its devices
-    preflight.check_accelerator(accelerator.device_kind, config.quick, config.allow_cpu)
-    keras.utils.set_random_seed(config.seed)  # weights initialisation and dropout repeat with the seed
+        if config.runtime.resume_from:
+            run.adopt(inputs.previous_run(config.runtime.resume_from), run_dir)
+    accelerator = detect(
+        config.runtime.cpu_replicas, config.runtime.precision, hosts=hosts
+    )  # before TF touches its devices
+    preflight.check_accelerator(accelerator.device_kind, config.runtime.quick, config.runtime.allow_cpu)
+    keras.utils.set_random_seed(config.data.seed)  # weights initialisation and dropout repeat with the seed
     fingerprint = run.data_fingerprint(root)
     if hosts.writer:
-        if config.resume:
+        if config.runtime.resume:
             check_resumable(run_dir, config, fingerprint)
         else:  # a relabelled run keeps the targets its relabel step wrote (hpa_nb.cells.relabel)
-            run.clear_previous(run_dir, keep=run.RELABEL_FILES if config.relabel else ())
-        train_ids, val_ids, train_matrix, val_matrix = split_run(root, run_dir, config, reuse=config.resume)
+            run.clear_previous(run_dir, keep=run.RELABEL_FILES if config.cells.relabel else ())
+        train_ids, val_ids, train_matrix, val_matrix = split_run(root, run_dir, config, reuse=config.runtime.resume)
     hosting.barrier("hpa_nb: the run folder is ready", hosts)  # host 0 has cleared or adopted it, and split
     if not hosts.writer:
         train_ids, val_ids, train_matrix, val_matrix = split_run(root, run_dir, config, reuse=True, writer=False)
-    finished, checkpoint = run.last_checkpoint(run_dir) if config.resume else (0, None)
+    finished, checkpoint = run.last_checkpoint(run_dir) if config.runtime.resume else (0, None)
     _check_same_on_every_host(hosts, run_dir, finished, fingerprint)
-    if config.resume and checkpoint is None:
+    if config.runtime.resume and checkpoint is None:
         logger.info(f"resume: no checkpoint in {run.RunFolder(run_dir).checkpoints}, starting from scratch")
-    layout = pipeline.describe_layout(root, config.channels, feeds.records_of(config))
+    layout = pipeline.describe_layout(root, config.data.channels, feeds.records_of(config))
 
-    global_batch = accelerator.global_batch_size(config.batch_size)
+    global_batch = accelerator.global_batch_size(config.optimisation.batch_size)
     steps_per_epoch, steps_per_execution = whole_executions(
-        config.steps_per_epoch or max(1, len(train_ids) // global_batch),
-        config.steps_per_execution or accelerator.steps_per_execution,
-        explicit=bool(config.steps_per_epoch),
+        config.optimisation.steps_per_epoch or max(1, len(train_ids) // global_batch),
+        config.runtime.steps_per_execution or accelerator.steps_per_execution,
+        explicit=bool(config.optimisation.steps_per_epoch),
     )
     runtime = {
         "backend": accelerator.backend,
@@ -238,11 +238,11 @@ def prepare(config: TrainConfig, hosts: Hosts | None = None) -> Plan:
         "val_images": len(val_ids),
         "data_fingerprint": fingerprint,
         "hosts": hosts.count,
-        "data_source": source_record(Path(config.data_dir)),
+        "data_source": source_record(Path(config.data.data_dir)),
     }  # the first source, not a view of several
     if hosts.writer:
         run.write_info(run_dir, config, runtime)
-    targets = _relabelled_targets(run_dir, train_ids) if config.relabel else None
+    targets = _relabelled_targets(run_dir, train_ids) if config.cells.relabel else None
     if targets is not None:
         train_matrix = np.stack([targets[key] for key in train_ids])
     datasets = feeds.datasets(
@@ -262,18 +262,24 @@ def prepare(config: TrainConfig, hosts: Hosts | None = None) -> Plan:
     schedule = learning_rate_schedule(config, steps_per_epoch, global_batch)
     with accelerator.scope():
         if checkpoint is not None:
-            register_classes(config.backbone)
+            register_classes(config.model.backbone)
             model = load_checkpoint(checkpoint)  # weights, optimizer state and step count
             logger.info(f"resume: continuing after epoch {finished} from {checkpoint}")
         else:
-            model = build(config.backbone, config.image_size, config.channels, config.weights, config.dropout)
+            model = build(
+                config.model.backbone,
+                config.data.image_size,
+                config.data.channels,
+                config.model.weights,
+                config.model.dropout,
+            )
             compile_for_training(
                 model,
                 schedule,
-                class_weights(train_matrix, config.max_positive_weight),
+                class_weights(train_matrix, config.optimisation.max_positive_weight),
                 label_weights,
                 steps_per_execution,
-                focal_gamma=config.focal_gamma if config.loss == "focal" else 0.0,
+                focal_gamma=config.optimisation.focal_gamma if config.optimisation.loss == "focal" else 0.0,
             )
         hosting.share_weights(model, hosts)  # every host starts from host 0's weights
     plan = Plan(
@@ -321,15 +327,15 @@ def check_resumable(run_dir: Path, config: TrainConfig, fingerprint: str) -> Non
     """Refuse to resume a run with other data or other model-shaping options than it was trained with."""
     if not run.RunFolder(run_dir).config.is_file():
         return
-    saved = run.load_info(run_dir)
+    saved, options = run.load_info(run_dir), config.to_json()
     for name in RESUME_INVARIANTS:
-        if name in saved and saved[name] != getattr(config, name):
+        if name in saved and saved[name] != options[name]:
             raise ValueError(
-                f"cannot resume {run_dir}: it was trained with {name}={saved[name]!r}, not {getattr(config, name)!r}"
+                f"cannot resume {run_dir}: it was trained with {name}={saved[name]!r}, not {options[name]!r}"
             )
     if saved.get("data_fingerprint") not in (None, fingerprint):
         raise ValueError(
-            f"cannot resume {run_dir}: it was trained on other data than {config.data_dir} "
+            f"cannot resume {run_dir}: it was trained on other data than {config.data.data_dir} "
             f"(fingerprint {saved['data_fingerprint']}, now {fingerprint})"
         )
 
@@ -343,15 +349,15 @@ def _find_shards(reference: str | None) -> str | None:
 
 
 def _find_tiles(root: Path, config: TrainConfig) -> str:
-    """The tile folder a cell run reads: the one `config.tiles` names (a folder, or OWNER/KERNEL attached on
+    """The tile folder a cell run reads: the one `config.cells.tiles` names (a folder, or OWNER/KERNEL attached on
     Kaggle), else ``root/tiles``, else the tiles of 06_cells (on Kaggle: attached; elsewhere: out/tiles)."""
-    if config.tiles is None and tiles.is_tile_folder(tiles.default_dir(root)):
+    if config.cells.tiles is None and tiles.is_tile_folder(tiles.default_dir(root)):
         return str(tiles.default_dir(root))
-    if config.tiles is not None and tiles.is_tile_folder(config.tiles):
-        return str(config.tiles)
-    if config.tiles is not None and Path(config.tiles).is_dir():
-        tiles.read_manifest(config.tiles)  # a folder without tiles.json stops here, named
-    found = inputs.find("tiles", config.tiles, consumer="07_cell_train", required=False)
+    if config.cells.tiles is not None and tiles.is_tile_folder(config.cells.tiles):
+        return str(config.cells.tiles)
+    if config.cells.tiles is not None and Path(config.cells.tiles).is_dir():
+        tiles.read_manifest(config.cells.tiles)  # a folder without tiles.json stops here, named
+    found = inputs.find("tiles", config.cells.tiles, consumer="07_cell_train", required=False)
     if found is None:
         raise FileNotFoundError(
             f"a cell run needs cell tiles: none in {tiles.default_dir(root)}; write them first "

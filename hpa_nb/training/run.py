@@ -26,7 +26,7 @@ import pandas as pd
 from hpa_nb.core.env import working_dir
 from hpa_nb.core.files import atomic_path, write_text
 from hpa_nb.core.labels import N_CLASSES
-from hpa_nb.training.config import CONFIG_FIELDS, TrainConfig
+from hpa_nb.training.config import TrainConfig
 from hpa_nb.training.presets import register_classes
 
 logger = logging.getLogger(__name__)
@@ -149,12 +149,13 @@ def unfinished(run_dir: str | Path) -> str:
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
-    """The TrainConfig a run was trained with (extra runtime keys in config.json are ignored)."""
+    """The TrainConfig a run was trained with: config.json is flat, in any version (its runtime keys are left out,
+    and an option an older file lacks takes its default)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in run folder {run_dir}")
     saved = json.loads(path.read_text())
-    return TrainConfig(**{key: value for key, value in saved.items() if key in CONFIG_FIELDS})
+    return TrainConfig.from_json(saved)
 
 
 def _split_path(where: str | Path) -> Path:
@@ -277,7 +278,7 @@ def load_model(run_dir: str | Path) -> keras.Model:
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (run `python -m hpa_nb train` first)")
     if (path.parent / CONFIG_FILE).is_file():  # a KerasHub backbone's classes are registered by importing keras_hub
-        register_classes(load_config(path.parent).backbone)
+        register_classes(load_config(path.parent).model.backbone)
     return keras.saving.load_model(path, compile=False)
 
 

@@ -24,28 +24,28 @@ def image_split(
     root: Path, run_dir: Path, config: TrainConfig, reuse: bool
 ) -> tuple[list[str], list[str], pd.DataFrame]:
     """The image-level train / validation IDs a run uses, and the labels they come from, without writing anything:
-    the saved split when resuming, else `config.split_from`'s, else a stratified split by `config.seed` (fold
-    `config.fold` of `config.folds` when set), the images of extra data sources on the training side."""
+    the saved split when resuming, else `config.data.split_from`'s, else a stratified split by `config.data.seed` (fold
+    `config.data.fold` of `config.data.folds` when set), the images of extra data sources on the training side."""
     frame = load_labels(root)
-    found = pipeline.shard_folder(root, config.channels, config.shards)
+    found = pipeline.shard_folder(root, config.data.channels, config.data.shards)
     if found is not None:  # shards written elsewhere: only the images they hold, and only if they match train.csv
         frame = shards.pair(*found, frame, root)
     ids = frame["ID"].tolist()
     if reuse and run.RunFolder(run_dir).split.is_file():
         saved = run.load_split(run_dir)
-    elif config.split_from:
-        saved = run.load_split(config.split_from)
+    elif config.data.split_from:
+        saved = run.load_split(config.data.split_from)
         unknown = sorted(set(saved["train"] + saved["val"]) - set(ids))
         if unknown:
-            raise ValueError(f"split_from {config.split_from}: image {unknown[0]} is not in {root}/train.csv")
+            raise ValueError(f"split_from {config.data.split_from}: image {unknown[0]} is not in {root}/train.csv")
     else:
         train_ids, val_ids = holdout(
             ids,
             label_matrix(ids, frame["Label"]),
-            config.val_fraction,
-            config.seed,
-            config.folds,
-            config.fold,
+            config.data.val_fraction,
+            config.data.seed,
+            config.data.folds,
+            config.data.fold,
             train_only=combined.extra_ids(root),
         )
         saved = {"train": train_ids, "val": val_ids}
@@ -67,7 +67,7 @@ def split_run(
     train_ids, val_ids, frame = image_split(root, run_dir, config, reuse or not writer)
     if writer:
         run.write_split(run_dir, train_ids, val_ids)
-    if config.level == "cell":
+    if config.cells.level == "cell":
         return _cell_split(root, config, frame, train_ids, val_ids)
     ids = frame["ID"].tolist()
     matrix = label_matrix(ids, frame["Label"])
@@ -80,8 +80,8 @@ def _cell_split(
     """The image split carried over to the tiles: every cell of an image on its image's side, with the
     image's label as its weak target. Tiles from other data stop the run; images the tiles lack (skipped
     as bad when they were written) are left out with a warning."""
-    where = tiles.manifest_path(config.tiles)
-    manifest = tiles.read_manifest(config.tiles)
+    where = tiles.manifest_path(config.cells.tiles)
+    manifest = tiles.read_manifest(config.cells.tiles)
     if not manifest["complete"]:
         raise ValueError(
             f"{where}: the tiles are incomplete ({manifest['images']} images; their run stopped at "

@@ -65,7 +65,7 @@ def fit(plan: Plan) -> TrainResult:
         plan.finished_epochs,
         plan.hosts.writer,
     )
-    recalibration_steps = min(config.bn_recalibration_steps, plan.steps_per_epoch)
+    recalibration_steps = min(config.validation.bn_recalibration_steps, plan.steps_per_epoch)
     callbacks = _callbacks(plan, recalibration_steps)
     # None, said in one line, when off; only the host that writes the run folder tracks it
     tracker = tracking.start(run_dir, {**config.to_json(), **plan.runtime}) if writer else None
@@ -73,12 +73,12 @@ def fit(plan: Plan) -> TrainResult:
         callbacks.insert(-1, tracker)  # the clock stays last
     history = model.fit(
         plan.datasets.train,
-        epochs=config.epochs,
+        epochs=config.optimisation.epochs,
         initial_epoch=finished,
         steps_per_epoch=plan.steps_per_epoch,
         validation_data=plan.datasets.val,
         callbacks=callbacks,
-        verbose=config.verbose if writer else 0,
+        verbose=config.runtime.verbose if writer else 0,
         shuffle=False,
     )  # the dataset shuffles itself
     stopped_at_deadline = callbacks[-1].stopped_at_deadline
@@ -87,7 +87,7 @@ def fit(plan: Plan) -> TrainResult:
         raise FloatingPointError(f"training loss became NaN/inf in {run_dir}: lower --max-lr or check the data")
 
     # With "epoch", the weights kept (best or last epoch) already carry statistics re-estimated for them.
-    if config.bn_recalibration == "end":
+    if config.validation.bn_recalibration == "end":
         recalibrate(model, plan.datasets.recalibration, recalibration_steps)
     final = {}
     if model.compiled:
@@ -124,13 +124,15 @@ def _callbacks(plan: Plan, recalibration_steps: int) -> list:
         run.truncate_history(run_dir, finished)
     recalibration = (
         [callbacks.recalibration(plan.datasets.recalibration, recalibration_steps)]
-        if config.bn_recalibration == "epoch"
+        if config.validation.bn_recalibration == "epoch"
         else []
     )
     return [
         *recalibration,  # runs before each validation, so checkpoints and early stopping see its statistics
-        *([callbacks.epoch_recorder(run_dir, config.keep_checkpoints, plan.hosts)] if writer else []),
-        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience, restore_best_weights=True),
+        *([callbacks.epoch_recorder(run_dir, config.runtime.keep_checkpoints, plan.hosts)] if writer else []),
+        keras.callbacks.EarlyStopping(
+            monitor=MONITOR, mode="max", patience=config.validation.patience, restore_best_weights=True
+        ),
         keras.callbacks.TerminateOnNaN(),
         callbacks.clock(plan),  # last: after the epoch's checkpoint is written
     ]
@@ -144,8 +146,8 @@ def write_held_out_predictions(plan: Plan) -> Path:
     dataset = pipeline.eval_dataset(
         plan.root,
         plan.val_ids,
-        config.image_size,
-        config.channels,
+        config.data.image_size,
+        config.data.channels,
         plan.global_batch,
         with_id=True,
         shards=feeds.records_of(config),

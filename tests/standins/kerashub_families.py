@@ -5,7 +5,9 @@ family: its class, the preset's image shape, the size the tests ask for, and its
 ``python kerashub_families.py check FOLDER [FAMILY ...]`` builds each with `hpa_nb.training.model.build_backbone` at
 the size asked with RGBY and the preset's weights, and prints one JSON line: its output next to the output of
 KerasHub's own `from_preset` at that size with RGB (its loader is the oracle: yellow 0 must change nothing), or the
-one line it refused with.
+one line it refused with; it saves each model it built, and its output, under FOLDER/built.
+``python kerashub_families.py reload FOLDER [FAMILY ...]`` loads each saved model in a new process, as a run's
+model is loaded, and prints how far its output is from the output it gave when built.
 ``python kerashub_families.py train FOLDER DATA RUNS [FAMILY ...]`` runs ``python -m hpa_nb train --backbone
 FOLDER/FAMILY --channels rgby`` (in this process, one family after another) for one quick epoch at the first size
 asked, into RUNS/FAMILY, and prints each one's exit status. ``python kerashub_families.py predict RUNS [FAMILY ...]``
@@ -244,6 +246,10 @@ def check(folder: Path, family: str, asked: int) -> dict:
     scaled = {name: rgb * scale for name in theirs.input} if isinstance(theirs.input, dict) else rgb * scale
     expected = np.asarray(feature_map(theirs(scaled), theirs, asked))
     got = np.asarray(ours(np.concatenate([rgb, np.zeros_like(rgb[..., :1])], axis=-1)))
+    built = folder / "built"  # for `reload`: the model as built, and what it gave
+    built.mkdir(exist_ok=True)
+    ours.save(built / f"{family}-{asked}.keras")
+    np.save(built / f"{family}-{asked}.npy", got)
     stem = next(weight for weight in ours.weights if len(weight.shape) == 4)
     kernel = np.asarray(stem.value)
     rescale = np.atleast_1d(np.asarray(ours.get_layer("preset_rescale").scale, "float32"))
@@ -259,6 +265,25 @@ def check(folder: Path, family: str, asked: int) -> dict:
         "stem_channels": int(kernel.shape[2]),
         "yellow_is_rgb_mean": bool(np.allclose(kernel[:, :, 3], kernel[:, :, :3].mean(axis=2), atol=1e-6)),
     }
+
+
+def reload(folder: Path, family: str, asked: int) -> dict | None:
+    """The model `check` built and saved, loaded in this new process as a run's model is (the preset's classes
+    registered first), given the same input: how far its output is from what it gave when built."""
+    import keras
+    import numpy as np
+
+    from hpa_nb.training.presets import register_classes
+
+    saved = folder / "built" / f"{family}-{asked}.keras"
+    if not saved.is_file():  # refused
+        return None
+    register_classes(str(folder / family))
+    model = keras.saving.load_model(saved, compile=False)
+    rgb = np.random.default_rng(0).uniform(0, 255, (2, asked, asked, 3)).astype("float32")
+    got = np.asarray(model(np.concatenate([rgb, np.zeros_like(rgb[..., :1])], axis=-1)))
+    built = np.load(saved.with_suffix(".npy"))
+    return {"family": family, "asked": asked, "largest_difference": float(np.abs(got - built).max())}
 
 
 def train(folder: Path, data: Path, runs: Path, family: str) -> dict:
@@ -296,11 +321,11 @@ def predict(runs: Path, family: str) -> dict:
 
     from hpa_nb.training.run import load_config, load_model
 
-    model, size = load_model(runs / family), load_config(runs / family).image_size
+    model, size = load_model(runs / family), load_config(runs / family).data.image_size
     predicted = np.asarray(model.predict_on_batch(np.random.default_rng(0).uniform(0, 255, (3, size, size, 4))))
     return {
         "family": family,
-        "backbone": load_config(runs / family).backbone,
+        "backbone": load_config(runs / family).model.backbone,
         "shape": list(predicted.shape),
         "in_0_1": bool(np.all((predicted >= 0) & (predicted <= 1))),
     }
@@ -316,6 +341,10 @@ if __name__ == "__main__":
         elif command == "check":
             for size in sizes(family):
                 print(json.dumps(check(root, family, size)), flush=True)
+        elif command == "reload":
+            for size in sizes(family):
+                if (row := reload(root, family, size)) is not None:
+                    print(json.dumps(row), flush=True)
         elif command == "train":
             print(json.dumps(train(root, data, runs, family)), flush=True)
         else:
