@@ -11,7 +11,6 @@ weak labels, so their scores stay comparable with a run without relabelling.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -91,8 +90,7 @@ def out_of_fold_scores(config: TrainConfig, run_dir: Path, train_image_ids: list
                 f"relabel: fold {k + 1} of {len(parts)}: training on {len(train_image_ids) - len(held)} images, "
                 f"scoring the cells of {len(held)}"
             )
-            fold = dataclasses.replace(
-                config,
+            fold = config.replace(
                 relabel=False,
                 out_dir=str(fold_dir),
                 split_from=str(split_file),
