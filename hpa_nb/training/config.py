@@ -127,23 +127,6 @@ class RuntimeSettings:
     allow_cpu: bool = False
 
 
-# The sections, by the name `TrainConfig` gives each (``config.optimisation.max_lr``).
-SECTION_TYPES: dict[str, type] = {
-    "data": DataSettings,
-    "model": ModelSettings,
-    "optimisation": OptimisationSettings,
-    "validation": ValidationSettings,
-    "cells": CellSettings,
-    "runtime": RuntimeSettings,
-}
-# Each option's section, in the sections' order: the flat names of the CLI, the notebooks and config.json.
-SECTIONS: dict[str, tuple[str, ...]] = {
-    name: tuple(f.name for f in dataclasses.fields(kind)) for name, kind in SECTION_TYPES.items()
-}
-SECTION_OF = {option: name for name, options in SECTIONS.items() for option in options}
-CONFIG_FIELDS = set(SECTION_OF)
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Every training option, in frozen sections (`SECTIONS`): ``config.data.image_size``,
@@ -198,6 +181,16 @@ class TrainConfig:
     def section(self, name: str) -> dict[str, Any]:
         """The options of one section, e.g. ``config.section("optimisation")``."""
         return dataclasses.asdict(getattr(self, name))
+
+
+# The sections, by the name `TrainConfig` gives each (``config.optimisation.max_lr``), and each option's section in
+# the sections' order: the flat names of the CLI, the notebooks and config.json. Read from TrainConfig's own fields.
+SECTION_TYPES: dict[str, type] = {field.name: field.default_factory for field in dataclasses.fields(TrainConfig)}
+SECTIONS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in dataclasses.fields(kind)) for name, kind in SECTION_TYPES.items()
+}
+SECTION_OF = {option: name for name, options in SECTIONS.items() for option in options}
+CONFIG_FIELDS = set(SECTION_OF)
 
 
 # Sized so the default sample trains in about a minute on two CPU cores and still learns (the docs'
