@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from hpa_nb.training.batch_norm import recalibrate
 
@@ -74,7 +75,7 @@ def test_compiled_recalibration_on_eight_jax_devices_equals_the_eager_one():
         **os.environ,
         "PYTHONPATH": str(REPO),
         "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
     }
     done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

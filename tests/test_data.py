@@ -664,6 +664,28 @@ def test_training_dataset_is_static_infinite_and_repeatable(planted8):
         assert labels.shape == (4, N_CLASSES)
 
 
+def test_the_pipelines_are_traced_as_written_without_autograph(planted8, monkeypatch):
+    """AutoGraph would parse and rewrite the source of every function the pipelines call, each lambda again at every
+    build (10 s of a quick training process); their functions need none of it (`reading.as_written`)."""
+    from tensorflow.python.autograph.impl import api
+
+    converted = []
+    convert = api.converted_call
+    monkeypatch.setattr(
+        api, "converted_call", lambda f, *args, **kwargs: converted.append(f) or convert(f, *args, **kwargs)
+    )
+    tf.data.Dataset.range(3).map(lambda value: value + 1)  # a map built outside them is converted: the probe works
+    assert converted
+    converted.clear()
+    ids = [image_id(i) for i in range(10)]
+    training = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, stream=Stream(seed=1))
+    held_out = pipeline.eval_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4)
+    opened = pipeline.open_dataset(planted8, IMAGE_SIZE, "rgb", with_id=True, ids=ids)
+    assert converted == []
+    assert next(iter(training))[0].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert sum(1 for _ in held_out.unbatch()) == sum(1 for _ in opened) == 10
+
+
 @pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
 def test_a_stream_started_at_batch_k_is_the_whole_stream_from_batch_k(planted8, cache):
     """What a resumed run sees: the batches it would have seen had it never stopped, not epoch 1 again."""

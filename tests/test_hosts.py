@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import tpu_venv_python
+from conftest import tpu_venv_python, xla_flags
 
 from hpa_nb.cli import main
 from hpa_nb.training import hosts
@@ -149,7 +149,7 @@ def _environment(devices: int, trace: Path, watch: Path | None = None, writes: P
         "PYTHONPATH": str(REPO),
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {NO_YNNPACK}",
+        "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}", NO_YNNPACK),
         "HPA_TRACE_IDS": str(trace),
     }
     trace.mkdir(parents=True, exist_ok=True)

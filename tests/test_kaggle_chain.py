@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import xla_flags
 
 from hpa_nb.core.env import COMPETITION
 from hpa_nb.data import shards, tiles
@@ -107,7 +108,7 @@ class KaggleSession:
             KAGGLE_KERNEL_RUN_TYPE="Batch", HPA_KAGGLE_ROOT=str(self.root / "kaggle"), TF_CPP_MIN_LOG_LEVEL="2"
         )
         if name in TPU_KERNELS:
-            environ.update(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+            environ.update(KERAS_BACKEND="jax", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
         executed = self.root / "executed" / f"{name}.ipynb"
         executed.parent.mkdir(exist_ok=True)
         command = [

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TPU_PACKAGE_SETS, tpu_venv_python
+from conftest import TPU_PACKAGE_SETS, tpu_venv_python, xla_flags
 
 from hpa_nb.training import run
 from hpa_nb.training.run import RunFolder
@@ -94,7 +94,7 @@ def _papermill(
     }
     clean.update(
         KERAS_BACKEND="jax",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
         HPA_OUT=str(out),
         HPA_DATA_DIR=str(data),
         TF_CPP_MIN_LOG_LEVEL="2",

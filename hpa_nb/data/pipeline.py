@@ -23,7 +23,7 @@ from hpa_nb.data import tiles
 from hpa_nb.data.augment import augment as augment_image
 from hpa_nb.data.bad_input import SkipLog, skip_log
 from hpa_nb.data.competition import TFRECORD_PATTERN, png_layout, tfrecord_layout
-from hpa_nb.data.reading import AUTOTUNE, Layout, decode_stage, read, to_uint8
+from hpa_nb.data.reading import AUTOTUNE, Layout, as_written, decode_stage, read, to_uint8
 from hpa_nb.data.shards import default_dir, manifest_path, read_manifest, shard_layout
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ class Stream:
     trace: str | None = None  # a file: the ID of every image this worker feeds is appended to it, in order
 
 
+@as_written
 def training_dataset(
     root: str | Path,
     ids: Iterable[str] | None,
@@ -330,6 +331,7 @@ def _traced(image_id: tf.Tensor, path: str) -> tf.Tensor:
         return tf.identity(image_id)
 
 
+@as_written
 def eval_dataset(
     root: str | Path,
     ids: Iterable[str] | None,

@@ -27,6 +27,7 @@ from hpa_nb.data.competition import TFRECORD_PATTERN, load_labels, png_layout, t
 from hpa_nb.data.reading import (
     AUTOTUNE,
     Layout,
+    as_written,
     file_records,
     file_size,
     files_at_once,
@@ -227,6 +228,7 @@ def _source_layout(
     return tfrecord_layout(records, colors, None, exclude), expected
 
 
+@as_written
 def write_shards(
     src: str | Path,
     out: str | Path | None = None,

@@ -40,7 +40,7 @@ from hpa_nb.data import records
 from hpa_nb.data.bad_input import SkipLog, skip_log
 from hpa_nb.data.competition import load_labels
 from hpa_nb.data.crops import cell_crops, cell_extent, cell_ids_of
-from hpa_nb.data.reading import read
+from hpa_nb.data.reading import as_written, read
 from hpa_nb.data.shards import shard_layout
 from hpa_nb.segmentation.backends import on_accelerator, segment
 from hpa_nb.segmentation.classical import ClassicalSettings
@@ -358,6 +358,7 @@ def read_tiles(
     return read(layout, image_size or int(manifest["size"]), channels, with_id, True, None)
 
 
+@as_written
 def load_tiles(tile_dir: str | Path, count: int | None = None, image_ids: Iterable[str] | None = None):
     """The first `count` tiles (of `image_ids`, all when None) as numpy: (uint8 crops ``[N, S, S, C]``, a
     pandas DataFrame with each tile's key, image ID, cell ID, label text, box, area fraction and border flag)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from hpa_nb.data import pipeline
+from hpa_nb.data.reading import as_written
 from hpa_nb.training import hosts as hosting
 from hpa_nb.training.config import TrainConfig
 from hpa_nb.training.hosts import Hosts
@@ -48,6 +49,7 @@ def pad_batches(dataset, multiple: int):
     return dataset.map(pad)
 
 
+@as_written
 def datasets(
     root: Path,
     train_ids: list[str],
