@@ -722,6 +722,15 @@ def test_training_dataset_without_augment_keeps_each_image_with_its_label(plante
         assert sorted(seen) == sorted(by_label.values())  # 6 batches of 2: one pass, each image once
 
 
+def test_a_trace_is_read_by_position_each_once_and_two_ids_at_one_are_refused(tmp_path):
+    path = tmp_path / "trace.txt"
+    path.write_text("0 a\n1 b\n0 a\n1 b\n2 c\n")  # an iterator dropped after 2 images, then the stream again
+    assert pipeline.read_trace(path) == ["a", "b", "c"]
+    path.write_text("0 a\n0 b\n")
+    with pytest.raises(ValueError, match="position 0 fed a and then b"):
+        pipeline.read_trace(path)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_workers_feed_their_rows_of_the_one_worker_stream_and_resume_with_it(planted8, tmp_path, cache):
     """Two hosts' batches side by side are the one-host stream's, augmentation included, from any start batch:
@@ -735,7 +744,7 @@ def test_workers_feed_their_rows_of_the_one_worker_stream_and_resume_with_it(pla
         )
         dataset = pipeline.training_dataset(planted8, ids, IMAGE_SIZE, "rgb", batch_size=4, stream=stream)
         found = list(dataset.take(count).as_numpy_iterator())
-        return found, trace.read_text().split()
+        return found, pipeline.read_trace(trace)
 
     whole, whole_ids = batches(1, 0)
     halves = [batches(2, worker) for worker in (0, 1)]

@@ -19,6 +19,7 @@ import tensorflow as tf
 from conftest import tpu_venv_python, xla_flags
 
 from hpa_nb.cli import main
+from hpa_nb.data.pipeline import read_trace
 from hpa_nb.training import hosts
 from hpa_nb.training.hosts import Hosts
 from hpa_nb.training.plan import load_checkpoint
@@ -229,7 +230,7 @@ def _two_hosts(
 
 def _fed(trace: Path, host: int, epoch: int, per_epoch: int = 16) -> list[str]:
     """The IDs host `host` fed in the `epoch`-th epoch its process trained (the trace runs ahead: prefetching)."""
-    return (trace / f"train-ids-host{host}.txt").read_text().split()[epoch * per_epoch : (epoch + 1) * per_epoch]
+    return read_trace(trace / f"train-ids-host{host}.txt")[epoch * per_epoch : (epoch + 1) * per_epoch]
 
 
 @pytest.mark.slow
@@ -303,7 +304,7 @@ def test_two_hosts_train_as_one_with_one_writer_resume_together_and_match_one_pr
     np.testing.assert_allclose(history.to_numpy(), alone.to_numpy(), rtol=0, atol=LOOSE)
     oof, reference = _oof_pair(run, single / "run")
     np.testing.assert_allclose(oof.to_numpy(), reference.to_numpy(), rtol=0, atol=LOOSE)
-    one_stream = (single / "trace" / "train-ids-host0.txt").read_text().split()
+    one_stream = read_trace(single / "trace" / "train-ids-host0.txt")
     for step in range(4):  # the hosts' rows of each global batch, side by side, are the one process's batch
         assert (
             _fed(slice_dir / "trace-1", 0, step, 8) + _fed(slice_dir / "trace-1", 1, step, 8)

@@ -303,32 +303,48 @@ def training_dataset(
             lambda index: _stateless_shuffle(records(pass_seed(index)), stream.shuffle_buffer, pass_seed(index))
         )
         images = decode_stage(mine(elements.skip(offset)), layout, image_size, channel_count, deterministic, None)
-    if stream.trace:
-        images = images.map(
-            lambda image, label, image_id: (image, label, _traced(image_id, stream.trace))
-        )  # sequential: the file keeps the stream's order
     # augment: stateless, seeded by (seed, position in the whole stream) so a run repeats exactly, on any number of
     # workers: the j-th image of this worker sits at position start + (j // local)·B + worker_index·local + j % local.
     base_seed = tf.constant([seed, 0], tf.int64)
 
+    def position_of(index: tf.Tensor) -> tf.Tensor:
+        return start + index // local * batch_size + worker_index * local + index % local
+
     def augment_element(index: tf.Tensor, element: tuple) -> tuple:
         image, label, _ = element
         if augment:
-            position = start + index // local * batch_size + worker_index * local + index % local
-            image = augment_image(image, tf.random.experimental.stateless_fold_in(base_seed, position))
+            image = augment_image(image, tf.random.experimental.stateless_fold_in(base_seed, position_of(index)))
         return to_uint8(image), label
 
-    images = images.enumerate().map(augment_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    images = images.enumerate()
+    if stream.trace:  # sequential: the file keeps the stream's order
+        images = images.map(
+            lambda index, element: (index, (*element[:2], _traced(position_of(index), element[2], stream.trace)))
+        )
+    images = images.map(augment_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     # batch with drop_remainder: a TPU compiles for one static batch shape.
     images = images.batch(local, drop_remainder=stream.drop_remainder)
     # prefetch: decode the next batches while the accelerator runs this one.
     return images.prefetch(AUTOTUNE)
 
 
-def _traced(image_id: tf.Tensor, path: str) -> tf.Tensor:
-    """`image_id`, after appending it as a line to the file at `path`."""
-    with tf.control_dependencies([tf.print(image_id, output_stream=f"file://{path}")]):
+def _traced(position: tf.Tensor, image_id: tf.Tensor, path: str) -> tf.Tensor:
+    """`image_id`, after appending ``POSITION ID`` as a line to the file at `path` (`read_trace` reads them)."""
+    line = tf.strings.join([tf.strings.as_string(position), image_id], separator=" ")
+    with tf.control_dependencies([tf.print(line, output_stream=f"file://{path}")]):
         return tf.identity(image_id)
+
+
+def read_trace(path: str | Path) -> list[str]:
+    """The IDs a traced stream (`Stream.trace`) fed, in the stream's order: one per position. An iterator started
+    and dropped traces the stream's first images again (Keras's `fit` starts one to build a new model's metrics,
+    and prefetching runs it ahead), so a position can come twice; it must hold the same ID each time."""
+    fed: dict[int, str] = {}
+    for line in Path(path).read_text().splitlines():
+        position, image_id = line.split()
+        if fed.setdefault(int(position), image_id) != image_id:
+            raise ValueError(f"{path}: position {position} fed {fed[int(position)]} and then {image_id}")
+    return [fed[position] for position in sorted(fed)]
 
 
 @as_written

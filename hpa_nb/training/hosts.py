@@ -43,7 +43,7 @@ KERAS_VARIABLES = (
 # A GKE TPU slice names its workers in the environment; a Cloud TPU VM slice in its metadata server.
 SLICE_VARIABLES = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
-TRACE_VARIABLE = "HPA_TRACE_IDS"  # a folder: each host writes the IDs of the training images it feeds, in order
+TRACE_VARIABLE = "HPA_TRACE_IDS"  # a folder: each host writes the training images it feeds (pipeline.read_trace)
 
 
 @dataclass(frozen=True)
