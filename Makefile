@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= out
+# pytest-xdist workers for tests/ (make test-fast; make test, where they run beside the notebooks' process).
+TEST_WORKERS ?= 2
 # The package is used from the checkout (not pip-installed) so that a Kaggle bundle test can
 # prove the bundled notebook runs with the repository off sys.path.
 export PYTHONPATH := $(CURDIR)
@@ -37,9 +39,11 @@ run: $(VENV)/.installed
 	done
 	@echo "executed notebooks and artifacts are in $(OUT)/"
 
-# The whole suite as two pytest processes side by side, one per core: the tests (tests/), and beside them nbval
-# over the committed notebooks (fresh outputs into a throw-away HPA_OUT) then the Kaggle chain, whose report
-# follows the tests'. The two take about the same time. The training kernels
+# The whole suite as two pytest runs side by side: the tests (tests/, over TEST_WORKERS pytest-xdist workers at
+# nice 5), and beside them nbval over the committed notebooks (fresh outputs into a throw-away HPA_OUT) then the
+# Kaggle chain and KerasHub's families, one process whose report follows the tests'. The notebooks and the chain
+# must run in order, so that process keeps a core to itself, and the tests' workers share the rest and whatever it
+# leaves idle; the two take about the same time. The training kernels
 # also run in Python 3.12 venvs of Kaggle's TPU image, one per package set (.ci/kaggle-tpu-venv, cached by its file's
 # hash), and the HPA-Cell-Segmentation adapter in a torch venv (.ci/hpacellseg-venv, likewise). Without a Python 3.12
 # the TPU-image checks are skipped with one line, except in CI (CI=true), where they are required. Fails if either
@@ -55,7 +59,8 @@ test: $(VENV)/.installed
 	elif [ $$? -eq 3 ]; then export HPA_NO_PYTHON312=1; else exit 1; fi; report=$$(mktemp); \
 	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=10 notebooks $(CHAIN) $(BESIDE) >$$report 2>&1; \
 	  echo $$? >$$report.status; } & \
-	HPA_OUT=$$(mktemp -d) $(PY) -m pytest --durations=15 tests --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
+	HPA_OUT=$$(mktemp -d) nice -n 5 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=15 tests \
+	  --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
 	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain and KerasHub's families"; cat $$report; \
 	notebooks=$$(cat $$report.status); rm -f $$report $$report.status; test $$tests -eq 0 && test $$notebooks -eq 0
 
@@ -67,7 +72,7 @@ docs: $(VENV)/.installed
 # The quick loop while editing: the tests not marked slow (no notebooks, no venvs, no subprocess kills; the only
 # training is the two shared tiny runs, two steps each at 32 px, that the scoring and evaluation tests read).
 test-fast: $(VENV)/.installed
-	HPA_OUT=$$(mktemp -d) $(PY) -m pytest -m "not slow" tests
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 # After editing notebooks/*.py: refresh each .ipynb from its .py, re-execute it in place on the
 # default sample (the committed outputs), and rebuild the Kaggle bundles.
