@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 # pytest-xdist workers for tests/ (make test-fast; make test, where they run beside the notebooks' process).
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist worksteal
 # The package is used from the checkout (not pip-installed) so that a Kaggle bundle test can
 # prove the bundled notebook runs with the repository off sys.path.
 export PYTHONPATH := $(CURDIR)
@@ -59,7 +60,7 @@ test: $(VENV)/.installed
 	elif [ $$? -eq 3 ]; then export HPA_NO_PYTHON312=1; else exit 1; fi; report=$$(mktemp); \
 	{ HPA_OUT=$$(mktemp -d) $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=10 notebooks $(CHAIN) $(BESIDE) >$$report 2>&1; \
 	  echo $$? >$$report.status; } & \
-	HPA_OUT=$$(mktemp -d) nice -n 5 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=15 tests \
+	HPA_OUT=$$(mktemp -d) nice -n 5 $(PY) -m pytest $(XDIST) --durations=15 tests \
 	  --ignore=$(CHAIN) --ignore=$(BESIDE); tests=$$?; wait; \
 	echo "== beside the tests: nbval over notebooks/, then the Kaggle chain and KerasHub's families"; cat $$report; \
 	notebooks=$$(cat $$report.status); rm -f $$report $$report.status; test $$tests -eq 0 && test $$notebooks -eq 0
@@ -72,7 +73,7 @@ docs: $(VENV)/.installed
 # The quick loop while editing: the tests not marked slow (no notebooks, no venvs, no subprocess kills; the only
 # training is the two shared tiny runs, two steps each at 32 px, that the scoring and evaluation tests read).
 test-fast: $(VENV)/.installed
-	HPA_OUT=$$(mktemp -d) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
+	HPA_OUT=$$(mktemp -d) $(PY) -m pytest $(XDIST) -m "not slow" tests
 
 # After editing notebooks/*.py: refresh each .ipynb from its .py, re-execute it in place on the
 # default sample (the committed outputs), and rebuild the Kaggle bundles.
